@@ -22,7 +22,12 @@ class Attention(nn.Module):
         qk_norm_eps: float = 1e-5,
         rope: RotaryPositionEmbedding2D | None = None,
         attend: nn.Module | None = None,
+        cast_qk_before_rope: bool = True,
     ) -> None:
+        """``cast_qk_before_rope``: cast the normed q/k to v's dtype before RoPE (π³) or after it (VGGT).
+
+        Under autocast the qk-norm output is float32; VGGT rotates it in float32, π³ in the autocast dtype.
+        """
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -34,6 +39,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.rope = rope
         self.attend = attend if attend is not None else DenseAttention()
+        self.cast_qk_before_rope = cast_qk_before_rope
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor | None = None, layout: ViewLayout | None = None
@@ -41,8 +47,11 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.cast_qk_before_rope:
+            q, k = q.to(v.dtype), k.to(v.dtype)
         if self.rope is not None and positions is not None:
             q, k = self.rope(q, positions), self.rope(k, positions)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         out = self.attend(q, k, v, layout)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))

@@ -47,10 +47,13 @@ class Block(nn.Module):
         qk_norm_eps: float = 1e-5,
         rope: RotaryPositionEmbedding2D | None = None,
         attend: nn.Module | None = None,
+        cast_qk_before_rope: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, qk_norm, qk_norm_eps, rope, attend)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias, proj_bias, qk_norm, qk_norm_eps, rope, attend, cast_qk_before_rope
+        )
         self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias)

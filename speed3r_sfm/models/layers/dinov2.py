@@ -77,11 +77,13 @@ class DinoVisionTransformer(nn.Module):
         return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (N, 3, H, W), normalised. Returns (N, (H/p)·(W/p), dim) patch tokens after the final norm."""
+        """images: (N, 3, H, W), normalised. Returns (N, (H/p)·(W/p), dim) patch tokens after the norm."""
         n, _, height, width = images.shape
         rows, cols = height // self.patch_size, width // self.patch_size
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(n, -1, -1).to(x.dtype), x], dim=1)
+        # The residual stream stays in the parameter dtype under autocast (float32 for float32 weights), as
+        # upstream where concatenating the float32 cls token promotes the bf16 patch embedding.
+        x = self.patch_embed(images).to(self.cls_token.dtype)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)
         x = x + self.interpolated_pos_embed(rows, cols, x.dtype)
         x = torch.cat([x[:, :1], self.register_tokens.expand(n, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
         for block in self.blocks:

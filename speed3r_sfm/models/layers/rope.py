@@ -35,10 +35,12 @@ class RotaryPositionEmbedding2D(nn.Module):
 
     def _rotate_1d(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         dim = x.shape[-1]
-        inv_freq = self.base ** (-torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+        inv_freq = 1.0 / self.base ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
         angles = pos.to(torch.float32).unsqueeze(-1) * inv_freq  # (B, N, dim/2)
-        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # (B, 1, N, dim)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        # Both upstreams round the angles to the token dtype before cos/sin (a no-op in float32); under bf16
+        # autocast this rounding is part of what the released weights were trained with.
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1).to(x.dtype)  # (B, 1, N, dim)
+        cos, sin = angles.cos(), angles.sin()
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return x * cos + rotated * sin

@@ -1,0 +1,298 @@
+"""Reading images robustly and preprocessing them for VGGT / π³, with an exact map back to the original.
+
+Coordinates of :class:`ImageTransform` are continuous pixel coordinates (x = column direction, y = row
+direction). With ``convention="colmap"`` (the default) the top-left pixel's centre is (0.5, 0.5) and an
+image of W × H pixels spans [0, W] × [0, H]; with ``convention="integer"`` (the convention of
+``Prediction.intrinsics``, VGGT and kornia) the top-left pixel's centre is (0, 0). The "original" image is
+the upright one, after applying its EXIF orientation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+_EXIF_ORIENTATION_TAG = 0x0112
+
+Convention = Literal["colmap", "integer"]
+ImageInput = str | os.PathLike | Image.Image
+
+
+class ImageReadError(OSError):
+    """An image file is missing, unreadable, corrupt or not an image."""
+
+
+def natural_sort_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value ("img2" < "img10"), case-insensitively."""
+    parts = re.split(r"(\d+)", text)
+    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), text
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files of ``folder`` (extensions in ``IMAGE_EXTENSIONS``, any case), in natural order of their
+    path relative to ``folder``; hidden files are skipped. Raises ``FileNotFoundError`` when the folder
+    does not exist or holds no image."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    images = [
+        p
+        for p in candidates
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    ]
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return sorted(images, key=lambda p: natural_sort_key(p.relative_to(folder).as_posix()))
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The image at ``path`` as an upright 8-bit RGB PIL image.
+
+    Applies the EXIF orientation; grayscale, palette and CMYK become RGB; 16-bit (and 32-bit integer)
+    grayscale is scaled from [0, 65535] to [0, 255]; float images are taken as [0, 1] when their maximum
+    is ≤ 1; transparency (RGBA, LA, palette with transparency) is composited on white. Raises
+    :class:`ImageReadError` naming the file when it cannot be read.
+    """
+    return _open_upright(path)[0]
+
+
+def _open_upright(path: str | os.PathLike) -> tuple[Image.Image, int]:
+    """(RGB image, EXIF orientation 1–8) of ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"image file {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            orientation = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+            return (rgb.copy() if rgb is image else rgb), orientation  # ``image`` is closed on return
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB version of a PIL image of any mode (see :func:`read_image`)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F" and values.size and np.nanmax(values) <= 1.0:
+            values = values * 255.0
+        elif mode != "F" or (values.size and np.nanmax(values) > 255.0):
+            values = values / 257.0  # 65535 -> 255
+        gray = np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """How one original image became its model-input image: resize, then crop, then pad.
+
+    A point maps as ``model = original · scale − crop + pad`` (per axis, in the ``"colmap"`` convention).
+    Sizes are (width, height); ``crop`` and ``pad`` are the pixels removed / added at the left and top.
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop: tuple[int, int]
+    pad: tuple[int, int]
+    model_size: tuple[int, int]
+    exif_orientation: int = 1
+    path: str | None = None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sx, sy): resized size / original size."""
+        return (
+            self.resized_size[0] / self.original_size[0],
+            self.resized_size[1] / self.original_size[1],
+        )
+
+    @property
+    def content_box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) pixel box of the model image that holds image content (not padding)."""
+        x0, y0 = self.pad
+        width = min(self.resized_size[0] - self.crop[0], self.model_size[0] - x0)
+        height = min(self.resized_size[1] - self.crop[1], self.model_size[1] - y0)
+        return x0, y0, x0 + width, y0 + height
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = torch.tensor(self.scale, dtype=torch.float64)
+        offset = torch.tensor([self.pad[0] - self.crop[0], self.pad[1] - self.crop[1]], dtype=torch.float64)
+        return scale, offset
+
+    def from_original(self, xy: torch.Tensor, convention: Convention = "colmap") -> torch.Tensor:
+        """(..., 2) points of the original image → model-input image."""
+        scale, offset = self._affine()
+        shift = _centre_shift(convention)
+        out = (xy.to(torch.float64) + shift) * scale + offset - shift
+        return out.to(xy.dtype) if xy.is_floating_point() else out
+
+    def to_original(self, xy: torch.Tensor, convention: Convention = "colmap") -> torch.Tensor:
+        """(..., 2) points of the model-input image → original image."""
+        scale, offset = self._affine()
+        shift = _centre_shift(convention)
+        out = (xy.to(torch.float64) + shift - offset) / scale - shift
+        return out.to(xy.dtype) if xy.is_floating_point() else out
+
+    def intrinsics_to_original(
+        self, intrinsics: torch.Tensor, convention: Convention = "colmap"
+    ) -> torch.Tensor:
+        """(..., 3, 3) pinhole K of the model-input image → K of the original image (same convention)."""
+        scale, _ = self._affine()
+        out = intrinsics.to(torch.float64).clone()
+        out[..., 0, 0] /= scale[0]
+        out[..., 1, 1] /= scale[1]
+        out[..., 0, 1] /= scale[0]  # skew scales with x
+        out[..., :2, 2] = self.to_original(intrinsics[..., :2, 2].to(torch.float64), convention)
+        return out.to(intrinsics.dtype)
+
+
+def _centre_shift(convention: Convention) -> float:
+    """Offset that turns ``convention`` coordinates into COLMAP ones."""
+    if convention == "colmap":
+        return 0.0
+    if convention == "integer":
+        return 0.5
+    raise ValueError(f"unknown pixel convention {convention!r}; use 'colmap' or 'integer'")
+
+
+def _round_to_patch(value: float, patch_size: int) -> int:
+    return max(patch_size, round(value / patch_size) * patch_size)
+
+
+def pixel_limit_size(
+    width: int, height: int, pixel_limit: int = 255_000, patch_size: int = 14
+) -> tuple[int, int]:
+    """π³'s target (width, height): the patch-multiple size closest to the aspect ratio with at most
+    ``pixel_limit`` pixels."""
+    scale = math.sqrt(pixel_limit / (width * height))
+    target_w, target_h = width * scale, height * scale
+    cols, rows = max(1, round(target_w / patch_size)), max(1, round(target_h / patch_size))
+    while cols * rows * patch_size**2 > pixel_limit and (cols > 1 or rows > 1):
+        if (cols / rows > target_w / target_h and cols > 1) or rows == 1:
+            cols -= 1
+        else:
+            rows -= 1
+    return cols * patch_size, rows * patch_size
+
+
+def preprocess_images(
+    images: Sequence[ImageInput],
+    mode: Literal["crop", "pad", "pixel_limit"] = "crop",
+    target_size: int = 518,
+    pixel_limit: int = 255_000,
+    patch_size: int = 14,
+) -> tuple[torch.Tensor, list[ImageTransform]]:
+    """Load (paths) or take (PIL images, assumed upright) and resize images for the model.
+
+    - ``crop`` (VGGT's default): width → ``target_size``, height → nearest multiple of ``patch_size``
+      (aspect kept), then the centre ``target_size`` rows if taller. Bicubic.
+    - ``pad``: the long side → ``target_size``, the short side → nearest multiple of ``patch_size``, then
+      centred white padding to ``target_size`` × ``target_size``. Bicubic.
+    - ``pixel_limit`` (π³): every image resized (aspect may change) to one size computed from the first
+      image by :func:`pixel_limit_size`. Lanczos.
+
+    Images that end up with different sizes are centre-padded with white to the largest height and width
+    (with a warning), as upstream. Returns (S, 3, H, W) float32 in [0, 1] and one :class:`ImageTransform`
+    per image.
+    """
+    if not images:
+        raise ValueError("no images to preprocess")
+    if mode not in ("crop", "pad", "pixel_limit"):
+        raise ValueError(f"unknown mode {mode!r}; use 'crop', 'pad' or 'pixel_limit'")
+    if mode != "pixel_limit" and target_size % patch_size:
+        raise ValueError(f"target_size {target_size} is not a multiple of the patch size {patch_size}")
+
+    tensors, transforms = [], []
+    fixed_size: tuple[int, int] | None = None
+    for item in images:
+        if isinstance(item, Image.Image):
+            image, orientation, path = to_rgb(item), 1, None
+        else:
+            (image, orientation), path = _open_upright(item), os.fspath(item)
+        width, height = image.size
+        if mode == "pixel_limit":
+            fixed_size = fixed_size or pixel_limit_size(width, height, pixel_limit, patch_size)
+            new_size, resample = fixed_size, Image.Resampling.LANCZOS
+        elif mode == "crop" or width >= height:
+            new_size = (target_size, _round_to_patch(height * (target_size / width), patch_size))
+            resample = Image.Resampling.BICUBIC
+        else:
+            new_size = (_round_to_patch(width * (target_size / height), patch_size), target_size)
+            resample = Image.Resampling.BICUBIC
+        tensor = _to_tensor(image.resize(new_size, resample))
+        crop_y = 0
+        if mode == "crop" and new_size[1] > target_size:
+            crop_y = (new_size[1] - target_size) // 2
+            tensor = tensor[:, crop_y : crop_y + target_size]
+        pad = (0, 0)
+        if mode == "pad":
+            tensor, pad = _pad_white(tensor, target_size, target_size)
+        tensors.append(tensor)
+        transforms.append(
+            ImageTransform(
+                original_size=(width, height),
+                resized_size=new_size,
+                crop=(0, crop_y),
+                pad=pad,
+                model_size=(tensor.shape[2], tensor.shape[1]),
+                exif_orientation=orientation,
+                path=path,
+            )
+        )
+
+    max_h = max(t.shape[1] for t in tensors)
+    max_w = max(t.shape[2] for t in tensors)
+    if any(t.shape[1:] != (max_h, max_w) for t in tensors):
+        warnings.warn(
+            f"images have different sizes; padding them with white to {max_w}x{max_h}", stacklevel=2
+        )
+        for i, (tensor, transform) in enumerate(zip(tensors, transforms, strict=True)):
+            tensors[i], (left, top) = _pad_white(tensor, max_h, max_w)
+            transforms[i] = ImageTransform(
+                original_size=transform.original_size,
+                resized_size=transform.resized_size,
+                crop=transform.crop,
+                pad=(transform.pad[0] + left, transform.pad[1] + top),
+                model_size=(max_w, max_h),
+                exif_orientation=transform.exif_orientation,
+                path=transform.path,
+            )
+    return torch.stack(tensors), transforms
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def _pad_white(tensor: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Centre-pad (3, h, w) with 1.0 to (3, height, width); returns it and the (left, top) padding."""
+    pad_h, pad_w = height - tensor.shape[1], width - tensor.shape[2]
+    if pad_h <= 0 and pad_w <= 0:
+        return tensor, (0, 0)
+    top, left = pad_h // 2, pad_w // 2
+    padded = F.pad(tensor, (left, pad_w - left, top, pad_h - top), value=1.0)
+    return padded, (left, top)
