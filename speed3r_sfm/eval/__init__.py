@@ -1,0 +1,1 @@
+"""Accuracy evaluation: metrics, scoring of reconstructions, the SIFT baseline."""

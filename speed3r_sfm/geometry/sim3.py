@@ -1,0 +1,71 @@
+"""Similarity transforms (Sim(3)): ``x' = s R x + t``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def umeyama_sim3(
+    src: torch.Tensor, dst: torch.Tensor, weights: torch.Tensor | None = None, with_scale: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares ``(s, R, t)`` minimising ``sum_i w_i |dst_i - (s R src_i + t)|^2`` (Umeyama 1991).
+
+    ``src``, ``dst``: (N, 3) corresponding points; ``weights``: optional (N,) non-negative weights.
+    ``with_scale=False`` fixes ``s = 1`` (rigid alignment). R is always a proper rotation (det +1), also
+    when the best orthogonal fit would be a reflection. Computed in float64; returned in ``src``'s dtype.
+    With fewer than three non-collinear points the rotation about the points' line is not determined:
+    a valid minimiser is still returned. Raises ``ValueError`` when the problem has no solution (no points,
+    zero total weight, or all source points identical).
+    """
+    if src.ndim != 2 or src.shape[-1] != 3 or src.shape != dst.shape:
+        raise ValueError(
+            f"umeyama_sim3: src and dst must both be (N, 3), got {tuple(src.shape)} and {tuple(dst.shape)}"
+        )
+    if src.shape[0] == 0:
+        raise ValueError("umeyama_sim3: no points to align")
+    out_dtype = src.dtype
+    x = src.double()
+    y = dst.double()
+    w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weights is None else weights.double()
+    if w.shape != (x.shape[0],) or (w < 0).any():
+        raise ValueError("umeyama_sim3: weights must be a non-negative (N,) tensor")
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("umeyama_sim3: the weights sum to zero")
+    w = w / total
+    mu_x = (w[:, None] * x).sum(0)
+    mu_y = (w[:, None] * y).sum(0)
+    xc = x - mu_x
+    yc = y - mu_y
+    var_x = (w * (xc * xc).sum(-1)).sum()
+    if with_scale and var_x <= 1e-24:
+        raise ValueError("umeyama_sim3: all source points coincide, so the scale is undefined")
+    cov = (w[:, None] * yc).T @ xc
+    u, d, vh = torch.linalg.svd(cov)
+    sign = torch.ones(3, dtype=torch.float64, device=x.device)
+    if torch.det(u) * torch.det(vh) < 0:
+        sign[2] = -1.0
+    rot = u @ torch.diag(sign) @ vh
+    scale = (d * sign).sum() / var_x if with_scale else torch.ones((), dtype=torch.float64, device=x.device)
+    trans = mu_y - scale * rot @ mu_x
+    return scale.to(out_dtype), rot.to(out_dtype), trans.to(out_dtype)
+
+
+def apply_sim3(
+    scale: torch.Tensor, rot: torch.Tensor, trans: torch.Tensor, points: torch.Tensor
+) -> torch.Tensor:
+    """``s R x + t`` for points ``(..., 3)``."""
+    return scale * points @ rot.transpose(-1, -2) + trans
+
+
+def sim3_cam_from_world(
+    scale: torch.Tensor, rot: torch.Tensor, trans: torch.Tensor, cam_from_world: torch.Tensor
+) -> torch.Tensor:
+    """Poses ``(..., 3, 4)`` of the same cameras after mapping the world by ``x' = s R x + t``.
+
+    The camera frames scale with the world, so camera-frame points (and depths) are multiplied by ``s``:
+    ``R_c' = R_c R^T``, ``t_c' = s t_c - R_c R^T t``.
+    """
+    rc = cam_from_world[..., :3, :3] @ rot.transpose(-1, -2)
+    tc = scale * cam_from_world[..., :3, 3] - (rc @ trans[..., None])[..., 0]
+    return torch.cat([rc, tc[..., None]], dim=-1)

@@ -1,0 +1,107 @@
+"""The accuracy harness: oracle, noisy oracle, SIFT baseline and the benchmark CLI on tiny settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from speed3r_sfm.data.synthetic import render_scene
+from speed3r_sfm.eval.evaluate import evaluate_predictor, evaluate_reconstruction, oracle_predictor, summarize
+from speed3r_sfm.eval.sift_baseline import evaluate_sift_baseline, run_sift_baseline
+from speed3r_sfm.models.prediction import Prediction
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def views():
+    return render_scene(31, 6, 36, 48, "orbit")
+
+
+def test_oracle_in_a_random_similarity_frame_scores_perfectly(views):
+    result = evaluate_predictor(oracle_predictor(views, seed=3), views, seed=31)
+    m = result.metrics
+    for key in ("RRA@5", "RTA@5", "AUC@5", "AUC@30", "registered", "delta<1.25"):
+        assert m[key] == pytest.approx(1.0), key
+    assert m["ATE"] < 1e-5 and m["AbsRel"] < 1e-5
+    assert 0 < m["Acc"] < 0.05 and 0 < m["Comp"] < 0.05, "only the subsampling floor remains"
+
+
+def test_noisy_oracle_degrades_every_pose_metric(views):
+    clean = evaluate_predictor(oracle_predictor(views), views).metrics
+    noisy = evaluate_predictor(
+        oracle_predictor(views, rotation_noise_deg=3.0, translation_noise=0.1), views
+    ).metrics
+    assert noisy["AUC@5"] < clean["AUC@5"] and noisy["AUC@30"] < clean["AUC@30"]
+    assert 0.02 < noisy["ATE"] < 0.2
+    assert noisy["AbsRel"] < 1e-5, "depth maps were not perturbed"
+
+
+def test_unregistered_views_count_as_failures(views):
+    registered = torch.tensor([True, True, True, True, False, False])
+    m, rre, _ = evaluate_reconstruction(views, views.cam_from_world, registered)
+    assert m["registered"] == pytest.approx(4 / 6)
+    assert m["RRA@5"] == pytest.approx(6 / 15) and m["AUC@30"] == pytest.approx(6 / 15)
+    assert m["ATE"] < 1e-5 and math.isnan(m["AbsRel"]) and math.isnan(m["Acc"])
+    assert torch.isinf(rre).sum() == 9
+
+
+def test_summary_pools_pairs_over_scenes(views):
+    good = evaluate_predictor(oracle_predictor(views), views)
+    bad = evaluate_predictor(oracle_predictor(views, rotation_noise_deg=40.0), views)
+    summary = summarize([good, bad])
+    pooled = (good.rre < 5).sum() + (bad.rre < 5).sum()
+    assert summary["RRA@5"] == pytest.approx(pooled.item() / 30)
+    assert summary["ATE"] == pytest.approx((good.metrics["ATE"] + bad.metrics["ATE"]) / 2)
+
+
+@pytest.mark.slow
+def test_sift_baseline_registers_a_short_video():
+    views = render_scene(1, 12, 147, 196, "forward")
+    sfm = run_sift_baseline(views.images)
+    assert sfm.registered.sum() >= 10
+    assert sfm.points.shape[0] > 100 and sfm.time_s > 0
+    result = evaluate_sift_baseline(views)
+    assert result.metrics["RRA@5"] > 0.7 and result.metrics["ATE"] < 0.1
+    assert math.isnan(result.metrics["AbsRel"]), "SfM gives no depth maps"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_cli_writes_markdown_and_json(tmp_path):
+    bench = _load_benchmark()
+    args = ["--methods", "oracle", "test_metrics_harness:noisy_factory", "--seeds", "5", "6"]
+    args += ["--views", "4", "--height", "24", "--width", "32", "--supersample", "1", "--device", "cpu"]
+    report = bench.main(args + ["--out", str(tmp_path), "--tag", "tiny"])
+    data = json.loads((tmp_path / "accuracy_tiny.json").read_text())
+    assert data["settings"]["seeds"] == [5, 6] and data["settings"]["trajectories"] == ["orbit", "forward"]
+    assert data["summary"]["oracle"]["AUC@30"] == pytest.approx(1.0)
+    assert data["summary"]["test_metrics_harness:noisy_factory"]["ATE"] > 0
+    assert report["summary"]["oracle"]["ATE"] == data["summary"]["oracle"]["ATE"]
+    md = (tmp_path / "accuracy_tiny.md").read_text()
+    assert "| oracle | 1.000 |" in md and "Machine:" in md
+
+
+def noisy_factory():
+    """A model factory as the CLI loads it (module on sys.path via pytest's rootdir-relative import):
+    returns a Predictor with made-up geometry."""
+
+    def predict(images: torch.Tensor):
+        s, h, w = images.shape[1], images.shape[-2], images.shape[-1]
+        eye = torch.eye(3, 4).expand(1, s, 3, 4).clone()
+        eye[0, :, 0, 3] = torch.arange(s, dtype=torch.float32)  # cameras on a line
+        k = torch.tensor([[w, 0, (w - 1) / 2], [0, w, (h - 1) / 2], [0, 0, 1.0]]).expand(1, s, 3, 3)
+        ones = torch.ones(1, s, h, w)
+        return Prediction(eye, k, ones, ones, torch.rand(1, s, h, w, 3), ones)
+
+    return predict
