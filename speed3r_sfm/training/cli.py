@@ -1,0 +1,38 @@
+"""``speed3r-sfm fit --config pipelines/<name>.yaml``: LightningCLI over :class:`ReconstructionModule` and
+:class:`ReconstructionDataModule` (needs ``jsonargparse[signatures]``).
+
+Also runnable as ``python -m speed3r_sfm.training.cli fit --config ...`` (which is what DDP re-launches).
+Resume with ``--ckpt_path last`` (the ``last.ckpt`` of the ModelCheckpoint callback) or a path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from ._lightning import PACKAGE
+from .data import ReconstructionDataModule
+from .module import ReconstructionModule
+
+
+def fit_main(argv: list[str] | None = None) -> Any:
+    """Run ``fit`` through LightningCLI; ``argv`` are the arguments after ``fit`` (a leading ``"fit"`` is
+    accepted too), e.g. ``["--config", "pipelines/train_tiny_dense_synthetic.yaml"]``. Returns the
+    LightningCLI object (``.trainer``, ``.model``, ``.datamodule``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "fit":
+        args = args[1:]
+    LightningCLI = importlib.import_module(f"{PACKAGE}.cli").LightningCLI
+    return LightningCLI(
+        ReconstructionModule,
+        ReconstructionDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=False,
+        save_config_kwargs={"overwrite": True},
+        args=["fit", *args],
+    )
+
+
+if __name__ == "__main__":
+    fit_main()

@@ -1,0 +1,160 @@
+"""LightningCLI and the YAML runner: a few steps on the tiny preset, checkpoint/resume, export, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from speed3r_sfm.training._lightning import pl
+from speed3r_sfm.training.backbone import load_exported, read_weights
+from speed3r_sfm.training.cli import fit_main
+from speed3r_sfm.training.runner import fit as runner_fit
+from speed3r_sfm.training.runner import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class StepRecorder(pl.Callback):
+    """Records the data step of every training batch (class-level, for in-process runs)."""
+
+    steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        StepRecorder.steps.append(int(batch["step"]))
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu_kernels():
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # oneDNN's first-call setup costs seconds on the CPU
+    yield
+    torch.backends.mkldnn.enabled = enabled
+
+
+def tiny_config(root: Path, **trainer) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "val_check_interval": 2,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 1,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
+            "default_root_dir": str(root),
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(root / "checkpoints"),
+                        "save_last": True,
+                        "save_top_k": 0,
+                        "every_n_train_steps": 1,
+                    },
+                },
+                {"class_path": "test_training_cli.StepRecorder"},
+            ],
+            **trainer,
+        },
+        "model": {
+            "backbone": {"name": "vggt", "preset": "tiny", "overrides": {"enable_track": False}},
+            "optim": {"warmup_steps": 1, "lr": 1e-4},
+            "export_path": str(root / "weights.safetensors"),
+            "export_dtype": "float32",
+        },
+        "data": {
+            "height": 42,
+            "width": 56,
+            "views": {"min_views": 2, "max_views": 3},
+            "synthetic": {"shadows": False},
+            "val_batches": 1,
+            "val_views": 2,
+        },
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_fit_checkpoint_resume_and_export(tmp_path):
+    config_path = write_config(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+    StepRecorder.steps = []
+    # first run: the YAML through the runner (no jsonargparse), 2 steps
+    trainer, module = runner_fit(load_config(config_path))
+    assert trainer.global_step == 2 and StepRecorder.steps == [0, 1]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
+    assert "val/auc30" in trainer.callback_metrics
+    # the backbone weights of a Lightning checkpoint (e.g. as init_checkpoint / teacher_checkpoint)
+    weights = read_weights(last)
+    assert weights.keys() == module.model.state_dict().keys()
+
+    # second run: LightningCLI, resumed from last.ckpt, up to 4 steps: the data stream continues
+    StepRecorder.steps = []
+    cli = fit_main(["fit", "--config", str(config_path), "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 4 and StepRecorder.steps == [2, 3]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+    # the LR schedule was restored: after 4 steps it sits at step 4 = the end of the cosine (min_lr_ratio
+    # 0.01); a scheduler restarted at 0 would be at step 2, i.e. 1e-4 * (0.01 + 0.99 * 0.75)
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-6, rel=1e-6)
+
+    # export at the end of fit: safetensors + sidecar, loadable without the preset
+    weights = tmp_path / "weights.safetensors"
+    assert weights.exists() and weights.with_suffix(".json").exists()
+    model = load_exported(weights)
+    images = torch.rand(1, 2, 3, 42, 56)
+    trained = cli.model.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images)["depth"], trained(images)["depth"], atol=1e-6)
+
+
+DDP_LAUNCHER = textwrap.dedent(
+    """
+    import sys
+
+    import torch
+
+    torch.backends.mkldnn.enabled = False
+    from speed3r_sfm.training.cli import fit_main
+
+    if __name__ == "__main__":
+        fit_main(sys.argv[1:])
+    """
+)
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    config = tiny_config(tmp_path, strategy="ddp", devices=2)
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]
+    config["data"]["val_batches"] = 2
+    config_path = write_config(tmp_path / "ddp.yaml", config)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(DDP_LAUNCHER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(launcher), "fit", "--config", str(config_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2

@@ -1,0 +1,117 @@
+"""ReconstructionModule: schedule, freezing, π³ training and validation, export round trip, bf16 autocast."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from speed3r_sfm.data.synthetic import render_batch
+from speed3r_sfm.training.backbone import BackboneSpec, load_exported
+from speed3r_sfm.training.module import OptimConfig, ReconstructionModule, warmup_cosine_factor
+
+
+@pytest.fixture(autouse=True)
+def _fast_cpu_kernels():
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # oneDNN's first-call setup costs seconds on the CPU
+    yield
+    torch.backends.mkldnn.enabled = enabled
+
+
+@pytest.fixture(scope="module")
+def batch():
+    views = render_batch([3, 4], 3, 28, 42, trajectory="orbit", shadows=False)
+    return {
+        "images": views.images,
+        "depth": views.depth,
+        "intrinsics": views.intrinsics,
+        "cam_from_world": views.cam_from_world,
+        "has_depth": torch.tensor([True, False]),
+    }
+
+
+def test_warmup_cosine_factor_hand_values():
+    assert warmup_cosine_factor(0, 4, 0.0, 0.1) == pytest.approx(0.25)
+    assert warmup_cosine_factor(3, 4, 0.0, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine_factor(10, 4, 0.0, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine_factor(10, 4, 0.5, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine_factor(10, 4, 1.0, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine_factor(10, 4, 7.0, 0.1) == pytest.approx(0.1)  # clamped
+    module = ReconstructionModule(
+        backbone={"name": "vggt", "preset": "tiny", "overrides": {"enable_track": False}},
+        optim=OptimConfig(lr=1.0, warmup_steps=2, total_steps=12, min_lr_ratio=0.0),
+    )
+    assert module.lr_factor(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_freeze_and_train_only():
+    spec = {"name": "vggt", "preset": "tiny", "overrides": {"enable_track": False}}
+    module = ReconstructionModule(backbone=spec, freeze=["aggregator.patch_embed*", "camera_head.trunk.*"])
+    names = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    assert all(n.startswith(("aggregator.patch_embed", "camera_head.trunk.")) for n in names)
+    assert "aggregator.patch_embed.cls_token" in names and "aggregator.camera_token" not in names
+    optimizer = module.configure_optimizers()["optimizer"]
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert all(id(p) not in optimised for n, p in module.model.named_parameters() if n in names)
+    no_decay = {id(p) for p in optimizer.param_groups[1]["params"]}
+    assert id(module.model.aggregator.camera_token) in no_decay
+    assert id(module.model.aggregator.frame_blocks[0].attn.qkv.bias) in no_decay
+    only = ReconstructionModule(backbone=spec, train_only=["depth_head.*"])
+    trainable = [n for n, p in only.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("depth_head.") for n in trainable)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        ReconstructionModule(backbone=spec, freeze=["no_such_module*"])
+
+
+def test_pi3_module_trains_validates_and_exports(batch, tmp_path):
+    module = ReconstructionModule(backbone={"name": "pi3", "preset": "tiny"}, gradient_checkpointing=True)
+    module.train()
+    loss, out, logs = module._step(batch)
+    assert {"sup/points", "sup/relative_pose", "sup/conf"} <= set(logs)
+    loss.backward()
+    grads = [p.grad for p in module.model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    module.log_dict = lambda values, **kwargs: logged.update(values)
+    module.eval()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    assert 0.0 <= logged["val/auc30"] <= 1.0 and logged["val/abs_rel"] > 0
+    path = module.export_weights(tmp_path / "pi3.safetensors", dtype="float32")
+    loaded = load_exported(path)
+    with torch.no_grad():
+        a, b = loaded(batch["images"]), module.model(batch["images"])
+    assert torch.allclose(a["local_points"], b["local_points"], atol=1e-6)
+
+
+def test_bf16_autocast_step_with_gsa_and_checkpointing(batch):
+    gsa = {"kind": "gsa", "block_size": 3, "compression_block_size": 6, "query_block_size": 8, "top_k": 1}
+    module = ReconstructionModule(
+        backbone={"name": "vggt", "preset": "tiny", "overrides": {"enable_track": False}, "attention": gsa},
+        gradient_checkpointing=True,
+    )
+    module.train()
+    assert module.model.aggregator.gradient_checkpointing
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, logs = module._step(batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    gate = module.model.aggregator.global_blocks[0].attn.attend.gate.weight
+    assert gate.grad is not None and torch.isfinite(gate.grad).all()
+
+
+def test_backbone_spec_presets():
+    small = BackboneSpec("vggt", "small").config()
+    assert (small.embed_dim, small.depth, small.img_size, small.dino.depth) == (128, 8, 224, 4)
+    assert not small.enable_track and not small.enable_point
+    params = sum(p.numel() for p in BackboneSpec("vggt", "small").build().parameters())
+    assert 5e6 < params < 8e6 and params * 2 < 16 * 2**20  # fits one 16 MiB file in float16
+    pi3_small = BackboneSpec("pi3", "small").config()
+    assert (pi3_small.dim, pi3_small.decoder_depth, pi3_small.encoder.img_size) == (128, 12, 224)
+    custom = BackboneSpec("vggt", "tiny", {"dino": {"depth": 1}}, {"kind": "gsa", "top_k": 3}).config()
+    assert custom.dino.depth == 1 and custom.dino.embed_dim == 64 and custom.attention.top_k == 3
+    with pytest.raises(TypeError, match="unknown VGGTConfig fields"):
+        BackboneSpec("vggt", "tiny", {"not_a_field": 1}).config()
