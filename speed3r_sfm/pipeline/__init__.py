@@ -1,0 +1,29 @@
+"""The pycolmap pipeline: images -> feed-forward prediction with GSA -> keypoints, matches and tracks ->
+bundle adjustment -> COLMAP project. Start at :func:`reconstruct` (``reconstruct.py`` reads top to bottom);
+the command-line entry point is :func:`speed3r_sfm.pipeline.cli.reconstruct_command`."""
+
+from .backbone import Backbone, ModelNotAvailableError, load_backbone
+from .bundle import BundleOptions
+from .export import OutputExistsError
+from .inputs import InputError, Preprocessing
+from .keypoints import KeypointOptions
+from .matching import MatchOptions
+from .reconstruct import PipelineOptions, PipelineResult, reconstruct, run_pipeline
+from .refine import RefineOptions
+
+__all__ = [
+    "Backbone",
+    "BundleOptions",
+    "InputError",
+    "KeypointOptions",
+    "MatchOptions",
+    "ModelNotAvailableError",
+    "OutputExistsError",
+    "PipelineOptions",
+    "PipelineResult",
+    "Preprocessing",
+    "RefineOptions",
+    "load_backbone",
+    "reconstruct",
+    "run_pipeline",
+]

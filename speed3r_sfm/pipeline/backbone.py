@@ -1,0 +1,171 @@
+"""Turning the ``model=`` argument of :func:`reconstruct` into a predictor and its preprocessing.
+
+``model`` may be
+
+- ``"default"``: the shipped Speed3R weights (not shipped yet: a clear error says what to pass instead);
+- a Hugging Face Hub id (``facebook/VGGT-1B``, ``yyfz233/Pi3``, ``owner/name``) or a local checkpoint file or
+  folder: the backbone class is recognised from the checkpoint's keys and built with ``attention``;
+- a built ``nn.Module`` with ``predict(images, return_attention=...) -> Prediction`` (e.g. the tiny VGGT);
+- any callable ``images (1, S, 3, H, W) -> Prediction`` (e.g. the synthetic oracle of tests).
+
+The rest of the pipeline only sees a :class:`Backbone`: a ``predict`` function and the
+:class:`~speed3r_sfm.pipeline.inputs.Preprocessing` the backbone expects; it never branches on the
+architecture. The preprocessing comes from the model's ``preprocessing`` attribute when it has one, else
+from the backbone's config (VGGT: ``crop`` at its ``img_size``; π³: ``pixel_limit``), and can be
+overridden by the caller.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from speed3r_sfm.attention import AttentionConfig
+from speed3r_sfm.models.prediction import Prediction
+
+from .inputs import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+AttentionKind = Literal["gsa", "dense"]
+ModelSpec = str | os.PathLike | nn.Module | Callable[[torch.Tensor], Prediction]
+
+KNOWN_HUB_IDS = {"facebook/VGGT-1B": "vggt", "yyfz233/Pi3": "pi3"}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model cannot be loaded (e.g. the default weights are not shipped yet)."""
+
+
+@dataclass
+class Backbone:
+    """What the pipeline needs from a model."""
+
+    predict: Callable[[torch.Tensor], Prediction]  # (1, S, 3, H, W) in [0, 1] -> Prediction (B = 1)
+    preprocessing: Preprocessing
+    name: str
+    device: torch.device
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_backbone(
+    model: ModelSpec,
+    attention: AttentionKind = "gsa",
+    device: str | torch.device = "auto",
+    preprocessing: Preprocessing | None = None,
+) -> Backbone:
+    """A :class:`Backbone` for ``model`` (see the module docstring) on ``device``."""
+    if attention not in ("gsa", "dense"):
+        raise ValueError(f"attention must be 'gsa' or 'dense', got {attention!r}")
+    dev = resolve_device(device)
+    if isinstance(model, str | os.PathLike):
+        module, name = _load_checkpoint_model(model, attention)
+        model = module
+    else:
+        name = type(model).__name__
+    if isinstance(model, nn.Module):
+        model = model.to(dev).eval()
+        spec = preprocessing or preprocessing_of(model)
+        return Backbone(_module_predict(model, attention == "gsa", dev), spec, name, dev)
+    if callable(model):
+        spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
+        return Backbone(model, spec, getattr(model, "name", name), dev)
+    raise TypeError(
+        f"model must be 'default', a Hub id, a checkpoint path, an nn.Module with predict() or a callable "
+        f"returning a Prediction; got {type(model).__name__}"
+    )
+
+
+def preprocessing_of(model: nn.Module) -> Preprocessing:
+    """The preprocessing a backbone module expects: its ``preprocessing`` attribute if it has one, else the
+    published convention of its family read from its config."""
+    explicit = getattr(model, "preprocessing", None)
+    if isinstance(explicit, Preprocessing):
+        return explicit
+    if isinstance(explicit, dict):
+        return Preprocessing(**explicit)
+    config = getattr(model, "config", None)
+    family = type(model).__name__.lower()
+    if family == "vggt" and config is not None:
+        return Preprocessing(mode="crop", target_size=config.img_size, patch_size=config.patch_size)
+    if family == "pi3" and config is not None:
+        return Preprocessing(mode="pixel_limit", patch_size=config.patch_size)
+    raise ValueError(
+        f"cannot tell which preprocessing {type(model).__name__} expects; give the model a `preprocessing` "
+        "attribute or pass preprocessing=Preprocessing(mode=..., target_size=...)"
+    )
+
+
+def _module_predict(model: nn.Module, want_records: bool, device: torch.device) -> Callable:
+    if not hasattr(model, "predict"):
+        raise TypeError(f"{type(model).__name__} has no predict(images) -> Prediction method")
+    accepts = "return_attention" in inspect.signature(model.predict).parameters
+
+    def predict(images: torch.Tensor) -> Prediction:
+        kwargs: dict[str, Any] = {"return_attention": True} if (want_records and accepts) else {}
+        with torch.inference_mode():
+            if device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return model.predict(images.to(device), **kwargs)
+            return model.predict(images.to(device), **kwargs)
+
+    return predict
+
+
+def _load_checkpoint_model(spec: str | os.PathLike, attention: AttentionKind) -> tuple[nn.Module, str]:
+    text = os.fspath(spec)
+    if text == "default":
+        raise ModelNotAvailableError(
+            "the default Speed3R model is not shipped yet. Pass model= a Hugging Face Hub id "
+            "('facebook/VGGT-1B' or 'yyfz233/Pi3', used with training-free GSA), a local checkpoint file "
+            "(.safetensors/.pt) of VGGT or π³, or a built model, e.g. "
+            "VGGT(VGGTConfig.preset('tiny')) for a quick (untrained) test."
+        )
+    attention_config = AttentionConfig(kind=attention)
+    family = KNOWN_HUB_IDS.get(text) or _family_of_checkpoint(text)
+    if family == "vggt":
+        from speed3r_sfm.attention import is_gsa_parameter
+        from speed3r_sfm.models.vggt import VGGT
+
+        module = VGGT.from_pretrained(text, attention=attention_config, allow_missing=is_gsa_parameter)
+        return module, f"VGGT ({text})"
+    from speed3r_sfm.models.pi3 import Pi3
+
+    return Pi3.from_pretrained(text, attention=attention_config), f"Pi3 ({text})"
+
+
+def _family_of_checkpoint(spec: str) -> str:
+    """'vggt' or 'pi3' from the keys of a local or Hub checkpoint."""
+    from speed3r_sfm.models.checkpoint import read_state_dict, resolve_checkpoint
+
+    path = resolve_checkpoint(spec, filenames=("model.safetensors", "model.pt"))
+    keys = _checkpoint_keys(path) if path.suffix == ".safetensors" else list(read_state_dict(path))
+    if any(k.startswith("aggregator.") for k in keys):
+        return "vggt"
+    if any(k.startswith(("point_decoder.", "camera_decoder.")) for k in keys):
+        return "pi3"
+    raise ValueError(
+        f"checkpoint {path} is neither a VGGT nor a π³ checkpoint (keys start with "
+        f"{sorted({k.split('.')[0] for k in keys})[:8]}); pass a built model instead"
+    )
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())

@@ -1,0 +1,224 @@
+"""Bundle adjustment, filtering and re-triangulation with pycolmap.
+
+The adjustment runs in a normalised world frame: the first camera's frame, scaled to a median point depth
+of 1. COLMAP's two-camera gauge fixes the first camera and one translation coordinate of the second; in an
+arbitrary world frame (π³'s, or the oracle's random one) that coordinate can be mostly offset rather than
+baseline, which leaves the scale nearly free, and we observed the solver then collapse the scene behind
+the cameras, where COLMAP's reprojection cost is zero. The result is mapped back to the input world frame.
+
+Before the first round, observations far off the median initial reprojection error and points with a
+too small triangulation angle are removed. Then rounds of: bundle adjustment of poses, 3D points and
+(optionally) intrinsics with a robust loss (``pycolmap.create_default_bundle_adjuster``; the gauge is
+fixed by two camera poses), ``ObservationManager.filter_all_points3D`` (reprojection error,
+triangulation angle), and re-triangulation with pycolmap's ``IncrementalTriangulator`` over the
+correspondence graph of all matches (complete and merge tracks, triangulate observations left without a
+point). The first round keeps the intrinsics fixed and uses a wide loss scale, because the feed-forward
+poses start far from the optimum; later rounds refine the intrinsics and use ``loss_scale``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pycolmap
+
+logger = logging.getLogger(__name__)
+
+LOSSES = {
+    "trivial": pycolmap.LossFunctionType.TRIVIAL,
+    "soft_l1": pycolmap.LossFunctionType.SOFT_L1,
+    "cauchy": pycolmap.LossFunctionType.CAUCHY,
+    "huber": pycolmap.LossFunctionType.HUBER,
+}
+
+
+@dataclass
+class BundleOptions:
+    """Bundle adjustment settings; pixel values are for images whose work copy is full resolution and are
+    scaled by (original size / work size) otherwise."""
+
+    rounds: int = 2
+    refine_focal_length: bool = True
+    refine_principal_point: bool = False
+    refine_extra_params: bool = True
+    loss: str = "cauchy"
+    loss_scale: float = 1.0  # pixels
+    initial_loss_scale: float = 8.0  # pixels, first round
+    initial_outlier_factor: float = 3.0  # before BA: drop observations above this x the median error
+    max_iterations: int = 50
+    function_tolerance: float = 1e-6  # stops a solve on a small relative cost decrease (COLMAP's 0: never)
+    max_reproj_error: float = 4.0  # pixels, filtering
+    min_tri_angle: float = 1.5  # degrees, filtering and triangulation
+    num_threads: int = -1
+
+
+def mean_reprojection_error(rec: pycolmap.Reconstruction) -> float | None:
+    """Mean reprojection error (pixels) over all observations, recomputed; None without points."""
+    if rec.num_points3D() == 0:
+        return None
+    rec.update_point_3d_errors()
+    return rec.compute_mean_reprojection_error()
+
+
+def correspondence_graph(
+    num_points: list[int], pair_matches: dict[tuple[int, int], np.ndarray]
+) -> pycolmap.CorrespondenceGraph:
+    """pycolmap correspondence graph of views 0..S-1 (image ids 1..S) with the given matches as inliers."""
+    graph = pycolmap.CorrespondenceGraph()
+    for view, count in enumerate(num_points):
+        graph.add_image(view + 1, int(count))
+    for (a, b), matches in pair_matches.items():
+        geometry = pycolmap.TwoViewGeometry()
+        geometry.config = pycolmap.TwoViewGeometryConfiguration.CALIBRATED
+        geometry.inlier_matches = np.ascontiguousarray(matches, dtype=np.uint32)
+        graph.add_two_view_geometry(a + 1, b + 1, geometry)
+    graph.finalize()
+    return graph
+
+
+def bundle_adjust(
+    rec: pycolmap.Reconstruction, options: BundleOptions, loss_scale: float, refine_intrinsics: bool = True
+) -> pycolmap.BundleAdjustmentSummary | None:
+    """One bundle adjustment of all registered images and their points; None if there is nothing to do.
+    With ``refine_intrinsics=False`` every camera is kept constant."""
+    image_ids = sorted(rec.reg_image_ids())
+    if len(image_ids) < 2 or rec.num_points3D() == 0:
+        return None
+    ba = pycolmap.BundleAdjustmentOptions()
+    ba.refine_focal_length = options.refine_focal_length
+    ba.refine_principal_point = options.refine_principal_point
+    ba.refine_extra_params = options.refine_extra_params
+    ba.print_summary = False
+    if options.loss not in LOSSES:
+        raise ValueError(f"unknown loss {options.loss!r}; choose one of {sorted(LOSSES)}")
+    ba.ceres.loss_function_type = LOSSES[options.loss]
+    ba.ceres.loss_function_scale = float(loss_scale)
+    ba.ceres.solver_options.max_num_iterations = options.max_iterations
+    ba.ceres.solver_options.function_tolerance = options.function_tolerance
+    ba.ceres.solver_options.parameter_tolerance = 1e-8
+    ba.ceres.solver_options.num_threads = options.num_threads
+    config = pycolmap.BundleAdjustmentConfig()
+    for image_id in image_ids:
+        config.add_image(image_id)
+    if not refine_intrinsics:
+        for camera_id in rec.cameras:
+            config.set_constant_cam_intrinsics(camera_id)
+    config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    adjuster = pycolmap.create_default_bundle_adjuster(ba, config, rec)
+    return adjuster.solve()
+
+
+def triangulator_options(
+    options: BundleOptions, pixel_scale: float
+) -> pycolmap.IncrementalTriangulatorOptions:
+    tri = pycolmap.IncrementalTriangulatorOptions()
+    tri.min_angle = options.min_tri_angle
+    tri.complete_max_reproj_error = options.max_reproj_error * pixel_scale
+    tri.merge_max_reproj_error = options.max_reproj_error * pixel_scale
+    tri.ignore_two_view_tracks = False
+    return tri
+
+
+def retriangulate(
+    rec: pycolmap.Reconstruction,
+    triangulator: pycolmap.IncrementalTriangulator,
+    options: BundleOptions,
+    pixel_scale: float,
+) -> int:
+    """Complete and merge tracks and triangulate untriangulated observations; returns observations added."""
+    tri = triangulator_options(options, pixel_scale)
+    added = triangulator.complete_all_tracks(tri)
+    added += triangulator.merge_all_tracks(tri)
+    for image_id in sorted(rec.reg_image_ids()):
+        added += triangulator.triangulate_image(tri, image_id)
+    added += triangulator.retriangulate(tri)
+    return added
+
+
+def normalizing_transform(rec: pycolmap.Reconstruction) -> pycolmap.Sim3d:
+    """new_from_old: world := frame of the lowest-id registered image, scaled to a median point depth of 1."""
+    first = rec.image(min(rec.reg_image_ids()))
+    cam_from_world = first.cam_from_world()
+    depths = [(cam_from_world * p.xyz)[2] for p in rec.points3D.values()]
+    median = float(np.median(np.abs(depths))) if depths else 1.0
+    scale = 1.0 / median if np.isfinite(median) and median > 0 else 1.0
+    return pycolmap.Sim3d(scale, cam_from_world.rotation, scale * cam_from_world.translation)
+
+
+def refine_reconstruction(
+    rec: pycolmap.Reconstruction,
+    manager: pycolmap.ObservationManager,
+    triangulator: pycolmap.IncrementalTriangulator,
+    options: BundleOptions,
+    pixel_scale: float = 1.0,
+) -> list[dict]:
+    """Rounds of bundle adjustment, filtering and re-triangulation (module docstring); per-round stats."""
+    if rec.num_reg_images() < 2:
+        return []
+    new_from_old = normalizing_transform(rec)
+    rec.transform(new_from_old)
+    try:
+        return _refine(rec, manager, triangulator, options, pixel_scale)
+    finally:
+        rec.transform(new_from_old.inverse())
+
+
+def _refine(
+    rec: pycolmap.Reconstruction,
+    manager: pycolmap.ObservationManager,
+    triangulator: pycolmap.IncrementalTriangulator,
+    options: BundleOptions,
+    pixel_scale: float,
+) -> list[dict]:
+    history = []
+    if rec.num_points3D():
+        rec.update_point_3d_errors()
+        median = float(np.median([p.error for p in rec.points3D.values()]))
+        threshold = max(options.initial_outlier_factor * median, options.max_reproj_error) * pixel_scale
+        ids = set(rec.point3D_ids())
+        removed = manager.filter_points3D_with_large_reprojection_error(threshold, ids)
+        removed += manager.filter_points3D_with_small_triangulation_angle(
+            options.min_tri_angle, set(rec.point3D_ids())
+        )
+        history.append(
+            {
+                "round": "prefilter",
+                "max_reproj_error_px": threshold,
+                "filtered_observations": int(removed),
+                "points3D": rec.num_points3D(),
+            }
+        )
+    for round_index in range(options.rounds):
+        start = time.perf_counter()
+        scale = options.initial_loss_scale if round_index == 0 else options.loss_scale
+        refine_intrinsics = round_index > 0 or options.rounds == 1
+        summary = bundle_adjust(rec, options, scale * pixel_scale, refine_intrinsics=refine_intrinsics)
+        if summary is None:
+            logger.warning(
+                "bundle adjustment skipped: %d registered images, %d points",
+                rec.num_reg_images(),
+                rec.num_points3D(),
+            )
+            break
+        filtered = manager.filter_all_points3D(options.max_reproj_error * pixel_scale, options.min_tri_angle)
+        error_after_filter = mean_reprojection_error(rec)
+        added = 0
+        if round_index < options.rounds - 1:
+            added = retriangulate(rec, triangulator, options, pixel_scale)
+        history.append(
+            {
+                "round": round_index,
+                "loss_scale_px": scale * pixel_scale,
+                "solution_usable": bool(summary.is_solution_usable()),
+                "termination": str(summary.termination_type).rsplit(".", 1)[-1],
+                "mean_reprojection_error_px": error_after_filter,
+                "filtered_observations": int(filtered),
+                "retriangulated_observations": int(added),
+                "points3D": rec.num_points3D(),
+                "time_s": time.perf_counter() - start,
+            }
+        )
+    return history

@@ -1,0 +1,101 @@
+"""``speed3r-sfm reconstruct IMAGE_DIR -o OUT``: the command-line face of :func:`run_pipeline`.
+
+:func:`reconstruct_command` has plain, typed arguments so that the package CLI (jsonargparse) can expose
+it directly; it shows a tqdm progress bar, logs skipped inputs, prints a summary and returns the exit
+code (0 on success, 1 when the input or the output folder is unusable, with the reason printed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+from .backbone import ModelNotAvailableError
+from .export import OutputExistsError
+from .inputs import InputError
+from .keypoints import KeypointOptions
+from .reconstruct import PipelineOptions, PipelineResult, run_pipeline
+
+
+def reconstruct_command(
+    image_dir: str,
+    output: str,
+    model: str = "default",
+    attention: Literal["gsa", "dense"] = "gsa",
+    device: str = "auto",
+    ba: bool = True,
+    camera_model: Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"] = "SIMPLE_RADIAL",
+    shared_camera: bool = False,
+    overwrite: bool = False,
+    max_keypoints: int = 1024,
+    max_image_size: int = 1600,
+    quiet: bool = False,
+) -> int:
+    """Reconstruct the images in IMAGE_DIR into the COLMAP project OUT.
+
+    Args:
+        image_dir: folder of images (jpg, png, tif, bmp, webp); unreadable files and duplicates are skipped.
+        output: project folder to create (sparse/0, database.db, points.ply, report.json).
+        model: "default", a Hugging Face Hub id (facebook/VGGT-1B, yyfz233/Pi3) or a checkpoint path.
+        attention: "gsa" (keypoints and matches guided by sparse attention) or "dense".
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        ba: run bundle adjustment.
+        camera_model: COLMAP camera model; distortion starts at zero and is refined by bundle adjustment.
+        shared_camera: one camera for all images (they must have the same size).
+        overwrite: replace OUT if it exists.
+        max_keypoints: keypoints per image.
+        max_image_size: long side of the copies used for keypoints and matching (bigger images are read
+            downscaled; observations are still in original pixels).
+        quiet: no progress bar or summary.
+    """
+    if not quiet and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    options = PipelineOptions(
+        keypoints=KeypointOptions(max_keypoints=max_keypoints), max_image_size=max_image_size
+    )
+    try:
+        result = run_pipeline(
+            image_dir,
+            output,
+            model=model,
+            attention=attention,
+            device=device,
+            ba=ba,
+            camera_model=camera_model,
+            shared_camera=shared_camera,
+            overwrite=overwrite,
+            options=options,
+            progress=not quiet,
+        )
+    except (InputError, OutputExistsError, ModelNotAvailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not quiet:
+        print(summary_text(result))
+    return 0
+
+
+def summary_text(result: PipelineResult) -> str:
+    """A few lines describing a finished reconstruction."""
+    r = result.report
+    counts, errors, timings = r["counts"], r["reprojection_error_px"], r["timings_s"]
+    images = r["images"]
+    lines = [
+        f"reconstructed {counts['registered_images']}/{images['used']} images"
+        + (f" ({len(images['skipped'])} skipped)" if images["skipped"] else ""),
+        f"  model {r['model']} on {r['device']}, attention {r['attention']}"
+        + (" (GSA records)" if r["gsa_records"] else " (texture keypoints)"),
+        f"  {counts['keypoints']} keypoints, {counts['refined_matches']} matches, {counts['tracks']} tracks",
+        f"  {counts['points3D']} points, {counts['observations']} observations, "
+        f"mean track length {counts['observations'] / max(counts['points3D'], 1):.2f}",
+    ]
+    if errors["final"] is not None:
+        initial = errors["initial"]
+        before = f"{initial:.2f} px before BA, " if initial is not None and r["bundle_adjustment"] else ""
+        lines.append(f"  reprojection error {before}{errors['final']:.2f} px final")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if not k.startswith("total"))
+    lines.append(f"  time {timings.get('total', sum(timings.values())):.1f}s ({stages})")
+    if result.output_dir is not None:
+        lines.append(f"  written to {result.output_dir}")
+    return "\n".join(lines)

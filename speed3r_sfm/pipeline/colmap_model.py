@@ -1,0 +1,167 @@
+"""Predictions to a pycolmap 4.x ``Reconstruction``: cameras, trivial rigs/frames, images, points.
+
+Cameras carry the predicted intrinsics mapped to each original image (COLMAP pixel convention); models
+with distortion start with zero distortion. Each image gets a trivial rig (``add_camera_with_trivial_rig``)
+and frame (``add_image_with_trivial_frame``) posed at the predicted ``cam_from_world``; its 2D points are
+all of the view's points in original pixels, so that point2D indices equal the database keypoint indices.
+Tracks become 3D points through a :class:`pycolmap.ObservationManager`, initialised from the predicted
+depth of their observations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pycolmap
+import torch
+
+from .frames import SceneGeometry, intrinsics_to_original, work_to_model, work_to_original
+from .inputs import InputError, View
+from .tracks import Tracks
+
+CAMERA_MODELS = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV")
+
+
+def camera_params(model: str, k: np.ndarray) -> list[float]:
+    """COLMAP parameters of ``model`` for a pinhole K (COLMAP convention), with zero distortion."""
+    fx, fy, cx, cy = float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
+    f = 0.5 * (fx + fy)
+    params = {
+        "SIMPLE_PINHOLE": [f, cx, cy],
+        "PINHOLE": [fx, fy, cx, cy],
+        "SIMPLE_RADIAL": [f, cx, cy, 0.0],
+        "RADIAL": [f, cx, cy, 0.0, 0.0],
+        "OPENCV": [fx, fy, cx, cy, 0.0, 0.0, 0.0, 0.0],
+    }
+    if model not in params:
+        raise ValueError(f"unsupported camera model {model!r}; choose one of {CAMERA_MODELS}")
+    return params[model]
+
+
+def make_cameras(
+    views: Sequence[View], geometry: SceneGeometry, camera_model: str, shared_camera: bool
+) -> tuple[list[pycolmap.Camera], list[int]]:
+    """COLMAP cameras and the camera id of every view (one per view, or one shared by all)."""
+    ks = [intrinsics_to_original(v, geometry.intrinsics[i]).numpy() for i, v in enumerate(views)]
+    if shared_camera:
+        sizes = {v.original_size for v in views}
+        if len(sizes) > 1:
+            listing = ", ".join(f"{v.name}: {v.original_size[0]}x{v.original_size[1]}" for v in views[:6])
+            raise InputError(
+                f"shared_camera=True needs images of one size, got {len(sizes)} sizes ({listing}, ...); "
+                "use shared_camera=False (one camera per image) or resize the images"
+            )
+        k = np.mean(np.stack(ks), axis=0)
+        width, height = views[0].original_size
+        camera = pycolmap.Camera(
+            camera_id=1, model=camera_model, width=width, height=height, params=camera_params(camera_model, k)
+        )
+        return [camera], [1] * len(views)
+    cameras = [
+        pycolmap.Camera(
+            camera_id=i + 1,
+            model=camera_model,
+            width=v.original_size[0],
+            height=v.original_size[1],
+            params=camera_params(camera_model, ks[i]),
+        )
+        for i, v in enumerate(views)
+    ]
+    return cameras, [i + 1 for i in range(len(views))]
+
+
+def points_in_original(views: Sequence[View], tracks: Tracks) -> list[np.ndarray]:
+    """Every view's 2D points (keypoints, then match locations) in original pixels, COLMAP convention."""
+    return [work_to_original(v, p).numpy() for v, p in zip(views, tracks.points, strict=True)]
+
+
+def build_reconstruction(
+    views: Sequence[View],
+    geometry: SceneGeometry,
+    points2d: Sequence[np.ndarray],
+    camera_model: str = "SIMPLE_RADIAL",
+    shared_camera: bool = False,
+) -> pycolmap.Reconstruction:
+    """A Reconstruction with cameras, rigs, frames and posed images (image_id = view index + 1), no 3D
+    points yet."""
+    rec = pycolmap.Reconstruction()
+    cameras, camera_ids = make_cameras(views, geometry, camera_model, shared_camera)
+    for camera in cameras:
+        rec.add_camera_with_trivial_rig(camera)
+    poses = geometry.cam_from_world.numpy()
+    for i, view in enumerate(views):
+        image = pycolmap.Image(
+            name=view.name,
+            keypoints=np.asarray(points2d[i], dtype=np.float64).reshape(-1, 2),
+            camera_id=camera_ids[i],
+            image_id=i + 1,
+        )
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(poses[i]))
+    return rec
+
+
+def points_from_depth(
+    views: Sequence[View], geometry: SceneGeometry, tracks: Tracks
+) -> tuple[np.ndarray, np.ndarray]:
+    """Initial 3D points: the median over a track's observations of their unprojected predicted depth (in
+    the prediction's world frame). Returns (T, 3) points and a mask of tracks with at least one
+    observation on valid depth. Unlike triangulation from the (noisy) predicted poses, this never places a
+    point at infinity, and keeps it in front of the cameras whose depth it came from."""
+    num_obs = tracks.obs_view.size
+    world = torch.full((num_obs, 3), float("nan"), dtype=torch.float64)
+    for view in np.unique(tracks.obs_view):
+        rows = np.nonzero(tracks.obs_view == view)[0]
+        v = int(view)
+        model_xy = work_to_model(views[v], tracks.points[v][torch.from_numpy(tracks.obs_point[rows])])
+        depth = geometry.sample(geometry.depth, v, model_xy).double()
+        good = torch.isfinite(depth) & (depth > 0)
+        points = geometry.unproject(v, model_xy, torch.where(good, depth, torch.ones_like(depth)))
+        world[torch.from_numpy(rows)] = torch.where(
+            good[:, None], points, torch.full_like(points, float("nan"))
+        )
+    lengths = tracks.lengths()
+    padded = torch.full(
+        (tracks.num_tracks, max(int(lengths.max(initial=1)), 1), 3), float("nan"), dtype=torch.float64
+    )
+    track = torch.from_numpy(tracks.track_of_observation())
+    slot = torch.arange(num_obs) - torch.from_numpy(tracks.track_start[:-1])[track]
+    padded[track, slot] = world
+    xyz = padded.nanmedian(dim=1).values
+    return xyz.numpy(), torch.isfinite(xyz).all(dim=1).numpy()
+
+
+def add_points(
+    manager: pycolmap.ObservationManager,
+    tracks: Tracks,
+    xyz: np.ndarray,
+    keep: np.ndarray,
+    colors: np.ndarray,
+) -> int:
+    """Add the kept tracks as 3D points (image_id = view + 1, point2D_idx = point index); returns how many."""
+    added = 0
+    for t in np.nonzero(keep)[0]:
+        start, end = tracks.track_start[t], tracks.track_start[t + 1]
+        elements = [
+            pycolmap.TrackElement(int(v) + 1, int(p))
+            for v, p in zip(tracks.obs_view[start:end], tracks.obs_point[start:end], strict=True)
+        ]
+        manager.add_point3D(xyz[t], pycolmap.Track(elements), colors[t])
+        added += 1
+    return added
+
+
+def track_colors(views: Sequence[View], tracks: Tracks) -> np.ndarray:
+    """(T, 3) uint8 colour of every track: the work-image pixel under its first observation."""
+    colors = np.zeros((tracks.num_tracks, 3), dtype=np.uint8)
+    if tracks.num_tracks == 0:
+        return colors
+    first = tracks.track_start[:-1]
+    for view in np.unique(tracks.obs_view[first]):
+        sel = np.nonzero(tracks.obs_view[first] == view)[0]
+        xy = tracks.points[int(view)][tracks.obs_point[first[sel]]].numpy()
+        rgb = views[int(view)].work_rgb
+        col = np.clip(np.round(xy[:, 0]).astype(int), 0, rgb.shape[1] - 1)
+        row = np.clip(np.round(xy[:, 1]).astype(int), 0, rgb.shape[0] - 1)
+        colors[sel] = rgb[row, col]
+    return colors

@@ -1,0 +1,126 @@
+"""Writing a project folder atomically: everything goes to a temporary sibling folder, then is moved.
+
+Layout::
+
+    OUT/sparse/0/{cameras,images,points3D,rigs,frames}.bin   the reconstruction (after bundle adjustment)
+    OUT/database.db                                          keypoints, matches, two-view geometries
+    OUT/points.ply                                           the 3D points (after bundle adjustment)
+    OUT/report.json                                          timings, counts, reprojection errors
+
+An existing OUT is refused unless ``overwrite``; then the old folder is moved aside, the new one moved
+in, and the old one deleted. A failure at any point removes the temporary folder and leaves OUT as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+
+from .database import write_database
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and overwriting was not asked for."""
+
+
+def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early (before any computation) if ``output`` cannot be written."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(
+            f"output {output} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)"
+        )
+    if output.exists() and not output.is_dir():
+        raise OutputExistsError(
+            f"output {output} exists and is not a folder; remove it or choose another path"
+        )
+    return output
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None so that report.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_report(path: str | os.PathLike, report: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(_clean(report), handle, indent=2, default=_json_default)
+        handle.write("\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_folder(staged: Path, output: Path, overwrite: bool) -> None:
+    """Move the finished ``staged`` folder to ``output``; an old ``output`` is deleted only afterwards."""
+    if output.exists():
+        if not overwrite:
+            raise OutputExistsError(f"output {output} appeared while reconstructing; it was not replaced")
+        trash = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, trash)
+        try:
+            os.replace(staged, output)
+        except BaseException:
+            os.replace(trash, output)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staged, output)
+
+
+def write_project(
+    output: str | os.PathLike,
+    rec: pycolmap.Reconstruction,
+    keypoints: list[np.ndarray],
+    pair_matches: dict[tuple[int, int], np.ndarray],
+    report: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write the project folder (module docstring) atomically; returns its path."""
+    output = check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it private; the project gets normal permissions
+        sparse = staged / "sparse" / "0"
+        sparse.mkdir(parents=True)
+        rec.write(sparse)
+        report.setdefault("database", {}).update(
+            write_database(staged / "database.db", rec, keypoints, pair_matches)
+        )
+        rec.export_PLY(staged / "points.ply")
+        write_report(staged / "report.json", report)
+        replace_folder(staged, output, overwrite)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,198 @@
+"""Listing and reading the input images: skip what cannot be used, keep what the pipeline needs.
+
+Every readable, distinct image becomes a :class:`View`: its name (path relative to the image folder, the
+COLMAP image name), its original (upright, EXIF-applied) size, an RGB "work" copy downscaled to at most
+``max_image_size`` pixels on its long side (keypoints and photometric refinement run on it; memory stays
+bounded for huge images), and the :class:`~speed3r_sfm.data.images.ImageTransform` from the original image
+to the model input. Corrupt or non-image files and exact duplicates (same bytes) are skipped with a
+warning; fewer than two usable images is an :class:`InputError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from speed3r_sfm.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    ImageTransform,
+    list_images,
+    preprocess_images,
+    read_image,
+)
+
+logger = logging.getLogger(__name__)
+
+PreprocessMode = Literal["crop", "pad", "pixel_limit"]
+
+
+class InputError(ValueError):
+    """The input images cannot be reconstructed (missing folder, too few usable images, ...)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone wants its input: ``preprocess_images(mode, target_size, pixel_limit, patch_size)``."""
+
+    mode: PreprocessMode = "crop"
+    target_size: int = 518
+    pixel_limit: int = 255_000
+    patch_size: int = 14
+
+
+@dataclass
+class View:
+    """One usable input image."""
+
+    name: str
+    path: Path
+    original_size: tuple[int, int]  # (W, H) of the upright original
+    work_rgb: np.ndarray  # (h, w, 3) uint8, the original downscaled to at most max_image_size
+    transform: ImageTransform  # original image -> model input
+    exif_orientation: int = 1
+
+    @property
+    def work_size(self) -> tuple[int, int]:
+        """(w, h) of ``work_rgb``."""
+        return self.work_rgb.shape[1], self.work_rgb.shape[0]
+
+    @property
+    def work_scale(self) -> tuple[float, float]:
+        """(sx, sy) = work size / original size (a pure scale in COLMAP's pixel convention)."""
+        return self.work_size[0] / self.original_size[0], self.work_size[1] / self.original_size[1]
+
+    def gray(self) -> torch.Tensor:
+        """(h, w) float32 luminance in [0, 1] of the work image."""
+        rgb = torch.from_numpy(self.work_rgb).float() / 255.0
+        return rgb @ torch.tensor([0.299, 0.587, 0.114])
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_images(image_dir: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files of ``image_dir`` in natural order; raises :class:`InputError` naming the folder when it
+    does not exist or holds no image."""
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        raise InputError(
+            f"image folder {folder} does not exist (or is not a folder); pass a folder of images"
+        )
+    try:
+        return list_images(folder, recursive=recursive)
+    except FileNotFoundError as error:
+        raise InputError(
+            f"no images in {folder}: expected files with one of the extensions {', '.join(IMAGE_EXTENSIONS)}"
+        ) from error
+
+
+def _work_copy(image: Image.Image, max_image_size: int) -> Image.Image:
+    width, height = image.size
+    scale = max_image_size / max(width, height)
+    if scale >= 1.0:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def load_views(
+    paths: list[Path],
+    root: str | os.PathLike,
+    preprocessing: Preprocessing,
+    max_image_size: int = 1600,
+) -> tuple[list[View], torch.Tensor, list[str]]:
+    """Read the images at ``paths`` (names relative to ``root``) for the model and the matcher.
+
+    Returns the usable views, the model input (S, 3, H, W) float32 in [0, 1] and the skip messages.
+    Raises :class:`InputError` when fewer than two images are usable.
+    """
+    root = Path(root)
+    loaded: list[tuple[str, Path, tuple[int, int], Image.Image, int]] = []
+    skipped: list[str] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        try:
+            digest = file_digest(path)
+        except OSError as error:
+            skipped.append(f"skipped {path}: cannot read the file ({error})")
+            continue
+        if digest in seen:
+            skipped.append(f"skipped {path}: exact duplicate of {seen[digest]}")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = read_image(path)
+                orientation = _exif_orientation(path)
+        except ImageReadError as error:
+            skipped.append(f"skipped {path}: not a readable image ({error})")
+            continue
+        seen[digest] = name
+        original_size = image.size
+        loaded.append((name, path, original_size, _work_copy(image, max_image_size), orientation))
+        del image  # only the work copy is kept: huge originals are never held together
+    for message in skipped:
+        logger.warning(message)
+    if len(loaded) < 2:
+        found = f"{len(loaded)} usable image" + ("" if len(loaded) == 1 else "s")
+        detail = f" ({len(skipped)} skipped: " + "; ".join(skipped) + ")" if skipped else ""
+        raise InputError(
+            f"{found} in {root}{detail}; a reconstruction needs at least 2 distinct readable images"
+        )
+    rotated = [name for name, *_, orientation in loaded if orientation != 1]
+    if rotated:
+        logger.warning(
+            "%d image(s) have an EXIF orientation (e.g. %s): the project uses the upright images' pixel "
+            "coordinates; tools that ignore EXIF orientation will disagree with them",
+            len(rotated),
+            rotated[0],
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # mixed sizes are padded: expected, handled below
+        model_images, work_transforms = preprocess_images(
+            [item[3] for item in loaded],
+            mode=preprocessing.mode,
+            target_size=preprocessing.target_size,
+            pixel_limit=preprocessing.pixel_limit,
+            patch_size=preprocessing.patch_size,
+        )
+    views = []
+    for (name, path, original_size, work, orientation), t in zip(loaded, work_transforms, strict=True):
+        # work = original * (work size / original size) exactly (a resize maps image edges to edges), so
+        # the original -> model map has the same resize, crop and pad as the work -> model one.
+        transform = ImageTransform(
+            original_size=original_size,
+            resized_size=t.resized_size,
+            crop=t.crop,
+            pad=t.pad,
+            model_size=t.model_size,
+            exif_orientation=orientation,
+            path=str(path),
+        )
+        views.append(View(name, path, original_size, np.array(work), transform, orientation))
+    return views, model_images, skipped
+
+
+def _exif_orientation(path: Path) -> int:
+    try:
+        with Image.open(path) as image:
+            return int(image.getexif().get(0x0112, 1) or 1)
+    except (OSError, ValueError, SyntaxError):
+        return 1

@@ -1,0 +1,132 @@
+"""Keypoints where GSA looks: corners inside the most-selected token blocks of each view.
+
+Per view: the Shi–Tomasi response (kornia ``gftt_response``) of the work image, non-maximum suppression,
+sub-pixel refinement by a quadratic fit of the response, and a mask of pixels with valid, confident
+predicted depth. With GSA records the candidates are grouped by the token block they fall in; the
+``block_fraction`` most important blocks (``block_importance`` averaged over layers) get keypoints, each a
+quota proportional to its importance, filled with its strongest corners. Without records (dense
+attention, or a predictor that exports none) the same allocation runs over a uniform grid of cells with
+equal weights: texture + confidence keypoints over the whole image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from kornia.feature import gftt_response
+
+from .frames import SceneGeometry, work_pixels_per_model_pixel, work_to_model
+from .inputs import View
+from .records import AttentionSummary
+
+
+@dataclass
+class KeypointOptions:
+    """Keypoint detection settings (distances in model pixels unless stated)."""
+
+    max_keypoints: int = 1024  # per view
+    nms_radius: float = 3.0
+    block_fraction: float = 0.5  # GSA: share of each view's blocks (most important first) given keypoints
+    grid_cells: int = 8  # dense fallback: cells per image side
+    confidence_quantile: float = 0.2  # keep pixels whose depth confidence is above this quantile of the view
+    border: int = 8  # work pixels kept free at the image border
+    min_response: float = 1e-6
+
+
+@dataclass
+class Keypoints:
+    """Keypoints of one view in work pixels (integer centres)."""
+
+    xy: torch.Tensor  # (N, 2) float64
+    score: torch.Tensor  # (N,) float32 corner response
+    region: torch.Tensor  # (N,) int64: GSA block within the view, or grid cell for the fallback
+
+
+def confidence_thresholds(geometry: SceneGeometry, quantile: float) -> torch.Tensor:
+    """(S,) per-view threshold: the ``quantile`` of each confidence map (subsampled)."""
+    flat = geometry.confidence.flatten(1)
+    step = max(1, flat.shape[1] // 65536)
+    return torch.quantile(flat[:, ::step], quantile, dim=1)
+
+
+def corner_candidates(gray: torch.Tensor, nms_radius: int, border: int, min_response: float):
+    """Local maxima of the Shi–Tomasi response of ``gray`` (h, w): sub-pixel (N, 2) xy and (N,) response."""
+    response = gftt_response(gray[None, None].float())[0, 0]
+    size = 2 * nms_radius + 1
+    pooled = F.max_pool2d(response[None, None], (1, size), stride=1, padding=(0, nms_radius))  # separable:
+    pooled = F.max_pool2d(pooled, (size, 1), stride=1, padding=(nms_radius, 0))[0, 0]  # same square max
+    floor = max(min_response, 1e-3 * float(response.max()))
+    peak = (response == pooled) & (response > floor)
+    h, w = gray.shape
+    peak[: max(border, 1)] = False
+    peak[h - max(border, 1) :] = False
+    peak[:, : max(border, 1)] = False
+    peak[:, w - max(border, 1) :] = False
+    rows, cols = peak.nonzero(as_tuple=True)
+    centre = response[rows, cols]
+    offsets = []
+    for d_row, d_col, pos in ((0, 1, cols), (1, 0, rows)):
+        before = response[rows - d_row, cols - d_col]
+        after = response[rows + d_row, cols + d_col]
+        curvature = before - 2 * centre + after
+        step = torch.where(curvature < 0, 0.5 * (before - after) / curvature.clamp_max(-1e-12), 0.0)
+        offsets.append(pos.double() + step.clamp(-0.5, 0.5).double())
+    return torch.stack(offsets, -1), centre
+
+
+def detect_keypoints(
+    view: View,
+    gray: torch.Tensor,
+    view_index: int,
+    geometry: SceneGeometry,
+    summary: AttentionSummary | None,
+    options: KeypointOptions,
+    confidence_threshold: float,
+) -> Keypoints:
+    """Keypoints of one view (see the module docstring); ``gray`` is its work image (``view.gray()``)."""
+    scale = max(work_pixels_per_model_pixel(view))
+    nms = max(1, round(options.nms_radius * scale))
+    xy, response = corner_candidates(gray, nms, options.border, options.min_response)
+    model_xy = work_to_model(view, xy)
+    depth = geometry.sample(geometry.depth, view_index, model_xy)
+    confidence = geometry.sample(geometry.confidence, view_index, model_xy)
+    keep = torch.isfinite(depth) & (depth > 0) & (confidence >= confidence_threshold)
+    xy, response, model_xy = xy[keep], response[keep], model_xy[keep]
+    if summary is not None:
+        patch = summary.patch_of_model_xy(model_xy, geometry.image_size)
+        inside = patch >= 0
+        xy, response, patch = xy[inside], response[inside], patch[inside]
+        region = summary.block_of_patch(patch)
+        weights = summary.importance[view_index].clone()
+        num_chosen = max(1, round(options.block_fraction * weights.numel()))
+        chosen = torch.zeros_like(weights, dtype=torch.bool)
+        chosen[torch.argsort(weights, descending=True)[:num_chosen]] = True
+        weights = torch.where(chosen, weights, torch.zeros_like(weights))
+    else:
+        w, h = view.work_size
+        cells = options.grid_cells
+        col = (xy[:, 0] * cells / w).long().clamp(0, cells - 1)
+        row = (xy[:, 1] * cells / h).long().clamp(0, cells - 1)
+        region = row * cells + col
+        weights = torch.ones(cells * cells)
+    selected = allocate(region, response, weights, options.max_keypoints)
+    return Keypoints(xy[selected], response[selected].float(), region[selected])
+
+
+def allocate(region: torch.Tensor, score: torch.Tensor, weights: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices of the candidates to keep: region r gets ``ceil(budget * w_r / sum w)`` of its best-scoring
+    candidates (regions with weight 0 none); the result is capped at ``budget`` by score."""
+    if region.numel() == 0 or float(weights.sum()) <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    quota = torch.ceil(budget * weights / weights.sum()).long()
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(region[order], stable=True)]  # by region, best first inside each
+    sorted_region = region[order]
+    first = torch.searchsorted(sorted_region, sorted_region, right=False)
+    rank = torch.arange(order.numel()) - first
+    keep = order[rank < quota[sorted_region]]
+    if keep.numel() > budget:
+        keep = keep[torch.argsort(score[keep], descending=True)[:budget]]
+    return keep.sort().values

@@ -1,0 +1,323 @@
+"""End-to-end tests of ``reconstruct`` on a rendered synthetic scene, with the ground-truth oracle (with
+pose noise) as the backbone, the tiny VGGT with GSA, the output project, the CLI entry point and failures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import numpy as np
+import pycolmap
+import pytest
+import torch
+from PIL import Image
+
+from speed3r_sfm.attention import AttentionConfig
+from speed3r_sfm.data.colmap_dataset import to_uint8_image
+from speed3r_sfm.data.synthetic import make_cameras, make_scene, render_views
+from speed3r_sfm.eval.metrics import relative_pose_errors
+from speed3r_sfm.geometry import intrinsics_to_colmap, resize_intrinsics
+from speed3r_sfm.models.vggt import VGGT, VGGTConfig
+from speed3r_sfm.pipeline import cli as pipeline_cli
+from speed3r_sfm.pipeline import export as pipeline_export
+from speed3r_sfm.pipeline.backbone import Backbone, ModelNotAvailableError
+from speed3r_sfm.pipeline.export import OutputExistsError
+from speed3r_sfm.pipeline.inputs import Preprocessing
+from speed3r_sfm.pipeline.oracle import SceneOracle
+from speed3r_sfm.pipeline.reconstruct import reconstruct, run_pipeline
+
+# the module, not the function of the same name that speed3r_sfm.pipeline exports
+pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
+
+SEED, VIEWS, HEIGHT, WIDTH = 11, 8, 168, 224
+NOISE_DEG = 1.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Many small tensor ops: one thread is faster and steadier on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def scene_data(tmp_path_factory):
+    scene = make_scene(SEED)
+    k, poses = make_cameras(scene, VIEWS, HEIGHT, WIDTH, trajectory="forward")
+    views = render_views(scene, k, poses, HEIGHT, WIDTH)
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(VIEWS):
+        Image.fromarray(to_uint8_image(views.images[i])).save(folder / f"view_{i:02d}.png")
+    return {"scene": scene, "views": views, "folder": folder}
+
+
+def _oracle(data, **kwargs) -> SceneOracle:
+    views = data["views"]
+    defaults = dict(
+        preprocessing=Preprocessing("crop", WIDTH),
+        depth=list(views.depth),
+        rotation_noise_deg=NOISE_DEG,
+        translation_noise=0.03,
+        depth_noise=0.01,
+        seed=3,
+    )
+    defaults.update(kwargs)
+    sizes = defaults.pop("original_sizes", [(WIDTH, HEIGHT)] * VIEWS)
+    intrinsics = defaults.pop("intrinsics", views.intrinsics)
+    return SceneOracle(intrinsics, views.cam_from_world, sizes, **defaults)
+
+
+def _poses(rec: pycolmap.Reconstruction, names: list[str]) -> torch.Tensor:
+    return torch.stack(
+        [torch.from_numpy(rec.find_image_with_name(n).cam_from_world().matrix()) for n in names]
+    )
+
+
+def _median_rre(poses: torch.Tensor, gt: torch.Tensor) -> float:
+    rre, _ = relative_pose_errors(poses, gt)
+    return float(rre.median())
+
+
+@pytest.fixture(scope="module")
+def oracle_project(scene_data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("projects") / "oracle"
+    result = run_pipeline(scene_data["folder"], output, model=_oracle(scene_data), attention="dense")
+    return result, output
+
+
+def test_bundle_adjustment_meets_the_accuracy_targets(scene_data, oracle_project):
+    result, _ = oracle_project
+    gt = scene_data["views"].cam_from_world.double()
+    before = _median_rre(result.feedforward_cam_from_world, gt)
+    after = _median_rre(_poses(result.reconstruction, result.image_names), gt)
+    report = result.report
+    assert before > 1.5  # the noise makes the feed-forward poses clearly wrong
+    assert after <= 0.7 * before  # BA lowers the median rotation error by >= 30 %
+    assert after <= 1.0
+    assert report["reprojection_error_px"]["final"] <= 1.0
+    assert report["reprojection_error_px"]["initial"] > report["reprojection_error_px"]["final"]
+    assert result.reconstruction.num_reg_images() == VIEWS
+    assert result.reconstruction.num_points3D() > 300
+
+
+def test_project_files_read_back(scene_data, oracle_project):
+    result, output = oracle_project
+    assert sorted(p.name for p in output.iterdir()) == ["database.db", "points.ply", "report.json", "sparse"]
+    assert {"cameras.bin", "images.bin", "points3D.bin"} <= {
+        p.name for p in (output / "sparse" / "0").iterdir()
+    }
+    assert not [p for p in output.parent.iterdir() if p.name.startswith(".oracle")]  # no temp debris
+    rec = pycolmap.Reconstruction(output / "sparse" / "0")
+    assert rec.num_images() == VIEWS and rec.num_points3D() == result.reconstruction.num_points3D()
+    assert sorted(im.name for im in rec.images.values()) == sorted(result.image_names)
+    # points.ply holds the points after bundle adjustment
+    ply = pycolmap.Reconstruction()
+    ply.import_PLY(output / "points.ply")
+    ply_xyz = np.stack([p.xyz for p in ply.points3D.values()])
+    final_xyz = np.stack([p.xyz for p in rec.points3D.values()])
+    assert len(ply_xyz) == len(final_xyz)
+    assert np.allclose(np.sort(ply_xyz, axis=0), np.sort(final_xyz, axis=0), atol=1e-4)
+    report = json.loads((output / "report.json").read_text())
+    for key in ("timings_s", "counts", "reprojection_error_px", "ba_rounds", "images", "database"):
+        assert key in report
+    assert report["counts"]["points3D"] == rec.num_points3D()
+    assert report["timings_s"]["model"] >= 0 and report["timings_s"]["bundle adjustment"] > 0
+
+
+def test_database_has_keypoints_matches_and_two_view_geometries(oracle_project):
+    result, output = oracle_project
+    rec = result.reconstruction
+    with pycolmap.Database.open(output / "database.db") as db:
+        assert db.num_images() == VIEWS and db.num_cameras() == VIEWS
+        for image_id, image in rec.images.items():
+            keypoints = db.read_keypoints(image_id)
+            assert keypoints.shape[0] == image.num_points2D()
+            xy = np.stack([p.xy for p in image.points2D])
+            assert np.allclose(keypoints[:, :2], xy, atol=1e-3)
+        pair_ids, geometries = db.read_two_view_geometries()
+        assert len(pair_ids) >= VIEWS - 1 and db.num_inlier_matches() > 0
+        for pair_id, geometry in zip(pair_ids, geometries, strict=True):
+            id1, id2 = pycolmap.pair_id_to_image_pair(pair_id)
+            assert geometry.config == pycolmap.TwoViewGeometryConfiguration.CALIBRATED
+            inliers = geometry.inlier_matches
+            assert db.exists_matches(id1, id2) and len(inliers) <= len(db.read_matches(id1, id2))
+            # inliers are observations of one 3D point in the final reconstruction
+            p1 = [rec.image(id1).points2D[int(a)].point3D_id for a in inliers[:20, 0]]
+            p2 = [rec.image(id2).points2D[int(b)].point3D_id for b in inliers[:20, 1]]
+            assert p1 == p2
+
+
+def test_colmap_mapper_continues_from_the_database(scene_data, oracle_project, tmp_path):
+    _, output = oracle_project
+    options = pycolmap.IncrementalPipelineOptions()
+    options.min_model_size = 3
+    models = pycolmap.incremental_mapping(
+        output / "database.db", scene_data["folder"], tmp_path, options=options
+    )
+    assert models and max(m.num_reg_images() for m in models.values()) >= VIEWS - 1
+
+
+def test_gsa_records_guide_keypoints_and_matches(scene_data, tmp_path):
+    oracle = _oracle(scene_data, records="ideal", block_size=24, query_block_size=24)
+    result = run_pipeline(scene_data["folder"], None, model=oracle, attention="gsa")
+    records = result.report["gsa_records"]
+    assert records is not None and records["layers"] == 1
+    assert records["matches_in_selected_block"] > 0.5
+    gt = scene_data["views"].cam_from_world.double()
+    assert _median_rre(_poses(result.reconstruction, result.image_names), gt) <= 1.0
+    assert result.report["reprojection_error_px"]["final"] <= 1.0
+
+
+def test_mixed_sizes_in_pad_mode_map_back_to_each_original(scene_data, tmp_path):
+    """Half of the views are upscaled on disk: their cameras must come out in their own pixels."""
+    views = scene_data["views"]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    big = (WIDTH * 3 // 2, HEIGHT * 3 // 2)
+    intrinsics, sizes = [], []
+    for i in range(VIEWS):
+        image = Image.fromarray(to_uint8_image(views.images[i]))
+        k = views.intrinsics[i].double()
+        if i % 2:
+            image = image.resize(big, Image.Resampling.BICUBIC)
+            k = resize_intrinsics(k, (HEIGHT, WIDTH), (big[1], big[0]))
+        image.save(folder / f"view_{i:02d}.png")
+        intrinsics.append(k)
+        sizes.append(image.size)
+    oracle = _oracle(
+        scene_data,
+        scene=scene_data["scene"],
+        depth=None,
+        intrinsics=torch.stack(intrinsics),
+        original_sizes=sizes,
+        preprocessing=Preprocessing("pad", 224),
+        rotation_noise_deg=0.5,
+        translation_noise=0.01,
+    )
+    result = run_pipeline(folder, None, model=oracle, attention="dense", camera_model="PINHOLE")
+    rec = result.reconstruction
+    assert result.report["reprojection_error_px"]["final"] <= 1.0
+    for i, name in enumerate(result.image_names):
+        camera = rec.find_image_with_name(name).camera
+        assert (camera.width, camera.height) == sizes[i]
+        k_true = intrinsics_to_colmap(intrinsics[i]).numpy()
+        k = camera.calibration_matrix()
+        assert abs(k[0, 0] / k_true[0, 0] - 1) < 0.02 and abs(k[1, 1] / k_true[1, 1] - 1) < 0.02
+        assert np.allclose(k[:2, 2], k_true[:2, 2], atol=0.5)  # principal point not refined: exact mapping
+    gt = views.cam_from_world.double()
+    assert _median_rre(_poses(rec, result.image_names), gt) <= 1.0
+
+
+def test_shared_camera_and_no_bundle_adjustment(scene_data, tmp_path):
+    oracle = _oracle(scene_data, rotation_noise_deg=0.0, translation_noise=0.0)
+    result = run_pipeline(
+        scene_data["folder"],
+        tmp_path / "out",
+        model=oracle,
+        attention="dense",
+        ba=False,
+        shared_camera=True,
+        camera_model="SIMPLE_PINHOLE",
+    )
+    rec = result.reconstruction
+    assert rec.num_cameras() == 1 and rec.cameras[1].model_name == "SIMPLE_PINHOLE"
+    assert result.report["bundle_adjustment"] is False and result.report["ba_rounds"] == []
+    assert rec.num_points3D() > 100 and result.report["reprojection_error_px"]["final"] < 2.0
+    # without BA the poses are the (here exact) predicted ones
+    assert torch.allclose(_poses(rec, result.image_names), result.feedforward_cam_from_world, atol=1e-9)
+
+
+def test_existing_output_is_refused_before_any_work(scene_data, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("precious")
+    oracle = _oracle(scene_data)
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        reconstruct(scene_data["folder"], output, model=oracle)
+    assert oracle.calls == 0 and (output / "keep.txt").read_text() == "precious"
+
+
+def test_a_failure_while_writing_leaves_no_project_and_no_debris(scene_data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(pipeline_export, "write_database", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        reconstruct(scene_data["folder"], tmp_path / "new", model=_oracle(scene_data), attention="dense")
+    assert list(tmp_path.iterdir()) == []
+    # an existing project asked to be overwritten stays intact when the new one fails
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="simulated"):
+        reconstruct(scene_data["folder"], old, model=_oracle(scene_data), attention="dense", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and (old / "report.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_the_project(scene_data, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "stale.txt").write_text("old")
+    reconstruct(scene_data["folder"], output, model=_oracle(scene_data), attention="dense", overwrite=True)
+    assert not (output / "stale.txt").exists() and (output / "report.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):
+    torch.manual_seed(0)
+    attention = AttentionConfig(
+        kind="gsa", block_size=8, query_block_size=16, compression_block_size=16, top_k=4
+    )
+    model = VGGT(VGGTConfig.preset("tiny", attention=attention, enable_track=False))
+    result = run_pipeline(scene_data["folder"], tmp_path / "tiny", model=model, attention="gsa")
+    report = result.report
+    assert report["gsa_records"]["layers"] == 4 and report["gsa_records"]["block_size"] == 8
+    assert report["preprocessing"] == {
+        "mode": "crop",
+        "target_size": 84,
+        "pixel_limit": 255000,
+        "patch_size": 14,
+    }
+    assert report["counts"]["keypoints"] > 0 and report["counts"]["candidate_matches"] > 0
+    assert pycolmap.Reconstruction(tmp_path / "tiny" / "sparse" / "0").num_images() == VIEWS
+
+
+def test_default_model_is_a_clear_error(scene_data):
+    with pytest.raises(ModelNotAvailableError, match="not shipped yet.*facebook/VGGT-1B"):
+        reconstruct(scene_data["folder"])
+
+
+def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, monkeypatch, capsys):
+    oracle = _oracle(scene_data)
+    backbone = Backbone(oracle, oracle.preprocessing, "oracle", torch.device("cpu"))
+    monkeypatch.setattr(pipeline_reconstruct, "load_backbone", lambda *args, **kwargs: backbone)
+    code = pipeline_cli.reconstruct_command(
+        str(scene_data["folder"]), str(tmp_path / "out"), attention="dense"
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "reconstructed 8/8 images" in out and "reprojection error" in out
+    assert str(tmp_path / "out") in out and (tmp_path / "out" / "database.db").exists()
+    code = pipeline_cli.reconstruct_command(str(scene_data["folder"]), str(tmp_path / "out"), quiet=True)
+    assert code == 1 and "already exists" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = pipeline_cli.reconstruct_command(str(empty), str(tmp_path / "out2"), quiet=True)
+    assert code == 1 and f"no images in {empty}" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out2")
+
+
+def test_matching_time_limit_skips_pairs_with_a_warning(scene_data, caplog):
+    from speed3r_sfm.pipeline import MatchOptions, PipelineOptions
+
+    options = PipelineOptions(matching=MatchOptions(time_limit=0.0))
+    with caplog.at_level("WARNING"):
+        result = run_pipeline(
+            scene_data["folder"], None, model=_oracle(scene_data), attention="dense", options=options
+        )
+    assert "time limit" in caplog.text
+    assert result.report["counts"]["refined_matches"] == 0 and result.reconstruction.num_points3D() == 0
+    assert result.reconstruction.num_reg_images() == VIEWS  # cameras stay at the predicted poses

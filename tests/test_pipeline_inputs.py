@@ -1,0 +1,180 @@
+"""Input handling of the pipeline: listing, skipping, duplicates, mixed and huge sizes, pixel frames."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from speed3r_sfm.geometry import intrinsics_from_fov
+from speed3r_sfm.pipeline.colmap_model import make_cameras
+from speed3r_sfm.pipeline.frames import (
+    SceneGeometry,
+    intrinsics_to_original,
+    model_to_work,
+    original_to_work,
+    work_to_model,
+    work_to_original,
+)
+from speed3r_sfm.pipeline.inputs import InputError, Preprocessing, find_images, load_views
+
+
+def _image(path, width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+
+
+def test_missing_and_empty_folders_name_the_folder(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        find_images(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match=f"no images in {tmp_path}"):
+        find_images(tmp_path)
+
+
+def test_one_image_is_an_error(tmp_path):
+    _image(tmp_path / "a.png", 64, 48)
+    with pytest.raises(InputError, match="at least 2"):
+        load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 56))
+
+
+def test_corrupt_and_duplicate_files_are_skipped_with_a_warning(tmp_path, caplog):
+    _image(tmp_path / "a.png", 64, 48, seed=1)
+    _image(tmp_path / "b.png", 64, 48, seed=2)
+    shutil.copy(tmp_path / "a.png", tmp_path / "c.png")  # exact duplicate
+    (tmp_path / "d.jpg").write_bytes(b"this is not a jpeg")  # corrupt
+    with caplog.at_level(logging.WARNING):
+        views, images, skipped = load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 56))
+    assert [v.name for v in views] == ["a.png", "b.png"]
+    assert images.shape == (2, 3, 42, 56)
+    assert any("c.png" in s and "duplicate of a.png" in s for s in skipped)
+    assert any("d.jpg" in s and "not a readable image" in s for s in skipped)
+    assert "d.jpg" in caplog.text and "c.png" in caplog.text
+
+
+def test_only_bad_files_left_is_an_error_listing_them(tmp_path):
+    _image(tmp_path / "a.png", 64, 48)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(InputError, match="b.png"):
+        load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 56))
+
+
+def test_huge_images_are_read_downscaled_but_map_to_original_pixels(tmp_path):
+    _image(tmp_path / "big.png", 2400, 1800, seed=3)
+    _image(tmp_path / "small.png", 320, 240, seed=4)
+    views, images, _ = load_views(
+        find_images(tmp_path), tmp_path, Preprocessing("crop", 112), max_image_size=600
+    )
+    big = views[0]
+    assert big.name == "big.png" and big.original_size == (2400, 1800)
+    assert big.work_size == (600, 450)
+    assert big.transform.original_size == (2400, 1800) and big.transform.model_size == (112, 84)
+    # the image centre and corners map consistently through every frame
+    corners = torch.tensor([[0.0, 0.0], [2400.0, 1800.0], [1200.0, 900.0]], dtype=torch.float64)
+    work = original_to_work(big, corners)
+    assert torch.allclose(work_to_original(big, work), corners)
+    assert torch.allclose(
+        work, torch.tensor([[-0.5, -0.5], [599.5, 449.5], [299.5, 224.5]], dtype=torch.float64)
+    )
+    model = work_to_model(big, work)
+    assert torch.allclose(
+        model, torch.tensor([[-0.5, -0.5], [111.5, 83.5], [55.5, 41.5]], dtype=torch.float64)
+    )
+    assert torch.allclose(model_to_work(big, model), work)
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad", "pixel_limit"])
+def test_intrinsics_and_points_map_back_to_each_original_image(tmp_path, mode):
+    """Reference check: projecting with K mapped to the original equals projecting in the model image and
+    mapping the pixel back, for mixed sizes and every preprocessing mode."""
+    sizes = [(320, 240), (200, 300), (640, 360)]
+    for i, (w, h) in enumerate(sizes):
+        _image(tmp_path / f"{i}.png", w, h, seed=i)
+    views, images, _ = load_views(
+        find_images(tmp_path), tmp_path, Preprocessing(mode, 112, pixel_limit=12_000), max_image_size=400
+    )
+    s, _, height, width = images.shape
+    k_model = intrinsics_from_fov(60.0, height, width, dtype=torch.float64).expand(s, 3, 3).clone()
+    k_model[1, 1, 1] *= 1.1  # fx != fy
+    geometry = SceneGeometry(
+        k_model,
+        torch.eye(3, 4, dtype=torch.float64).expand(s, 3, 4),
+        torch.ones(s, height, width),
+        torch.ones(s, height, width),
+    )
+    points = torch.tensor([[0.1, -0.2, 2.0], [-0.4, 0.3, 3.0], [0.0, 0.0, 1.5]], dtype=torch.float64)
+    for i, view in enumerate(views):
+        uv_model, _ = geometry.project(i, points)
+        via_model = work_to_original(view, model_to_work(view, uv_model))
+        k = intrinsics_to_original(view, k_model[i])
+        projected = points @ k.T
+        direct = projected[:, :2] / projected[:, 2:]
+        assert torch.allclose(via_model, direct, atol=1e-9), (mode, view.name)
+
+
+def test_shared_camera_needs_one_image_size(tmp_path):
+    _image(tmp_path / "a.png", 64, 48)
+    _image(tmp_path / "b.png", 48, 64)
+    views, images, _ = load_views(find_images(tmp_path), tmp_path, Preprocessing("pad", 56))
+    s, _, h, w = images.shape
+    geometry = SceneGeometry(
+        intrinsics_from_fov(60.0, h, w, dtype=torch.float64).expand(s, 3, 3).clone(),
+        torch.eye(3, 4, dtype=torch.float64).expand(s, 3, 4),
+        torch.ones(s, h, w),
+        torch.ones(s, h, w),
+    )
+    with pytest.raises(InputError, match="shared_camera=True needs images of one size"):
+        make_cameras(views, geometry, "PINHOLE", shared_camera=True)
+    cameras, ids = make_cameras(views, geometry, "PINHOLE", shared_camera=False)
+    assert ids == [1, 2] and [(c.width, c.height) for c in cameras] == [(64, 48), (48, 64)]
+
+
+def test_exif_rotated_images_use_upright_pixels(tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))  # stored 60 x 40
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    _image(tmp_path / "plain.png", 60, 40)
+    with caplog.at_level(logging.WARNING):
+        views, _, _ = load_views(find_images(tmp_path), tmp_path, Preprocessing("pad", 56))
+    rotated = next(v for v in views if v.name == "rotated.jpg")
+    assert rotated.original_size == (40, 60) and rotated.exif_orientation == 6
+    assert rotated.transform.original_size == (40, 60)
+    assert "EXIF orientation" in caplog.text
+
+
+def test_initial_points_come_from_the_predicted_depth(tmp_path):
+    from speed3r_sfm.geometry import look_at
+    from speed3r_sfm.pipeline.colmap_model import points_from_depth
+    from speed3r_sfm.pipeline.tracks import Tracks
+
+    for i in range(2):
+        _image(tmp_path / f"{i}.png", 56, 42, seed=i)
+    views, images, _ = load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 56))
+    k = intrinsics_from_fov(60.0, 42, 56, dtype=torch.float64).expand(2, 3, 3).clone()
+    poses = look_at(
+        torch.tensor([[0.0, -3.0, 0.0], [0.5, -3.0, 0.0]], dtype=torch.float64),
+        torch.zeros(2, 3, dtype=torch.float64),
+    )
+    depth = torch.stack([torch.full((42, 56), 3.0), torch.full((42, 56), 2.0)])
+    geometry = SceneGeometry(k, poses, depth, torch.ones(2, 42, 56))
+    points = [
+        torch.tensor([[10.0, 20.0], [30.0, 5.0]], dtype=torch.float64),
+        torch.tensor([[40.0, 30.0]], dtype=torch.float64),
+    ]
+    # track 0: view 0 point 0 and view 1 point 0; track 1: view 0 point 1 only (depth of view 0)
+    tracks = Tracks(points, [2, 1], np.array([0, 2, 3]), np.array([0, 1, 0]), np.array([0, 0, 1]))
+    xyz, valid = points_from_depth(views, geometry, tracks)
+    assert valid.all()
+    expected1 = geometry.unproject(0, points[0][1:2], torch.tensor([3.0], dtype=torch.float64))[0]
+    assert torch.allclose(torch.from_numpy(xyz[1]), expected1)
+    a = geometry.unproject(0, points[0][0:1], torch.tensor([3.0], dtype=torch.float64))[0]
+    b = geometry.unproject(1, points[1][0:1], torch.tensor([2.0], dtype=torch.float64))[0]
+    assert torch.allclose(torch.from_numpy(xyz[0]), torch.minimum(a, b))  # torch's nanmedian of 2 = the lower
+    uv, z = geometry.project(0, torch.from_numpy(xyz[1:2]))
+    assert torch.allclose(uv[0], points[0][1]) and torch.allclose(z, torch.tensor([3.0], dtype=torch.float64))

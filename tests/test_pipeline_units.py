@@ -1,0 +1,290 @@
+"""Unit and reference checks of the pipeline's numerical pieces: NCC, refinement, tracks, triangulation,
+GSA record reduction, keypoint allocation, database geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pycolmap
+import pytest
+import torch
+import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
+
+from speed3r_sfm.geometry import look_at
+from speed3r_sfm.pipeline.bundle import BundleOptions, bundle_adjust, mean_reprojection_error
+from speed3r_sfm.pipeline.database import two_view_geometry
+from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
+from speed3r_sfm.pipeline.matching import Matches
+from speed3r_sfm.pipeline.records import summarize_records
+from speed3r_sfm.pipeline.refine import RefineOptions, build_pyramid, ncc_map, refine_pair
+from speed3r_sfm.pipeline.tracks import build_tracks, connected_components
+
+
+def test_ncc_map_matches_a_brute_force_reference():
+    gen = torch.Generator().manual_seed(0)
+    patch = torch.rand(3, 5, 5, generator=gen)
+    window = torch.rand(3, 9, 9, generator=gen)
+    window[1, 2:7, 1:6] = 2.0 * patch[1] + 0.3  # an exact (affine-intensity) copy at offset (-1, 0)
+    out = ncc_map(patch, window)
+    assert out.shape == (3, 5, 5)
+    for m in range(3):
+        for i in range(5):
+            for j in range(5):
+                a = patch[m].flatten() - patch[m].mean()
+                b = window[m, i : i + 5, j : j + 5].flatten()
+                b = b - b.mean()
+                assert out[m, i, j] == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-4)
+    assert out[1, 2, 1] == pytest.approx(1.0, abs=1e-5)
+
+
+def _warped_pair(affine, shift, size=(300, 380), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    image = gaussian_blur2d(torch.rand(1, 1, h, w, generator=gen), (9, 9), (1.5, 1.5))[0, 0]
+    image = (image - image.min()) / (image.max() - image.min())
+    ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
+    source_xy = (torch.stack([xs, ys], -1) - shift) @ torch.linalg.inv(affine).T
+    grid = torch.stack([2 * source_xy[..., 0] / (w - 1) - 1, 2 * source_xy[..., 1] / (h - 1) - 1], -1)
+    target = F.grid_sample(image[None, None], grid[None].float(), mode="bicubic", align_corners=True)[0, 0]
+    return image, target
+
+
+def test_refinement_recovers_a_known_warp_to_a_tenth_of_a_pixel():
+    affine = torch.tensor([[1.1, 0.08], [-0.05, 0.95]], dtype=torch.float64)
+    shift = torch.tensor([7.3, -4.6], dtype=torch.float64)
+    source, target = _warped_pair(affine, shift)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2000, 2, generator=gen, dtype=torch.float64) * torch.tensor([280.0, 200.0]) + 50
+    truth = x @ affine.T + shift
+    predicted = truth + torch.randn(2000, 2, generator=gen, dtype=torch.float64) * 6.0
+    y, ncc, reason = refine_pair(
+        build_pyramid(source, 3),
+        build_pyramid(target, 3),
+        x,
+        predicted,
+        affine.expand(2000, 2, 2),
+        20.0,
+        RefineOptions(),
+    )
+    ok = reason == 0
+    error = (y - truth).norm(dim=1)
+    assert ok.float().mean() > 0.8
+    assert error[ok].median() < 0.1 and error[ok].quantile(0.95) < 0.3
+    assert (ncc[ok] > 0.8).all()
+    # the prediction alone is far worse: the refinement is what makes matches accurate
+    assert (predicted - truth).norm(dim=1).median() > 5.0
+
+
+def test_refinement_rejects_locations_outside_the_target():
+    source, target = _warped_pair(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    x = torch.tensor([[100.0, 100.0], [150.0, 120.0]], dtype=torch.float64)
+    predicted = torch.tensor([[-50.0, 100.0], [150.0, 1000.0]], dtype=torch.float64)
+    _, _, reason = refine_pair(
+        build_pyramid(source, 2),
+        build_pyramid(target, 2),
+        x,
+        predicted,
+        torch.eye(2, dtype=torch.float64).expand(2, 2, 2),
+        8.0,
+        RefineOptions(),
+    )
+    assert (reason != 0).all()
+
+
+def test_connected_components_match_a_reference_union_find():
+    rng = np.random.default_rng(0)
+    edges = rng.integers(0, 500, (400, 2))
+    labels = connected_components(500, edges)
+    parent = list(range(500))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in edges:
+        parent[find(a)] = find(b)
+    roots = np.array([find(a) for a in range(500)])
+    for a in range(500):
+        same = roots == roots[a]
+        assert np.array_equal(labels == labels[a], same)
+        assert labels[a] == np.nonzero(same)[0].min()
+
+
+def _keypoints(xy):
+    xy = torch.tensor(xy, dtype=torch.float64).view(-1, 2)
+    return Keypoints(xy, torch.ones(len(xy)), torch.zeros(len(xy), dtype=torch.long))
+
+
+def test_tracks_join_through_keypoints_and_keep_one_observation_per_view():
+    keypoints = [_keypoints([[10, 10], [50, 50]]), _keypoints([[20, 20]]), _keypoints([[30, 30]])]
+    # v0 kp0 -> v1 near kp0 (snapped); v1 kp0 -> v2 near kp0 (snapped); v0 kp1 -> v2 near kp0 (snapped);
+    # v2 kp0 -> v0 far from both keypoints (a new point). All of it is one track with three candidates in v0.
+    matches = Matches(
+        source_view=torch.tensor([0, 1, 0, 2]),
+        source_index=torch.tensor([0, 0, 1, 0]),
+        target_view=torch.tensor([1, 2, 2, 0]),
+        target_xy=torch.tensor([[20.3, 19.8], [30.4, 29.9], [30.2, 30.1], [90.0, 90.0]], dtype=torch.float64),
+        ncc=torch.tensor([0.99, 0.95, 0.97, 0.9]),
+        in_selected_block=torch.zeros(4, dtype=torch.bool),
+    )
+    tracks = build_tracks(keypoints, matches, merge_radius=1.0)
+    assert [len(p) for p in tracks.points] == [3, 1, 1]  # only view 0 gained a point, (90, 90)
+    assert tracks.num_tracks == 1
+    views = tracks.obs_view.tolist()
+    assert sorted(views) == [0, 1, 2]  # one observation per view
+    obs = dict(zip(views, tracks.obs_point.tolist(), strict=True))
+    assert obs[1] == 0 and obs[2] == 0 and obs[0] in (0, 1)  # keypoints win over match locations
+    pairs = tracks.pairwise_matches()
+    assert set(pairs) == {(0, 1), (0, 2), (1, 2)}
+    assert pairs[(1, 2)].tolist() == [[0, 0]]
+
+    separate = build_tracks(keypoints, matches, merge_radius=0.0)  # no snapping: one track per match
+    assert [len(p) for p in separate.points] == [3, 2, 3]
+    assert separate.num_tracks == 4 and (separate.lengths() == 2).all()
+
+
+def _scene_reconstruction(num_points=200, noise_px=0.0, seed=0):
+    """A small pycolmap problem with known truth: 4 cameras looking at random points."""
+    rng = np.random.default_rng(seed)
+    eyes = torch.tensor(
+        [[-1.0, -4.0, 0.5], [0.0, -4.2, 0.8], [1.0, -4.0, 0.4], [2.0, -3.5, 0.6]], dtype=torch.float64
+    )
+    poses = look_at(eyes, torch.zeros(4, 3, dtype=torch.float64)).numpy()
+    points = rng.uniform(-1, 1, (num_points, 3))
+    rec = pycolmap.Reconstruction()
+    camera = pycolmap.Camera(camera_id=1, model="PINHOLE", width=640, height=480, params=[500, 500, 320, 240])
+    rec.add_camera_with_trivial_rig(camera)
+    observations = []
+    for i, pose in enumerate(poses):
+        cam = points @ pose[:, :3].T + pose[:, 3]
+        xy = cam[:, :2] / cam[:, 2:] * 500 + np.array([320, 240]) + rng.normal(0, noise_px, (num_points, 2))
+        observations.append(xy)
+        rec.add_image_with_trivial_frame(
+            pycolmap.Image(name=f"{i}.png", keypoints=xy, camera_id=1, image_id=i + 1), pycolmap.Rigid3d(pose)
+        )
+    return rec, poses, points, observations
+
+
+def test_bundle_adjustment_recovers_perturbed_poses():
+    rec, poses, points, _ = _scene_reconstruction(num_points=300, noise_px=0.3, seed=1)
+    manager = pycolmap.ObservationManager(rec)
+    for p in range(len(points)):
+        track = pycolmap.Track([pycolmap.TrackElement(i + 1, p) for i in range(4)])
+        manager.add_point3D(points[p] + np.random.default_rng(p).normal(0, 0.02, 3), track)
+    frame = rec.frames[3]
+    frame.rig_from_world = pycolmap.Rigid3d(
+        pycolmap.Rotation3d(np.array([0.0, 0.02, 0.0])), frame.rig_from_world.translation + 0.05
+    )
+    before = mean_reprojection_error(rec)
+    summary = bundle_adjust(rec, BundleOptions(refine_focal_length=False), loss_scale=1.0)
+    after = mean_reprojection_error(rec)
+    assert summary is not None and summary.is_solution_usable()
+    assert before > 3.0 and after < 0.5
+    estimated = rec.image(3).cam_from_world().matrix()
+    rel_true = poses[2][:, :3] @ poses[0][:, :3].T
+    rel_est = estimated[:, :3] @ rec.image(1).cam_from_world().matrix()[:, :3].T
+    angle = np.degrees(np.arccos(np.clip((np.trace(rel_true.T @ rel_est) - 1) / 2, -1, 1)))
+    assert angle < 0.1
+
+
+def test_two_view_geometry_satisfies_the_epipolar_constraint():
+    rec, _, points, observations = _scene_reconstruction(num_points=20)
+    geometry = two_view_geometry(rec, 1, 2, np.stack([np.arange(20)] * 2, 1))
+    x1 = np.c_[observations[0], np.ones(20)]
+    x2 = np.c_[observations[1], np.ones(20)]
+    residual = np.abs(np.einsum("ni,ij,nj->n", x2, geometry.F, x1))
+    assert residual.max() < 1e-6 * np.abs(geometry.F).max() * 640**2
+    assert geometry.config == pycolmap.TwoViewGeometryConfiguration.CALIBRATED
+
+
+def test_allocation_gives_important_regions_more_keypoints():
+    region = torch.tensor([0] * 50 + [1] * 50 + [2] * 50)
+    score = torch.rand(150, generator=torch.Generator().manual_seed(0))
+    keep = allocate(region, score, torch.tensor([3.0, 1.0, 0.0]), budget=40)
+    counts = torch.bincount(region[keep], minlength=3)
+    assert counts.tolist() == [30, 10, 0]
+    in_region0 = score[:50]
+    assert set(keep[region[keep] == 0].tolist()) == set(
+        torch.argsort(in_region0, descending=True)[:30].tolist()
+    )
+
+
+def test_records_are_reduced_to_importance_and_view_affinity():
+    # 3 views, 2 blocks of 4 patches each, query blocks of 5 tokens (1 special token per view)
+    blocks = torch.full((1, 2, 6, 2), -1, dtype=torch.int32)
+    scores = torch.zeros(1, 2, 6, 2)
+    blocks[0, 0, 0] = torch.tensor([2, 4])  # query block 0 -> view 1 block 0, view 2 block 0
+    scores[0, 0, 0] = torch.tensor([0.6, 0.2])
+    blocks[0, 1, 0, 0] = 3  # another head: view 1 block 1
+    scores[0, 1, 0, 0] = 0.2
+    record = {
+        "layer_index": 1,
+        "num_views": 3,
+        "tokens_per_view": 9,
+        "num_special": 1,
+        "patch_grid": (2, 4),
+        "block_size": 4,
+        "blocks_per_view": 2,
+        "query_block_size": 5,
+        "block_importance": torch.tensor([[[0.1, 0.3], [0.2, 0.2], [0.4, 0.0]]]),
+        "query_block_views": torch.zeros(6, 2, dtype=torch.int32),
+        "selected_blocks": blocks,
+        "selected_scores": scores,
+    }
+    summary = summarize_records([record, record], num_views=3)
+    assert summary.num_layers == 2
+    assert torch.allclose(summary.importance, record["block_importance"][0])
+    assert torch.allclose(summary.view_affinity[0], torch.tensor([0.0, 0.8, 0.2]))
+    assert summary.selected[0].nonzero()[:, 0].tolist() == [2, 3, 4]
+    # patch 5 of view 0 (row 1, col 1) is token 6 -> query block 1; block 1 of its view
+    assert summary.query_block_of_patch(0, torch.tensor([5])).tolist() == [1]
+    assert summary.block_of_patch(torch.tensor([5])).tolist() == [1]
+    assert summarize_records(None, 3) is None
+
+
+def test_nearest_within_matches_brute_force():
+    from speed3r_sfm.pipeline.tracks import nearest_within
+
+    gen = torch.Generator().manual_seed(0)
+    points = torch.rand(400, 2, generator=gen, dtype=torch.float64) * 200
+    near = points[:100] + torch.randn(100, 2, generator=gen, dtype=torch.float64) * 0.6
+    query = torch.cat([near, torch.rand(900, 2, generator=gen, dtype=torch.float64) * 200])
+    distance, index = nearest_within(query, points, 1.0)
+    reference, reference_index = torch.cdist(query, points).min(dim=1)
+    close = reference <= 1.0
+    assert close.sum() > 50
+    assert torch.allclose(distance[close], reference[close])
+    assert (index[close] == reference_index[close]).all()
+    assert (distance[~close] > 1.0).all()
+
+
+def test_backbones_bring_their_preprocessing_and_checkpoints_are_recognised(tmp_path):
+    from safetensors.torch import save_file
+
+    from speed3r_sfm.models.pi3 import Pi3, Pi3Config
+    from speed3r_sfm.models.vggt import VGGT, VGGTConfig
+    from speed3r_sfm.pipeline.backbone import _family_of_checkpoint, load_backbone
+    from speed3r_sfm.pipeline.inputs import Preprocessing
+
+    vggt = load_backbone(VGGT(VGGTConfig.preset("tiny", enable_track=False)), "gsa", "cpu")
+    assert vggt.preprocessing == Preprocessing("crop", 84, patch_size=14)
+    pi3 = load_backbone(Pi3(Pi3Config.preset("tiny")), "dense", "cpu")
+    assert pi3.preprocessing.mode == "pixel_limit"
+
+    def oracle(images):
+        raise AssertionError("not called")
+
+    oracle.preprocessing = Preprocessing("pad", 224)
+    assert load_backbone(oracle, "gsa", "cpu").preprocessing == Preprocessing("pad", 224)
+
+    save_file({"aggregator.camera_token": torch.zeros(1)}, tmp_path / "v.safetensors")
+    save_file({"point_decoder.x": torch.zeros(1)}, tmp_path / "p.safetensors")
+    save_file({"something.else": torch.zeros(1)}, tmp_path / "x.safetensors")
+    assert _family_of_checkpoint(str(tmp_path / "v.safetensors")) == "vggt"
+    assert _family_of_checkpoint(str(tmp_path / "p.safetensors")) == "pi3"
+    with pytest.raises(ValueError, match="neither a VGGT nor a π³ checkpoint"):
+        _family_of_checkpoint(str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="attention must be"):
+        load_backbone(oracle, "sparse", "cpu")
