@@ -50,7 +50,7 @@ from .blocks import BlockGeometry
 from .config import AttentionConfig
 from .gate import BranchGate
 from .layout import ViewLayout
-from .lse import merge_by_lse, sdpa_with_lse
+from .lse import sdpa_with_lse
 from .selection import Selection, kv_block_lists, select_blocks
 from .sparse_flex import flex_block_attention
 from .sparse_gather import gather_block_attention
@@ -87,15 +87,60 @@ class GlobalSparseAttention(nn.Module):
             return self.config.backend
         return "flex" if device.type == "cuda" else "gather"
 
+    # Inference callers that produce k and v in chunks of whole views (``Block`` in place) may write them
+    # straight into the block-aligned layout of the fast path (``kv_buffer`` + ``write_kv``) and pass
+    # ``kv_block_aligned=True``: the sequence-ordered k and v then never exist next to their re-laid copies.
+
+    def kv_buffer(self, like: torch.Tensor, layout: ViewLayout) -> torch.Tensor | None:
+        """An uninitialised (B, H, kv_len, D) buffer of ``like``'s (B, H, N, D) kind in the block-aligned
+        layout, padding zeroed, for ``write_kv``; None where the call would not use it (reference backend,
+        autograd)."""
+        if self.backend_for(like.device) == "reference" or torch.is_grad_enabled():
+            return None
+        cfg = self.config
+        geom = BlockGeometry.from_layout(layout, cfg.block_size, cfg.query_block_size)
+        b, h, _, d = like.shape
+        buffer = like.new_empty(b, h, geom.kv_len, d)
+        buffer[:, :, geom.num_special_tokens : geom.special_len].zero_()
+        patches = buffer[:, :, geom.special_len :].view(b, h, geom.num_views, geom.view_stride, d)
+        patches[:, :, :, geom.num_patches :].zero_()
+        return buffer
+
+    def write_kv(
+        self, buffer: torch.Tensor, values: torch.Tensor, layout: ViewLayout, first_view: int
+    ) -> None:
+        """Write (B, H, n·tokens_per_view, D) keys or values of views [first_view, first_view + n) into a
+        ``kv_buffer`` (what ``BlockGeometry.relayout`` does for the whole sequence)."""
+        cfg = self.config
+        geom = BlockGeometry.from_layout(layout, cfg.block_size, cfg.query_block_size)
+        b, h, tokens, d = values.shape
+        views = tokens // geom.tokens_per_view
+        ns, end = geom.num_special, first_view + views
+        per_view = values.view(b, h, views, geom.tokens_per_view, d)
+        if ns:
+            special = buffer[:, :, first_view * ns : end * ns].view(b, h, views, ns, d)
+            special.copy_(per_view[:, :, :, :ns])
+        patches = buffer[:, :, geom.special_len :].view(b, h, geom.num_views, geom.view_stride, d)
+        patches[:, :, first_view:end, : geom.num_patches].copy_(per_view[:, :, :, ns:])
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ViewLayout | None = None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: ViewLayout | None = None,
+        kv_block_aligned: bool = False,
     ) -> torch.Tensor:
+        """q, k, v: (B, H, N, D) in sequence order; with ``kv_block_aligned``, k and v are ``kv_buffer``s
+        filled by ``write_kv`` instead (inference)."""
         if layout is None:
             raise ValueError("GSA needs the ViewLayout of the global-attention sequence")
         cfg = self.config
         geom = BlockGeometry.from_layout(layout, cfg.block_size, cfg.query_block_size)
         if q.shape[2] != geom.num_tokens:
             raise ValueError(f"sequence of {q.shape[2]} tokens does not match the layout ({geom.num_tokens})")
+        if kv_block_aligned and (k.shape[2] != geom.kv_len or self.backend_for(q.device) == "reference"):
+            raise ValueError("block-aligned k, v must come from kv_buffer (not for the reference backend)")
         if geom.num_special == 0 and cfg.top_k == 0 and not cfg.include_own_view:
             raise ValueError("GSA with top_k=0, no special tokens and include_own_view=False attends nothing")
         backend = self.backend_for(q.device)
@@ -108,6 +153,8 @@ class GlobalSparseAttention(nn.Module):
 
                 out, selection = reference_gsa(q, k, v, layout, cfg, self.gate)
             else:
+                if not kv_block_aligned:
+                    k, v = geom.relayout(k), geom.relayout(v)
                 out, selection = self._fast_forward(q, k, v, geom, backend, layout.records is not None)
         if layout.records is not None:
             layout.records.append(self._record(layout, geom, selection))
@@ -121,16 +168,16 @@ class GlobalSparseAttention(nn.Module):
     def _fast_forward(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k_r: torch.Tensor,
+        v_r: torch.Tensor,
         geom: BlockGeometry,
         backend: str,
         with_importance: bool,
     ) -> tuple[torch.Tensor, Selection]:
+        """Selection and block-sparse attention with k, v in the block-aligned layout (``relayout``)."""
         cfg = self.config
         scale = q.shape[-1] ** -0.5
-        need_grad = self._needs_grad(q, k, v)
-        k_r, v_r = geom.relayout(k), geom.relayout(v)
+        need_grad = self._needs_grad(q, k_r, v_r)
         counts = geom.block_token_counts(q.device)
         k_sums = geom.patch_block_sums(k_r)  # float32, differentiable (compression branch)
         split_special = (
@@ -167,7 +214,10 @@ class GlobalSparseAttention(nn.Module):
             o_blocks, lse_blocks = flex_block_attention(
                 q, k_r, v_r, geom, ids, valid, scale, need_grad=False, return_lse=True, extra_options=opts
             )
-            o_sel = merge_by_lse(special[0], special[1], o_blocks, lse_blocks)
+            # merge_by_lse(special[0], special[1], o_blocks, lse_blocks), in place (no autograd on this
+            # path): one (B, H, N, D) output less at the memory peak of long sequences.
+            weight = torch.sigmoid(special[1] - lse_blocks).unsqueeze(-1).to(o_blocks.dtype)
+            o_sel = o_blocks.lerp_(special[0], weight)
         else:
             o_sel = flex_block_attention(
                 q, k_r, v_r, geom, ids, valid, scale, need_grad=need_grad, extra_options=opts

@@ -223,6 +223,7 @@ class DPTHead(nn.Module):
         if self.feature_only:
             return out.reshape(batch, frames, *out.shape[1:])
         out = self.scratch.output_conv2(out).permute(0, 2, 3, 1)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # activations in float32 under autocast
         value = activate(out[..., :-1], self.activation)
         confidence = activate(out[..., -1], self.conf_activation)
         return value.reshape(batch, frames, *value.shape[1:]), confidence.reshape(
@@ -232,6 +233,7 @@ class DPTHead(nn.Module):
     @staticmethod
     def _add_pos_embed(x: torch.Tensor, aspect_ratio: float, scale: float = 0.1) -> torch.Tensor:
         """x + scale · sincos(UV grid of x's size with the image's aspect ratio)."""
-        grid = aspect_uv_grid(x.shape[-1], x.shape[-2], aspect_ratio, dtype=x.dtype, device=x.device)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # the grid in float32 also for bf16 features
+        grid = aspect_uv_grid(x.shape[-1], x.shape[-2], aspect_ratio, dtype=dtype, device=x.device)
         embedding = sincos_embed_2d(grid, x.shape[1]).to(x.dtype) * scale
         return x + embedding.permute(2, 0, 1).unsqueeze(0)

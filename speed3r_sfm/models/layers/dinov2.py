@@ -86,7 +86,8 @@ class DinoVisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1)
         x = x + self.interpolated_pos_embed(rows, cols, x.dtype)
         x = torch.cat([x[:, :1], self.register_tokens.expand(n, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+        inplace = not torch.is_grad_enabled()  # x is this call's own tensor: update it in place
         for block in self.blocks:
-            x = block(x)
+            x = block(x, inplace=inplace)
         x = self.norm(x)
         return x[:, 1 + self.num_register_tokens :]

@@ -21,6 +21,9 @@ class Pi3Config:
     indices); the global blocks get their attention kernel from ``attention`` (dense or GSA). The decoder
     width is the encoder width; the point/conf/camera decoders read the concatenation of the last two
     decoder blocks (2 × width).
+
+    Inference (no autograd) runs the blocks in place; the token-wise parts of the global blocks (norm,
+    qkv, qk-norm, RoPE; output projection, MLP) run on ``global_chunk_tokens`` tokens at a time (None: all).
     """
 
     encoder: DinoConfig = field(default_factory=_official_encoder)
@@ -36,6 +39,7 @@ class Pi3Config:
     camera_dim: int = 512
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     gradient_checkpointing: bool = False
+    global_chunk_tokens: int | None = 1 << 18
 
     def __post_init__(self) -> None:
         if self.encoder.with_mask_token:

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...attention import ViewLayout
 from ..layers.block import Block
-from ..layers.rope import RotaryPositionEmbedding2D
+from ..layers.rope import RopeTable, RotaryPositionEmbedding2D
 
 
 def run_block(
@@ -20,22 +20,24 @@ def run_block(
     positions: torch.Tensor | None,
     layout: ViewLayout | None = None,
     checkpointing: bool = False,
+    rope_table: RopeTable | None = None,
 ) -> torch.Tensor:
-    """``block(x, positions, layout)``, optionally with non-reentrant activation checkpointing.
+    """``block(x, positions, layout, rope_table=rope_table)``, optionally with non-reentrant activation
+    checkpointing.
 
     Under checkpointing the block runs again during backward; attention records are only collected on the
     first (forward) run so that they are not duplicated.
     """
     if not (checkpointing and torch.is_grad_enabled()):
-        return block(x, positions, layout)
+        return block(x, positions, layout, rope_table=rope_table)
     calls = 0
 
     def forward(tokens: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
         if calls > 1 and layout is not None and layout.records is not None:
-            return block(tokens, positions, dataclasses.replace(layout, records=None))
-        return block(tokens, positions, layout)
+            return block(tokens, positions, dataclasses.replace(layout, records=None), rope_table=rope_table)
+        return block(tokens, positions, layout, rope_table=rope_table)
 
     return checkpoint(forward, x, use_reentrant=False)
 
@@ -62,11 +64,19 @@ class TransformerDecoder(nn.Module):
         self.linear_out = nn.Linear(embed_dim, out_dim)
         self.gradient_checkpointing = False
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens: (views, T, in_dim); positions: (views, T, 2). Returns (views, T, out_dim)."""
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, rope_table: RopeTable | None = None
+    ) -> torch.Tensor:
+        """tokens: (views, T, in_dim); positions: (views, T, 2), optionally also as the RoPE table of one
+        view's positions. Returns (views, T, out_dim). Without autograd the blocks run in place."""
         x = self.projects(tokens)
+        inplace = not torch.is_grad_enabled() and rope_table is not None
+        checkpointing = self.gradient_checkpointing and self.training
         for block in self.blocks:
-            x = run_block(block, x, positions, checkpointing=self.gradient_checkpointing and self.training)
+            if inplace:
+                block(x, positions, rope_table=rope_table, inplace=True)
+            else:
+                x = run_block(block, x, positions, checkpointing=checkpointing, rope_table=rope_table)
         return self.linear_out(x)
 
 

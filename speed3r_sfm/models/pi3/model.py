@@ -26,7 +26,7 @@ from ..checkpoint import load_state_dict_checked, read_state_dict, resolve_check
 from ..intrinsics import intrinsics_from_local_points
 from ..layers.block import Block
 from ..layers.dinov2 import DinoVisionTransformer
-from ..layers.rope import RotaryPositionEmbedding2D, patch_positions
+from ..layers.rope import RopeTable, RotaryPositionEmbedding2D, patch_positions
 from ..prediction import Prediction
 from .config import Pi3Config
 from .heads import CameraHead, LinearPts3d, TransformerDecoder, run_block
@@ -116,11 +116,12 @@ class Pi3(nn.Module):
 
     def decode(
         self, tokens: torch.Tensor, batch: int, views: int, grid: tuple[int, int], records: list | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, RopeTable]:
         """Alternating frame/global decoder over (B·N, P, C) patch tokens.
 
-        Returns the concatenated outputs of the last two blocks, (B·N, 5 + P, 2C), and the (y, x) RoPE
-        positions of those tokens. Only the two latest block outputs are kept alive.
+        Returns the concatenated outputs of the last two blocks, (B·N, 5 + P, 2C), the (y, x) RoPE
+        positions of those tokens and their RoPE table. Only the two latest block outputs are kept alive;
+        without autograd the blocks run in place (global blocks chunked, see ``global_chunk_tokens``).
         """
         dim = tokens.shape[-1]
         registers = self.register_token.expand(batch, views, -1, -1).reshape(
@@ -131,18 +132,26 @@ class Pi3(nn.Module):
         frame_positions = patch_positions(batch * views, *grid, self.num_special, device=tokens.device)
         global_positions = frame_positions.reshape(batch, views * per_view, 2)
         layout = ViewLayout(views, per_view, self.num_special, grid, records)
+        rope = self.rope.table(frame_positions[0])  # cos/sin once for all blocks
         checkpointing = self.gradient_checkpointing and self.training
+        inplace = not torch.is_grad_enabled()
         previous = hidden
         for index, block in enumerate(self.decoder):
-            previous = hidden
-            if index % 2 == 0:
-                hidden = hidden.reshape(batch * views, per_view, dim)
-                hidden = run_block(block, hidden, frame_positions, None, checkpointing)
+            # In place, the input of the last block is the only earlier output still needed: copy it.
+            previous = hidden.clone() if inplace and index == len(self.decoder) - 1 else hidden
+            is_global = index % 2 == 1
+            x = hidden.reshape(
+                (batch, views * per_view, dim) if is_global else (batch * views, per_view, dim)
+            )
+            positions = global_positions if is_global else frame_positions
+            block_layout = layout if is_global else None
+            if inplace:
+                chunk = self.config.global_chunk_tokens if block_layout is not None else None
+                hidden = block(x, positions, block_layout, rope_table=rope, inplace=True, token_chunk=chunk)
             else:
-                hidden = hidden.reshape(batch, views * per_view, dim)
-                hidden = run_block(block, hidden, global_positions, layout, checkpointing)
+                hidden = run_block(block, x, positions, block_layout, checkpointing, rope_table=rope)
         shape = (batch * views, per_view, dim)
-        return torch.cat([previous.reshape(shape), hidden.reshape(shape)], dim=-1), frame_positions
+        return torch.cat([previous.reshape(shape), hidden.reshape(shape)], dim=-1), frame_positions, rope
 
     def forward(self, images: torch.Tensor, return_attention: bool = False) -> dict[str, torch.Tensor]:
         """images: (B, N, 3, H, W) (or (N, 3, H, W)) RGB in [0, 1], H and W multiples of the patch size (14).
@@ -169,10 +178,10 @@ class Pi3(nn.Module):
 
         normalised = (images - self.image_mean) / self.image_std
         tokens = self.encoder(normalised.reshape(batch * views, 3, height, width))
-        features, positions = self.decode(tokens, batch, views, (rows, cols), records)
-        point_tokens = self.point_decoder(features, positions)[:, self.num_special :]
-        conf_tokens = self.conf_decoder(features, positions)[:, self.num_special :]
-        camera_tokens = self.camera_decoder(features, positions)[:, self.num_special :]
+        features, positions, rope = self.decode(tokens, batch, views, (rows, cols), records)
+        point_tokens = self.point_decoder(features, positions, rope)[:, self.num_special :]
+        conf_tokens = self.conf_decoder(features, positions, rope)[:, self.num_special :]
+        camera_tokens = self.camera_decoder(features, positions, rope)[:, self.num_special :]
 
         with torch.autocast(device_type=images.device.type, enabled=False):
             head_dtype = torch.promote_types(point_tokens.dtype, torch.float32)

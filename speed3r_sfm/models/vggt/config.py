@@ -21,10 +21,30 @@ class VGGTConfig:
     concat(frame_i, global_i) (2 × ``embed_dim``). The DPT heads read layers ``dpt_layers``; the camera head
     reads the camera token of the last layer. Global blocks get their attention kernel from ``attention``.
 
-    Inference memory: ``aggregator_chunk_frames`` frames go through the encoder and the frame blocks at a
-    time, the MLPs of global blocks run on ``global_ffn_chunk_tokens`` tokens at a time, the DPT heads on
-    ``frames_chunk_size`` frames; kept layer outputs are stored in ``intermediate_dtype`` ("bfloat16"
-    halves them; None keeps the aggregator's float32 stream, as upstream). None disables a chunking.
+    Inference (no autograd) runs every block in place, and in chunks to bound memory:
+    ``aggregator_chunk_frames`` frames go through the encoder and the frame blocks at a time; the token-wise
+    parts of the global blocks (norm, qkv, qk-norm and RoPE; output projection and MLP) run on
+    ``global_ffn_chunk_tokens`` tokens at a time (rounded to whole views), so that only q, k, v and the
+    attention output exist for the whole sequence; the DPT heads run on ``frames_chunk_size`` frames at a
+    time. None disables a chunking.
+
+    ``intermediate_dtype``: dtype of the kept layer outputs (the heads' inputs). "auto": at inference under
+    autocast, the autocast dtype (bf16 halves them: 4 layers × 2048 channels × 2 B per token), otherwise the
+    aggregator's stream dtype (float32, as upstream; also always under autograd); None: always the stream
+    dtype; or a torch dtype name ("bfloat16").
+
+    ``autocast_residual``: at inference under autocast, keep the aggregator's residual stream in the autocast
+    dtype (bf16: half its memory and traffic, LayerNorms computed in bf16) instead of float32 as upstream.
+    Every residual update is then rounded to bf16, which adds up over the layers: off by default (see
+    ``benchmarks/results/vggt_profile.md`` for the measured differences).
+
+    ``compile_inference``: at inference, run the token-wise parts of every block (encoder, frame and
+    global blocks) through ``torch.compile``, which fuses the norms, casts, RoPE and residual updates into
+    fewer passes over memory. Same maths; the first call compiles (tens of seconds); meant for CUDA.
+
+    ``dense_heads_autocast``: run the depth/point DPT heads under the caller's autocast (bf16 convolutions)
+    instead of in float32 as upstream (the camera head always runs in float32). About twice as fast at
+    hundreds of views, with bf16-level differences in depth and points; off by default.
     """
 
     img_size: int = 518
@@ -64,7 +84,10 @@ class VGGTConfig:
     frames_chunk_size: int | None = 8
     aggregator_chunk_frames: int | None = 64
     global_ffn_chunk_tokens: int | None = 1 << 18
-    intermediate_dtype: str | None = None
+    intermediate_dtype: str | None = "auto"
+    autocast_residual: bool = False
+    compile_inference: bool = False
+    dense_heads_autocast: bool = False
 
     def __post_init__(self) -> None:
         if self.dino.embed_dim != self.embed_dim or self.dino.patch_size != self.patch_size:
@@ -77,7 +100,7 @@ class VGGTConfig:
         bad = [i for i in self.dpt_layers if not -self.depth <= i < self.depth]
         if bad:
             raise ValueError(f"dpt_layers {bad} out of range for depth {self.depth}")
-        if self.intermediate_dtype is not None:
+        if self.intermediate_dtype not in (None, "auto"):
             self.storage_dtype  # noqa: B018 -- validates the name
 
     @property
@@ -91,8 +114,8 @@ class VGGTConfig:
 
     @property
     def storage_dtype(self) -> torch.dtype | None:
-        """``intermediate_dtype`` as a torch dtype."""
-        if self.intermediate_dtype is None:
+        """``intermediate_dtype`` as a torch dtype; None for None and "auto" (decided at run time)."""
+        if self.intermediate_dtype in (None, "auto"):
             return None
         dtype = getattr(torch, self.intermediate_dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

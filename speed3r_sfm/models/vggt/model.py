@@ -5,6 +5,7 @@ Clean-room implementation whose ``state_dict`` equals the official checkpoint's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -124,11 +125,16 @@ class VGGT(nn.Module):
         chunk = self.config.frames_chunk_size
 
         predictions: dict[str, Any] = {}
-        with torch.autocast(device_type=images.device.type, enabled=False):
+
+        def float32_heads() -> contextlib.AbstractContextManager:
+            return torch.autocast(device_type=images.device.type, enabled=False)
+
+        with float32_heads():
             if self.camera_head is not None:
                 pose_enc_list = self.camera_head(outputs[-1])
                 predictions["pose_enc"] = pose_enc_list[-1]
                 predictions["pose_enc_list"] = pose_enc_list
+        with contextlib.nullcontext() if self.config.dense_heads_autocast else float32_heads():
             if self.depth_head is not None:
                 depth, depth_conf = self.depth_head(outputs, image_size, patch_start_idx, chunk)
                 predictions["depth"], predictions["depth_conf"] = depth, depth_conf
