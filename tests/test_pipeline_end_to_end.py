@@ -286,8 +286,23 @@ def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):
     assert pycolmap.Reconstruction(tmp_path / "tiny" / "sparse" / "0").num_images() == VIEWS
 
 
-def test_default_model_is_a_clear_error(scene_data):
-    with pytest.raises(ModelNotAvailableError, match="not shipped yet.*facebook/VGGT-1B"):
+def test_default_model_runs_dense_and_gsa():
+    from speed3r_sfm.pipeline.backbone import load_backbone
+
+    for attention in ("gsa", "dense"):
+        backbone = load_backbone("default", attention=attention, device="cpu")
+        height, width = 224, 294
+        prediction = backbone.predict(torch.rand(1, 3, 3, height, width))
+        assert prediction.depth.shape == (1, 3, height, width)
+        assert torch.isfinite(prediction.cam_from_world).all()
+        assert (prediction.attention is not None) == (attention == "gsa")
+
+
+def test_missing_default_weights_is_a_clear_error(scene_data, monkeypatch, tmp_path):
+    from speed3r_sfm.pipeline import backbone as pipeline_backbone
+
+    monkeypatch.setattr(pipeline_backbone, "DEFAULT_WEIGHTS", tmp_path / "default.safetensors")
+    with pytest.raises(ModelNotAvailableError, match="default model weights are missing.*facebook/VGGT-1B"):
         reconstruct(scene_data["folder"])
 
 

@@ -2,7 +2,8 @@
 
 ``model`` may be
 
-- ``"default"``: the shipped Speed3R weights (not shipped yet: a clear error says what to pass instead);
+- ``"default"``: the shipped weights (``speed3r_sfm/weights/default.safetensors``, see MODEL_CARD.md);
+- a ``.safetensors`` file exported by ``speed3r_sfm.training`` (it has a ``.json`` sidecar);
 - a Hugging Face Hub id (``facebook/VGGT-1B``, ``yyfz233/Pi3``, ``owner/name``) or a local checkpoint file or
   folder: the backbone class is recognised from the checkpoint's keys and built with ``attention``;
 - a built ``nn.Module`` with ``predict(images, return_attention=...) -> Prediction`` (e.g. the tiny VGGT);
@@ -18,6 +19,7 @@ overridden by the caller.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 AttentionKind = Literal["gsa", "dense"]
 ModelSpec = str | os.PathLike | nn.Module | Callable[[torch.Tensor], Prediction]
 
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
 KNOWN_HUB_IDS = {"facebook/VGGT-1B": "vggt", "yyfz233/Pi3": "pi3"}
 
 
@@ -128,13 +131,8 @@ def _module_predict(model: nn.Module, want_records: bool, device: torch.device) 
 
 def _load_checkpoint_model(spec: str | os.PathLike, attention: AttentionKind) -> tuple[nn.Module, str]:
     text = os.fspath(spec)
-    if text == "default":
-        raise ModelNotAvailableError(
-            "the default Speed3R model is not shipped yet. Pass model= a Hugging Face Hub id "
-            "('facebook/VGGT-1B' or 'yyfz233/Pi3', used with training-free GSA), a local checkpoint file "
-            "(.safetensors/.pt) of VGGT or π³, or a built model, e.g. "
-            "VGGT(VGGTConfig.preset('tiny')) for a quick (untrained) test."
-        )
+    if text == "default" or _is_exported(text):
+        return _load_exported_model(DEFAULT_WEIGHTS if text == "default" else Path(text), attention)
     attention_config = AttentionConfig(kind=attention)
     family = KNOWN_HUB_IDS.get(text) or _family_of_checkpoint(text)
     if family == "vggt":
@@ -146,6 +144,33 @@ def _load_checkpoint_model(spec: str | os.PathLike, attention: AttentionKind) ->
     from speed3r_sfm.models.pi3 import Pi3
 
     return Pi3.from_pretrained(text, attention=attention_config), f"Pi3 ({text})"
+
+
+def _is_exported(spec: str) -> bool:
+    """A local weights file written by ``training.backbone.export_weights`` (it has a JSON sidecar)."""
+    path = Path(spec)
+    return path.suffix == ".safetensors" and path.is_file() and path.with_suffix(".json").is_file()
+
+
+def _load_exported_model(path: Path, attention: AttentionKind) -> tuple[nn.Module, str]:
+    """Our own exported weights (the shipped default or a fine-tuned model), dense or GSA as asked."""
+    if not path.is_file():
+        raise ModelNotAvailableError(
+            f"the default model weights are missing ({path}); reinstall speed3r-sfm, or pass model= a Hub id "
+            "('facebook/VGGT-1B', 'yyfz233/Pi3') or a checkpoint path"
+        )
+    from speed3r_sfm.training.backbone import load_exported
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    stored = meta["config"].get("attention", {})
+    wanted = AttentionConfig(kind="dense") if attention == "dense" else None
+    if attention == "gsa" and stored.get("kind") != "gsa":
+        wanted = AttentionConfig(kind="gsa")
+    name = "Speed3R default" if path == DEFAULT_WEIGHTS else f"exported ({path})"
+    module = load_exported(path, attention=wanted)
+    if "preprocessing" in meta:  # the input size the weights were trained at
+        module.preprocessing = Preprocessing(**meta["preprocessing"])
+    return module, name
 
 
 def _family_of_checkpoint(spec: str) -> str:

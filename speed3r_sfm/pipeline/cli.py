@@ -20,7 +20,7 @@ from .reconstruct import PipelineOptions, PipelineResult, run_pipeline
 
 def reconstruct_command(
     image_dir: str,
-    output: str,
+    output: str | None = None,
     model: str = "default",
     attention: Literal["gsa", "dense"] = "gsa",
     device: str = "auto",
@@ -36,7 +36,7 @@ def reconstruct_command(
 
     Args:
         image_dir: folder of images (jpg, png, tif, bmp, webp); unreadable files and duplicates are skipped.
-        output: project folder to create (sparse/0, database.db, points.ply, report.json).
+        output: project folder to create (sparse/0, database.db, points.ply, report.json); -o for short.
         model: "default", a Hugging Face Hub id (facebook/VGGT-1B, yyfz233/Pi3) or a checkpoint path.
         attention: "gsa" (keypoints and matches guided by sparse attention) or "dense".
         device: "auto", "cpu", "cuda", "cuda:1", ...
@@ -49,6 +49,9 @@ def reconstruct_command(
             downscaled; observations are still in original pixels).
         quiet: no progress bar or summary.
     """
+    if output is None:
+        print("error: give the output project folder with -o OUT", file=sys.stderr)
+        return 1
     if not quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     options = PipelineOptions(

@@ -1,0 +1,38 @@
+"""``speed3r-sfm``: reconstruct a folder of images, write a synthetic scene, run the demo, or train.
+
+    speed3r-sfm reconstruct IMAGE_DIR -o OUT [--model default] [--attention gsa] ...
+    speed3r-sfm synthetic OUT [--seed 0] [--views 24]      # a COLMAP-format synthetic scene with ground truth
+    speed3r-sfm demo [--output OUT]                         # synthetic scene, reconstructed and scored
+    speed3r-sfm fit --config pipelines/<name>.yaml           # LightningCLI training / distillation
+
+Argument parsing is jsonargparse's (as LightningCLI): every option of the called function is a flag.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = ["--output" if arg == "-o" else arg for arg in (sys.argv[1:] if argv is None else argv)]
+    if args and args[0] == "fit":
+        from .training.cli import fit_main
+
+        fit_main(args[1:])
+        return
+    from jsonargparse import auto_cli
+
+    from .demo import demo_command, synthetic_command
+    from .pipeline.cli import reconstruct_command
+
+    result = auto_cli(
+        {"reconstruct": reconstruct_command, "synthetic": synthetic_command, "demo": demo_command},
+        args=args,
+        as_positional=True,
+    )
+    if isinstance(result, int) and result:
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()
