@@ -59,16 +59,12 @@ def _pose_scores(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | Non
     rre, rte = relative_pose_errors(pred.double(), gt.double(), valid)
     finite = torch.isfinite(rre)
     registered = valid if valid is not None else torch.ones(len(gt), dtype=torch.bool)
-    ate = (
-        absolute_trajectory_error(pred[registered], gt[registered])
-        if registered.sum() >= 3
-        else float("nan")
-    )
+    ate = absolute_trajectory_error(pred, gt, registered)[0] if registered.sum() >= 3 else float("nan")
     return {
         "median_rotation_error_deg": float(rre[finite].median()) if finite.any() else float("inf"),
         "median_translation_angle_deg": float(rte[finite].median()) if finite.any() else float("inf"),
         "auc30": pose_auc(rre, rte, 30),
-        "ate": float(ate),
+        "ate": ate,
         "registered": int(registered.sum()),
     }
 

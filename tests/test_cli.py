@@ -1,0 +1,45 @@
+"""The ``speed3r-sfm`` command line: subcommands dispatch, -o works, bad input exits non-zero."""
+
+from __future__ import annotations
+
+import json
+
+import pycolmap
+import pytest
+
+from speed3r_sfm.cli import main
+
+
+def test_synthetic_writes_a_colmap_dataset(tmp_path):
+    out = tmp_path / "scene"
+    main(["synthetic", str(out), "--views", "3", "--height", "56", "--width", "70"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert pycolmap.Reconstruction(out / "sparse" / "0").num_reg_images() == 3
+    assert (out / "depths.h5").is_file()
+
+
+def test_reconstruct_of_an_empty_folder_exits_with_an_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", str(tmp_path / "empty"), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reconstruct_without_output_says_how_to_give_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "-o OUT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_reconstructs_and_scores_a_scene_with_the_default_model(tmp_path):
+    main(["demo", "--output", str(tmp_path / "demo"), "--views", "6", "--height", "196", "--width", "294"])
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert summary["model"] == "default" and summary["scene"]["views"] == 6
+    for stage in ("feed-forward", "after bundle adjustment"):
+        scores = summary["scores"][stage]
+        assert 0.0 <= scores["auc30"] <= 1.0 and scores["registered"] <= 6
+    assert (tmp_path / "demo" / "reconstruction" / "sparse" / "0" / "images.bin").is_file()
