@@ -4,6 +4,8 @@
     speed3r-sfm synthetic OUT [--seed 0] [--views 24]      # a COLMAP-format synthetic scene with ground truth
     speed3r-sfm demo [--output OUT]                         # synthetic scene, reconstructed and scored
     speed3r-sfm fit --config pipelines/<name>.yaml           # LightningCLI training / distillation
+    speed3r-sfm view OUT [--port 8080]                       # viser viewer of a project (extra "viz")
+    speed3r-sfm export OUT [-o points.glb|points.ply]        # points and cameras as GLB, or points as PLY
 
 Argument parsing is jsonargparse's (as LightningCLI): every option of the called function is a flag.
 """
@@ -24,9 +26,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from .demo import demo_command, synthetic_command
     from .pipeline.cli import reconstruct_command
+    from .viz import export_command, view_command
 
     result = auto_cli(
-        {"reconstruct": reconstruct_command, "synthetic": synthetic_command, "demo": demo_command},
+        {
+            "reconstruct": reconstruct_command,
+            "synthetic": synthetic_command,
+            "demo": demo_command,
+            "view": view_command,
+            "export": export_command,
+        },
         args=args,
         as_positional=True,
     )

@@ -1,0 +1,108 @@
+"""speed3r_sfm.viz: frusta geometry, figures, PLY/GLB export, the viser scene and the CLI commands."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import numpy as np
+import pycolmap
+import pytest
+import torch
+
+from speed3r_sfm import viz
+from speed3r_sfm.cli import main
+from speed3r_sfm.data.colmap_dataset import build_reconstruction
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project folder (OUT/sparse/0) with 4 cameras on a circle looking at the origin and 200 points."""
+    poses = []
+    for angle in np.linspace(0, np.pi / 2, 4):
+        center = np.array([3 * np.cos(angle), 0.0, 3 * np.sin(angle)])
+        z = -center / np.linalg.norm(center)
+        x = np.cross([0.0, 1.0, 0.0], z)
+        x /= np.linalg.norm(x)
+        y = np.cross(z, x)
+        rotation = np.stack([x, y, z])  # cam_from_world rotation: rows are the camera axes
+        poses.append(np.concatenate([rotation, (-rotation @ center)[:, None]], 1))
+    k = torch.tensor([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]]).expand(4, 3, 3)
+    rec = build_reconstruction(k, torch.tensor(np.array(poses)), (48, 64), [f"{i}.png" for i in range(4)])
+    rng = np.random.default_rng(0)
+    for xyz in rng.uniform(-1, 1, (200, 3)):
+        rec.add_point3D(xyz, pycolmap.Track(), rng.integers(0, 255, 3).astype(np.uint8))
+    out = tmp_path / "project"
+    (out / "sparse" / "0").mkdir(parents=True)
+    rec.write(out / "sparse" / "0")
+    return out
+
+
+def test_load_and_frusta(project):
+    rec = viz.load_reconstruction(project)
+    assert viz.load_reconstruction(project / "sparse" / "0").num_images() == 4
+    assert viz.load_reconstruction(rec) is rec
+    with pytest.raises(FileNotFoundError):
+        viz.load_reconstruction(project / "missing")
+    frusta = viz.camera_frusta(rec, scale=1.0)
+    assert [f.name for f in frusta] == ["0.png", "1.png", "2.png", "3.png"]
+    first = frusta[0]
+    np.testing.assert_allclose(first.center, [3, 0, 0], atol=1e-9)
+    # corners lie one unit in front of the camera, towards the origin, symmetric about the optical axis
+    np.testing.assert_allclose(first.corners[:, 0], 2.0, atol=1e-9)
+    np.testing.assert_allclose(first.corners.mean(0), [2, 0, 0], atol=1e-9)
+    assert first.fov_y == pytest.approx(2 * np.arctan(24 / 50))
+    xyz, rgb = viz.point_cloud(rec, max_points=50)
+    assert xyz.shape == (50, 3) and rgb.dtype == np.uint8
+
+
+def test_figures(project):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = viz.plot_reconstruction(project, views=("3d", "top", "side"))
+    assert len(fig.axes) == 3
+    depth = torch.rand(3, 12, 16) + 1
+    fig = viz.plot_depth_maps(torch.rand(3, 3, 12, 16), depth, max_views=2)
+    assert len(fig.axes) == 4
+
+
+def test_export_ply_and_glb(project, tmp_path):
+    ply = viz.export_ply(project, tmp_path / "a.ply")
+    assert ply.read_bytes().startswith(b"ply")
+    trimesh = pytest.importorskip("trimesh")
+    main(["export", str(project), "-o", str(tmp_path / "a.glb")])
+    scene = trimesh.load(tmp_path / "a.glb")
+    clouds = [g for g in scene.geometry.values() if isinstance(g, trimesh.PointCloud)]
+    assert len(clouds) == 1 and len(clouds[0].vertices) == 200
+    assert len(scene.geometry) == 5  # the points and 4 camera frusta
+
+
+def test_missing_dependency_says_what_to_install(monkeypatch, project, capsys):
+    monkeypatch.setitem(sys.modules, "viser", None)  # import viser -> ImportError
+    with pytest.raises(viz.MissingDependencyError, match=r"speed3r-sfm\[viz\]"):
+        viz.require("viser", "speed3r-sfm view")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["view", str(project)])
+    assert exit_info.value.code == 1
+    assert 'pip install "speed3r-sfm[viz]"' in capsys.readouterr().err
+
+
+def test_viser_scene(project):
+    viser = pytest.importorskip("viser")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = viser.ViserServer(host="127.0.0.1", port=port, verbose=False)
+    try:
+        handles = viz.build_scene(server, project)
+        assert len(handles["cameras"]) == 4
+        assert handles["points"].points.shape == (200, 3)
+        first = handles["cameras"][0]
+        np.testing.assert_allclose(first.position, [3, 0, 0], atol=1e-6)
+        # viser frusta look along their +z (OpenCV): the first camera's +z is world -x
+        rotation = pycolmap.Rotation3d(np.array([*first.wxyz[1:], first.wxyz[0]])).matrix()
+        np.testing.assert_allclose(rotation[:, 2], [-1, 0, 0], atol=1e-6)
+    finally:
+        server.stop()
