@@ -13,6 +13,7 @@ Argument parsing is jsonargparse's (as LightningCLI): every option of the called
 from __future__ import annotations
 
 import sys
+from argparse import RawDescriptionHelpFormatter
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         },
         args=args,
         as_positional=True,
+        description=__doc__,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     if isinstance(result, int) and result:
         sys.exit(result)
