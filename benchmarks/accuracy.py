@@ -63,7 +63,8 @@ def load_factory(spec: str) -> Callable[[], Callable]:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def machine_description() -> dict[str, str]:
+def machine_description(load_average: bool = True) -> dict[str, str]:
+    """Platform, CPU, Python/torch versions and GPU name for a results file (shared by the benchmarks)."""
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -74,7 +75,8 @@ def machine_description() -> dict[str, str]:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    info["load_avg_1m_at_start"] = f"{os.getloadavg()[0]:.2f}"  # other jobs on the machine slow timings
+    if load_average:
+        info["load_avg_1m_at_start"] = f"{os.getloadavg()[0]:.2f}"  # other jobs on the machine slow timings
     return info
 
 

@@ -26,14 +26,13 @@ import argparse
 import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accuracy import machine_description  # benchmarks/accuracy.py (this script's folder)
 from PIL import Image
 
 from speed3r_sfm.data.colmap_dataset import to_uint8_image
@@ -49,22 +48,13 @@ DATE = "2026-11-25"
 
 
 def machine() -> dict[str, str]:
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": str(os.cpu_count()),
-        "torch_threads": str(torch.get_num_threads()),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-    }
+    info = machine_description(load_average=False)  # load averages are reported before/after the run
     try:
         import pycolmap
 
         info["pycolmap"] = pycolmap.__version__
     except ImportError:  # pragma: no cover
         pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
