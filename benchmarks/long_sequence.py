@@ -5,7 +5,8 @@ Renders ``--views`` views of a ``forward`` trajectory (on the GPU when there is 
 GPU memory, :func:`default_chunk_size`) overlapping by ``--overlap``, streams chunk outputs to an h5 file
 (``--keep-maps`` off by default: only poses stay in memory), and scores the composed poses (ATE, RRA/RTA,
 AUC). ``--model``: ``oracle`` (ground truth in a random Sim(3) frame per chunk, with noise; checks the
-composition), ``tiny`` (tiny VGGT, random weights: time and memory only) or anything ``load_backbone``
+composition), ``tiny`` / ``vggt-1b-random`` (tiny VGGT / the VGGT-1B shape with random weights, GSA
+or dense: time and memory only) or anything ``load_backbone``
 accepts ("default", a Hub id, a checkpoint). Results go to ``benchmarks/results/long_sequence_*.json``.
 
 Example (H100, the issue's target)::
@@ -61,7 +62,40 @@ def build_predict(args: argparse.Namespace, gt: RenderedViews, device: torch.dev
         )
         model = VGGT(VGGTConfig.preset("tiny", attention=attention, enable_track=False))
         return load_backbone(model, "gsa", device).predict
+    if args.model == "vggt-1b-random":
+        from speed3r_sfm.attention import AttentionConfig
+        from speed3r_sfm.models.vggt import VGGT, VGGTConfig
+
+        config = VGGTConfig.preset(
+            "vggt-1b", enable_point=False, enable_track=False, attention=AttentionConfig(kind=args.attention)
+        )
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = VGGT(config)
+        return load_backbone(model, args.attention, device).predict
     return load_backbone(args.model, args.attention, device).predict
+
+
+def single_pass(predict, gt: RenderedViews, device: torch.device) -> dict:
+    """All views through ``predict`` at once: time, peak GPU memory and metrics (or the error it hit)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            pred = predict(gt.images[None].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    except torch.OutOfMemoryError as error:
+        return {"error": f"out of memory: {str(error).splitlines()[0]}"}
+    seconds = time.perf_counter() - start
+    metrics, _, _ = evaluate_reconstruction(gt, pred.cam_from_world[0].double().cpu())
+    return {
+        "inference_s": seconds,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "metrics": metrics,
+    }
 
 
 def main() -> None:
@@ -81,6 +115,11 @@ def main() -> None:
     parser.add_argument("--translation-noise", type=float, default=0.01)
     parser.add_argument("--h5", default=None, help="chunk file (default: a temporary one); reused to resume")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--compare-single",
+        action="store_true",
+        help="also run all views in one pass (same model) and report its time, memory and ATE",
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,6 +149,7 @@ def main() -> None:
         infer_s = time.perf_counter() - start
         h5_bytes = Path(h5).stat().st_size
     metrics, _, _ = evaluate_reconstruction(gt, pred.cam_from_world[0])
+    single = single_pass(predict, gt, device) if args.compare_single else None
     report = {
         "views": args.views,
         "image_size": [args.height, args.width],
@@ -125,6 +165,7 @@ def main() -> None:
         "h5_gib": h5_bytes / 2**30,
         "min_chunk_inlier_fraction": min(pred.extras["chunk_inlier_fraction"]),
         "metrics": metrics,
+        "single_pass": single,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "command": " ".join(sys.argv),

@@ -12,7 +12,7 @@ from speed3r_sfm.data.synthetic import RenderedViews, render_scene
 from speed3r_sfm.eval.evaluate import oracle_predictor
 from speed3r_sfm.eval.metrics import absolute_trajectory_error
 from speed3r_sfm.geometry import apply_sim3, camera_centers, umeyama_sim3
-from speed3r_sfm.pipeline.chunked import load_view_maps, predict_chunked
+from speed3r_sfm.pipeline.chunked import load_view_maps, predict_chunked, stored_plan
 from speed3r_sfm.pipeline.chunking import (
     default_chunk_size,
     group_views_by_similarity,
@@ -270,3 +270,22 @@ def test_unordered_collection_grouped_by_similarity(trajectory):
     pred = predict_chunked(_chunk_oracle(views, [], 0.0, 0.0, 0.0), views.images, 16, 6, chunks=chunks)
     ate, _ = absolute_trajectory_error(pred.cam_from_world[0], views.cam_from_world)
     assert ate < 1e-4
+
+
+def test_selected_maps_plan_and_view_names_in_the_chunk_file(trajectory, tmp_path):
+    gt, _ = trajectory
+    predict = _chunk_oracle(gt, [], 0.0, 0.0, point_noise=0.0)
+    h5 = tmp_path / "chunks.h5"
+    names = [f"v{i}" for i in range(20)]
+    pred = predict_chunked(
+        predict, gt.images[:20], 8, 3, h5_path=h5, keep_maps=("depth", "depth_conf"), view_names=names
+    )
+    assert pred.depth.shape == (1, 20, 42, 56) and pred.depth_conf.shape == (1, 20, 42, 56)
+    assert pred.world_points.shape == (1, 20, 0, 0, 3) and pred.world_points_conf.shape == (1, 20, 0, 0)
+    full = predict_chunked(predict, gt.images[:20], 8, 3, h5_path=h5)  # resumed: same maps
+    assert torch.allclose(full.depth, pred.depth)
+    assert stored_plan(h5) == plan_chunks(20, 8, 3) and stored_plan(tmp_path / "missing.h5") is None
+    with pytest.raises(ValueError, match="other images"):
+        predict_chunked(predict, gt.images[:20], 8, 3, h5_path=h5, view_names=names[::-1])
+    with pytest.raises(ValueError, match="unknown maps"):
+        predict_chunked(predict, gt.images[:20], 8, 3, keep_maps=("normals",))

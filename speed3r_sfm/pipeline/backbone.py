@@ -56,6 +56,7 @@ class Backbone:
     preprocessing: Preprocessing
     name: str
     device: torch.device
+    module: nn.Module | None = None  # the network, when the model is one (its token encoder groups views)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -83,7 +84,7 @@ def load_backbone(
     if isinstance(model, nn.Module):
         model = model.to(dev).eval()
         spec = preprocessing or preprocessing_of(model)
-        return Backbone(_module_predict(model, attention == "gsa", dev), spec, name, dev)
+        return Backbone(_module_predict(model, attention == "gsa", dev), spec, name, dev, module=model)
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         return Backbone(model, spec, getattr(model, "name", name), dev)

@@ -7,17 +7,23 @@ chunks already placed: confidence-weighted, subsampled correspondences fitted by
 Umeyama (:func:`robust_sim3`). A view seen by several chunks keeps the estimate of the first chunk that
 placed it. Each chunk's raw output (its own frame) can stream to an HDF5 file, one group per chunk whose
 ``complete`` attribute is written last; a re-run with the same file reuses complete chunks and recomputes
-only the rest (alignment is recomputed from the stored raw outputs, which is cheap and deterministic).
+only the rest (alignment is recomputed from the stored raw outputs, which is cheap and deterministic). The
+file also keeps the plan (:func:`stored_plan`) and, when given, the names of the views, so that a re-run on
+other images is refused. With ``keep_attention=True`` each chunk's GSA records are reduced to an
+:class:`~speed3r_sfm.pipeline.records.AttentionSummary` over its own views, stored with the chunk and
+returned in ``extras["chunk_attention"]`` (see :func:`~speed3r_sfm.pipeline.records.merge_chunk_summaries`).
 
 Memory: only the aligned points of the last chunk's views are kept for alignment. With
 ``keep_maps=True`` (default) the composed per-pixel maps of all S views are returned in memory; with
-``keep_maps=False`` only poses and intrinsics are (the maps have size 0 x 0) and the per-pixel maps of any
+``keep_maps=False`` only poses and intrinsics are (the maps have size 0 x 0; ``keep_maps`` may also name the
+maps to keep, e.g. ``("depth", "depth_conf")``) and the per-pixel maps of any
 view are read lazily from the h5 file with :func:`load_view_maps` and the chunk Sim(3) from
 ``extras["chunk_sim3"]``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +35,7 @@ from speed3r_sfm.geometry import apply_sim3, sim3_cam_from_world
 from speed3r_sfm.models.prediction import Prediction
 
 from .chunking import plan_chunks, robust_sim3
+from .records import AttentionSummary, read_summary, summarize_records, write_summary
 
 Predict = Callable[[torch.Tensor], Prediction]
 """Images (1, n, 3, H, W) -> Prediction with B = 1 (e.g. ``load_backbone(...).predict``)."""
@@ -45,7 +52,17 @@ def _read_chunk(group: h5py.Group) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(group[name][()]) for name in _FIELDS}
 
 
-def _write_chunk(file: h5py.File, k: int, indices: Sequence[int], out: dict[str, torch.Tensor]) -> None:
+def _read_attention(group: h5py.Group) -> AttentionSummary | None:
+    return read_summary(group["attention"]) if "attention" in group else None
+
+
+def _write_chunk(
+    file: h5py.File,
+    k: int,
+    indices: Sequence[int],
+    out: dict[str, torch.Tensor],
+    attention: AttentionSummary | None = None,
+) -> None:
     name = _chunk_name(k)
     if name in file:
         del file[name]
@@ -53,6 +70,8 @@ def _write_chunk(file: h5py.File, k: int, indices: Sequence[int], out: dict[str,
     group.create_dataset("indices", data=np.asarray(indices, dtype=np.int64))
     for key in _FIELDS:
         group.create_dataset(key, data=out[key].numpy())
+    if attention is not None:
+        write_summary(group.create_group("attention"), attention)
     file.flush()
     group.attrs["complete"] = True  # last: a crash before this line leaves the chunk to be recomputed
     file.flush()
@@ -67,6 +86,12 @@ def _complete_chunk(file: h5py.File | None, k: int, indices: Sequence[int]) -> b
     if not np.array_equal(group["indices"][()], np.asarray(indices, dtype=np.int64)):
         raise ValueError(f"{file.filename}: chunk {k} holds other views than planned; use a new h5 file")
     return True
+
+
+def _quantile(values: torch.Tensor, q: float, max_samples: int = 1 << 20) -> torch.Tensor:
+    """``torch.quantile`` on at most ``max_samples`` evenly strided values (it refuses > 2**24 inputs)."""
+    stride = -(-values.numel() // max_samples)
+    return torch.quantile(values[::stride], q)
 
 
 def _alignment_points(
@@ -86,7 +111,7 @@ def _alignment_points(
     cd = dst_conf.reshape(-1).double()
     ok = torch.isfinite(src).all(-1) & torch.isfinite(dst).all(-1) & (cs > 0) & (cd > 0)
     if conf_quantile > 0 and ok.any():
-        ok &= (cs >= torch.quantile(cs[ok], conf_quantile)) & (cd >= torch.quantile(cd[ok], conf_quantile))
+        ok &= (cs >= _quantile(cs[ok], conf_quantile)) & (cd >= _quantile(cd[ok], conf_quantile))
     idx = ok.nonzero()[:, 0]
     if idx.numel() > max_points:
         idx = idx[torch.randperm(idx.numel(), generator=generator)[:max_points]]
@@ -117,9 +142,44 @@ def _plan(num_views: int, chunk_size: int, overlap: int, chunks: list[list[int]]
     return plan
 
 
-def _run_chunk(predict: Predict, load: Callable, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-    pred = predict(load(list(indices))[None]).to("cpu")
-    return {name: getattr(pred, name)[0].detach().float().contiguous() for name in _FIELDS}
+def _run_chunk(
+    predict: Predict, load: Callable, indices: Sequence[int], keep_attention: bool = False
+) -> tuple[dict[str, torch.Tensor], AttentionSummary | None]:
+    pred = predict(load(list(indices))[None])
+    attention = summarize_records(pred.attention, len(indices)) if keep_attention else None
+    pred = pred.to("cpu")
+    return {name: getattr(pred, name)[0].detach().float().contiguous() for name in _FIELDS}, attention
+
+
+def _map_names(keep_maps: bool | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(keep_maps, bool):
+        return _MAPS if keep_maps else ()
+    names = tuple(keep_maps)
+    unknown = sorted(set(names) - set(_MAPS))
+    if unknown:
+        raise ValueError(f"keep_maps: unknown maps {unknown}; choose among {_MAPS}")
+    return names
+
+
+def _bind_file(file: h5py.File, plan: list[list[int]], view_names: Sequence[str] | None) -> None:
+    """Store the plan and the view names in a new chunk file; refuse a file written for other images."""
+    if view_names is not None:
+        names = json.dumps(list(view_names))
+        stored = file.attrs.get("view_names")
+        if stored is not None and stored != names:
+            raise ValueError(f"{file.filename} holds chunks of other images; use a new h5 file")
+        file.attrs["view_names"] = names
+    if "plan" not in file.attrs:
+        file.attrs["plan"] = json.dumps(plan)
+
+
+def stored_plan(h5_path: str | Path) -> list[list[int]] | None:
+    """The chunk plan a previous :func:`predict_chunked` run stored in ``h5_path`` (None if none)."""
+    if not Path(h5_path).is_file():
+        return None
+    with h5py.File(h5_path, "r") as file:
+        plan = file.attrs.get("plan")
+    return None if plan is None else [list(map(int, c)) for c in json.loads(plan)]
 
 
 def predict_chunked(
@@ -133,8 +193,10 @@ def predict_chunked(
     conf_quantile: float = 0.5,
     max_align_points: int = 20000,
     irls_iterations: int = 10,
-    keep_maps: bool = True,
+    keep_maps: bool | Sequence[str] = True,
     seed: int = 0,
+    keep_attention: bool = False,
+    view_names: Sequence[str] | None = None,
 ) -> Prediction:
     """Predict a long sequence chunk by chunk and compose the chunks in one world frame.
 
@@ -144,10 +206,16 @@ def predict_chunked(
     :func:`group_views_by_similarity`); each chunk after the first must share views with the chunk before
     it. Returns a Prediction (B = 1) of all S views in the first chunk's frame; ``extras`` holds
     ``chunks``, ``chunk_sim3`` (per chunk ``(s, R, t)`` chunk frame -> global frame, float64),
-    ``chunk_inlier_fraction`` and ``computed_chunks`` (indices of the chunks run in this call).
+    ``chunk_inlier_fraction`` and ``computed_chunks`` (indices of the chunks run in this call), and with
+    ``keep_attention`` ``chunk_attention`` (per chunk an AttentionSummary of its views, or None).
+    ``keep_maps``: True, False or the names of the composed maps to return. ``view_names`` (stored in the
+    h5 file) make a resume on other images fail instead of mixing them.
     """
     load, num_views = _loader(images, num_views)
     plan = _plan(num_views, chunk_size, overlap, chunks)
+    if view_names is not None and len(view_names) != num_views:
+        raise ValueError(f"predict_chunked: {len(view_names)} view names for {num_views} views")
+    kept = _map_names(keep_maps)
 
     generator = torch.Generator().manual_seed(seed)
     file = h5py.File(h5_path, "a") if h5_path is not None else None
@@ -159,15 +227,20 @@ def predict_chunked(
     sim3s: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     inliers: list[float] = []
     computed: list[int] = []
+    attention: list[AttentionSummary | None] = []
     try:
+        if file is not None:
+            _bind_file(file, plan, view_names)
         for k, indices in enumerate(plan):
             if _complete_chunk(file, k, indices):
                 out = _read_chunk(file[_chunk_name(k)])
+                summary = _read_attention(file[_chunk_name(k)]) if keep_attention else None
             else:
-                out = _run_chunk(predict, load, indices)
+                out, summary = _run_chunk(predict, load, indices, keep_attention)
                 computed.append(k)
                 if file is not None:
-                    _write_chunk(file, k, indices, out)
+                    _write_chunk(file, k, indices, out, summary)
+            attention.append(summary)
             if k == 0:
                 sim3 = (
                     torch.ones((), dtype=torch.float64),
@@ -201,29 +274,30 @@ def predict_chunked(
             cams[views] = sim3_cam_from_world(s, rot, t, out["cam_from_world"][new].double())
             intr[views] = out["intrinsics"][new].double()
             placed[views] = True
-            if keep_maps:
+            if kept:
                 if not maps:
                     h, w_ = out["depth"].shape[-2:]
-                    maps = {
-                        "depth": torch.zeros(num_views, h, w_),
-                        "depth_conf": torch.zeros(num_views, h, w_),
-                        "world_points": torch.zeros(num_views, h, w_, 3),
-                        "world_points_conf": torch.zeros(num_views, h, w_),
-                    }
-                maps["depth"][views] = (out["depth"][new].double() * s).float()
-                maps["depth_conf"][views] = out["depth_conf"][new]
-                maps["world_points"][views] = points[new]
-                maps["world_points_conf"][views] = out["world_points_conf"][new]
+                    maps = {name: torch.zeros(num_views, h, w_, *_extra(name)) for name in kept}
+                for name in kept:
+                    if name == "world_points":
+                        maps[name][views] = points[new]
+                    elif name == "depth":
+                        maps[name][views] = (out["depth"][new].double() * s).float()
+                    else:  # confidences are not changed by the Sim(3)
+                        maps[name][views] = out[name][new]
     finally:
         if file is not None:
             file.close()
-    if not keep_maps:
-        maps = {
-            "depth": torch.zeros(num_views, 0, 0),
-            "depth_conf": torch.zeros(num_views, 0, 0),
-            "world_points": torch.zeros(num_views, 0, 0, 3),
-            "world_points_conf": torch.zeros(num_views, 0, 0),
-        }
+    for name in _MAPS:
+        maps.setdefault(name, torch.zeros(num_views, 0, 0, *_extra(name)))
+    extras: dict = {
+        "chunks": plan,
+        "chunk_sim3": sim3s,
+        "chunk_inlier_fraction": inliers,
+        "computed_chunks": computed,
+    }
+    if keep_attention:
+        extras["chunk_attention"] = attention
     return Prediction(
         cam_from_world=cams.float()[None],
         intrinsics=intr.float()[None],
@@ -231,13 +305,12 @@ def predict_chunked(
         depth_conf=maps["depth_conf"][None],
         world_points=maps["world_points"][None],
         world_points_conf=maps["world_points_conf"][None],
-        extras={
-            "chunks": plan,
-            "chunk_sim3": sim3s,
-            "chunk_inlier_fraction": inliers,
-            "computed_chunks": computed,
-        },
+        extras=extras,
     )
+
+
+def _extra(name: str) -> tuple[int, ...]:
+    return (3,) if name == "world_points" else ()
 
 
 def load_view_maps(
@@ -266,15 +339,17 @@ def compute_chunks(
     h5_path: str | Path,
     select: Sequence[int],
     num_views: int | None = None,
+    keep_attention: bool = False,
 ) -> list[int]:
     """Run ``predict`` on the chunks ``select`` of ``plan`` that ``h5_path`` does not yet hold complete and
-    store their raw outputs there (no alignment); returns the indices of the chunks computed."""
+    store their raw outputs (and with ``keep_attention`` their GSA summaries) there, without alignment;
+    returns the indices of the chunks computed."""
     load, _ = _loader(images, num_views)
     computed = []
     with h5py.File(h5_path, "a") as file:
         for k in select:
             if not _complete_chunk(file, k, plan[k]):
-                _write_chunk(file, k, plan[k], _run_chunk(predict, load, plan[k]))
+                _write_chunk(file, k, plan[k], *_run_chunk(predict, load, plan[k], keep_attention))
                 computed.append(k)
     return computed
 
@@ -323,7 +398,8 @@ def predict_chunked_distributed(
     plan = _plan(n, chunk_size, overlap, chunks)
     select = [k for k in range(len(plan)) if k % world == rank]
     rank_file = Path(f"{h5_path}.rank{rank}")
-    computed = compute_chunks(predict, images, plan, rank_file, select, num_views=n)
+    keep_attention = bool(compose_kwargs.get("keep_attention", False))
+    computed = compute_chunks(predict, images, plan, rank_file, select, n, keep_attention)
     dist.barrier()
     result = None
     if rank == 0:

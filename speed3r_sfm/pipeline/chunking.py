@@ -30,25 +30,27 @@ def plan_chunks(num_views: int, chunk_size: int, overlap: int) -> list[list[int]
 def default_chunk_size(
     device: torch.device | str,
     tokens_per_view: int,
-    bytes_per_token: int = 96 * 1024,
-    fixed_bytes: int = 6 << 30,
+    bytes_per_token: int = 28 * 1024,
+    fixed_bytes: int = 12 << 30,
     fraction: float = 0.8,
     minimum: int = 8,
-    maximum: int = 1024,
+    maximum: int = 2048,
 ) -> int:
     """Largest chunk that fits the free memory of ``device``.
 
     On CUDA: ``(fraction * free - fixed_bytes) / (tokens_per_view * bytes_per_token)`` clamped to
-    [``minimum``, ``maximum``], where ``free`` is ``torch.cuda.mem_get_info``; ``fixed_bytes`` covers the
-    weights (~5 GiB for a 1B backbone in bf16 plus workspace) and ``bytes_per_token`` the activations alive
-    per token during inference (an estimate for a 24-layer ViT-L aggregator with sparse global attention,
-    heads and DPT outputs; calibrate it with the H100 benchmark). On any other device:
+    [``minimum``, ``maximum``], where ``free`` is ``torch.cuda.mem_get_info`` plus what PyTorch's allocator
+    holds in its cache. ``fixed_bytes`` and ``bytes_per_token`` are calibrated on VGGT-1B with GSA in bf16
+    on an H100 (benchmarks/results/vggt_profile.md, 1041 tokens per view: peak 37.9 GiB at 1000 views and
+    64.1 GiB at 2000, i.e. 11.7 GiB + 25.8 KiB per token), rounded up; smaller backbones get chunks that
+    fit with room to spare. On any other device:
     :data:`CPU_DEFAULT_CHUNK_SIZE`.
     """
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return CPU_DEFAULT_CHUNK_SIZE
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's cache
     budget = fraction * free - fixed_bytes
     size = int(budget // max(1, tokens_per_view * bytes_per_token))
     return max(minimum, min(maximum, size))

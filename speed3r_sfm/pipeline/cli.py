@@ -15,7 +15,7 @@ from .backbone import ModelNotAvailableError
 from .export import OutputExistsError
 from .inputs import InputError
 from .keypoints import KeypointOptions
-from .reconstruct import PipelineOptions, PipelineResult, run_pipeline
+from .reconstruct import PipelineOptions, PipelineResult, check_chunk_arguments, run_pipeline
 
 
 def reconstruct_command(
@@ -30,6 +30,10 @@ def reconstruct_command(
     overwrite: bool = False,
     max_keypoints: int = 1024,
     max_image_size: int = 1600,
+    chunk_size: int | None = None,
+    chunk_overlap: int | None = None,
+    ordered: bool = True,
+    chunk_h5: str | None = None,
     quiet: bool = False,
 ) -> int:
     """Reconstruct the images in IMAGE_DIR into the COLMAP project OUT.
@@ -47,10 +51,21 @@ def reconstruct_command(
         max_keypoints: keypoints per image.
         max_image_size: long side of the copies used for keypoints and matching (bigger images are read
             downscaled; observations are still in original pixels).
+        chunk_size: views per model pass for long sequences; chunks overlap and are aligned by robust Sim(3).
+            Default: one pass on CPU, on CUDA as many views as fit in free GPU memory.
+        chunk_overlap: views shared by consecutive chunks (default: a quarter of chunk_size).
+        ordered: the images are a sequence in file-name order (video); false: an unordered collection,
+            grouped into chunks by the similarity of the model's own tokens.
+        chunk_h5: HDF5 file keeping each chunk's output; a re-run with the same file resumes.
         quiet: no progress bar or summary.
     """
     if output is None:
         print("error: give the output project folder with -o OUT", file=sys.stderr)
+        return 1
+    try:
+        check_chunk_arguments(chunk_size, chunk_overlap)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     if not quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -70,6 +85,10 @@ def reconstruct_command(
             overwrite=overwrite,
             options=options,
             progress=not quiet,
+            chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap,
+            ordered=ordered,
+            chunk_h5=chunk_h5,
         )
     except (InputError, OutputExistsError, ModelNotAvailableError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -93,6 +112,13 @@ def summary_text(result: PipelineResult) -> str:
         f"  {counts['points3D']} points, {counts['observations']} observations, "
         f"mean track length {counts['observations'] / max(counts['points3D'], 1):.2f}",
     ]
+    chunking = r.get("chunking")
+    if chunking:
+        lines.append(
+            f"  {chunking['num_chunks']} chunks of {chunking['chunk_size']} views (overlap "
+            f"{chunking['overlap']}, {chunking['grouping']}), Sim(3) inliers "
+            f">= {min(chunking['sim3_inlier_fraction']):.2f}"
+        )
     if errors["final"] is not None:
         initial = errors["initial"]
         before = f"{initial:.2f} px before BA, " if initial is not None and r["bundle_adjustment"] else ""

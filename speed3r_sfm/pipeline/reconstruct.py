@@ -4,7 +4,9 @@ pycolmap reconstruction -> bundle adjustment -> COLMAP project.
 Read top to bottom, :func:`run_pipeline` does:
 
 1. list and read the images (skipping unreadable files and duplicates), preprocess them for the backbone;
-2. run the backbone once: cameras, depth, confidences and, with GSA, the attention records;
+2. run the backbone once: cameras, depth, confidences and, with GSA, the attention records; or, for long
+   sequences (``chunk_size``), once per overlapping chunk of views composed into one frame by robust Sim(3)
+   (``chunked.py``), with the records of each chunk merged into one summary (``records.py``);
 3. detect keypoints in the most-selected token blocks of each view (``keypoints.py``);
 4. match them in the views their query blocks selected, verify with the predicted geometry and refine
    photometrically (``matching.py``, ``refine.py``);
@@ -21,13 +23,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pycolmap
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import AttentionKind, ModelSpec, load_backbone
+from speed3r_sfm.models.prediction import Prediction
+
+from .backbone import AttentionKind, Backbone, ModelSpec, load_backbone
 from .bundle import BundleOptions, correspondence_graph, mean_reprojection_error, refine_reconstruction
+from .chunked import predict_chunked, stored_plan
+from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
 from .colmap_model import (
     CAMERA_MODELS,
     add_points,
@@ -41,13 +48,15 @@ from .frames import SceneGeometry
 from .inputs import Preprocessing, find_images, load_views
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .matching import MatchOptions, match_views
-from .records import summarize_records
+from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .report import build_report
 from .tracks import build_tracks
+from .view_features import thumbnail_descriptors, token_descriptors, token_encoder
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("read images", "model", "keypoints", "matching", "tracks", "bundle adjustment", "write")
+SPECIAL_TOKENS = 5  # camera / register tokens per view of VGGT and π³ (for the automatic chunk size)
 
 
 @dataclass
@@ -86,6 +95,10 @@ def reconstruct(
     preprocessing: Preprocessing | None = None,
     options: PipelineOptions | None = None,
     progress: bool = False,
+    chunk_size: int | None = None,
+    chunk_overlap: int | None = None,
+    ordered: bool = True,
+    chunk_h5: str | os.PathLike | None = None,
 ) -> pycolmap.Reconstruction:
     """Reconstruct the images of ``image_dir``; writes a COLMAP project to ``output_dir`` if given.
 
@@ -93,21 +106,29 @@ def reconstruct(
     callable returning a ``Prediction``; ``attention``: "gsa" (keypoints and matches from GSA records) or
     "dense" (texture-based fallback); ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS``
     (distortion starts at zero and is refined in BA); ``shared_camera``: one camera for all images (they
-    must have one size). See :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction.
+    must have one size). Long sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on
+    CUDA as many as fit in free memory), consecutive chunks sharing ``chunk_overlap`` views (None: a
+    quarter of the chunk); ``ordered=False`` groups an unordered collection into chunks by the similarity
+    of the backbone's own tokens; ``chunk_h5`` stores each chunk's output so that an interrupted run
+    resumes. See :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction.
     """
     return run_pipeline(
         image_dir,
         output_dir,
-        model,
-        attention,
-        device,
-        ba,
-        camera_model,
-        shared_camera,
-        overwrite,
-        preprocessing,
-        options,
-        progress,
+        model=model,
+        attention=attention,
+        device=device,
+        ba=ba,
+        camera_model=camera_model,
+        shared_camera=shared_camera,
+        overwrite=overwrite,
+        preprocessing=preprocessing,
+        options=options,
+        progress=progress,
+        chunk_size=chunk_size,
+        chunk_overlap=chunk_overlap,
+        ordered=ordered,
+        chunk_h5=chunk_h5,
     ).reconstruction
 
 
@@ -124,11 +145,16 @@ def run_pipeline(
     preprocessing: Preprocessing | None = None,
     options: PipelineOptions | None = None,
     progress: bool = False,
+    chunk_size: int | None = None,
+    chunk_overlap: int | None = None,
+    ordered: bool = True,
+    chunk_h5: str | os.PathLike | None = None,
 ) -> PipelineResult:
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
     options = options or PipelineOptions()
     if camera_model not in CAMERA_MODELS:
         raise ValueError(f"unsupported camera model {camera_model!r}; choose one of {CAMERA_MODELS}")
+    check_chunk_arguments(chunk_size, chunk_overlap)
     if output_dir is not None:
         check_output(output_dir, overwrite)  # fail before any work
     stages = _Stages(len(STAGES) - (output_dir is None), progress)
@@ -143,12 +169,17 @@ def run_pipeline(
         grays = [v.gray() for v in views]
         stages.done("read images")
 
-        # 2. backbone: cameras, depth, confidence and (GSA) attention records, in one call
+        # 2. backbone: cameras, depth, confidence and (GSA) attention records, in one call or per chunk
         stages.start("running the model")
-        prediction = backbone.predict(model_images[None].to(backbone.device))
+        prediction, summary, chunking = _run_backbone(
+            backbone,
+            model_images,
+            [v.name for v in views],
+            attention,
+            _ChunkOptions(chunk_size, chunk_overlap, ordered, chunk_h5),
+        )
         geometry = SceneGeometry.from_prediction(prediction)
         _check_prediction(geometry, model_images)
-        summary = summarize_records(prediction.attention, len(views)) if attention == "gsa" else None
         if attention == "gsa" and summary is None:
             logger.warning("the model exported no GSA records: texture-based keypoints, geometric view pairs")
         del prediction
@@ -212,6 +243,7 @@ def run_pipeline(
                 "shared_camera": shared_camera,
                 "bundle_adjustment": ba,
                 "options": asdict(options),
+                "chunking": chunking,
             },
             initial_error=initial_error,
             initial_points=initial_points,
@@ -228,6 +260,135 @@ def run_pipeline(
     finally:
         stages.close()
     return PipelineResult(rec, report, output, [v.name for v in views], geometry.cam_from_world.clone())
+
+
+def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:
+    """Raise ValueError, saying why, for a chunk size or overlap that cannot work."""
+    if chunk_size is not None and chunk_size < 2:
+        raise ValueError(
+            f"chunk_size must be at least 2 (chunks share views to be aligned), got {chunk_size}"
+        )
+    if chunk_overlap is not None and chunk_overlap < 1:
+        raise ValueError(
+            f"chunk_overlap must be at least 1 (chunks are aligned on shared views), got {chunk_overlap}"
+        )
+    if chunk_size is not None and chunk_overlap is not None and chunk_overlap >= chunk_size:
+        raise ValueError(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})")
+
+
+def _chunk_size(chunk_size: int | None, backbone: Backbone, model_images: torch.Tensor) -> int | None:
+    """The views per pass: ``chunk_size`` if given; else on CUDA what fits in free memory; else None (one
+    pass)."""
+    if chunk_size is not None:
+        return chunk_size
+    if backbone.device.type != "cuda":
+        return None
+    patch = backbone.preprocessing.patch_size
+    height, width = model_images.shape[-2:]
+    return default_chunk_size(backbone.device, (height // patch) * (width // patch) + SPECIAL_TOKENS)
+
+
+@dataclass
+class _ChunkOptions:
+    size: int | None
+    overlap: int | None
+    ordered: bool
+    h5: str | os.PathLike | None
+
+
+def _run_backbone(
+    backbone: Backbone,
+    model_images: torch.Tensor,
+    names: list[str],
+    attention: AttentionKind,
+    chunk: _ChunkOptions,
+) -> tuple[Prediction, AttentionSummary | None, dict[str, Any] | None]:
+    """The prediction of all views, their GSA summary (None without records) and the chunk plan for the
+    report (None for a single pass)."""
+    size = _chunk_size(chunk.size, backbone, model_images)
+    if size is None or size >= len(names):
+        if chunk.h5 is not None:
+            logger.info("%d views fit in one pass: the chunk file %s is not used", len(names), chunk.h5)
+        prediction = backbone.predict(model_images[None].to(backbone.device))
+        summary = summarize_records(prediction.attention, len(names)) if attention == "gsa" else None
+        return prediction, summary, None
+    overlap = chunk.overlap if chunk.overlap is not None else max(1, size // 4)
+    if overlap >= size:
+        raise ValueError(f"chunk_overlap ({overlap}) must be smaller than the chunk size ({size})")
+    return _predict_in_chunks(backbone, model_images, names, attention, size, overlap, chunk)
+
+
+def _chunk_plan(
+    backbone: Backbone,
+    model_images: torch.Tensor,
+    size: int,
+    overlap: int,
+    chunk: _ChunkOptions,
+) -> tuple[list[list[int]], str]:
+    """The chunks and how they were made: ordered windows; for an unordered collection the plan of an
+    earlier run stored in the chunk file, else views grouped by their token (or thumbnail) descriptors."""
+    num_views = model_images.shape[0]
+    if chunk.ordered:
+        return plan_chunks(num_views, size, overlap), "ordered"
+    stored = stored_plan(chunk.h5) if chunk.h5 is not None else None
+    if stored is not None and sorted(v for c in stored for v in c) == list(range(num_views)):
+        return stored, "stored in the chunk file"
+    module = backbone.module
+    if module is not None and token_encoder(module) is not None:
+        patch = backbone.preprocessing.patch_size
+        features = token_descriptors(module, model_images, patch_size=patch, device=backbone.device)
+        return group_views_by_similarity(features, size, overlap), "backbone tokens"
+    logger.warning("the model has no known token encoder: unordered views are grouped by thumbnails")
+    return group_views_by_similarity(thumbnail_descriptors(model_images), size, overlap), "image thumbnails"
+
+
+def _predict_in_chunks(
+    backbone: Backbone,
+    model_images: torch.Tensor,
+    names: list[str],
+    attention: AttentionKind,
+    size: int,
+    overlap: int,
+    chunk: _ChunkOptions,
+) -> tuple[Prediction, AttentionSummary | None, dict[str, Any]]:
+    """The composed prediction of overlapping chunks, the merged GSA summary (or None) and the chunk plan
+    for the report. Only one chunk of images is on the device at a time."""
+    start = time.perf_counter()
+    chunks, grouping = _chunk_plan(backbone, model_images, size, overlap, chunk)
+    grouping_s = time.perf_counter() - start
+    logger.info(
+        "%d views in %d chunks of %d (overlap %d, %s)", len(names), len(chunks), size, overlap, grouping
+    )
+    prediction = predict_chunked(
+        backbone.predict,
+        lambda idx: model_images[idx].to(backbone.device),
+        size,
+        overlap,
+        h5_path=chunk.h5,
+        num_views=len(names),
+        chunks=chunks,
+        keep_maps=("depth", "depth_conf"),  # what SceneGeometry uses
+        keep_attention=attention == "gsa",
+        view_names=names,
+    )
+    extras = prediction.extras
+    summary = None
+    if attention == "gsa":
+        summary = merge_chunk_summaries(extras["chunk_attention"], chunks, len(names))
+    report = {
+        "chunk_size": size,
+        "overlap": overlap,
+        "ordered": chunk.ordered,
+        "grouping": grouping,
+        "grouping_s": grouping_s,
+        "num_chunks": len(chunks),
+        "chunks": chunks,
+        "sim3_scale": [float(sim3[0]) for sim3 in extras["chunk_sim3"]],
+        "sim3_inlier_fraction": extras["chunk_inlier_fraction"],
+        "computed_chunks": extras["computed_chunks"],
+        "h5": None if chunk.h5 is None else str(chunk.h5),
+    }
+    return prediction, summary, report
 
 
 class _Stages:
