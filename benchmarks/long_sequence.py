@@ -9,6 +9,9 @@ composition), ``tiny`` / ``vggt-1b-random`` (tiny VGGT / the VGGT-1B shape with 
 or dense: time and memory only) or anything ``load_backbone``
 accepts ("default", a Hub id, a checkpoint). Results go to ``benchmarks/results/long_sequence_*.json``.
 
+Under ``torchrun --nproc_per_node N`` the chunks are spread over N processes (one GPU each, NCCL; gloo on
+CPU) with :func:`predict_chunked_distributed`; rank 0 composes and reports.
+
 Example (H100, the issue's target)::
 
     python benchmarks/long_sequence.py --views 5000 --model default --height 224 --width 294
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -30,7 +34,7 @@ import torch
 from speed3r_sfm.data.synthetic import RenderedViews, render_scene
 from speed3r_sfm.eval.evaluate import evaluate_reconstruction, oracle_predictor
 from speed3r_sfm.pipeline.backbone import load_backbone
-from speed3r_sfm.pipeline.chunked import predict_chunked
+from speed3r_sfm.pipeline.chunked import predict_chunked, predict_chunked_distributed
 from speed3r_sfm.pipeline.chunking import default_chunk_size
 
 
@@ -122,7 +126,17 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1 under torchrun: chunks spread over the ranks
+    rank = 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = dist.get_rank()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
     start = time.perf_counter()
     gt = render_scene(args.seed, args.views, args.height, args.width, "forward", device=device).to("cpu")
     render_s = time.perf_counter() - start
@@ -138,16 +152,27 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        h5 = args.h5 or str(Path(tmp) / "chunks.h5")
+        shared = Path(tempfile.gettempdir()) / f"long_sequence_{args.views}v_seed{args.seed}.h5"
+        h5 = args.h5 or str(shared if world > 1 else Path(tmp) / "chunks.h5")
         start = time.perf_counter()
         with torch.inference_mode():
-            pred = predict_chunked(
-                predict, load, chunk, overlap, h5_path=h5, num_views=args.views, keep_maps=args.keep_maps
-            )
+            if world > 1:
+                pred = predict_chunked_distributed(
+                    predict, load, chunk, overlap, h5, num_views=args.views, keep_maps=args.keep_maps
+                )
+            else:
+                pred = predict_chunked(
+                    predict, load, chunk, overlap, h5_path=h5, num_views=args.views, keep_maps=args.keep_maps
+                )
         if device.type == "cuda":
             torch.cuda.synchronize()
         infer_s = time.perf_counter() - start
+        if rank != 0:
+            return
         h5_bytes = Path(h5).stat().st_size
+        if world > 1 and not args.h5:
+            for path in [h5, *(f"{h5}.rank{r}" for r in range(world))]:
+                Path(path).unlink(missing_ok=True)
     metrics, _, _ = evaluate_reconstruction(gt, pred.cam_from_world[0])
     single = single_pass(predict, gt, device) if args.compare_single else None
     report = {
@@ -163,6 +188,7 @@ def main() -> None:
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "h5_gib": h5_bytes / 2**30,
+        "processes": world,
         "min_chunk_inlier_fraction": min(pred.extras["chunk_inlier_fraction"]),
         "metrics": metrics,
         "single_pass": single,
