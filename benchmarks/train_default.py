@@ -370,8 +370,10 @@ def ship_stage(args: argparse.Namespace) -> None:
     lines += [
         "## Limitations",
         "",
-        "This model is small and briefly trained: its poses are coarse (AUC@30 is the fraction above, e.g."
-        " 0.05 = 5 points), so `reconstruct` with it leans on matching and bundle adjustment. It exists so"
+        "This model is small and briefly trained: it predicts depth (AbsRel above) but has not learned"
+        " relative pose from image content; it predicts about the same rotation for every view"
+        " (benchmarks/results/default_model_diagnosis.md), so `reconstruct` with it does not give usable"
+        " poses. It exists so"
         " that everything runs offline; for real images pass official weights, e.g."
         " `speed3r-sfm reconstruct IMAGES -o OUT --model facebook/VGGT-1B --attention gsa` (they load"
         " strictly; this repository has not yet compared its outputs with upstream on the real weights).",
