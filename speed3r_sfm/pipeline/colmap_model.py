@@ -139,14 +139,14 @@ def add_points(
     colors: np.ndarray,
 ) -> int:
     """Add the kept tracks as 3D points (image_id = view + 1, point2D_idx = point index); returns how many."""
+    image_ids, point_ids = (tracks.obs_view + 1).tolist(), tracks.obs_point.tolist()  # Python ints, once
+    starts = tracks.track_start.tolist()
     added = 0
-    for t in np.nonzero(keep)[0]:
-        start, end = tracks.track_start[t], tracks.track_start[t + 1]
-        elements = [
-            pycolmap.TrackElement(int(v) + 1, int(p))
-            for v, p in zip(tracks.obs_view[start:end], tracks.obs_point[start:end], strict=True)
-        ]
-        manager.add_point3D(xyz[t], pycolmap.Track(elements), colors[t])
+    for t in np.nonzero(keep)[0].tolist():
+        track = pycolmap.Track()
+        for k in range(starts[t], starts[t + 1]):
+            track.add_element(image_ids[k], point_ids[k])
+        manager.add_point3D(xyz[t], track, colors[t])
         added += 1
     return added
 

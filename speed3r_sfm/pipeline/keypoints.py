@@ -1,21 +1,23 @@
 """Keypoints where GSA looks: corners inside the most-selected token blocks of each view.
 
-Per view: the Shi–Tomasi response (kornia ``gftt_response``) of the work image, non-maximum suppression,
-sub-pixel refinement by a quadratic fit of the response, and a mask of pixels with valid, confident
-predicted depth. With GSA records the candidates are grouped by the token block they fall in; the
-``block_fraction`` most important blocks (``block_importance`` averaged over layers) get keypoints, each a
-quota proportional to its importance, filled with its strongest corners. Without records (dense
-attention, or a predictor that exports none) the same allocation runs over a uniform grid of cells with
-equal weights: texture + confidence keypoints over the whole image.
+Per view: the Shi–Tomasi response (kornia's ``gftt_response``, with Sobel gradients by shifted
+differences) of the work image, non-maximum suppression, sub-pixel refinement by a quadratic fit of the
+response, and a mask of pixels with valid, confident predicted depth. With GSA records the candidates
+are grouped by the token block they fall in; the ``block_fraction`` most important blocks
+(``block_importance`` averaged over layers) get keypoints, each a quota proportional to its importance,
+filled with its strongest corners. Without records (dense attention, or a predictor that exports none)
+the same allocation runs over a uniform grid of cells with equal weights: texture + confidence keypoints
+over the whole image.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.feature import gftt_response
+from kornia.filters import gaussian_blur2d
 
 from .frames import SceneGeometry, work_pixels_per_model_pixel, work_to_model
 from .inputs import View
@@ -51,12 +53,51 @@ def confidence_thresholds(geometry: SceneGeometry, quantile: float) -> torch.Ten
     return torch.quantile(flat[:, ::step], quantile, dim=1)
 
 
+def window_max(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Maximum of ``x`` over the window [i - radius, i + radius] along ``dim`` (outside counts as -inf), as
+    ``max_pool`` with stride 1 and padding ``radius`` computes it, by doubling spans: O(log radius) passes."""
+    size = 2 * radius + 1
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [radius, radius]
+    spans = F.pad(x, pad, value=-math.inf)  # spans[i]: max over [i, i + span) of the padded x
+    span = 1
+    while 2 * span <= size:
+        length = spans.shape[dim] - span
+        spans = torch.maximum(spans.narrow(dim, 0, length), spans.narrow(dim, span, length))
+        span *= 2
+    length = x.shape[dim]
+    return torch.maximum(spans.narrow(dim, 0, length), spans.narrow(dim, size - span, length))
+
+
+def sobel_gradients(image: torch.Tensor) -> torch.Tensor:
+    """(B, C, 2, H, W) normalised Sobel derivatives d/dx, d/dy of ``image`` (B, C, H, W), replicate
+    border: kornia's ``spatial_gradient(image, "sobel")`` by shifted differences (oneDNN's convolution
+    with this 3 x 3, one-channel kernel is several times slower)."""
+    padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    across = padded[..., :, 2:] - padded[..., :, :-2]  # (.., H + 2, W)
+    down = padded[..., 2:, :] - padded[..., :-2, :]  # (.., H, W + 2)
+    dx = (across[..., :-2, :] + 2 * across[..., 1:-1, :] + across[..., 2:, :]) / 8
+    dy = (down[..., :, :-2] + 2 * down[..., :, 1:-1] + down[..., :, 2:]) / 8
+    return torch.stack([dx, dy], dim=2)
+
+
+def shi_tomasi_response(image: torch.Tensor) -> torch.Tensor:
+    """kornia's ``gftt_response`` (the smaller eigenvalue of the structure tensor, Sobel gradients, 7 x 7
+    Gaussian window of σ = 1) of ``image`` (B, C, H, W), with :func:`sobel_gradients`."""
+    gradients = sobel_gradients(image)
+    dx, dy = gradients[:, :, 0], gradients[:, :, 1]
+    dx2 = gaussian_blur2d(dx**2, (7, 7), (1.0, 1.0))
+    dy2 = gaussian_blur2d(dy**2, (7, 7), (1.0, 1.0))
+    dxy = gaussian_blur2d(dx * dy, (7, 7), (1.0, 1.0))
+    disc = (dx2 - dy2) ** 2 + 4.0 * dxy * dxy
+    positive = disc > 0
+    root = torch.where(positive, torch.where(positive, disc, torch.ones_like(disc)).sqrt(), 0.0)
+    return 0.5 * (dx2 + dy2 - root)
+
+
 def corner_candidates(gray: torch.Tensor, nms_radius: int, border: int, min_response: float):
     """Local maxima of the Shi–Tomasi response of ``gray`` (h, w): sub-pixel (N, 2) xy and (N,) response."""
-    response = gftt_response(gray[None, None].float())[0, 0]
-    size = 2 * nms_radius + 1
-    pooled = F.max_pool2d(response[None, None], (1, size), stride=1, padding=(0, nms_radius))  # separable:
-    pooled = F.max_pool2d(pooled, (size, 1), stride=1, padding=(nms_radius, 0))[0, 0]  # same square max
+    response = shi_tomasi_response(gray[None, None].float())[0, 0]
+    pooled = window_max(window_max(response, nms_radius, 0), nms_radius, 1)  # square max, separably
     floor = max(min_response, 1e-3 * float(response.max()))
     peak = (response == pooled) & (response > floor)
     h, w = gray.shape

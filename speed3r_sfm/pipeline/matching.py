@@ -21,12 +21,18 @@ For keypoint ``x`` of view i:
 5. *Photometric refinement* (``refine.py``): coarse-to-fine NCC in the work images around the corrected
    location, sub-pixel peak; matches below ``min_ncc`` or without a distinct peak are dropped. This is
    what makes the correspondences more accurate than the feed-forward geometry.
+
+Steps 2-3 run once per target view over the keypoints of every source view; steps 4-5 over groups of whole
+view pairs (about ``refine.chunk`` matches each) in one batch, the pyramids of all views packed into one
+:class:`~.refine.PyramidStack`. Where the correction fails, the wide search of step 4 is the final search
+of those samples (the same search from the same location), so it is not repeated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -36,7 +42,7 @@ from .frames import SceneGeometry, model_to_work, work_pixels_per_model_pixel, w
 from .inputs import View
 from .keypoints import Keypoints
 from .records import AttentionSummary
-from .refine import REASONS, RefineOptions, build_pyramid, num_levels, refine_pair
+from .refine import REASONS, PyramidStack, RefineOptions, build_pyramid, num_levels, refine_matches
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +84,79 @@ class Matches:
 
 @dataclass
 class _Candidates:
-    source_view: list[torch.Tensor] = field(default_factory=list)
-    source_index: list[torch.Tensor] = field(default_factory=list)
-    target_view: list[torch.Tensor] = field(default_factory=list)
-    predicted: list[torch.Tensor] = field(default_factory=list)
-    affine: list[torch.Tensor] = field(default_factory=list)
-    in_block: list[torch.Tensor] = field(default_factory=list)
+    """Verified candidate correspondences, ordered by (source view, target view, keypoint)."""
 
-    def cat(self):
-        return [torch.cat(getattr(self, name)) for name in self.__dataclass_fields__]
+    source_view: torch.Tensor  # (M,) int64
+    source_index: torch.Tensor  # (M,) int64
+    target_view: torch.Tensor  # (M,) int64
+    predicted: torch.Tensor  # (M, 2) float64 predicted location in the target's work image
+    affine: torch.Tensor  # (M, 2, 2) float64 d(work_j)/d(work_i)
+    in_block: torch.Tensor  # (M,) bool
+
+    def __len__(self) -> int:
+        return int(self.source_view.numel())
+
+
+@dataclass
+class _SourcePoints:
+    """Every view's keypoints, concatenated: what the geometric checks need of the source side."""
+
+    offsets: torch.Tensor  # (S + 1,) int64: view i's keypoints are rows [offsets[i], offsets[i + 1])
+    view: torch.Tensor  # (N,) int64
+    points: torch.Tensor  # (N, 3) float64 world points at the predicted depth
+    ends: torch.Tensor  # (4, N, 3) world points at model offsets ±step along x, then y (_offset_points)
+    query: torch.Tensor | None  # (N,) query block (GSA)
+
+    @classmethod
+    def compute(
+        cls,
+        views: list[View],
+        keypoints: list[Keypoints],
+        geometry: SceneGeometry,
+        summary: AttentionSummary | None,
+        step: float,
+    ) -> _SourcePoints:
+        points, ends, queries = [], [], []
+        offsets = torch.tensor([0] + [kp.xy.shape[0] for kp in keypoints]).cumsum(0)
+        for i, (view, kp) in enumerate(zip(views, keypoints, strict=True)):
+            if kp.xy.shape[0] == 0:
+                continue
+            model_xy = work_to_model(view, kp.xy)
+            depth = geometry.sample(geometry.depth, i, model_xy).double()
+            points.append(geometry.unproject(i, model_xy, depth))
+            ends.append(_offset_points(geometry, i, model_xy, depth, step))
+            if summary is not None:
+                patch = summary.patch_of_model_xy(model_xy, geometry.image_size)
+                queries.append(summary.query_block_of_patch(i, patch.clamp_min(0)))
+        if not points:
+            points, ends = (
+                [torch.zeros(0, 3, dtype=torch.float64)],
+                [torch.zeros(4, 0, 3, dtype=torch.float64)],
+            )
+            queries = [torch.zeros(0, dtype=torch.long)]
+        return cls(
+            offsets=offsets,
+            view=torch.repeat_interleave(torch.arange(len(views)), offsets.diff()),
+            points=torch.cat(points),
+            ends=torch.cat(ends, dim=1),
+            query=torch.cat(queries) if summary is not None else None,
+        )
+
+
+def _offset_points(
+    geometry: SceneGeometry, view: int, model_xy: torch.Tensor, depth: torch.Tensor, step: float
+) -> torch.Tensor:
+    """(4, N, 3) world points of model pixels ``model_xy`` moved by (+step, 0), (-step, 0), (0, +step),
+    (0, -step), at their predicted depth (within 10 % of ``depth``; ``depth`` where not finite)."""
+    out = []
+    for offset in ((step, 0.0), (0.0, step)):
+        delta = torch.tensor(offset, dtype=torch.float64)
+        for sign in (1.0, -1.0):
+            xy = model_xy + sign * delta
+            d = geometry.sample(geometry.depth, view, xy).double()
+            d = torch.where(torch.isfinite(d), d, depth).clamp(0.9 * depth, 1.1 * depth)
+            out.append(geometry.unproject(view, xy, d))
+    return torch.stack(out)
 
 
 def candidate_views(
@@ -95,6 +165,7 @@ def candidate_views(
     geometry: SceneGeometry,
     summary: AttentionSummary | None,
     options: MatchOptions,
+    sources: _SourcePoints | None = None,
 ) -> list[torch.Tensor]:
     """Per view i, (N_i, max_views) candidate target views of its keypoints (-1 = none)."""
     s = len(views)
@@ -102,14 +173,17 @@ def candidate_views(
     out = []
     if summary is not None:
         for i, (view, kp) in enumerate(zip(views, keypoints, strict=True)):
-            patch = summary.patch_of_model_xy(work_to_model(view, kp.xy), geometry.image_size)
-            query = summary.query_block_of_patch(i, patch.clamp_min(0))
+            if sources is not None and sources.query is not None:
+                query = sources.query[sources.offsets[i] : sources.offsets[i + 1]]
+            else:
+                patch = summary.patch_of_model_xy(work_to_model(view, kp.xy), geometry.image_size)
+                query = summary.query_block_of_patch(i, patch.clamp_min(0))
             affinity = summary.view_affinity[query].clone()  # (N, S)
             affinity[:, i] = 0.0
             score, order = affinity.topk(k, dim=1)
             out.append(torch.where(score >= options.min_affinity, order, torch.full_like(order, -1)))
         return out
-    covisible = covisibility(views, keypoints, geometry, options)
+    covisible = covisibility(views, keypoints, geometry, options, sources)
     for i, kp in enumerate(keypoints):
         row = covisible[i].clone()
         row[i] = -1.0
@@ -120,21 +194,23 @@ def candidate_views(
 
 
 def covisibility(
-    views: list[View], keypoints: list[Keypoints], geometry: SceneGeometry, options: MatchOptions
+    views: list[View],
+    keypoints: list[Keypoints],
+    geometry: SceneGeometry,
+    options: MatchOptions,
+    sources: _SourcePoints | None = None,
 ) -> torch.Tensor:
     """(S, S): share of view i's keypoints that pass the geometric checks in view j."""
     s = len(views)
+    if sources is None:
+        sources = _SourcePoints.compute(views, keypoints, geometry, None, options.affine_step)
+    count = sources.offsets.diff()
     out = torch.zeros(s, s)
-    for i, (view, kp) in enumerate(zip(views, keypoints, strict=True)):
-        if kp.xy.shape[0] == 0:
-            continue
-        model_xy = work_to_model(view, kp.xy)
-        depth = geometry.sample(geometry.depth, i, model_xy)
-        points = geometry.unproject(i, model_xy, depth)
-        for j in range(s):
-            if j != i:
-                ok, *_ = _project_and_check(views, geometry, points, j, options)
-                out[i, j] = ok.float().mean()
+    for j in range(s):  # every view's keypoints at once
+        ok, *_ = _project_and_check(views, geometry, sources.points, j, options)
+        seen = torch.zeros(s).index_add_(0, sources.view, ok.float())
+        out[:, j] = torch.where(count > 0, seen / count.clamp_min(1), 0.0)
+    out.fill_diagonal_(0.0)
     return out
 
 
@@ -159,24 +235,24 @@ def _nearest_depths(geometry: SceneGeometry, view: int, uv: torch.Tensor, step: 
     return geometry.sample(geometry.depth, view, grid).view(-1, 9).double()
 
 
-def _local_affine(geometry, views, i, j, model_xy, depth, options):
-    """(N, 2, 2) d(work_j)/d(work_i) of the predicted warp, from the depth around each keypoint."""
+def _local_affine(
+    geometry: SceneGeometry,
+    views: list[View],
+    source_view: torch.Tensor,
+    j: int,
+    ends: torch.Tensor,
+    options: MatchOptions,
+) -> torch.Tensor:
+    """(N, 2, 2) d(work_j)/d(work_i) of the predicted warp: central differences of the projections into
+    view j of the offset points ``ends`` (4, N, 3) (:func:`_offset_points`) of keypoints of ``source_view``
+    (N,)."""
     step = options.affine_step
-    columns = []
-    for offset in ((step, 0.0), (0.0, step)):
-        delta = torch.tensor(offset, dtype=torch.float64)
-        ends = []
-        for sign in (1.0, -1.0):
-            xy = model_xy + sign * delta
-            d = geometry.sample(geometry.depth, i, xy).double()
-            d = torch.where(torch.isfinite(d), d, depth).clamp(0.9 * depth, 1.1 * depth)
-            uv, _ = geometry.project(j, geometry.unproject(i, xy, d))
-            ends.append(uv)
-        columns.append((ends[0] - ends[1]) / (2 * step))
-    jacobian = torch.stack(columns, dim=-1)  # model_j per model_i
-    si = torch.tensor(work_pixels_per_model_pixel(views[i]), dtype=torch.float64)
+    uv, _ = geometry.project(j, ends.reshape(-1, 3))
+    uv = uv.view(4, -1, 2)
+    jacobian = torch.stack([(uv[0] - uv[1]) / (2 * step), (uv[2] - uv[3]) / (2 * step)], dim=-1)
+    si = torch.tensor([work_pixels_per_model_pixel(v) for v in views], dtype=torch.float64)[source_view]
     sj = torch.tensor(work_pixels_per_model_pixel(views[j]), dtype=torch.float64)
-    return sj[None, :, None] * jacobian / si[None, None, :]
+    return sj[None, :, None] * jacobian / si[:, None, :]
 
 
 def _affine_ok(affine: torch.Tensor) -> torch.Tensor:
@@ -195,69 +271,166 @@ def find_candidates(
     options: MatchOptions,
 ) -> tuple[_Candidates, dict]:
     """Geometrically verified candidate correspondences (steps 1-3 of the module docstring)."""
-    candidates = _Candidates()
-    proposed = 0
-    targets = candidate_views(views, keypoints, geometry, summary, options)
-    for i, (view, kp) in enumerate(zip(views, keypoints, strict=True)):
-        if kp.xy.shape[0] == 0:
+    s = len(views)
+    sources = _SourcePoints.compute(views, keypoints, geometry, summary, options.affine_step)
+    targets = candidate_views(views, keypoints, geometry, summary, options, sources)
+    # every proposed (keypoint, target view), keypoints as rows of ``sources``
+    proposals = []
+    for i, chosen in enumerate(targets):
+        row, column = (chosen >= 0).nonzero(as_tuple=True)
+        proposals.append(torch.unique(row * s + chosen[row, column]) + sources.offsets[i] * s)
+    proposal = torch.cat(proposals) if proposals else torch.zeros(0, dtype=torch.long)
+    found: list[tuple[torch.Tensor, ...]] = []
+    for j in range(s):  # the keypoints of every source view proposed for view j
+        rows = torch.div(proposal[proposal % s == j], s, rounding_mode="floor")
+        if rows.numel() == 0:
             continue
-        model_xy = work_to_model(view, kp.xy)
-        depth = geometry.sample(geometry.depth, i, model_xy).double()
-        points = geometry.unproject(i, model_xy, depth)
-        query = None
-        if summary is not None:
-            patch = summary.patch_of_model_xy(model_xy, geometry.image_size)
-            query = summary.query_block_of_patch(i, patch.clamp_min(0))
-        for j in targets[i].unique().tolist():
-            if j < 0:
-                continue
-            rows = (targets[i] == j).any(dim=1).nonzero()[:, 0]
-            proposed += rows.numel()
-            ok, uv, work_uv, _ = _project_and_check(views, geometry, points[rows], j, options, thresholds)
-            rows, uv, work_uv = rows[ok], uv[ok], work_uv[ok]
-            if rows.numel() == 0:
-                continue
-            affine = _local_affine(geometry, views, i, j, model_xy[rows], depth[rows], options)
-            good = _affine_ok(affine)
-            rows, uv, work_uv, affine = rows[good], uv[good], work_uv[good], affine[good]
-            in_block = torch.zeros(rows.numel(), dtype=torch.bool)
-            if summary is not None:
-                target_patch = summary.patch_of_model_xy(uv, geometry.image_size)
-                block = j * summary.blocks_per_view + summary.block_of_patch(target_patch.clamp_min(0))
-                in_block = (target_patch >= 0) & summary.selected[query[rows], block]
-            candidates.source_view.append(torch.full_like(rows, i))
-            candidates.source_index.append(rows)
-            candidates.target_view.append(torch.full_like(rows, j))
-            candidates.predicted.append(work_uv)
-            candidates.affine.append(affine)
-            candidates.in_block.append(in_block)
-    return candidates, {"proposed": proposed}
+        ok, uv, work_uv, _ = _project_and_check(views, geometry, sources.points[rows], j, options, thresholds)
+        rows, uv, work_uv = rows[ok], uv[ok], work_uv[ok]
+        if rows.numel() == 0:
+            continue
+        source_view = sources.view[rows]
+        affine = _local_affine(geometry, views, source_view, j, sources.ends[:, rows], options)
+        good = _affine_ok(affine)
+        rows, uv, work_uv, affine = rows[good], uv[good], work_uv[good], affine[good]
+        in_block = torch.zeros(rows.numel(), dtype=torch.bool)
+        if summary is not None and sources.query is not None:
+            target_patch = summary.patch_of_model_xy(uv, geometry.image_size)
+            block = j * summary.blocks_per_view + summary.block_of_patch(target_patch.clamp_min(0))
+            in_block = (target_patch >= 0) & summary.selected[sources.query[rows], block]
+        found.append((rows, torch.full_like(rows, j), work_uv, affine, in_block))
+    if not found:
+        empty = torch.zeros(0, dtype=torch.long)
+        return _Candidates(
+            empty,
+            empty,
+            empty,
+            torch.zeros(0, 2, dtype=torch.float64),
+            torch.zeros(0, 2, 2, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.bool),
+        ), {"proposed": int(proposal.numel())}
+    rows, target_view, predicted, affine, in_block = (torch.cat(parts) for parts in zip(*found, strict=True))
+    source_view = sources.view[rows]
+    order = torch.argsort((source_view * s + target_view) * len(sources.view) + rows)
+    rows, source_view = rows[order], source_view[order]
+    candidates = _Candidates(
+        source_view=source_view,
+        source_index=rows - sources.offsets[source_view],
+        target_view=target_view[order],
+        predicted=predicted[order],
+        affine=affine[order],
+        in_block=in_block[order],
+    )
+    return candidates, {"proposed": int(proposal.numel())}
 
 
-def displacement_field(predicted: torch.Tensor, found: torch.Tensor, min_inliers: int):
-    """Robust affine fit of ``found - predicted`` (N, 2) against ``predicted``: a function mapping predicted
-    locations (M, 2) to corrected ones, or None when fewer than ``min_inliers`` agree. Iteratively
-    reweighted: points off by more than max(2 px, 3 x the median residual) are dropped."""
-    if predicted.shape[0] < min_inliers:
-        return None
-    centre = predicted.mean(dim=0)
-    design = torch.cat([predicted - centre, torch.ones(predicted.shape[0], 1, dtype=predicted.dtype)], 1)
-    offset = found - predicted
-    inliers = torch.ones(predicted.shape[0], dtype=torch.bool)
+def fit_displacement_fields(
+    predicted: torch.Tensor,
+    found: torch.Tensor,
+    group: torch.Tensor,
+    num_groups: int,
+    min_inliers: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group of points, a robust affine fit of ``found - predicted`` (N, 2) against ``predicted``.
+
+    ``group``: (N,) group of each point in [0, num_groups). Iteratively reweighted: points off by more
+    than max(2 px, 3 x the median residual of the inliers) are dropped, four times. Returns the centre
+    (G, 2) and solution (G, 3, 2) of each fit and (G,) whether at least ``min_inliers`` agree; the
+    corrected location of a point p of group g is ``p + [p - centre[g], 1] @ solution[g]`` (see
+    :func:`apply_displacement_fields`). All groups are solved together as one padded batch.
+    """
+    count = torch.bincount(group, minlength=num_groups)
+    width = max(int(count.max()) if count.numel() else 0, 1)
+    order = torch.argsort(group, stable=True)
+    g = group[order]
+    slot = torch.arange(g.numel()) - (count.cumsum(0) - count)[g]
+    present = torch.zeros(num_groups, width, dtype=torch.bool)
+    present[g, slot] = True
+    p = torch.zeros(num_groups, width, 2, dtype=torch.float64)
+    p[g, slot] = predicted[order].double()
+    offset = torch.zeros_like(p)
+    offset[g, slot] = found[order].double() - predicted[order].double()
+    centre = p.sum(dim=1) / count.clamp_min(1)[:, None]
+    design = torch.cat([p - centre[:, None], present[..., None].double()], dim=-1)  # (G, K, 3)
+    valid = count >= min_inliers
+    inliers = present
+    solution = torch.zeros(num_groups, 3, 2, dtype=torch.float64)
     for _ in range(4):
-        if int(inliers.sum()) < min_inliers:
-            return None
-        solution = torch.linalg.lstsq(design[inliers], offset[inliers]).solution  # (3, 2)
-        residual = (design @ solution - offset).norm(dim=1)
-        inliers = residual <= max(2.0, 3.0 * float(residual[inliers].median()))
-    if int(inliers.sum()) < min_inliers:
-        return None
+        valid &= inliers.sum(dim=1) >= min_inliers
+        weight = (inliers & valid[:, None]).double()[..., None]  # outliers as zero rows
+        solution = torch.linalg.lstsq(design * weight, offset * weight).solution
+        residual = (design @ solution - offset).norm(dim=-1)  # (G, K)
+        ranked = torch.where(inliers, residual, torch.full_like(residual, math.inf)).sort(dim=1).values
+        middle = torch.div(inliers.sum(dim=1) - 1, 2, rounding_mode="floor").clamp_min(0)  # lower median
+        median = ranked.gather(1, middle[:, None])[:, 0]
+        inliers = present & (residual <= (3.0 * median).clamp_min(2.0)[:, None])
+    valid &= inliers.sum(dim=1) >= min_inliers
+    return centre, solution, valid
 
-    def correct(points: torch.Tensor) -> torch.Tensor:
-        rows = torch.cat([points - centre, torch.ones(points.shape[0], 1, dtype=points.dtype)], 1)
-        return points + rows @ solution
 
-    return correct
+def apply_displacement_fields(
+    points: torch.Tensor, group: torch.Tensor, centre: torch.Tensor, solution: torch.Tensor
+) -> torch.Tensor:
+    """Corrected locations (N, 2) of ``points`` (N, 2) of groups ``group`` (N,) by the fits of
+    :func:`fit_displacement_fields`."""
+    local = points - centre[group]
+    fitted = solution[group]  # (N, 3, 2)
+    return points + local[:, :1] * fitted[:, 0] + local[:, 1:] * fitted[:, 1] + fitted[:, 2]
+
+
+def _refine(
+    stack: PyramidStack,
+    candidates: _Candidates,
+    rows: torch.Tensor,
+    keypoint_xy: torch.Tensor,
+    guess: torch.Tensor,
+    radius: float,
+    scales: torch.Tensor,
+    options: RefineOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`refine_matches` of candidates ``rows`` around ``guess`` (len(rows), 2); ``radius`` in model
+    pixels, ``scales`` (S,) work pixels per model pixel of each view, ``keypoint_xy`` (len(rows), 2)."""
+    source_view = candidates.source_view[rows]
+    per_match = radius * scales[source_view]
+    xy = torch.zeros(rows.numel(), 2, dtype=torch.float64)
+    ncc, reason = torch.zeros(rows.numel()), torch.zeros(rows.numel(), dtype=torch.long)
+    for value in per_match.unique().tolist():  # one value unless the views have several scales
+        part = (per_match == value).nonzero()[:, 0]
+        xy[part], ncc[part], reason[part] = refine_matches(
+            stack,
+            stack,
+            source_view[part],
+            candidates.target_view[rows[part]],
+            keypoint_xy[part],
+            guess[part],
+            candidates.affine[rows[part]],
+            value,
+            options,
+        )
+    return xy, ncc, reason
+
+
+def _pair_groups(counts: list[int], size: int) -> list[tuple[int, int]]:
+    """Consecutive ranges [first, last) of view pairs with about ``size`` candidates together (a larger
+    pair alone)."""
+    groups, first, total = [], 0, 0
+    for k, count in enumerate(counts):
+        if total and total + count > size:
+            groups.append((first, k))
+            first, total = k, 0
+        total += count
+    if first < len(counts):
+        groups.append((first, len(counts)))
+    return groups
+
+
+def _top_per_group(group: torch.Tensor, score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest ``score`` of each group, for ``group`` (N,) sorted ascending."""
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]  # by group, best first inside each
+    sorted_group = group[order]
+    rank = torch.arange(order.numel()) - torch.searchsorted(sorted_group, sorted_group)
+    return order[rank < k].sort().values
 
 
 def match_views(
@@ -271,9 +444,11 @@ def match_views(
 ) -> Matches:
     """All verified and refined correspondences of the keypoints (see the module docstring)."""
     candidates, stats = find_candidates(views, keypoints, geometry, summary, thresholds, options)
-    if not candidates.source_view:
+    m = len(candidates)
+    stats["verified"] = m
+    if m == 0:
         empty = torch.zeros(0, dtype=torch.long)
-        stats.update(verified=0, refined=0)
+        stats["refined"] = 0
         return Matches(
             empty,
             empty,
@@ -283,55 +458,70 @@ def match_views(
             torch.zeros(0, dtype=torch.bool),
             stats,
         )
-    source_view, source_index, target_view, predicted, affine, in_block = candidates.cat()
-    stats["verified"] = int(source_view.numel())
-    scales = [max(work_pixels_per_model_pixel(v)) for v in views]
+    s = len(views)
+    scales = torch.tensor([max(work_pixels_per_model_pixel(v)) for v in views], dtype=torch.float64)
     wide = dataclasses.replace(options.refine, level_radius=max(options.refine.level_radius, 16))
     levels = max(
-        num_levels(options.correction_radius * max(scales), wide.level_radius),
-        num_levels(options.search_radius * max(scales), options.refine.level_radius),
+        num_levels(options.correction_radius * float(scales.max()), wide.level_radius),
+        num_levels(options.search_radius * float(scales.max()), options.refine.level_radius),
     )
-    pyramids = [build_pyramid(g, levels) for g in grays]
-    corrected_pairs = 0
-    refined = torch.zeros_like(predicted)
-    ncc = torch.zeros(source_view.numel())
-    reason = torch.full((source_view.numel(),), -1, dtype=torch.long)  # -1: not refined (time limit)
-    pair = source_view * len(views) + target_view
-    start, skipped = time.perf_counter(), 0
-    for key in pair.unique().tolist():
-        rows = (pair == key).nonzero()[:, 0]
+    stack = PyramidStack.from_pyramids([build_pyramid(g, levels) for g in grays])
+    first_keypoint = torch.tensor([0] + [kp.xy.shape[0] for kp in keypoints]).cumsum(0)
+    keypoint = first_keypoint[candidates.source_view] + candidates.source_index
+    keypoint_xy = torch.cat([kp.xy for kp in keypoints]).double()[keypoint]
+    keypoint_score = torch.cat([kp.score for kp in keypoints])[keypoint]
+    pair = candidates.source_view * s + candidates.target_view  # ascending: candidates are sorted
+    counts = torch.unique_consecutive(pair, return_counts=True)[1]
+    pair_start = (counts.cumsum(0) - counts).tolist() + [m]
+    refined = torch.zeros(m, 2, dtype=torch.float64)
+    ncc = torch.zeros(m)
+    reason = torch.full((m,), -1, dtype=torch.long)  # -1: not refined (time limit)
+    start, skipped, corrected_pairs = time.perf_counter(), 0, 0
+    for first, last in _pair_groups(counts.tolist(), options.refine.chunk):
         if options.time_limit is not None and time.perf_counter() - start > options.time_limit:
-            skipped += 1
+            skipped += last - first
             continue
-        i, j = divmod(key, len(views))
-        sources = keypoints[i].xy[source_index[rows]]
-        sample = rows[torch.argsort(keypoints[i].score[source_index[rows]], descending=True)]
-        sample = sample[: options.correction_samples]
-        located, _, why = refine_pair(
-            pyramids[i],
-            pyramids[j],
-            keypoints[i].xy[source_index[sample]],
-            predicted[sample],
-            affine[sample],
-            options.correction_radius * scales[i],
+        rows = torch.arange(pair_start[first], pair_start[last])
+        pair_of_row = torch.repeat_interleave(torch.arange(last - first), counts[first:last])
+        # 4. per view pair: its strongest keypoints searched widely, an affine correction of the prediction
+        sample = _top_per_group(pair_of_row, keypoint_score[rows], options.correction_samples)
+        located, score, why = _refine(
+            stack,
+            candidates,
+            rows[sample],
+            keypoint_xy[rows[sample]],
+            candidates.predicted[rows[sample]],
+            options.correction_radius,
+            scales,
             wide,
         )
-        field = displacement_field(
-            predicted[sample][why == 0], located[why == 0], options.correction_min_inliers
+        accepted = why == 0
+        centre, solution, corrected = fit_displacement_fields(
+            candidates.predicted[rows[sample]][accepted],
+            located[accepted],
+            pair_of_row[sample][accepted],
+            last - first,
+            options.correction_min_inliers,
         )
-        radius = options.correction_radius if field is None else options.search_radius
-        guess = predicted[rows] if field is None else field(predicted[rows])
-        corrected_pairs += field is not None
-        xy, score, why = refine_pair(
-            pyramids[i],
-            pyramids[j],
-            sources,
-            guess,
-            affine[rows],
-            radius * scales[i],
-            options.refine if field is not None else wide,
-        )
-        refined[rows], ncc[rows], reason[rows] = xy, score, why
+        corrected_pairs += int(corrected.sum())
+        # 5. every candidate: a narrow search around the corrected location; where the correction failed,
+        # the wide search around the prediction, which the samples of those pairs have had already
+        narrow = corrected[pair_of_row]
+        guess = candidates.predicted[rows].clone()
+        guess[narrow] = apply_displacement_fields(guess[narrow], pair_of_row[narrow], centre, solution)
+        reuse = ~narrow[sample]
+        done = torch.zeros(rows.numel(), dtype=torch.bool)
+        done[sample[reuse]] = True
+        kept = rows[sample[reuse]]
+        refined[kept], ncc[kept], reason[kept] = located[reuse], score[reuse], why[reuse]
+        for chosen, radius, settings in (
+            (narrow, options.search_radius, options.refine),
+            (~narrow & ~done, options.correction_radius, wide),
+        ):
+            part = rows[chosen]
+            refined[part], ncc[part], reason[part] = _refine(
+                stack, candidates, part, keypoint_xy[part], guess[chosen], radius, scales, settings
+            )
     if skipped:
         logger.warning(
             "matching time limit (%.1f s) reached: %d view pairs were not refined",
@@ -343,10 +533,16 @@ def match_views(
     stats["rejected"] = {REASONS[code]: int((reason == code).sum()) for code in REASONS if code}
     stats["pairs_skipped_for_time"] = skipped
     stats["pairs_corrected"] = corrected_pairs
-    stats["pairs"] = int(pair.unique().numel())
+    stats["pairs"] = len(counts)
     stats["in_selected_block"] = (
-        float(in_block[ok].float().mean()) if summary is not None and ok.any() else None
+        float(candidates.in_block[ok].float().mean()) if summary is not None and ok.any() else None
     )
     return Matches(
-        source_view[ok], source_index[ok], target_view[ok], refined[ok], ncc[ok], in_block[ok], stats
+        candidates.source_view[ok],
+        candidates.source_index[ok],
+        candidates.target_view[ok],
+        refined[ok],
+        ncc[ok],
+        candidates.in_block[ok],
+        stats,
     )

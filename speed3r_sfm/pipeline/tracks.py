@@ -40,7 +40,7 @@ class Tracks:
 
     def pairwise_matches(self) -> dict[tuple[int, int], np.ndarray]:
         """All pairs of observations of every track, grouped by view pair (v1 < v2): (m, 2) point indices."""
-        out: dict[tuple[int, int], list[np.ndarray]] = {}
+        v1s, v2s, p1s, p2s = [], [], [], []
         lengths = self.lengths()
         for length in np.unique(lengths):
             if length < 2:
@@ -51,14 +51,19 @@ class Tracks:
             va, vb = self.obs_view[obs[:, a]], self.obs_view[obs[:, b]]
             pa, pb = self.obs_point[obs[:, a]], self.obs_point[obs[:, b]]
             swap = va > vb
-            v1, v2 = np.where(swap, vb, va).ravel(), np.where(swap, va, vb).ravel()
-            p1, p2 = np.where(swap, pb, pa).ravel(), np.where(swap, pa, pb).ravel()
-            for key in np.unique(v1 * (1 << 32) + v2):
-                sel = (v1 * (1 << 32) + v2) == key
-                out.setdefault((int(key >> 32), int(key & 0xFFFFFFFF)), []).append(
-                    np.stack([p1[sel], p2[sel]], 1)
-                )
-        return {k: np.concatenate(v) for k, v in sorted(out.items())}
+            v1s.append(np.where(swap, vb, va).ravel())
+            v2s.append(np.where(swap, va, vb).ravel())
+            p1s.append(np.where(swap, pb, pa).ravel())
+            p2s.append(np.where(swap, pa, pb).ravel())
+        if not v1s:
+            return {}
+        v1, v2, p1, p2 = (np.concatenate(parts) for parts in (v1s, v2s, p1s, p2s))
+        key = v1 * (1 << 32) + v2
+        order = np.argsort(key, kind="stable")  # by view pair, in the order found
+        key, pairs = key[order], np.stack([p1[order], p2[order]], 1)
+        keys, starts = np.unique(key, return_index=True)
+        chunks = np.split(pairs, starts[1:])
+        return {(int(k >> 32), int(k & 0xFFFFFFFF)): c for k, c in zip(keys, chunks, strict=True)}
 
 
 def connected_components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
@@ -82,40 +87,54 @@ def connected_components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
 
 
 def nearest_within(
-    query: torch.Tensor, points: torch.Tensor, radius: float
+    query: torch.Tensor,
+    points: torch.Tensor,
+    radius: float,
+    query_group: torch.Tensor | None = None,
+    point_group: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance to and index of the nearest of ``points`` (N, 2) for every ``query`` (M, 2), exact for
-    neighbours within ``radius`` (others report inf): a hash of cells of side ``radius``, 3 x 3 cells
-    searched per query, instead of all M x N distances."""
+    neighbours within ``radius`` (others report inf): points sorted by cells of side ``radius``, the
+    3 x 3 cells around each query searched (three runs of consecutive cells), instead of all M x N
+    distances. With ``query_group`` (M,) and ``point_group`` (N,) (non-negative ints), only points of
+    the query's own group count."""
+    best = torch.full((query.shape[0],), float("inf"), dtype=query.dtype)
+    best_index = torch.zeros(query.shape[0], dtype=torch.long)
+    if query.shape[0] == 0 or points.shape[0] == 0:
+        return best, best_index
+    if query_group is None or point_group is None:
+        query_group = torch.zeros(query.shape[0], dtype=torch.long)
+        point_group = torch.zeros(points.shape[0], dtype=torch.long)
     cell = max(radius, 1e-6)
     key_points = torch.floor(points / cell).long()
     key_query = torch.floor(query / cell).long()
-    # the cells of the points, sorted, and the range of points in each cell
-    width = int(
-        max(key_points[:, 0].max(), key_query[:, 0].max())
-        - min(key_points[:, 0].min(), key_query[:, 0].min())
-        + 3
-    )
+    # the cells (group, row, column) of the points, sorted, and the range of points in each cell
     origin = torch.minimum(key_points.min(dim=0).values, key_query.min(dim=0).values) - 1
-    flat = (key_points[:, 1] - origin[1]) * width + (key_points[:, 0] - origin[0])
-    order = torch.argsort(flat)
-    sorted_flat = flat[order]
-    best = torch.full((query.shape[0],), float("inf"), dtype=query.dtype)
-    best_index = torch.zeros(query.shape[0], dtype=torch.long)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            target = (key_query[:, 1] + dy - origin[1]) * width + (key_query[:, 0] + dx - origin[0])
-            start = torch.searchsorted(sorted_flat, target)
-            end = torch.searchsorted(sorted_flat, target, right=True)
-            count = end - start
-            for k in range(int(count.max()) if count.numel() else 0):
-                has = count > k
-                candidate = order[(start + k).clamp(max=len(order) - 1)]
-                distance = (query - points[candidate]).norm(dim=1)
-                better = has & (distance < best)
-                best = torch.where(better, distance, best)
-                best_index = torch.where(better, candidate, best_index)
-    return best, best_index
+    extent = torch.maximum(key_points.max(dim=0).values, key_query.max(dim=0).values) - origin + 2
+    width, height = int(extent[0]), int(extent[1])
+
+    def flat(group: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return (group * height + key[:, 1] - origin[1]) * width + key[:, 0] - origin[0]
+
+    order = torch.argsort(flat(point_group, key_points))
+    sorted_flat = flat(point_group, key_points)[order]
+    query_flat = flat(query_group, key_query)
+    query_order = torch.argsort(query_flat)  # sorted look-ups are faster
+    query_flat, sorted_query = query_flat[query_order], query[query_order]
+    for dy in (-1, 0, 1):  # the three cells of a row are consecutive keys: one range
+        row = query_flat + dy * width
+        start = torch.searchsorted(sorted_flat, row - 1)
+        count = torch.searchsorted(sorted_flat, row + 1, right=True) - start
+        for k in range(int(count.max())):
+            has = count > k
+            candidate = order[(start + k).clamp(max=len(order) - 1)]
+            distance = (sorted_query - points[candidate]).norm(dim=1)
+            better = has & (distance < best)
+            best = torch.where(better, distance, best)
+            best_index = torch.where(better, candidate, best_index)
+    out, out_index = torch.empty_like(best), torch.empty_like(best_index)
+    out[query_order], out_index[query_order] = best, best_index
+    return out, out_index
 
 
 def build_tracks(
@@ -123,24 +142,33 @@ def build_tracks(
 ) -> Tracks:
     """Points and tracks of all views from keypoints and matches (see the module docstring)."""
     num_views = len(keypoints)
-    points = [kp.xy.clone() for kp in keypoints]
     num_keypoints = [kp.xy.shape[0] for kp in keypoints]
+    first_keypoint = torch.tensor([0] + num_keypoints).cumsum(0)
+    target_view = matches.target_view
     target_point = torch.zeros(len(matches), dtype=torch.long)
-    for j in range(num_views):
-        rows = (matches.target_view == j).nonzero()[:, 0]
-        if rows.numel() == 0:
-            continue
-        location = matches.target_xy[rows]
-        index = torch.zeros(rows.numel(), dtype=torch.long)
-        snap = torch.zeros(rows.numel(), dtype=torch.bool)
-        if merge_radius > 0 and num_keypoints[j] > 0:
-            distance, nearest = nearest_within(location, keypoints[j].xy, merge_radius)
-            snap = distance <= merge_radius
-            index[snap] = nearest[snap]
-        new = ~snap
-        index[new] = points[j].shape[0] + torch.arange(int(new.sum()))
-        points[j] = torch.cat([points[j], location[new]])
-        target_point[rows] = index
+    snap = torch.zeros(len(matches), dtype=torch.bool)
+    if merge_radius > 0 and len(matches):  # every view at once: keypoints grouped by their view
+        keypoint_view = torch.repeat_interleave(torch.arange(num_views), torch.tensor(num_keypoints))
+        distance, nearest = nearest_within(
+            matches.target_xy,
+            torch.cat([kp.xy for kp in keypoints]).to(matches.target_xy.dtype),
+            merge_radius,
+            target_view,
+            keypoint_view,
+        )
+        snap = distance <= merge_radius
+        target_point[snap] = nearest[snap] - first_keypoint[target_view[snap]]
+    # the other match locations become new points of their view, in match order
+    new = (~snap).nonzero()[:, 0]
+    new = new[torch.argsort(target_view[new], stable=True)]
+    views_of_new = target_view[new]
+    rank = torch.arange(new.numel()) - torch.searchsorted(views_of_new, views_of_new)
+    target_point[new] = torch.tensor(num_keypoints)[views_of_new] + rank
+    counts = torch.bincount(views_of_new, minlength=num_views).tolist()
+    points = [
+        torch.cat([kp.xy, located]) if located.numel() else kp.xy.clone()
+        for kp, located in zip(keypoints, matches.target_xy[new].split(counts), strict=True)
+    ]
     offsets = np.concatenate([[0], np.cumsum([p.shape[0] for p in points])])
     view_of_node = np.repeat(np.arange(num_views), np.diff(offsets))
     edges = np.stack(
