@@ -16,6 +16,7 @@ from speed3r_sfm.training.data import (
     ScenePool,
     ViewSampling,
     choose_views,
+    pick_views,
 )
 from speed3r_sfm.training.frames import fit_frame
 
@@ -88,6 +89,31 @@ def test_scene_pool_samples_view_subsets():
     assert first["jobs"][0].intrinsics.shape[0] == 3  # pool_views defaults to max_views
     out = dm.on_after_batch_transfer(first, 0)
     assert out["images"].shape[2:] == (3, 42, 56) and out["images"].shape[1] == first["pool_sample"][1]
+
+
+def test_window_sampling_takes_consecutive_views_at_a_stride():
+    gen = torch.Generator().manual_seed(0)
+    strides, directions = set(), set()
+    for _ in range(200):
+        idx = pick_views(24, 5, "window", 3, gen)
+        steps = idx.diff()
+        assert len(set(steps.tolist())) == 1 and abs(int(steps[0])) in (1, 2, 3)  # one constant stride
+        assert idx.min() >= 0 and idx.max() < 24
+        strides.add(abs(int(steps[0])))
+        directions.add(int(steps[0].sign()))
+    assert strides == {1, 2, 3} and directions == {-1, 1}
+    # a stride that does not fit shrinks: 5 views of 6 only fit at stride 1
+    assert pick_views(6, 5, "window", 3, gen).diff().abs().eq(1).all()
+    assert pick_views(1, 1, "window", 3, gen).tolist() == [0]
+    with pytest.raises(ValueError, match="raise pool_views"):
+        pick_views(4, 5, "window", 2, gen)
+
+    pool = ScenePool(capacity=1, sampling="window", max_stride=1)
+    pool.add({"images": torch.zeros(8, 3, 2, 2), "index": torch.arange(8)})
+    rows = pool.sample(4, 3, seed=1)["index"]
+    assert all(row.diff().abs().eq(1).all() for row in rows)
+    with pytest.raises(ValueError, match="pool_sampling"):
+        ReconstructionDataModule(height=42, width=56, synthetic={"pool_sampling": "nearby"})
 
 
 def test_fit_frame_adjusts_intrinsics():

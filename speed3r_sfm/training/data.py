@@ -53,6 +53,7 @@ VAL_SEED_START = 900_000
 assert VAL_SEED_START < HELDOUT_SEED_START
 
 SOURCES = ("synthetic", "colmap", "cache")
+POOL_SAMPLING = ("subset", "window")
 _TRAIN, _VAL = 0, 1
 
 
@@ -84,7 +85,13 @@ class ViewSampling:
 class SyntheticConfig:
     """Synthetic rooms (``speed3r_sfm.data.synthetic``): trajectories drawn uniformly from
     ``trajectories``; ``supersample``/``shadows`` as in ``render_views``; pooling as in the module doc
-    (``pool_views``: views rendered per pooled scene, default ``max_views``)."""
+    (``pool_views``: views rendered per pooled scene, default ``max_views``).
+
+    ``pool_sampling``: how a pooled sample picks its views along the rendered trajectory. ``"subset"``: any
+    sorted subset (views may be half a room apart). ``"window"``: consecutive views at a stride drawn in
+    [1, ``max_stride``], in either direction, so that every view overlaps its neighbours and the first
+    view: relative pose is then observable from image content, which a model trained from scratch needs
+    to learn it (benchmarks/results/default_model_diagnosis.md)."""
 
     trajectories: list[str] = field(default_factory=lambda: list(TRAJECTORIES))
     supersample: int = 1
@@ -92,11 +99,17 @@ class SyntheticConfig:
     pool_scenes: int = 0
     pool_views: int | None = None
     pool_refresh: int = 1
+    pool_sampling: str = "subset"
+    max_stride: int = 2
 
     def __post_init__(self) -> None:
         bad = [t for t in self.trajectories if t not in TRAJECTORIES]
         if bad or not self.trajectories:
             raise ValueError(f"unknown trajectories {bad}; choose from {TRAJECTORIES}")
+        if self.pool_sampling not in POOL_SAMPLING:
+            raise ValueError(f"unknown pool_sampling {self.pool_sampling!r}; choose from {POOL_SAMPLING}")
+        if self.max_stride < 1:
+            raise ValueError(f"max_stride must be >= 1, got {self.max_stride}")
 
 
 def _from_any(cls, value):
@@ -165,12 +178,30 @@ class SceneJob:
         )
 
 
-class ScenePool:
-    """Rendered scenes kept on the device (FIFO of ``capacity``); batches draw scenes and sorted view
-    subsets from it."""
+def pick_views(
+    total: int, num_views: int, sampling: str, max_stride: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Indices of ``num_views`` of ``total`` trajectory views: a sorted random subset (``"subset"``) or
+    consecutive views at a random stride in [1, max_stride] that fits, in random direction (``"window"``)."""
+    if num_views > total:
+        raise ValueError(f"pooled scenes have {total} views, {num_views} requested; raise pool_views")
+    if sampling == "subset":
+        return torch.randperm(total, generator=gen)[:num_views].sort().values
+    fits = max(1, min(max_stride, (total - 1) // max(num_views - 1, 1)))
+    stride = int(torch.randint(1, fits + 1, (1,), generator=gen))
+    start = int(torch.randint(0, total - (num_views - 1) * stride, (1,), generator=gen))
+    idx = torch.arange(num_views) * stride + start
+    return idx.flip(0) if bool(torch.rand(1, generator=gen) < 0.5) else idx
 
-    def __init__(self, capacity: int) -> None:
+
+class ScenePool:
+    """Rendered scenes kept on the device (FIFO of ``capacity``); batches draw scenes and view subsets
+    from it (:func:`pick_views`)."""
+
+    def __init__(self, capacity: int, sampling: str = "subset", max_stride: int = 2) -> None:
         self.capacity = capacity
+        self.sampling = sampling
+        self.max_stride = max_stride
         self.scenes: list[dict[str, torch.Tensor]] = []
 
     def add(self, views: dict[str, torch.Tensor]) -> None:
@@ -190,10 +221,8 @@ class ScenePool:
         samples = []
         for p in picks.tolist():
             scene = self.scenes[p]
-            total = scene["images"].shape[0]
-            if num_views > total:
-                raise ValueError(f"pooled scenes have {total} views, {num_views} requested; raise pool_views")
-            idx = torch.randperm(total, generator=gen)[:num_views].sort().values.to(scene["images"].device)
+            idx = pick_views(scene["images"].shape[0], num_views, self.sampling, self.max_stride, gen)
+            idx = idx.to(scene["images"].device)
             samples.append({k: v[idx] for k, v in scene.items()})
         return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
@@ -458,7 +487,10 @@ class ReconstructionDataModule(pl.LightningDataModule):
         )
         self._frames = None
         self._val_frames = None
-        self._pool = ScenePool(self.synthetic.pool_scenes) if self.synthetic.pool_scenes else None
+        syn = self.synthetic
+        self._pool = (
+            ScenePool(syn.pool_scenes, syn.pool_sampling, syn.max_stride) if syn.pool_scenes else None
+        )
         self._augment = None
 
     # ------------------------------------------------------------------ setup

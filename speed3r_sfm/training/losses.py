@@ -29,6 +29,7 @@ named terms plus ``"loss"``, the weighted total.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from ..models.vggt.pose_encoding import (
     extrinsics_intrinsics_to_pose_encoding,
     pose_encoding_to_extrinsics_intrinsics,
 )
+from .correspondence import correspondence_loss, correspondence_pairs, patch_correspondences
 
 _QUANTILE_SAMPLE = 1 << 20
 
@@ -394,6 +396,9 @@ class LossConfig:
     VGGT: ``camera`` (5.0), ``depth`` (1.0), ``point`` (1.0; only if the model has a point head);
     π³: ``point`` (local points, 1.0), ``pi3_conf`` (0.05). ``relative_pose``: weight of
     :func:`relative_pose_loss`; None means 0.1 for π³ and 0 for VGGT (decoded from ``pose_enc``).
+    ``correspondence`` (VGGT, default 0): weight of the patch-matching InfoNCE
+    (:mod:`.correspondence`) on the aggregator outputs of ``correspondence_layers`` (layers the model
+    keeps in training: its DPT layers and the last).
     """
 
     camera: float = 5.0
@@ -412,6 +417,10 @@ class LossConfig:
     relative_translation_weight: float = 100.0
     pi3_min_depth: float = 0.01
     pi3_inlier_threshold: float = 0.02
+    correspondence: float = 0.0
+    correspondence_layers: tuple[int, ...] = (1, 3)
+    correspondence_temperature: float = 0.07
+    correspondence_depth_tolerance: float = 0.05
 
     @classmethod
     def from_any(cls, value: LossConfig | dict[str, Any] | None) -> LossConfig:
@@ -481,10 +490,50 @@ class VGGTCriterion:
             )
             terms.update({f"{name}_{k}": v for k, v in reg.items() if k != "total"})
             add(name, weight, reg["total"])
+        if c.correspondence > 0:
+            corr = self._correspondence(pred, target)
+            terms["correspondence_accuracy"] = corr["correspondence_accuracy"]
+            add("correspondence", c.correspondence, corr["correspondence"])
         if total is None:
             raise ValueError("no loss term applies: check the loss weights and the model's heads")
         terms["loss"] = total
         return terms
+
+    def _correspondence(self, pred: dict[str, Any], target: NormalizedTarget) -> dict[str, torch.Tensor]:
+        """Patch-matching InfoNCE averaged over ``correspondence_layers``."""
+        c = self.config
+        if "aggregated_tokens_list" not in pred:
+            raise ValueError("the correspondence loss needs the aggregator outputs: train the VGGT model")
+        outputs, start = pred["aggregated_tokens_list"], pred["patch_start_idx"]
+        b, s, h, w = target.depth.shape
+        num_patches = next(o for o in outputs if o is not None).shape[2] - start
+        patch = round(math.sqrt(h * w / num_patches))
+        if (h // patch) * (w // patch) != num_patches:
+            raise ValueError(f"cannot infer the patch size of {num_patches} patches in {h}x{w} images")
+        pairs = correspondence_pairs(s, target.depth.device)
+        matches = patch_correspondences(
+            target.world_points,
+            target.depth,
+            target.valid,
+            target.intrinsics,
+            target.cam_from_world,
+            pairs,
+            patch,
+            c.correspondence_depth_tolerance,
+        )
+        matches = torch.where(target.sequence_valid.view(-1, 1, 1), matches, torch.full_like(matches, -1))
+        losses, accuracies = [], []
+        for layer in c.correspondence_layers:
+            tokens = outputs[layer]
+            if tokens is None:
+                raise ValueError(f"aggregator layer {layer} is not kept in training; use a DPT layer or -1")
+            out = correspondence_loss(tokens[:, :, start:], matches, pairs, c.correspondence_temperature)
+            losses.append(out["correspondence"])
+            accuracies.append(out["correspondence_accuracy"])
+        return {
+            "correspondence": torch.stack(losses).mean(),
+            "correspondence_accuracy": torch.stack(accuracies).mean(),
+        }
 
 
 class Pi3Criterion:

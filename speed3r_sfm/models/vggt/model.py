@@ -148,6 +148,9 @@ class VGGT(nn.Module):
             predictions["track"], predictions["vis"], predictions["conf"] = tracks[-1], vis, conf
         if not self.training:
             predictions["images"] = images
+        else:  # for losses on the tokens (training/correspondence.py); None for layers not kept
+            predictions["aggregated_tokens_list"] = outputs
+            predictions["patch_start_idx"] = patch_start_idx
         if return_attention:
             predictions["attention"] = records
         return predictions
