@@ -423,6 +423,9 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
         raise SystemExit(f"no pose stage in {run_dir / 'stages.json'}: run the pose stage first")
     evaluation = json.loads((run_dir / "evaluation_pose.json").read_text())
     model = load_exported(run_dir / STAGE_WEIGHTS["pose"], attention=previous["config"]["attention"])
+    # the last layer the correspondence loss trained exports the match descriptors (token poses)
+    trained_layers = stages[-1]["config"]["model"]["loss"]["correspondence_layers"]
+    model.config.descriptor_layer = int(trained_layers[-1])
     pose_entries = [{k: v for k, v in e.items() if k != "config"} for e in stages]
     info = {
         "global_step": stages[-1]["global_step"],
@@ -462,7 +465,10 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
         " on windows of consecutive views of forward/orbit trajectories with the patch-correspondence"
         f" loss; {entry['global_step']} steps, {entry['trained_seconds'] / 60:.1f} min of training on"
         f" {entry['device']} ({entry['date'][:10]}).",
-        "- Shipped as GSA with the gates at their training-free init (`info.gsa` in `default.json`).",
+        "- Shipped as GSA with the gates at their training-free init (`info.gsa` in `default.json`), exporting"
+        f" the patch tokens of aggregator layer {model.config.descriptor_layer} as match descriptors"
+        " (`descriptor_layer`): the pipeline computes its poses from them and the predicted depth"
+        " (`speed3r_sfm/pipeline/token_poses.py`).",
         "",
         "## Accuracy (held-out synthetic scenes, `benchmarks/train_default.py evaluate --candidate pose`)",
         "",

@@ -50,6 +50,7 @@ from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .matching import MatchOptions, match_views
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .report import build_report
+from .token_poses import TokenPoseOptions, apply_token_poses
 from .tracks import build_tracks
 from .view_features import thumbnail_descriptors, token_descriptors, token_encoder
 
@@ -66,6 +67,7 @@ class PipelineOptions:
     keypoints: KeypointOptions = field(default_factory=KeypointOptions)
     matching: MatchOptions = field(default_factory=MatchOptions)
     bundle: BundleOptions = field(default_factory=BundleOptions)
+    token_poses: TokenPoseOptions = field(default_factory=TokenPoseOptions)
     merge_radius: float = 1.0  # work pixels: match locations this close to a keypoint reuse it
     max_image_size: int = 1600  # long side of the work copies (keypoints, refinement)
     no_ba_max_reproj_error: float = 16.0  # pixels, point filter when ba=False
@@ -79,7 +81,9 @@ class PipelineResult:
     report: dict
     output_dir: Path | None
     image_names: list[str]
-    feedforward_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the backbone's poses (its world frame)
+    feedforward_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the poses BA started from (model frame)
+    head_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the camera head's poses (same as above unless
+    # token poses replaced them, see report["poses"])
 
 
 def reconstruct(
@@ -180,6 +184,8 @@ def run_pipeline(
         )
         geometry = SceneGeometry.from_prediction(prediction)
         _check_prediction(geometry, model_images)
+        head_poses = geometry.cam_from_world.clone()
+        pose_source = apply_token_poses(geometry, prediction, options.token_poses)
         if attention == "gsa" and summary is None:
             logger.warning("the model exported no GSA records: texture-based keypoints, geometric view pairs")
         del prediction
@@ -244,6 +250,7 @@ def run_pipeline(
                 "bundle_adjustment": ba,
                 "options": asdict(options),
                 "chunking": chunking,
+                "poses": pose_source,
             },
             initial_error=initial_error,
             initial_points=initial_points,
@@ -259,7 +266,8 @@ def run_pipeline(
             stages.done("write")
     finally:
         stages.close()
-    return PipelineResult(rec, report, output, [v.name for v in views], geometry.cam_from_world.clone())
+    names = [v.name for v in views]
+    return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses)
 
 
 def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:

@@ -45,6 +45,10 @@ class VGGTConfig:
     ``dense_heads_autocast``: run the depth/point DPT heads under the caller's autocast (bf16 convolutions)
     instead of in float32 as upstream (the camera head always runs in float32). About twice as fast at
     hundreds of views, with bf16-level differences in depth and points; off by default.
+
+    ``descriptor_layer``: an aggregator layer whose patch tokens were trained to match across views
+    (``speed3r_sfm.training.correspondence``); ``predict`` then exports them, L2-normalised, as
+    ``extras["descriptors"]`` for the pipeline's token poses. None (official weights): nothing exported.
     """
 
     img_size: int = 518
@@ -88,6 +92,7 @@ class VGGTConfig:
     autocast_residual: bool = False
     compile_inference: bool = False
     dense_heads_autocast: bool = False
+    descriptor_layer: int | None = None
 
     def __post_init__(self) -> None:
         if self.dino.embed_dim != self.embed_dim or self.dino.patch_size != self.patch_size:
@@ -97,6 +102,8 @@ class VGGTConfig:
             )
         if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
             raise ValueError(f"head dim {self.embed_dim}/{self.num_heads} must be a multiple of 4 (2D RoPE)")
+        if self.descriptor_layer is not None and not -self.depth <= self.descriptor_layer < self.depth:
+            raise ValueError(f"descriptor_layer {self.descriptor_layer} is not a layer of {self.depth}")
         bad = [i for i in self.dpt_layers if not -self.depth <= i < self.depth]
         if bad:
             raise ValueError(f"dpt_layers {bad} out of range for depth {self.depth}")

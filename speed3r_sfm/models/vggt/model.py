@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...attention import AttentionConfig, is_gsa_parameter
@@ -100,6 +101,8 @@ class VGGT(nn.Module):
             needed.add(depth - 1)
         if self.depth_head is not None or self.point_head is not None or with_tracks:
             needed.update(i % depth for i in self.config.dpt_layers)
+        if self.config.descriptor_layer is not None:
+            needed.add(self.config.descriptor_layer % depth)
         return needed
 
     def forward(
@@ -148,6 +151,9 @@ class VGGT(nn.Module):
             predictions["track"], predictions["vis"], predictions["conf"] = tracks[-1], vis, conf
         if not self.training:
             predictions["images"] = images
+            if self.config.descriptor_layer is not None:
+                tokens = outputs[self.config.descriptor_layer][:, :, patch_start_idx:]
+                predictions["descriptors"] = F.normalize(tokens.float(), dim=-1).half()
         else:  # for losses on the tokens (training/correspondence.py); None for layers not kept
             predictions["aggregated_tokens_list"] = outputs
             predictions["patch_start_idx"] = patch_start_idx
@@ -202,7 +208,7 @@ class VGGT(nn.Module):
             world_points=world_points,
             world_points_conf=points_conf,
             attention=out.get("attention"),
-            extras={"pose_enc": pose_enc},
+            extras={"pose_enc": pose_enc, **_descriptor_extras(out, self.config.patch_size)},
         )
 
     @classmethod
@@ -261,3 +267,10 @@ def _camera_depth(world_points: torch.Tensor, cam_from_world: torch.Tensor) -> t
     """Camera-frame z of (..., H, W, 3) world points."""
     rotation_z = cam_from_world[..., None, None, 2, :3]
     return (world_points * rotation_z).sum(-1) + cam_from_world[..., None, None, 2, 3]
+
+
+def _descriptor_extras(out: dict[str, Any], patch_size: int) -> dict[str, Any]:
+    """``descriptors`` (B, S, P, C) float16 and their ``patch_size``, when the forward exported them."""
+    if "descriptors" not in out:
+        return {}
+    return {"descriptors": out["descriptors"], "patch_size": patch_size}

@@ -1,0 +1,223 @@
+"""Camera poses from the model's own patch descriptors and depth ("token poses").
+
+A model trained with the patch-correspondence loss (``VGGTConfig.descriptor_layer``, e.g. the shipped
+default) exports L2-normalised patch tokens that match across views. For a pair of views, mutual nearest
+neighbours among those tokens give patch correspondences; the predicted depth at the two patch centres
+lifts each into both camera frames, and a robust Sim(3) (:func:`~.chunking.robust_sim3`, IRLS from
+3-point hypotheses) between the two point sets is the pair's relative pose, its scale the ratio of the two
+views' depth scales. The pairs form a graph (edge weight: the robust support of the fit); the maximum
+spanning tree from view 0 chains them into one frame.
+
+Small models regress relative pose poorly from their camera token, yet match patches well: on held-out
+synthetic scenes the shipped default's camera head is off by 7-9 degrees between neighbouring views where
+its token poses are off by 1-2 (``benchmarks/results/token_poses.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .chunking import robust_sim3
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenPoseOptions:
+    """``enabled``: use token poses when the model exports descriptors (otherwise the camera head's).
+    ``neighbours``: partner views per view, the most similar by mean descriptor (all pairs when fewer
+    views). ``min_matches``: mutual matches below which a pair is not used. ``min_depth_quantile``: patches
+    whose predicted depth confidence is below this quantile of their view are not matched."""
+
+    enabled: bool = True
+    neighbours: int = 10
+    min_matches: int = 12
+    min_confidence_quantile: float = 0.1
+    hypotheses: int = 64
+
+
+@dataclass
+class PairAlignment:
+    """``i_from_j``: Sim(3) (s, R (3, 3), t (3,)) mapping view j's camera-frame points to view i's."""
+
+    i: int
+    j: int
+    scale: torch.Tensor
+    rotation: torch.Tensor
+    translation: torch.Tensor
+    matches: int
+    support: float
+
+
+@dataclass
+class TokenPoses:
+    """Token poses of all S views in view 0's frame: ``cam_from_world`` (S, 3, 4) float64 rigid poses and
+    ``depth_scale`` (S,): multiply view k's predicted depth by it to bring it to view 0's scale."""
+
+    cam_from_world: torch.Tensor
+    depth_scale: torch.Tensor
+    edges: list[PairAlignment] = field(default_factory=list)
+
+    def report(self) -> dict:
+        return {
+            "tree_edges": [[e.i, e.j] for e in self.edges],
+            "tree_matches_min": min((e.matches for e in self.edges), default=0),
+            "tree_support_min": min((e.support for e in self.edges), default=0.0),
+        }
+
+
+def patch_camera_points(
+    depth: torch.Tensor, intrinsics: torch.Tensor, patch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, P, 3) float64 camera-frame points at the centre pixel of each patch (row-major) and (P, 2) those
+    pixels (x, y), from depth (S, H, W) and K (S, 3, 3) (pixel (u, v) centred at (u, v))."""
+    s, h, w = depth.shape
+    y = torch.arange(h // patch) * patch + patch // 2
+    x = torch.arange(w // patch) * patch + patch // 2
+    grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
+    pixels = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
+    z = depth[:, pixels[:, 1], pixels[:, 0]].double()  # (S, P)
+    homogeneous = torch.cat([pixels.double(), torch.ones(len(pixels), 1, dtype=torch.float64)], dim=-1)
+    rays = homogeneous @ torch.linalg.inv(intrinsics.double()).transpose(-1, -2)  # (S, P, 3)
+    return rays * z[..., None], pixels
+
+
+def mutual_matches(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mutual nearest neighbours of unit descriptors a (N, C) and b (M, C): indices into a, into b, and
+    their cosine similarities."""
+    similarity = a.float() @ b.float().T
+    best_b = similarity.argmax(dim=1)
+    best_a = similarity.argmax(dim=0)
+    rows = (best_a[best_b] == torch.arange(len(a))).nonzero()[:, 0]
+    cols = best_b[rows]
+    return rows, cols, similarity[rows, cols]
+
+
+def align_pair(
+    descriptors: torch.Tensor,
+    points: torch.Tensor,
+    usable: torch.Tensor,
+    i: int,
+    j: int,
+    options: TokenPoseOptions,
+) -> PairAlignment | None:
+    """Robust Sim(3) ``i_from_j`` from mutual descriptor matches among usable patches; None if too few."""
+    keep_i, keep_j = usable[i].nonzero()[:, 0], usable[j].nonzero()[:, 0]
+    if min(len(keep_i), len(keep_j)) < options.min_matches:
+        return None
+    rows, cols, similarity = mutual_matches(descriptors[i, keep_i], descriptors[j, keep_j])
+    if len(rows) < options.min_matches:
+        return None
+    src, dst = points[j, keep_j[cols]], points[i, keep_i[rows]]
+    weights = similarity.double().clamp_min(0.0)
+    (scale, rotation, translation), robust = robust_sim3(src, dst, weights, hypotheses=options.hypotheses)
+    if not (torch.isfinite(scale) and scale > 0 and torch.isfinite(rotation).all()):
+        return None
+    return PairAlignment(i, j, scale, rotation, translation, len(rows), float(robust.sum()))
+
+
+def candidate_pairs(descriptors: torch.Tensor, neighbours: int) -> list[tuple[int, int]]:
+    """Unordered view pairs (i < j): each view with its ``neighbours`` most similar views by the cosine of
+    their mean descriptors (every pair when there are few views)."""
+    s = descriptors.shape[0]
+    if s - 1 <= neighbours:
+        return [(i, j) for i in range(s) for j in range(i + 1, s)]
+    means = torch.nn.functional.normalize(descriptors.float().mean(dim=1), dim=-1)
+    affinity = means @ means.T
+    affinity.fill_diagonal_(-2.0)
+    nearest = affinity.topk(neighbours, dim=1).indices
+    pairs = {(min(i, int(j)), max(i, int(j))) for i in range(s) for j in nearest[i]}
+    return sorted(pairs)
+
+
+def spanning_tree(num_views: int, alignments: list[PairAlignment]) -> list[tuple[PairAlignment, bool]] | None:
+    """Prim's maximum spanning tree (by support) from view 0: the edges in the order they join, each with
+    whether it is used as stored (parent = i) or inverted (parent = j); None if some view is unreachable."""
+    joined = {0}
+    order: list[tuple[PairAlignment, bool]] = []
+    while len(joined) < num_views:
+        best = None
+        for edge in alignments:
+            if (edge.i in joined) != (edge.j in joined) and (best is None or edge.support > best.support):
+                best = edge
+        if best is None:
+            return None
+        forward = best.i in joined
+        joined.add(best.j if forward else best.i)
+        order.append((best, forward))
+    return order
+
+
+def token_poses(
+    descriptors: torch.Tensor,
+    depth: torch.Tensor,
+    confidence: torch.Tensor,
+    intrinsics: torch.Tensor,
+    patch: int,
+    options: TokenPoseOptions | None = None,
+) -> TokenPoses | None:
+    """Token poses of S views from descriptors (S, P, C), depth and confidence (S, H, W) and K (S, 3, 3);
+    None when the views do not connect (some view shares too few matches with the rest)."""
+    options = options or TokenPoseOptions()
+    s = depth.shape[0]
+    points, pixels = patch_camera_points(depth, intrinsics, patch)
+    conf = confidence[:, pixels[:, 1], pixels[:, 0]].float()
+    floor = torch.quantile(conf, options.min_confidence_quantile, dim=1, keepdim=True)
+    usable = torch.isfinite(points).all(dim=-1) & (points[..., 2] > 0) & (conf >= floor)
+    alignments = []
+    for i, j in candidate_pairs(descriptors, options.neighbours):
+        edge = align_pair(descriptors, points, usable, i, j, options)
+        if edge is not None:
+            alignments.append(edge)
+    tree = spanning_tree(s, alignments)
+    if tree is None:
+        return None
+    # world_from_cam of every view as a similarity (scale, R, t); view 0 is the world
+    scale = torch.ones(s, dtype=torch.float64)
+    rotation = torch.eye(3, dtype=torch.float64).repeat(s, 1, 1)
+    centre = torch.zeros(s, 3, dtype=torch.float64)
+    for edge, forward in tree:
+        s_e, r_e, t_e = edge.scale.double(), edge.rotation.double(), edge.translation.double()
+        if forward:  # parent i, child j: world_from_j = world_from_i ∘ i_from_j
+            parent, child = edge.i, edge.j
+        else:  # parent j, child i: j_from_i is the inverse similarity
+            parent, child = edge.j, edge.i
+            r_e = r_e.T
+            s_e = 1.0 / s_e
+            t_e = -s_e * (r_e @ t_e)
+        scale[child] = scale[parent] * s_e
+        rotation[child] = rotation[parent] @ r_e
+        centre[child] = scale[parent] * (rotation[parent] @ t_e) + centre[parent]
+    rot_cw = rotation.transpose(-1, -2)
+    cam_from_world = torch.cat([rot_cw, -(rot_cw @ centre[..., None])], dim=-1)
+    return TokenPoses(cam_from_world, scale, [edge for edge, _ in tree])
+
+
+def apply_token_poses(geometry, prediction, options: TokenPoseOptions) -> dict:
+    """Replace the camera head's poses of ``geometry`` (a :class:`~.frames.SceneGeometry`) by token poses,
+    rescaling each view's depth to view 0's scale, when ``prediction`` carries descriptors and ``options``
+    allow; returns the report entry (``source``: "tokens" or "camera head", and why)."""
+    descriptors = prediction.extras.get("descriptors")
+    if not options.enabled:
+        return {"source": "camera head", "why": "token poses disabled"}
+    if descriptors is None:
+        return {"source": "camera head", "why": "the model exports no match descriptors"}
+    if geometry.num_views < 2:
+        return {"source": "camera head", "why": "one view"}
+    poses = token_poses(
+        descriptors[0].cpu(),
+        geometry.depth,
+        geometry.confidence,
+        geometry.intrinsics,
+        int(prediction.extras["patch_size"]),
+        options,
+    )
+    if poses is None:
+        logger.warning("token poses: some view shares too few descriptor matches; using the camera head")
+        return {"source": "camera head", "why": "views not connected by descriptor matches"}
+    geometry.cam_from_world = poses.cam_from_world
+    geometry.depth = geometry.depth * poses.depth_scale.to(geometry.depth.dtype)[:, None, None]
+    return {"source": "tokens", **poses.report()}
