@@ -59,7 +59,8 @@ def machine() -> dict[str, str]:
 
 
 def load_scene(seed: int, args: argparse.Namespace) -> RenderedViews:
-    cache = Path(args.cache) / f"scene{seed}_{args.views}v_{args.height}x{args.width}_ss{args.supersample}.pt"
+    name = f"scene{seed}_{args.trajectory}_{args.views}v_{args.height}x{args.width}_ss{args.supersample}.pt"
+    cache = Path(args.cache) / name
     if cache.exists():
         data = torch.load(cache)
         return RenderedViews(data["images"], data["depth"], data["K"], data["pose"])
@@ -134,12 +135,15 @@ def evaluate_pipeline(
         torch.from_numpy(np.stack([p.xyz for p in rec.points3D.values()])) if rec.num_points3D() else None
     )
     ff_metrics, ff_rre, ff_rte = evaluate_reconstruction(views, result.feedforward_cam_from_world)
+    _, head_rre, _ = evaluate_reconstruction(views, result.head_cam_from_world)
     ba_metrics, ba_rre, ba_rte = evaluate_reconstruction(views, poses, registered, points=points)
     report = result.report
     return {
         "seed": seed,
         "wall_s": wall,
         "median_rre_feedforward": float(ff_rre.median()),
+        "median_rre_camera_head": float(head_rre.median()),
+        "pose_source": result.report["poses"]["source"],
         "median_rte_feedforward": float(ff_rte.median()),
         "median_rre_ba": float(ba_rre.median()),
         "median_rte_ba": float(ba_rte.median()),

@@ -84,7 +84,8 @@ def demo_command(
     """Render a held-out synthetic scene, reconstruct it as a COLMAP project, and score it against the truth.
 
     Writes OUTPUT/scene (the images and their ground truth in COLMAP format), OUTPUT/reconstruction (the
-    COLMAP project) and OUTPUT/demo.json (pose accuracy of the feed-forward and bundle-adjusted cameras).
+    COLMAP project) and OUTPUT/demo.json (pose accuracy of the camera head, of the feed-forward poses that
+    bundle adjustment starts from (token poses when the model exports descriptors) and of the adjusted ones).
 
     Args:
         output: demo folder.
@@ -119,7 +120,9 @@ def demo_command(
     order = {name: i for i, name in enumerate(sorted(p.name for p in (scene / "images").iterdir()))}
     gt_poses = gt.cam_from_world[[order[name] for name in result.image_names]]
     ba_poses, registered = _registered_poses(result.reconstruction, result.image_names)
+    source = result.report["poses"]["source"]
     scores = {
+        "camera head": _pose_scores(result.head_cam_from_world, gt_poses),
         "feed-forward": _pose_scores(result.feedforward_cam_from_world, gt_poses),
         "after bundle adjustment": _pose_scores(ba_poses, gt_poses, registered),
     }
@@ -127,6 +130,7 @@ def demo_command(
         "scene": {"seed": seed, "views": views, "size": [width, height], "trajectory": trajectory},
         "model": model,
         "attention": attention,
+        "feed_forward_poses": source,  # "tokens" (from descriptors and depth) or "camera head"
         "scores": scores,
         "timings_s": result.report.get("timings_s", result.report.get("timings")),
     }
@@ -134,6 +138,7 @@ def demo_command(
     print(summary_text(result))
     print(f"\naccuracy against the ground truth ({views} views, scene {seed}):")
     for stage, values in scores.items():
+        stage = f"feed-forward ({source})" if stage == "feed-forward" else stage
         print(
             f"  {stage:24s} median rotation error {values['median_rotation_error_deg']:.2f} deg, "
             f"AUC@30 {100 * values['auc30']:.1f}, registered {values['registered']}/{views}"

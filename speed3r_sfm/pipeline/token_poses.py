@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import pycolmap
 import torch
 
 from .chunking import robust_sim3
@@ -28,15 +29,25 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TokenPoseOptions:
     """``enabled``: use token poses when the model exports descriptors (otherwise the camera head's).
+    ``rotation_from``: "essential": a pair's rotation and translation direction come from the essential
+    matrix of the matched patch centres (pycolmap LO-RANSAC, ``essential_max_error`` pixels; unaffected
+    by depth errors), its depth-scale ratio and baseline length from the depths of the inliers; "sim3":
+    everything from the robust Sim(3) of the two point sets (the fallback when the essential matrix fails).
     ``neighbours``: partner views per view, the most similar by mean descriptor (all pairs when fewer
-    views). ``min_matches``: mutual matches below which a pair is not used. ``min_depth_quantile``: patches
-    whose predicted depth confidence is below this quantile of their view are not matched."""
+    views). ``min_matches``: mutual matches below which a pair is not used. ``min_confidence_quantile``:
+    patches whose predicted depth confidence is below this quantile of their view are not matched."""
 
     enabled: bool = True
+    rotation_from: str = "essential"
+    essential_max_error: float = 4.0
     neighbours: int = 10
     min_matches: int = 12
     min_confidence_quantile: float = 0.1
     hypotheses: int = 64
+
+    def __post_init__(self) -> None:
+        if self.rotation_from not in ("essential", "sim3"):
+            raise ValueError(f"rotation_from must be 'essential' or 'sim3', got {self.rotation_from!r}")
 
 
 @dataclass
@@ -96,6 +107,45 @@ def mutual_matches(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torc
     return rows, cols, similarity[rows, cols]
 
 
+def _pinhole(intrinsics: torch.Tensor, height: int, width: int) -> pycolmap.Camera:
+    """A pycolmap PINHOLE camera of K (pixel (u, v) centred at (u, v); COLMAP's centres are at +0.5)."""
+    k = intrinsics.double().tolist()
+    params = [k[0][0], k[1][1], k[0][2] + 0.5, k[1][2] + 0.5]
+    return pycolmap.Camera(model="PINHOLE", width=width, height=height, params=params)
+
+
+def _essential_alignment(
+    pixels_i: torch.Tensor,
+    pixels_j: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    cameras: tuple[pycolmap.Camera, pycolmap.Camera],
+    max_error: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(s, R, t, inliers) of ``i_from_j`` with R and the direction of t from the essential matrix of the
+    pixel matches, s and the length of t by least squares on the inliers' points (dst ≈ s R src + λ t̂)."""
+    ransac = pycolmap.RANSACOptions()
+    ransac.max_error = max_error
+    found = pycolmap.estimate_essential_matrix(
+        (pixels_j.double() + 0.5).numpy(), (pixels_i.double() + 0.5).numpy(), cameras[1], cameras[0], ransac
+    )
+    if found is None:
+        return None
+    pose = found["cam2_from_cam1"]  # camera 1 = view j, camera 2 = view i
+    rotation = torch.from_numpy(pose.rotation.matrix()).double()
+    direction = torch.from_numpy(pose.translation).double()
+    inliers = torch.from_numpy(found["inlier_mask"].astype(bool))
+    if int(inliers.sum()) < 6:
+        return None
+    rotated = src[inliers] @ rotation.T  # (n, 3)
+    design = torch.stack([rotated.reshape(-1), direction.repeat(len(rotated))], dim=-1)  # (3n, 2)
+    solution = torch.linalg.lstsq(design, dst[inliers].reshape(-1, 1)).solution[:, 0]
+    scale, length = solution[0], solution[1]
+    if not (torch.isfinite(solution).all() and scale > 0):
+        return None
+    return scale, rotation, length * direction, inliers
+
+
 def align_pair(
     descriptors: torch.Tensor,
     points: torch.Tensor,
@@ -103,8 +153,12 @@ def align_pair(
     i: int,
     j: int,
     options: TokenPoseOptions,
+    pixels: torch.Tensor | None = None,
+    cameras: tuple[pycolmap.Camera, pycolmap.Camera] | None = None,
 ) -> PairAlignment | None:
-    """Robust Sim(3) ``i_from_j`` from mutual descriptor matches among usable patches; None if too few."""
+    """``i_from_j`` from mutual descriptor matches among usable patches (None if too few): from the
+    essential matrix of their ``pixels`` (P, 2) in ``cameras`` (view i, view j) when given and
+    ``options.rotation_from`` says so, else (or if that fails) a robust Sim(3) of their ``points``."""
     keep_i, keep_j = usable[i].nonzero()[:, 0], usable[j].nonzero()[:, 0]
     if min(len(keep_i), len(keep_j)) < options.min_matches:
         return None
@@ -112,6 +166,13 @@ def align_pair(
     if len(rows) < options.min_matches:
         return None
     src, dst = points[j, keep_j[cols]], points[i, keep_i[rows]]
+    if options.rotation_from == "essential" and pixels is not None and cameras is not None:
+        found = _essential_alignment(
+            pixels[keep_i[rows]], pixels[keep_j[cols]], src, dst, cameras, options.essential_max_error
+        )
+        if found is not None:
+            scale, rotation, translation, inliers = found
+            return PairAlignment(i, j, scale, rotation, translation, len(rows), float(inliers.sum()))
     weights = similarity.double().clamp_min(0.0)
     (scale, rotation, translation), robust = robust_sim3(src, dst, weights, hypotheses=options.hypotheses)
     if not (torch.isfinite(scale) and scale > 0 and torch.isfinite(rotation).all()):
@@ -167,11 +228,20 @@ def token_poses(
     conf = confidence[:, pixels[:, 1], pixels[:, 0]].float()
     floor = torch.quantile(conf, options.min_confidence_quantile, dim=1, keepdim=True)
     usable = torch.isfinite(points).all(dim=-1) & (points[..., 2] > 0) & (conf >= floor)
+    h, w = depth.shape[-2:]
+    cameras = [_pinhole(k, h, w) for k in intrinsics]
     alignments = []
     for i, j in candidate_pairs(descriptors, options.neighbours):
-        edge = align_pair(descriptors, points, usable, i, j, options)
+        edge = align_pair(descriptors, points, usable, i, j, options, pixels, (cameras[i], cameras[j]))
         if edge is not None:
             alignments.append(edge)
+    return compose_tree(s, alignments)
+
+
+def compose_tree(num_views: int, alignments: list[PairAlignment]) -> TokenPoses | None:
+    """Poses of ``num_views`` views in view 0's frame along the maximum spanning tree of the pair
+    ``alignments`` (:func:`spanning_tree`); None if some view is unreachable."""
+    s = num_views
     tree = spanning_tree(s, alignments)
     if tree is None:
         return None

@@ -1,0 +1,244 @@
+"""Token poses: pair alignment from descriptor matches, the spanning-tree composition (against ground truth
+in float64), the model's descriptor export, and the pipeline's choice of pose source."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speed3r_sfm.data.synthetic import render_scene
+from speed3r_sfm.geometry import compose_poses, invert_pose
+from speed3r_sfm.pipeline.frames import SceneGeometry
+from speed3r_sfm.pipeline.token_poses import (
+    PairAlignment,
+    TokenPoseOptions,
+    align_pair,
+    apply_token_poses,
+    candidate_pairs,
+    compose_tree,
+    mutual_matches,
+    patch_camera_points,
+    token_poses,
+)
+from speed3r_sfm.training.backbone import BackboneSpec
+from speed3r_sfm.training.correspondence import patch_correspondences
+
+PATCH = 14
+
+
+def _rotation_error_deg(a: torch.Tensor, b: torch.Tensor) -> float:
+    cos = ((a @ b.T).trace() - 1) / 2
+    return float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))))
+
+
+def _random_rotation(gen: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q
+
+
+def _oracle_descriptors(gt, dim: int = 64, seed: int = 0) -> torch.Tensor:
+    """(S, P, dim) unit descriptors that match exactly where the ground truth says two patches see the same
+    point: view 0's patches get random codes, and each later view's patch takes the code of the patch of
+    an earlier view that it sees (first match), a fresh random code otherwise."""
+    s, _, h, w = gt.images.shape
+    gen = torch.Generator().manual_seed(seed)
+    p = (h // PATCH) * (w // PATCH)
+    codes = F.normalize(torch.randn(s, p, dim, generator=gen), dim=-1)
+    valid = gt.depth > 0
+    points = torch.stack(
+        [
+            (invert_pose(gt.cam_from_world[k].double())[:, :3] @ cam.T).T
+            + invert_pose(gt.cam_from_world[k])[:, 3]
+            for k, cam in enumerate(patch_camera_points(gt.depth, gt.intrinsics, 1)[0])
+        ]
+    ).view(s, h, w, 3)
+    for j in range(1, s):
+        pairs = torch.tensor([[j, i] for i in range(j)])
+        matches = patch_correspondences(
+            points[None].float(),
+            gt.depth[None],
+            valid[None],
+            gt.intrinsics[None],
+            gt.cam_from_world[None],
+            pairs,
+            PATCH,
+        )[0]  # (j, P): patch of view i seen by each patch of view j
+        for k in range(j):
+            found = (matches[k] >= 0).nonzero()[:, 0]
+            codes[j, found] = codes[k, matches[k, found]]
+    return codes
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return render_scene(7, 5, 224, 294, "forward")
+
+
+def test_camera_points_unproject_the_patch_centres(scene):
+    points, pixels = patch_camera_points(scene.depth, scene.intrinsics, PATCH)
+    assert pixels[0].tolist() == [7, 7] and pixels[1].tolist() == [21, 7]
+    k = scene.intrinsics[2].double()
+    x, y = pixels[5].tolist()
+    z = scene.depth[2, y, x].double()
+    expected = torch.linalg.solve(k, torch.tensor([x, y, 1.0], dtype=torch.float64)) * z
+    assert torch.allclose(points[2, 5], expected)
+
+
+def test_mutual_matches_keep_only_mutual_nearest_neighbours():
+    a = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1]]), dim=-1)
+    b = F.normalize(torch.tensor([[1.0, 0.05], [0.1, 1.0]]), dim=-1)
+    rows, cols, similarity = mutual_matches(a, b)
+    assert rows.tolist() == [0, 1] and cols.tolist() == [0, 1]  # a[2] prefers b[0], which prefers a[0]
+    assert torch.allclose(similarity, (a[rows] * b[cols]).sum(-1))
+
+
+def test_pair_alignment_from_oracle_descriptors_recovers_the_relative_pose(scene):
+    descriptors = _oracle_descriptors(scene)
+    points, _ = patch_camera_points(scene.depth, scene.intrinsics, PATCH)
+    usable = scene.depth[:, 7::PATCH, 7::PATCH].reshape(5, -1) > 0
+    edge = align_pair(descriptors, points, usable, 0, 1, TokenPoseOptions())
+    assert edge is not None and edge.matches > 30
+    g = scene.cam_from_world.double()
+    i_from_j = compose_poses(g[0], invert_pose(g[1]))
+    # patch centres are only the same surface point up to half a patch: degrees, not exact
+    assert _rotation_error_deg(edge.rotation, i_from_j[:, :3]) < 2.0
+    assert abs(float(edge.scale) - 1.0) < 0.05
+
+
+def test_compose_tree_equals_ground_truth_with_exact_alignments():
+    """Exact pair similarities from known poses and per-view depth scales, plus a weak wrong edge that the
+    maximum spanning tree must leave out: the composed poses equal the truth in view 0's frame."""
+    gen = torch.Generator().manual_seed(3)
+    s = 5
+    rot = torch.stack([_random_rotation(gen) for _ in range(s)])
+    centre = torch.randn(s, 3, generator=gen, dtype=torch.float64)
+    depth_scale = torch.rand(s, generator=gen, dtype=torch.float64) + 0.5
+    depth_scale[0] = 1.0
+
+    def world_from(k):  # similarity (scale, R, t): camera k's (scaled) points into the world
+        return depth_scale[k], rot[k], centre[k]
+
+    def i_from_j(i, j):
+        si, ri, ti = world_from(i)
+        sj, rj, tj = world_from(j)
+        return sj / si, ri.T @ rj, ri.T @ (tj - ti) / si
+
+    edges = [
+        PairAlignment(i, j, *i_from_j(i, j), 50, 40.0) for i, j in [(0, 1), (1, 2), (2, 3), (1, 4), (4, 3)]
+    ]
+    edges[3].support = 45.0  # (1, 4) is kept, (4, 3) is the weaker route to view 3... but (2, 3) is 40 too
+    edges.append(
+        PairAlignment(
+            0,
+            3,
+            torch.tensor(2.0, dtype=torch.float64),
+            torch.eye(3, dtype=torch.float64),
+            torch.zeros(3, dtype=torch.float64),
+            12,
+            1.0,
+        )
+    )  # wrong and weak
+    poses = compose_tree(s, edges)
+    assert poses is not None and len(poses.edges) == s - 1
+    assert all(not (e.i == 0 and e.j == 3) for e in poses.edges)
+    # the truth in view 0's frame: cam_from_world0 = cam_from_world @ world_from_cam0
+    for k in range(s):
+        r_expected = rot[0].T @ rot[k]
+        c_expected = rot[0].T @ (centre[k] - centre[0])
+        r = poses.cam_from_world[k, :, :3].T
+        c = -r @ poses.cam_from_world[k, :, 3]
+        assert torch.allclose(r, r_expected, atol=1e-10)
+        assert torch.allclose(c, c_expected, atol=1e-10)
+        assert torch.allclose(poses.depth_scale[k], depth_scale[k] / depth_scale[0], atol=1e-12)
+    # an inverted edge (stored as j_from_i) composes the same way
+    flipped = [PairAlignment(1, 0, *i_from_j(1, 0), 50, 40.0), *edges[1:5]]
+    again = compose_tree(s, flipped)
+    assert torch.allclose(again.cam_from_world, poses.cam_from_world, atol=1e-10)
+    assert compose_tree(s, edges[:2]) is None  # views 3 and 4 unreachable
+
+
+@pytest.mark.parametrize(("rotation_from", "tolerance_deg"), [("sim3", 2.0), ("essential", 4.0)])
+def test_token_poses_of_oracle_descriptors_match_the_trajectory(scene, rotation_from, tolerance_deg):
+    """Patch centres quantise the matches to 14 px: the essential matrix of such points is noisier than
+    the 3D fit on exact depth (with predicted depth the essential matrix is the better one)."""
+    descriptors = _oracle_descriptors(scene)
+    confidence = torch.ones_like(scene.depth)
+    options = TokenPoseOptions(rotation_from=rotation_from)
+    poses = token_poses(descriptors, scene.depth, confidence, scene.intrinsics, PATCH, options)
+    assert poses is not None
+    g = scene.cam_from_world.double()
+    for k in range(1, 5):
+        truth = g[k, :, :3] @ g[0, :, :3].T
+        assert _rotation_error_deg(poses.cam_from_world[k, :, :3], truth) < tolerance_deg
+    with pytest.raises(ValueError, match="rotation_from"):
+        TokenPoseOptions(rotation_from="x")
+
+
+def test_candidate_pairs_are_all_pairs_or_nearest_neighbours():
+    d = F.normalize(torch.randn(4, 10, 8), dim=-1)
+    assert candidate_pairs(d, 5) == [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    base = F.normalize(torch.randn(10, 8), dim=-1)
+    views = torch.stack([F.normalize(base + 0.01 * k * torch.randn(10, 8), dim=-1) for k in range(12)])
+    pairs = candidate_pairs(views, 2)
+    assert all(i < j for i, j in pairs) and len(pairs) <= 12 * 2
+    assert {i for p in pairs for i in p} == set(range(12))
+
+
+def test_vggt_exports_descriptors_only_when_configured(scene):
+    images = scene.images[None].float()
+    plain = BackboneSpec(name="vggt", preset="tiny").build().eval()
+    assert "descriptors" not in plain.predict(images).extras
+    model = BackboneSpec(name="vggt", preset="tiny", overrides={"descriptor_layer": 1}).build().eval()
+    extras = model.predict(images).extras
+    descriptors = extras["descriptors"]
+    p = (224 // PATCH) * (294 // PATCH)
+    assert descriptors.shape == (1, 5, p, 2 * model.config.embed_dim) and descriptors.dtype == torch.float16
+    assert torch.allclose(descriptors.float().norm(dim=-1), torch.ones(1, 5, p), atol=1e-2)
+    assert extras["patch_size"] == PATCH
+    with pytest.raises(ValueError, match="descriptor_layer"):
+        BackboneSpec(name="vggt", preset="tiny", overrides={"descriptor_layer": 99}).build()
+
+
+def test_apply_token_poses_replaces_head_poses_and_rescales_depth(scene):
+    model = BackboneSpec(name="vggt", preset="tiny", overrides={"descriptor_layer": 1}).build().eval()
+    prediction = model.predict(scene.images[None].float())
+    prediction.extras["descriptors"] = _oracle_descriptors(scene)[None].half()
+    prediction.depth = scene.depth[None].float() * 2.0
+    prediction.depth_conf = torch.ones_like(prediction.depth)
+    prediction.intrinsics = scene.intrinsics[None].float()
+    geometry = SceneGeometry.from_prediction(prediction)
+    report = apply_token_poses(geometry, prediction, TokenPoseOptions(rotation_from="sim3"))
+    assert report["source"] == "tokens" and len(report["tree_edges"]) == 4
+    g = scene.cam_from_world.double()
+    assert _rotation_error_deg(geometry.cam_from_world[3, :, :3], g[3, :, :3] @ g[0, :, :3].T) < 2.0
+    assert torch.allclose(geometry.depth[0], scene.depth[0].float() * 2.0)  # view 0 sets the scale
+    off = apply_token_poses(
+        SceneGeometry.from_prediction(prediction), prediction, TokenPoseOptions(enabled=False)
+    )
+    assert off["source"] == "camera head"
+    del prediction.extras["descriptors"]
+    assert apply_token_poses(geometry, prediction, TokenPoseOptions())["why"].startswith(
+        "the model exports no"
+    )
+
+
+@pytest.mark.slow
+def test_default_model_pipeline_uses_token_poses_and_bundle_adjusts_to_a_degree(tmp_path):
+    """The shipped default on a held-out 8-view orbit: token poses, then BA below 1 degree (median RRE)."""
+    from speed3r_sfm.demo import demo_command
+
+    summary = demo_command(tmp_path / "demo", views=8, height=294, width=392)
+    assert summary["feed_forward_poses"] == "tokens"
+    scores = summary["scores"]
+    assert scores["after bundle adjustment"]["registered"] == 8
+    assert scores["after bundle adjustment"]["median_rotation_error_deg"] < 1.0
+    assert (
+        scores["after bundle adjustment"]["median_rotation_error_deg"]
+        < 0.7 * scores["feed-forward"]["median_rotation_error_deg"]
+    )
+    report = json.loads((tmp_path / "demo" / "reconstruction" / "report.json").read_text())
+    assert report["poses"]["source"] == "tokens"
