@@ -25,6 +25,8 @@ from .chunking import robust_sim3
 
 logger = logging.getLogger(__name__)
 
+ROTATION_SOURCES = ("best", "pnp", "essential", "sim3")
+
 
 @dataclass
 class TokenPoseOptions:
@@ -38,16 +40,17 @@ class TokenPoseOptions:
     patches whose predicted depth confidence is below this quantile of their view are not matched."""
 
     enabled: bool = True
-    rotation_from: str = "essential"
-    essential_max_error: float = 4.0
+    rotation_from: str = "best"
+    max_error: float = 4.0
+    inlier_error: float = 10.0
     neighbours: int = 10
     min_matches: int = 12
     min_confidence_quantile: float = 0.1
     hypotheses: int = 64
 
     def __post_init__(self) -> None:
-        if self.rotation_from not in ("essential", "sim3"):
-            raise ValueError(f"rotation_from must be 'essential' or 'sim3', got {self.rotation_from!r}")
+        if self.rotation_from not in ROTATION_SOURCES:
+            raise ValueError(f"rotation_from must be one of {ROTATION_SOURCES}, got {self.rotation_from!r}")
 
 
 @dataclass
@@ -126,6 +129,7 @@ def _essential_alignment(
     pixel matches, s and the length of t by least squares on the inliers' points (dst ≈ s R src + λ t̂)."""
     ransac = pycolmap.RANSACOptions()
     ransac.max_error = max_error
+    ransac.random_seed = 0  # reproducible runs
     found = pycolmap.estimate_essential_matrix(
         (pixels_j.double() + 0.5).numpy(), (pixels_i.double() + 0.5).numpy(), cameras[1], cameras[0], ransac
     )
@@ -144,6 +148,38 @@ def _essential_alignment(
     if not (torch.isfinite(solution).all() and scale > 0):
         return None
     return scale, rotation, length * direction, inliers
+
+
+def _pnp_alignment(
+    pixels_i: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    camera_i: pycolmap.Camera,
+    max_error: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(s, R, t, inliers) of ``i_from_j``: R and t by PnP of view j's points ``src`` seen at ``pixels_i``
+    in view i (pycolmap LO-RANSAC + refinement), s by least squares of the inliers' depths in view i."""
+    options = pycolmap.AbsolutePoseEstimationOptions()
+    options.ransac.max_error = max_error
+    options.ransac.random_seed = 0  # reproducible runs
+    found = pycolmap.estimate_and_refine_absolute_pose(
+        (pixels_i.double() + 0.5).numpy(), src.double().numpy(), camera_i, options
+    )
+    if found is None:
+        return None
+    pose = found["cam_from_world"]  # "world" = view j's camera frame
+    rotation = torch.from_numpy(pose.rotation.matrix()).double()
+    translation = torch.from_numpy(pose.translation).double()
+    inliers = torch.from_numpy(found["inlier_mask"].astype(bool))
+    if int(inliers.sum()) < 6:
+        return None
+    # view i's depth scale relative to view j's: predicted z in view i vs z of the moved points
+    moved = src[inliers] @ rotation.T + translation
+    scale = (dst[inliers, 2] * moved[:, 2]).sum() / (moved[:, 2] ** 2).sum().clamp_min(1e-12)
+    if not (torch.isfinite(scale) and scale > 0):
+        return None
+    # i_from_j maps view j's points into view i's (scaled) frame: x_i = scale * (R x_j + t)
+    return scale, rotation, scale * translation, inliers
 
 
 def align_pair(
@@ -166,18 +202,67 @@ def align_pair(
     if len(rows) < options.min_matches:
         return None
     src, dst = points[j, keep_j[cols]], points[i, keep_i[rows]]
-    if options.rotation_from == "essential" and pixels is not None and cameras is not None:
-        found = _essential_alignment(
-            pixels[keep_i[rows]], pixels[keep_j[cols]], src, dst, cameras, options.essential_max_error
-        )
-        if found is not None:
-            scale, rotation, translation, inliers = found
-            return PairAlignment(i, j, scale, rotation, translation, len(rows), float(inliers.sum()))
     weights = similarity.double().clamp_min(0.0)
-    (scale, rotation, translation), robust = robust_sim3(src, dst, weights, hypotheses=options.hypotheses)
-    if not (torch.isfinite(scale) and scale > 0 and torch.isfinite(rotation).all()):
+    candidates = []
+    if options.rotation_from in ("sim3", "best"):
+        (scale, rotation, translation), robust = robust_sim3(src, dst, weights, hypotheses=options.hypotheses)
+        if torch.isfinite(scale) and scale > 0 and torch.isfinite(rotation).all():
+            candidates.append((scale, rotation, translation, float(robust.sum())))
+    if options.rotation_from != "sim3" and pixels is not None and cameras is not None:
+        pixels_i, pixels_j = pixels[keep_i[rows]], pixels[keep_j[cols]]
+        solvers = {
+            "pnp": lambda: _pnp_alignment(pixels_i, src, dst, cameras[0], options.max_error),
+            "essential": lambda: _essential_alignment(
+                pixels_i, pixels_j, src, dst, cameras, options.max_error
+            ),
+        }
+        for name, solve in solvers.items():
+            if options.rotation_from in (name, "best"):
+                found = solve()
+                if found is not None:
+                    candidates.append((*found[:3], float(found[3].sum())))
+    if not candidates:
         return None
-    return PairAlignment(i, j, scale, rotation, translation, len(rows), float(robust.sum()))
+    if cameras is None or pixels is None:
+        scale, rotation, translation, support = candidates[0]
+        return PairAlignment(i, j, scale, rotation, translation, len(rows), support)
+    k_i, k_j = cameras[0].calibration_matrix(), cameras[1].calibration_matrix()
+    errors = [
+        reprojection_errors(src, dst, pixels[keep_i[rows]], pixels[keep_j[cols]], c[:3], k_i, k_j)
+        for c in candidates
+    ]
+    best = int(torch.stack([e.median() for e in errors]).argmin())
+    scale, rotation, translation, _ = candidates[best]
+    support = float((errors[best] < options.inlier_error).sum())
+    return PairAlignment(i, j, scale, rotation, translation, len(rows), support)
+
+
+def reprojection_errors(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    pixels_i: torch.Tensor,
+    pixels_j: torch.Tensor,
+    sim3: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    k_i,
+    k_j,
+) -> torch.Tensor:
+    """Per match, the larger pixel distance of view j's point moved into view i by ``i_from_j`` = (s, R, t)
+    and of view i's point moved into view j, from the matched pixels; K of view i and j in COLMAP's
+    convention (centres at +0.5). Points that land behind a camera count as 1e6."""
+    scale, rotation, translation = (x.double() for x in sim3)
+
+    def project(points, k):
+        uv = points @ torch.as_tensor(k, dtype=torch.float64).T
+        return uv[:, :2] / uv[:, 2:].clamp_min(1e-9) - 0.5
+
+    moved_i = scale * src @ rotation.T + translation
+    moved_j = ((dst - translation) @ rotation) / scale
+    error = torch.maximum(
+        (project(moved_i, k_i) - pixels_i.double()).norm(dim=-1),
+        (project(moved_j, k_j) - pixels_j.double()).norm(dim=-1),
+    )
+    behind = (moved_i[:, 2] <= 0) | (moved_j[:, 2] <= 0)
+    return torch.where(behind, torch.full_like(error, 1e6), error)
 
 
 def candidate_pairs(descriptors: torch.Tensor, neighbours: int) -> list[tuple[int, int]]:
