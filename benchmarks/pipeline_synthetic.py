@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from speed3r_sfm.pipeline.inputs import Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import run_pipeline
 
-DATE = "2026-11-25"
+DATE = datetime.date.today().isoformat()
 
 
 def machine() -> dict[str, str]:
