@@ -430,7 +430,8 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
     info = {
         "global_step": stages[-1]["global_step"],
         "gsa": "training-free: gates at their init, weights fine-tuned dense",
-        "stages": previous["info"]["stages"] + pose_entries,
+        # stages 1-2 from the shipped default (idempotent: an earlier pose ship's entries are replaced)
+        "stages": [e for e in previous["info"]["stages"] if e["stage"] != "pose"] + pose_entries,
     }
     staging = run_dir / "ship"
     shutil.rmtree(staging, ignore_errors=True)
@@ -465,9 +466,9 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
         " on windows of consecutive views of forward/orbit trajectories with the patch-correspondence"
         f" loss; {entry['global_step']} steps, {entry['trained_seconds'] / 60:.1f} min of training on"
         f" {entry['device']} ({entry['date'][:10]}).",
-        "- Shipped as GSA with the gates at their training-free init (`info.gsa` in `default.json`), exporting"
-        f" the patch tokens of aggregator layer {model.config.descriptor_layer} as match descriptors"
-        " (`descriptor_layer`): the pipeline computes its poses from them and the predicted depth"
+        "- Shipped as GSA with the gates at their training-free init (`info.gsa` in `default.json`),"
+        f" exporting the patch tokens of aggregator layer {model.config.descriptor_layer} as match"
+        " descriptors (`descriptor_layer`): the pipeline computes its poses from them and the predicted depth"
         " (`speed3r_sfm/pipeline/token_poses.py`).",
         "",
         "## Accuracy (held-out synthetic scenes, `benchmarks/train_default.py evaluate --candidate pose`)",
@@ -477,10 +478,18 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
         "",
         *_table(evaluation),
         "",
+        "The table scores the model's own outputs (camera head): its camera head has still not learned"
+        " relative pose (AUC@30 near 0; `benchmarks/results/default_model_diagnosis.md`). Its descriptors"
+        " have: the poses `reconstruct` starts bundle adjustment from are token poses, computed from"
+        " descriptor matches and the predicted depth (`benchmarks/results/token_poses.md`; pipeline figures"
+        " in `benchmarks/results/pipeline_default_*.md`).",
+        "",
         "## Limitations",
         "",
         "Small and briefly trained on synthetic rooms only: use it to run everything offline and to check a"
-        " set-up, not for real photographs. For real images pass official weights, e.g."
+        " set-up, not for real photographs. Token poses drift along long sequences (they chain pair poses"
+        " along a spanning tree) and bundle adjustment does not always recover: see the per-scene pipeline"
+        " figures. For real images pass official weights, e.g."
         " `speed3r-sfm reconstruct IMAGES -o OUT --model facebook/VGGT-1B --attention gsa` (they load"
         " strictly; this repository has not yet compared its outputs with upstream on the real weights).",
         "",
