@@ -254,7 +254,9 @@ def test_apply_token_poses_replaces_head_poses_and_rescales_depth(scene, oracle)
         SceneGeometry.from_prediction(prediction), prediction, TokenPoseOptions(enabled=False)
     )
     assert off["source"] == "camera head"
-    del prediction.extras["descriptors"]
+    prediction.extras["chunk_sim3"] = []  # a composed chunked prediction
+    assert apply_token_poses(geometry, prediction, TokenPoseOptions())["why"].startswith("chunked")
+    del prediction.extras["chunk_sim3"], prediction.extras["descriptors"]
     assert apply_token_poses(geometry, prediction, TokenPoseOptions())["why"].startswith(
         "the model exports no"
     )

@@ -9,8 +9,9 @@ views' depth scales. The pairs form a graph (edge weight: the robust support of 
 spanning tree from view 0 chains them into one frame.
 
 Small models regress relative pose poorly from their camera token, yet match patches well: on held-out
-synthetic scenes the shipped default's camera head is off by 7-9 degrees between neighbouring views where
-its token poses are off by 1-2 (``benchmarks/results/token_poses.md``).
+synthetic scenes the shipped default's camera head is off by 6-13 degrees between consecutive views (median
+per scene) where its token poses are off by 1-3 on five scenes of six (``benchmarks/results/token_poses.md``).
+Chaining along the tree accumulates drift; bundle adjustment does not always remove it.
 """
 
 from __future__ import annotations
@@ -365,6 +366,8 @@ def apply_token_poses(geometry, prediction, options: TokenPoseOptions) -> dict:
     descriptors = prediction.extras.get("descriptors")
     if not options.enabled:
         return {"source": "camera head", "why": "token poses disabled"}
+    if "chunk_sim3" in prediction.extras:
+        return {"source": "camera head", "why": "chunked inference: token poses run within one pass"}
     if descriptors is None:
         return {"source": "camera head", "why": "the model exports no match descriptors"}
     if geometry.num_views < 2:
