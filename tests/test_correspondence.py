@@ -80,15 +80,7 @@ def test_pairs_are_neighbours_and_first_view_both_ways():
 def test_matches_equal_the_per_patch_reference(scene):
     _, target = scene
     pairs = correspondence_pairs(4)
-    matches = patch_correspondences(
-        target.world_points,
-        target.depth,
-        target.valid,
-        target.intrinsics,
-        target.cam_from_world,
-        pairs,
-        PATCH,
-    )
+    matches = _matches(target, pairs)
     assert matches.shape == (1, len(pairs), (70 // PATCH) * (98 // PATCH))
     for k, (i, j) in enumerate(pairs.tolist()):
         assert matches[0, k].tolist() == _reference_matches(target, i, j)
@@ -98,15 +90,7 @@ def test_matches_equal_the_per_patch_reference(scene):
 def test_a_view_matches_itself_patch_for_patch(scene):
     _, target = scene
     pairs = torch.tensor([[1, 1]])
-    matches = patch_correspondences(
-        target.world_points,
-        target.depth,
-        target.valid,
-        target.intrinsics,
-        target.cam_from_world,
-        pairs,
-        PATCH,
-    )[0, 0]
+    matches = _matches(target, pairs)[0, 0]
     found = matches >= 0
     assert found.float().mean() > 0.9
     assert torch.equal(matches[found], torch.arange(matches.numel())[found])
@@ -116,15 +100,7 @@ def test_matched_patches_look_alike(scene):
     """Mean colour of the matched patches agrees far better than that of random patch pairs."""
     gt, target = scene
     pairs = correspondence_pairs(4)
-    matches = patch_correspondences(
-        target.world_points,
-        target.depth,
-        target.valid,
-        target.intrinsics,
-        target.cam_from_world,
-        pairs,
-        PATCH,
-    )[0]
+    matches = _matches(target, pairs)[0]
     colour = F.avg_pool2d(gt.images, PATCH).flatten(2).transpose(1, 2)  # (S, P, 3)
     matched, random = [], []
     gen = torch.Generator().manual_seed(0)

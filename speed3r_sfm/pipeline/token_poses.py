@@ -120,6 +120,30 @@ def _pinhole(intrinsics: torch.Tensor, height: int, width: int) -> pycolmap.Came
     return pycolmap.Camera(model="PINHOLE", width=width, height=height, params=params)
 
 
+def _ransac_options(max_error: float) -> pycolmap.RANSACOptions:
+    ransac = pycolmap.RANSACOptions()
+    ransac.max_error = max_error
+    ransac.random_seed = 0  # reproducible runs
+    ransac.max_num_trials = RANSAC_TRIALS
+    return ransac
+
+
+def _pose_and_inliers(found: dict | None, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(R, t, inlier mask) of a pycolmap estimator's answer (pose under ``key``); None when it failed or
+    kept fewer than 6 inliers."""
+    if found is None:
+        return None
+    inliers = torch.from_numpy(found["inlier_mask"].astype(bool))
+    if int(inliers.sum()) < 6:
+        return None
+    pose = found[key]
+    return (
+        torch.from_numpy(pose.rotation.matrix()).double(),
+        torch.from_numpy(pose.translation).double(),
+        inliers,
+    )
+
+
 def _essential_alignment(
     pixels_i: torch.Tensor,
     pixels_j: torch.Tensor,
@@ -130,21 +154,17 @@ def _essential_alignment(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(s, R, t, inliers) of ``i_from_j`` with R and the direction of t from the essential matrix of the
     pixel matches, s and the length of t by least squares on the inliers' points (dst ≈ s R src + λ t̂)."""
-    ransac = pycolmap.RANSACOptions()
-    ransac.max_error = max_error
-    ransac.random_seed = 0  # reproducible runs
-    ransac.max_num_trials = RANSAC_TRIALS
     found = pycolmap.estimate_essential_matrix(
-        (pixels_j.double() + 0.5).numpy(), (pixels_i.double() + 0.5).numpy(), cameras[1], cameras[0], ransac
+        (pixels_j.double() + 0.5).numpy(),
+        (pixels_i.double() + 0.5).numpy(),
+        cameras[1],
+        cameras[0],
+        _ransac_options(max_error),
     )
-    if found is None:
+    estimate = _pose_and_inliers(found, "cam2_from_cam1")  # camera 1 = view j, camera 2 = view i
+    if estimate is None:
         return None
-    pose = found["cam2_from_cam1"]  # camera 1 = view j, camera 2 = view i
-    rotation = torch.from_numpy(pose.rotation.matrix()).double()
-    direction = torch.from_numpy(pose.translation).double()
-    inliers = torch.from_numpy(found["inlier_mask"].astype(bool))
-    if int(inliers.sum()) < 6:
-        return None
+    rotation, direction, inliers = estimate
     rotated = src[inliers] @ rotation.T  # (n, 3)
     design = torch.stack([rotated.reshape(-1), direction.repeat(len(rotated))], dim=-1)  # (3n, 2)
     solution = torch.linalg.lstsq(design, dst[inliers].reshape(-1, 1)).solution[:, 0]
@@ -164,20 +184,14 @@ def _pnp_alignment(
     """(s, R, t, inliers) of ``i_from_j``: R and t by PnP of view j's points ``src`` seen at ``pixels_i``
     in view i (pycolmap LO-RANSAC + refinement), s by least squares of the inliers' depths in view i."""
     options = pycolmap.AbsolutePoseEstimationOptions()
-    options.ransac.max_error = max_error
-    options.ransac.random_seed = 0  # reproducible runs
-    options.ransac.max_num_trials = RANSAC_TRIALS
+    options.ransac = _ransac_options(max_error)
     found = pycolmap.estimate_and_refine_absolute_pose(
         (pixels_i.double() + 0.5).numpy(), src.double().numpy(), camera_i, options
     )
-    if found is None:
+    estimate = _pose_and_inliers(found, "cam_from_world")  # "world" = view j's camera frame
+    if estimate is None:
         return None
-    pose = found["cam_from_world"]  # "world" = view j's camera frame
-    rotation = torch.from_numpy(pose.rotation.matrix()).double()
-    translation = torch.from_numpy(pose.translation).double()
-    inliers = torch.from_numpy(found["inlier_mask"].astype(bool))
-    if int(inliers.sum()) < 6:
-        return None
+    rotation, translation, inliers = estimate
     # view i's depth scale relative to view j's: predicted z in view i vs z of the moved points
     moved = src[inliers] @ rotation.T + translation
     scale = (dst[inliers, 2] * moved[:, 2]).sum() / (moved[:, 2] ** 2).sum().clamp_min(1e-12)
