@@ -107,7 +107,8 @@ def summary_text(result: PipelineResult) -> str:
         f"reconstructed {counts['registered_images']}/{images['used']} images"
         + (f" ({len(images['skipped'])} skipped)" if images["skipped"] else ""),
         f"  model {r['model']} on {r['device']}, attention {r['attention']}"
-        + (" (GSA records)" if r["gsa_records"] else " (texture keypoints)"),
+        + (" (GSA records)" if r["gsa_records"] else " (texture keypoints)")
+        + (f", poses from {r['poses']['source']}" if "poses" in r else ""),
         f"  {counts['keypoints']} keypoints, {counts['refined_matches']} matches, {counts['tracks']} tracks",
         f"  {counts['points3D']} points, {counts['observations']} observations, "
         f"mean track length {counts['observations'] / max(counts['points3D'], 1):.2f}",

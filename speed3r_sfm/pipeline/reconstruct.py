@@ -6,7 +6,9 @@ Read top to bottom, :func:`run_pipeline` does:
 1. list and read the images (skipping unreadable files and duplicates), preprocess them for the backbone;
 2. run the backbone once: cameras, depth, confidences and, with GSA, the attention records; or, for long
    sequences (``chunk_size``), once per overlapping chunk of views composed into one frame by robust Sim(3)
-   (``chunked.py``), with the records of each chunk merged into one summary (``records.py``);
+   (``chunked.py``), with the records of each chunk merged into one summary (``records.py``); a model
+   that exports match descriptors (the shipped default) gets its poses from them and its depth instead of
+   from its camera head (token poses, ``token_poses.py``; single pass only);
 3. detect keypoints in the most-selected token blocks of each view (``keypoints.py``);
 4. match them in the views their query blocks selected, verify with the predicted geometry and refine
    photometrically (``matching.py``, ``refine.py``);
