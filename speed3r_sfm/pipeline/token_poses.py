@@ -120,8 +120,8 @@ def _pinhole(intrinsics: torch.Tensor, height: int, width: int) -> pycolmap.Came
     return pycolmap.Camera(model="PINHOLE", width=width, height=height, params=params)
 
 
-def _ransac_options(max_error: float) -> pycolmap.RANSACOptions:
-    ransac = pycolmap.RANSACOptions()
+def _configure_ransac(ransac: pycolmap.RANSACOptions, max_error: float) -> pycolmap.RANSACOptions:
+    """Set, in place, what we change of an estimator's RANSAC options (the rest keeps its defaults)."""
     ransac.max_error = max_error
     ransac.random_seed = 0  # reproducible runs
     ransac.max_num_trials = RANSAC_TRIALS
@@ -159,7 +159,7 @@ def _essential_alignment(
         (pixels_i.double() + 0.5).numpy(),
         cameras[1],
         cameras[0],
-        _ransac_options(max_error),
+        _configure_ransac(pycolmap.RANSACOptions(), max_error),
     )
     estimate = _pose_and_inliers(found, "cam2_from_cam1")  # camera 1 = view j, camera 2 = view i
     if estimate is None:
@@ -184,7 +184,7 @@ def _pnp_alignment(
     """(s, R, t, inliers) of ``i_from_j``: R and t by PnP of view j's points ``src`` seen at ``pixels_i``
     in view i (pycolmap LO-RANSAC + refinement), s by least squares of the inliers' depths in view i."""
     options = pycolmap.AbsolutePoseEstimationOptions()
-    options.ransac = _ransac_options(max_error)
+    _configure_ransac(options.ransac, max_error)
     found = pycolmap.estimate_and_refine_absolute_pose(
         (pixels_i.double() + 0.5).numpy(), src.double().numpy(), camera_i, options
     )
