@@ -378,7 +378,7 @@ def main() -> None:
     parser.add_argument("--trajectory", default="orbit")
     parser.add_argument("--rotation-noise", type=float, default=1.25)
     parser.add_argument("--translation-noise", type=float, default=0.03)
-    parser.add_argument("--attention", default="gsa", choices=["gsa", "dense"])
+    parser.add_argument("--attention", default="auto", choices=["auto", "gsa", "dense"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sift-threads", type=int, default=-1)

@@ -441,6 +441,9 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
     )
     meta = json.loads(sidecar(written).read_text())
     meta["preprocessing"] = previous["preprocessing"]
+    for key in ("pipeline_attention", "pipeline_attention_why"):  # reconstruct(attention="auto")
+        if key in previous:
+            meta[key] = previous[key]
     sidecar(written).write_text(json.dumps(meta, indent=2) + "\n")
     size = written.stat().st_size
     if size > 25e6:

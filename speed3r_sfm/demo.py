@@ -77,7 +77,7 @@ def demo_command(
     width: int = 518,
     trajectory: Literal["orbit", "forward", "random"] = "orbit",
     model: str = "default",
-    attention: Literal["gsa", "dense"] = "gsa",
+    attention: Literal["auto", "gsa", "dense"] = "auto",
     device: str = "auto",
     overwrite: bool = True,
 ) -> dict:
@@ -95,7 +95,7 @@ def demo_command(
         width: image width.
         trajectory: camera path.
         model: "default", a Hub id or a checkpoint path.
-        attention: "gsa" or "dense".
+        attention: "auto" (the model's own choice), "gsa" or "dense".
         device: "auto", "cpu" or "cuda".
         overwrite: replace earlier demo outputs.
     """

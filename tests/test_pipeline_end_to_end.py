@@ -296,6 +296,36 @@ def test_default_model_runs_dense_and_gsa():
         assert prediction.depth.shape == (1, 3, height, width)
         assert torch.isfinite(prediction.cam_from_world).all()
         assert (prediction.attention is not None) == (attention == "gsa")
+        assert backbone.attention == attention
+        assert prediction.extras["descriptors"].shape[:2] == (1, 3)  # token poses need them either way
+
+
+def test_auto_attention_follows_the_model(tmp_path):
+    """ "auto": the shipped default declares dense (its GSA selection is untrained); a GSA module or GSA
+    weights without that declaration run GSA; dense ones dense."""
+    import json
+    import shutil
+
+    from speed3r_sfm.attention import AttentionConfig
+    from speed3r_sfm.models.vggt import VGGT, VGGTConfig
+    from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
+
+    assert json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())["pipeline_attention"] == "dense"
+    assert load_backbone("default", attention="auto", device="cpu").attention == "dense"
+    gsa = AttentionConfig(kind="gsa", block_size=16, query_block_size=32, compression_block_size=16, top_k=8)
+    gsa_module = VGGT(VGGTConfig.preset("tiny", enable_track=False, attention=gsa))
+    assert load_backbone(gsa_module, "auto", "cpu").attention == "gsa"
+    assert (
+        load_backbone(VGGT(VGGTConfig.preset("tiny", enable_track=False)), "auto", "cpu").attention == "dense"
+    )
+    # exported GSA weights that declare nothing run as stored
+    shutil.copy(DEFAULT_WEIGHTS, tmp_path / "m.safetensors")
+    meta = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    del meta["pipeline_attention"]
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    backbone = load_backbone(str(tmp_path / "m.safetensors"), "auto", "cpu")
+    assert backbone.attention == "gsa"
+    assert backbone.predict(torch.rand(1, 2, 3, 224, 294)).attention is not None
 
 
 def test_missing_default_weights_is_a_clear_error(scene_data, monkeypatch, tmp_path):

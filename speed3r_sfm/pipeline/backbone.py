@@ -37,7 +37,9 @@ from .inputs import Preprocessing
 
 logger = logging.getLogger(__name__)
 
-AttentionKind = Literal["gsa", "dense"]
+AttentionKind = Literal["auto", "gsa", "dense"]
+"""``"auto"``: what the model declares: exported weights their sidecar's ``pipeline_attention`` (else their
+stored attention), a built module GSA if it has GSA blocks, official checkpoints GSA."""
 ModelSpec = str | os.PathLike | nn.Module | Callable[[torch.Tensor], Prediction]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
@@ -57,6 +59,7 @@ class Backbone:
     name: str
     device: torch.device
     module: nn.Module | None = None  # the network, when the model is one (its token encoder groups views)
+    attention: Literal["gsa", "dense"] = "gsa"  # what it runs (``"auto"`` resolved)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -73,21 +76,27 @@ def load_backbone(
     preprocessing: Preprocessing | None = None,
 ) -> Backbone:
     """A :class:`Backbone` for ``model`` (see the module docstring) on ``device``."""
-    if attention not in ("gsa", "dense"):
-        raise ValueError(f"attention must be 'gsa' or 'dense', got {attention!r}")
+    if attention not in ("auto", "gsa", "dense"):
+        raise ValueError(f"attention must be 'auto', 'gsa' or 'dense', got {attention!r}")
     dev = resolve_device(device)
     if isinstance(model, str | os.PathLike):
-        module, name = _load_checkpoint_model(model, attention)
+        module, name, attention = _load_checkpoint_model(model, attention)
         model = module
     else:
         name = type(model).__name__
     if isinstance(model, nn.Module):
+        if attention == "auto":
+            from speed3r_sfm.training.backbone import uses_gsa
+
+            attention = "gsa" if uses_gsa(model) else "dense"
         model = model.to(dev).eval()
         spec = preprocessing or preprocessing_of(model)
-        return Backbone(_module_predict(model, attention == "gsa", dev), spec, name, dev, module=model)
+        predict = _module_predict(model, attention == "gsa", dev)
+        return Backbone(predict, spec, name, dev, module=model, attention=attention)
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
-        return Backbone(model, spec, getattr(model, "name", name), dev)
+        kind = "gsa" if attention == "auto" else attention  # a callable exports records or it does not
+        return Backbone(model, spec, getattr(model, "name", name), dev, attention=kind)
     raise TypeError(
         f"model must be 'default', a Hub id, a checkpoint path, an nn.Module with predict() or a callable "
         f"returning a Prediction; got {type(model).__name__}"
@@ -130,10 +139,14 @@ def _module_predict(model: nn.Module, want_records: bool, device: torch.device) 
     return predict
 
 
-def _load_checkpoint_model(spec: str | os.PathLike, attention: AttentionKind) -> tuple[nn.Module, str]:
+def _load_checkpoint_model(
+    spec: str | os.PathLike, attention: AttentionKind
+) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     text = os.fspath(spec)
     if text == "default" or _is_exported(text):
         return _load_exported_model(DEFAULT_WEIGHTS if text == "default" else Path(text), attention)
+    if attention == "auto":  # official dense checkpoints: GSA is what makes them fast
+        attention = "gsa"
     attention_config = AttentionConfig(kind=attention)
     family = KNOWN_HUB_IDS.get(text) or _family_of_checkpoint(text)
     if family == "vggt":
@@ -141,10 +154,10 @@ def _load_checkpoint_model(spec: str | os.PathLike, attention: AttentionKind) ->
         from speed3r_sfm.models.vggt import VGGT
 
         module = VGGT.from_pretrained(text, attention=attention_config, allow_missing=is_gsa_parameter)
-        return module, f"VGGT ({text})"
+        return module, f"VGGT ({text})", attention
     from speed3r_sfm.models.pi3 import Pi3
 
-    return Pi3.from_pretrained(text, attention=attention_config), f"Pi3 ({text})"
+    return Pi3.from_pretrained(text, attention=attention_config), f"Pi3 ({text})", attention
 
 
 def _is_exported(spec: str) -> bool:
@@ -153,8 +166,11 @@ def _is_exported(spec: str) -> bool:
     return path.suffix == ".safetensors" and path.is_file() and path.with_suffix(".json").is_file()
 
 
-def _load_exported_model(path: Path, attention: AttentionKind) -> tuple[nn.Module, str]:
-    """Our own exported weights (the shipped default or a fine-tuned model), dense or GSA as asked."""
+def _load_exported_model(
+    path: Path, attention: AttentionKind
+) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
+    """Our own exported weights (the shipped default or a fine-tuned model), dense or GSA as asked; "auto"
+    takes the sidecar's ``pipeline_attention``, else the stored attention."""
     if not path.is_file():
         raise ModelNotAvailableError(
             f"the default model weights are missing ({path}); reinstall speed3r-sfm, or pass model= a Hub id "
@@ -164,6 +180,8 @@ def _load_exported_model(path: Path, attention: AttentionKind) -> tuple[nn.Modul
 
     meta = json.loads(path.with_suffix(".json").read_text())
     stored = meta["config"].get("attention", {})
+    if attention == "auto":
+        attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
     wanted = AttentionConfig(kind="dense") if attention == "dense" else None
     if attention == "gsa" and stored.get("kind") != "gsa":
         wanted = AttentionConfig(kind="gsa")
@@ -171,7 +189,7 @@ def _load_exported_model(path: Path, attention: AttentionKind) -> tuple[nn.Modul
     module = load_exported(path, attention=wanted)
     if "preprocessing" in meta:  # the input size the weights were trained at
         module.preprocessing = Preprocessing(**meta["preprocessing"])
-    return module, name
+    return module, name, attention
 
 
 def _family_of_checkpoint(spec: str) -> str:

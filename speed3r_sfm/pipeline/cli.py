@@ -22,7 +22,7 @@ def reconstruct_command(
     image_dir: str,
     output: str | None = None,
     model: str = "default",
-    attention: Literal["gsa", "dense"] = "gsa",
+    attention: Literal["auto", "gsa", "dense"] = "auto",
     device: str = "auto",
     ba: bool = True,
     camera_model: Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"] = "SIMPLE_RADIAL",
@@ -42,7 +42,8 @@ def reconstruct_command(
         image_dir: folder of images (jpg, png, tif, bmp, webp); unreadable files and duplicates are skipped.
         output: project folder to create (sparse/0, database.db, points.ply, report.json); -o for short.
         model: "default", a Hugging Face Hub id (facebook/VGGT-1B, yyfz233/Pi3) or a checkpoint path.
-        attention: "gsa" (keypoints and matches guided by sparse attention) or "dense".
+        attention: "gsa" (keypoints and matches guided by sparse attention), "dense", or "auto" (the
+            model's own: dense for the shipped default, GSA for official checkpoints).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         ba: run bundle adjustment.
         camera_model: COLMAP camera model; distortion starts at zero and is refined by bundle adjustment.

@@ -92,7 +92,7 @@ def reconstruct(
     image_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
     model: ModelSpec = "default",
-    attention: AttentionKind = "gsa",
+    attention: AttentionKind = "auto",
     device: str = "auto",
     ba: bool = True,
     camera_model: str = "SIMPLE_RADIAL",
@@ -109,9 +109,11 @@ def reconstruct(
     """Reconstruct the images of ``image_dir``; writes a COLMAP project to ``output_dir`` if given.
 
     ``model``: "default" (the shipped weights), a Hub id, a checkpoint path, a built backbone module or a
-    callable returning a ``Prediction``; ``attention``: "gsa" (keypoints and matches from GSA records) or
-    "dense" (texture-based fallback); ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS``
-    (distortion starts at zero and is refined in BA); ``shared_camera``: one camera for all images (they
+    callable returning a ``Prediction``; ``attention``: "gsa" (keypoints and matches from GSA records),
+    "dense" (texture keypoints, view pairs from the predicted geometry) or "auto" (the model's own choice:
+    dense for the shipped default, whose GSA selection is untrained; GSA for official checkpoints);
+    ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS`` (distortion starts at zero and is
+    refined in BA); ``shared_camera``: one camera for all images (they
     must have one size). Long sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on
     CUDA as many as fit in free memory), consecutive chunks sharing ``chunk_overlap`` views (None: a
     quarter of the chunk); ``ordered=False`` groups an unordered collection into chunks by the similarity
@@ -142,7 +144,7 @@ def run_pipeline(
     image_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
     model: ModelSpec = "default",
-    attention: AttentionKind = "gsa",
+    attention: AttentionKind = "auto",
     device: str = "auto",
     ba: bool = True,
     camera_model: str = "SIMPLE_RADIAL",
@@ -169,6 +171,7 @@ def run_pipeline(
         stages.start("reading images")
         paths = find_images(image_dir)
         backbone = load_backbone(model, attention, device, preprocessing)
+        attention = backbone.attention  # "auto" resolved
         views, model_images, skipped = load_views(
             paths, image_dir, backbone.preprocessing, options.max_image_size
         )
