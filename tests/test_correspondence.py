@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from speed3r_sfm.data.synthetic import render_scene
+from speed3r_sfm.geometry import patch_centres
 from speed3r_sfm.training.backbone import BackboneSpec
 from speed3r_sfm.training.correspondence import (
     correspondence_loss,
     correspondence_pairs,
-    patch_centres,
     patch_correspondences,
 )
 from speed3r_sfm.training.losses import LossConfig, VGGTCriterion, normalize_ground_truth

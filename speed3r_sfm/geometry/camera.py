@@ -144,3 +144,11 @@ def project_points(
     cam = transform_points(cam_from_world, points_world)
     uv = _kornia_project_points(cam, intrinsics[..., None, :, :].expand(*cam.shape[:-1], 3, 3))
     return uv, cam[..., 2]
+
+
+def patch_centres(height: int, width: int, patch: int, device: torch.device | None = None) -> torch.Tensor:
+    """(rows, cols) integer pixel (y, x) at the centre of each patch, row-major: (P, 2) long."""
+    rows, cols = height // patch, width // patch
+    y = torch.arange(rows, device=device) * patch + patch // 2
+    x = torch.arange(cols, device=device) * patch + patch // 2
+    return torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(-1, 2)

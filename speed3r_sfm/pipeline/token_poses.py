@@ -2,11 +2,12 @@
 
 A model trained with the patch-correspondence loss (``VGGTConfig.descriptor_layer``, e.g. the shipped
 default) exports L2-normalised patch tokens that match across views. For a pair of views, mutual nearest
-neighbours among those tokens give patch correspondences; the predicted depth at the two patch centres
-lifts each into both camera frames, and a robust Sim(3) (:func:`~.chunking.robust_sim3`, IRLS from
-3-point hypotheses) between the two point sets is the pair's relative pose, its scale the ratio of the two
-views' depth scales. The pairs form a graph (edge weight: the robust support of the fit); the maximum
-spanning tree from view 0 chains them into one frame.
+neighbours among those tokens give patch correspondences; the predicted depth at the patch centres lifts
+them into the camera frames. Three solvers give the pair's relative pose (a similarity: its scale is the
+ratio of the two views' depth scales): a robust Sim(3) of the two point sets (:func:`~.chunking.robust_sim3`),
+PnP of one view's points in the other's pixels, and the essential matrix of the pixels (pycolmap); by
+default the one with the lowest symmetric reprojection error is kept. The pairs form a graph (edge weight:
+matches within ``inlier_error`` pixels); the maximum spanning tree from view 0 chains them into one frame.
 
 Small models regress relative pose poorly from their camera token, yet match patches well: on held-out
 synthetic scenes the shipped default's camera head is off by 6-13 degrees between consecutive views (median
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import pycolmap
 import torch
 
+from ..geometry import patch_centres
 from .chunking import robust_sim3
 
 logger = logging.getLogger(__name__)
@@ -35,9 +37,11 @@ RANSAC_TRIALS = 1000  # a pair has 100-200 matches with about half inliers: plen
 class TokenPoseOptions:
     """``enabled``: use token poses when the model exports descriptors (otherwise the camera head's).
     ``rotation_from``: "essential": a pair's rotation and translation direction come from the essential
-    matrix of the matched patch centres (pycolmap LO-RANSAC, ``essential_max_error`` pixels; unaffected
-    by depth errors), its depth-scale ratio and baseline length from the depths of the inliers; "sim3":
-    everything from the robust Sim(3) of the two point sets (the fallback when the essential matrix fails).
+    matrix of the matched patch centres (unaffected by depth errors), its depth-scale ratio and baseline
+    length from the depths of the inliers; "pnp": view j's points in view i's pixels; "sim3": the robust
+    Sim(3) of the two point sets; "best": all three, keeping the lowest median symmetric reprojection error.
+    ``max_error``: RANSAC threshold (pixels) of PnP and the essential matrix; ``inlier_error``: reprojection
+    error (pixels) under which a match counts towards a pair's support; ``hypotheses``: Sim(3) hypotheses.
     ``neighbours``: partner views per view, the most similar by mean descriptor (all pairs when fewer
     views). ``min_matches``: mutual matches below which a pair is not used. ``min_confidence_quantile``:
     patches whose predicted depth confidence is below this quantile of their view are not matched."""
@@ -91,11 +95,8 @@ def patch_camera_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, P, 3) float64 camera-frame points at the centre pixel of each patch (row-major) and (P, 2) those
     pixels (x, y), from depth (S, H, W) and K (S, 3, 3) (pixel (u, v) centred at (u, v))."""
-    s, h, w = depth.shape
-    y = torch.arange(h // patch) * patch + patch // 2
-    x = torch.arange(w // patch) * patch + patch // 2
-    grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
-    pixels = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)
+    h, w = depth.shape[-2:]
+    pixels = patch_centres(h, w, patch).flip(-1)  # (x, y)
     z = depth[:, pixels[:, 1], pixels[:, 0]].double()  # (S, P)
     homogeneous = torch.cat([pixels.double(), torch.ones(len(pixels), 1, dtype=torch.float64)], dim=-1)
     rays = homogeneous @ torch.linalg.inv(intrinsics.double()).transpose(-1, -2)  # (S, P, 3)
@@ -211,9 +212,10 @@ def align_pair(
     pixels: torch.Tensor | None = None,
     cameras: tuple[pycolmap.Camera, pycolmap.Camera] | None = None,
 ) -> PairAlignment | None:
-    """``i_from_j`` from mutual descriptor matches among usable patches (None if too few): from the
-    essential matrix of their ``pixels`` (P, 2) in ``cameras`` (view i, view j) when given and
-    ``options.rotation_from`` says so, else (or if that fails) a robust Sim(3) of their ``points``."""
+    """``i_from_j`` from mutual descriptor matches among usable patches (None if too few or every solver
+    failed), by the solver(s) of ``options.rotation_from``; PnP and the essential matrix need the patch
+    ``pixels`` (P, 2) and the ``cameras`` (view i, view j). Without them only the Sim(3) runs and its robust
+    weight sum is the support."""
     keep_i, keep_j = usable[i].nonzero()[:, 0], usable[j].nonzero()[:, 0]
     if min(len(keep_i), len(keep_j)) < options.min_matches:
         return None
@@ -227,8 +229,9 @@ def align_pair(
         (scale, rotation, translation), robust = robust_sim3(src, dst, weights, hypotheses=options.hypotheses)
         if torch.isfinite(scale) and scale > 0 and torch.isfinite(rotation).all():
             candidates.append((scale, rotation, translation, float(robust.sum())))
-    if options.rotation_from != "sim3" and pixels is not None and cameras is not None:
+    if pixels is not None:
         pixels_i, pixels_j = pixels[keep_i[rows]], pixels[keep_j[cols]]
+    if options.rotation_from != "sim3" and pixels is not None and cameras is not None:
         solvers = {
             "pnp": lambda: _pnp_alignment(pixels_i, src, dst, cameras[0], options.max_error),
             "essential": lambda: _essential_alignment(
@@ -246,10 +249,7 @@ def align_pair(
         scale, rotation, translation, support = candidates[0]
         return PairAlignment(i, j, scale, rotation, translation, len(rows), support)
     k_i, k_j = cameras[0].calibration_matrix(), cameras[1].calibration_matrix()
-    errors = [
-        reprojection_errors(src, dst, pixels[keep_i[rows]], pixels[keep_j[cols]], c[:3], k_i, k_j)
-        for c in candidates
-    ]
+    errors = [reprojection_errors(src, dst, pixels_i, pixels_j, c[:3], k_i, k_j) for c in candidates]
     best = int(torch.stack([e.median() for e in errors]).argmin())
     scale, rotation, translation, _ = candidates[best]
     support = float((errors[best] < options.inlier_error).sum())

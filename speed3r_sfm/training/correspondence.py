@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..geometry import project_points
+from ..geometry import patch_centres, project_points
 
 
 def correspondence_pairs(num_views: int, device: torch.device | None = None) -> torch.Tensor:
@@ -22,14 +22,6 @@ def correspondence_pairs(num_views: int, device: torch.device | None = None) -> 
     pairs = {(i, i + 1) for i in range(num_views - 1)} | {(0, j) for j in range(1, num_views)}
     pairs |= {(j, i) for i, j in pairs}
     return torch.tensor(sorted(pairs), dtype=torch.long, device=device).view(-1, 2)
-
-
-def patch_centres(height: int, width: int, patch: int, device: torch.device | None = None) -> torch.Tensor:
-    """(rows, cols) integer pixel (y, x) at the centre of each patch, row-major: (P, 2) long."""
-    rows, cols = height // patch, width // patch
-    y = torch.arange(rows, device=device) * patch + patch // 2
-    x = torch.arange(cols, device=device) * patch + patch // 2
-    return torch.stack(torch.meshgrid(y, x, indexing="ij"), dim=-1).reshape(-1, 2)
 
 
 @torch.no_grad()

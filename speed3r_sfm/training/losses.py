@@ -29,7 +29,6 @@ named terms plus ``"loss"``, the weighted total.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -504,13 +503,8 @@ class VGGTCriterion:
         c = self.config
         if "aggregated_tokens_list" not in pred:
             raise ValueError("the correspondence loss needs the aggregator outputs: train the VGGT model")
-        outputs, start = pred["aggregated_tokens_list"], pred["patch_start_idx"]
-        b, s, h, w = target.depth.shape
-        num_patches = next(o for o in outputs if o is not None).shape[2] - start
-        patch = round(math.sqrt(h * w / num_patches))
-        if (h // patch) * (w // patch) != num_patches:
-            raise ValueError(f"cannot infer the patch size of {num_patches} patches in {h}x{w} images")
-        pairs = correspondence_pairs(s, target.depth.device)
+        outputs, start, patch = pred["aggregated_tokens_list"], pred["patch_start_idx"], pred["patch_size"]
+        pairs = correspondence_pairs(target.depth.shape[1], target.depth.device)
         matches = patch_correspondences(
             target.world_points,
             target.depth,

@@ -157,6 +157,7 @@ class VGGT(nn.Module):
         else:  # for losses on the tokens (training/correspondence.py); None for layers not kept
             predictions["aggregated_tokens_list"] = outputs
             predictions["patch_start_idx"] = patch_start_idx
+            predictions["patch_size"] = self.config.patch_size
         if return_attention:
             predictions["attention"] = records
         return predictions
