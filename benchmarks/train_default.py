@@ -473,7 +473,7 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
         f" exporting the patch tokens of aggregator layer {model.config.descriptor_layer} as match"
         " descriptors (`descriptor_layer`): the pipeline computes its poses from them and the predicted depth"
         " (`speed3r_sfm/pipeline/token_poses.py`). Its sidecar declares `pipeline_attention: dense`, so"
-        " `reconstruct(attention=\"auto\")` runs it dense: its GSA selection is untrained, and matching"
+        ' `reconstruct(attention="auto")` runs it dense: its GSA selection is untrained, and matching'
         " guided by those records failed where geometric view pairs succeed.",
         "",
         "## Accuracy (held-out synthetic scenes, `benchmarks/train_default.py evaluate --candidate pose`)",
