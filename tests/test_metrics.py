@@ -17,7 +17,13 @@ from speed3r_sfm.eval.metrics import (
     pose_auc,
     relative_pose_errors,
 )
-from speed3r_sfm.geometry import apply_sim3, look_at, sim3_cam_from_world, umeyama_sim3
+from speed3r_sfm.geometry import (
+    apply_sim3,
+    look_at,
+    sim3_cam_from_world,
+    umeyama_sim3,
+    umeyama_sim3_batched,
+)
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -249,3 +255,26 @@ def test_accuracy_completeness_matches_brute_force():
     ).reshape(-1, 3)
     shifted = accuracy_completeness(g + torch.tensor([0.0, 0.0, 0.01], dtype=torch.float64), g)
     assert shifted["accuracy"] == pytest.approx(0.01) and shifted["completeness"] == pytest.approx(0.01)
+
+
+def test_batched_umeyama_equals_one_problem_at_a_time():
+    """Three-point samples as the LMedS initialisation draws them: noisy, mirrored and degenerate ones."""
+    src = torch.randn(40, 3, 3, generator=GEN, dtype=torch.float64)
+    dst = apply_sim3(torch.tensor(1.7, dtype=torch.float64), random_rotation(), torch.ones(3).double(), src)
+    dst = dst + torch.randn(40, 3, 3, generator=GEN, dtype=torch.float64) * 0.2
+    dst[3] = src[3] * torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)  # best orthogonal fit: a mirror
+    src[5] = 1.0  # coincident points: no scale
+    (scale, rot, trans), valid = umeyama_sim3_batched(src, dst)
+    assert valid.tolist() == [k != 5 for k in range(40)]
+    for k in range(40):
+        if k == 5:
+            with pytest.raises(ValueError, match="coincide"):
+                umeyama_sim3(src[k], dst[k])
+            continue
+        s, r, t = umeyama_sim3(src[k], dst[k])
+        if s <= 0:  # the one-at-a-time fit can return a non-positive scale; the batch marks it invalid
+            assert not valid[k]
+            continue
+        assert scale[k].item() == pytest.approx(s.item(), abs=1e-9)
+        assert torch.allclose(rot[k], r, atol=1e-9) and torch.allclose(trans[k], t, atol=1e-9)
+    assert torch.allclose(torch.det(rot[valid]), torch.ones(int(valid.sum()), dtype=torch.float64))

@@ -91,6 +91,54 @@ def test_refinement_rejects_locations_outside_the_target():
     assert (reason != 0).all()
 
 
+def _periodic_pair(period: int, noise: float, shift: torch.Tensor, size=(300, 380), seed=0):
+    """A texture that repeats every ``period`` pixels (plus ``noise`` of random texture) and its shift."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = size
+    tile = torch.rand(1, 1, period, period, generator=gen)
+    tile = gaussian_blur2d(tile, (5, 5), (1.0, 1.0), border_type="circular")[0, 0]
+    image = tile.repeat(h // period + 1, w // period + 1)[:h, :w]
+    image = image + noise * gaussian_blur2d(torch.rand(1, 1, h, w, generator=gen), (5, 5), (1.0, 1.0))[0, 0]
+    image = (image - image.min()) / (image.max() - image.min())
+    ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
+    source_xy = torch.stack([xs, ys], -1) - shift
+    grid = torch.stack([2 * source_xy[..., 0] / (w - 1) - 1, 2 * source_xy[..., 1] / (h - 1) - 1], -1)
+    target = F.grid_sample(image[None, None], grid[None].float(), mode="bicubic", align_corners=True)[0, 0]
+    return image, target
+
+
+def test_refinement_rejects_repeated_texture_as_ambiguous():
+    """A search window that holds two periods of a repeated texture (a checkerboard floor, a brick wall)
+    has two NCC peaks of almost equal height; picking one is a guess that bundle adjustment later makes
+    consistent, so such matches are rejected ("ambiguous", reason 4) unless the best peak leads by
+    ``min_margin``. Accepted matches are never a period off."""
+    period, shift = 16, torch.tensor([3.25, -1.5], dtype=torch.float64)
+    source, target = _periodic_pair(period, 0.2, shift)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(1000, 2, generator=gen, dtype=torch.float64) * torch.tensor([280.0, 200.0]) + 50
+    truth = x + shift
+    predicted = truth + torch.tensor([0.7 * period, 0.0], dtype=torch.float64)
+    predicted = predicted + torch.randn(1000, 2, generator=gen, dtype=torch.float64)
+    counts = {}
+    for margin in (0.02, RefineOptions().min_margin):
+        y, _, reason = refine_pair(
+            build_pyramid(source, 3),
+            build_pyramid(target, 3),
+            x,
+            predicted,
+            torch.eye(2, dtype=torch.float64).expand(1000, 2, 2),
+            20.0,
+            RefineOptions(min_margin=margin),
+        )
+        accepted = reason == 0
+        assert ((y - truth).norm(dim=1)[accepted] < 1.0).all()
+        counts[margin] = (int(accepted.sum()), int((reason == 4).sum()))
+    assert RefineOptions().min_margin >= 0.1
+    assert counts[0.02][1] < 100  # a small margin lets nearly all through
+    assert counts[RefineOptions().min_margin][1] > 800  # the default calls them ambiguous
+    # a random texture is not affected: the existing warp test keeps > 80 % with the default
+
+
 def test_connected_components_match_a_reference_union_find():
     rng = np.random.default_rng(0)
     edges = rng.integers(0, 500, (400, 2))

@@ -17,7 +17,7 @@ from .camera import (
     resize_intrinsics,
     transform_points,
 )
-from .sim3 import apply_sim3, sim3_cam_from_world, umeyama_sim3
+from .sim3 import apply_sim3, sim3_cam_from_world, umeyama_sim3, umeyama_sim3_batched
 
 __all__ = [
     "apply_sim3",
@@ -36,4 +36,5 @@ __all__ = [
     "sim3_cam_from_world",
     "transform_points",
     "umeyama_sim3",
+    "umeyama_sim3_batched",
 ]

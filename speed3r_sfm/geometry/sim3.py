@@ -51,6 +51,28 @@ def umeyama_sim3(
     return scale.to(out_dtype), rot.to(out_dtype), trans.to(out_dtype)
 
 
+def umeyama_sim3_batched(
+    src: torch.Tensor, dst: torch.Tensor
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Unweighted :func:`umeyama_sim3` of B problems at once: ``src``, ``dst`` (B, N, 3). Returns
+    ``((s (B,), R (B, 3, 3), t (B, 3)), valid (B,))`` in float64; ``valid`` is False where the source
+    points coincide (the scale is undefined) and those entries are meaningless."""
+    x, y = src.double(), dst.double()
+    mu_x, mu_y = x.mean(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)
+    xc, yc = x - mu_x, y - mu_y
+    var_x = (xc * xc).sum(dim=(1, 2)) / x.shape[1]
+    cov = yc.transpose(1, 2) @ xc / x.shape[1]
+    u, d, vh = torch.linalg.svd(cov)
+    sign = torch.ones_like(d)
+    sign[:, 2] = torch.where(torch.det(u) * torch.det(vh) < 0, -1.0, 1.0)
+    rot = u @ torch.diag_embed(sign) @ vh
+    valid = var_x > 1e-24
+    scale = (d * sign).sum(-1) / torch.where(valid, var_x, torch.ones_like(var_x))
+    trans = mu_y[:, 0] - scale[:, None] * (rot @ mu_x[:, 0, :, None])[..., 0]
+    valid &= torch.isfinite(scale) & (scale > 0) & torch.isfinite(rot).flatten(1).all(-1)
+    return (scale, rot, trans), valid
+
+
 def apply_sim3(
     scale: torch.Tensor, rot: torch.Tensor, trans: torch.Tensor, points: torch.Tensor
 ) -> torch.Tensor:

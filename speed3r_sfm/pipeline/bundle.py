@@ -100,6 +100,7 @@ def bundle_adjust(
     ba.ceres.solver_options.function_tolerance = options.function_tolerance
     ba.ceres.solver_options.parameter_tolerance = 1e-8
     ba.ceres.solver_options.num_threads = options.num_threads
+    ba.ceres.min_num_residuals_for_cpu_multi_threading = 0
     config = pycolmap.BundleAdjustmentConfig()
     for image_id in image_ids:
         config.add_image(image_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from speed3r_sfm.geometry import apply_sim3, umeyama_sim3
+from speed3r_sfm.geometry import apply_sim3, umeyama_sim3, umeyama_sim3_batched
 
 CPU_DEFAULT_CHUNK_SIZE = 32
 """Chunk size on CPU (no memory query): small enough that a chunk's attention fits in a few GiB."""
@@ -123,17 +123,15 @@ def _lmeds_init(
 
     best_med = median_residual(best)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(hypotheses):
-        pick = usable[torch.randperm(usable.numel(), generator=gen)[:3].to(usable.device)]
-        try:
-            cand = umeyama_sim3(x[pick], y[pick])
-        except ValueError:
-            continue
-        if not all(torch.isfinite(c).all() for c in cand) or cand[0] <= 0:
-            continue
-        med = median_residual(cand)
-        if med < best_med:
-            best, best_med = cand, med
+    samples = [torch.randperm(usable.numel(), generator=gen)[:3] for _ in range(hypotheses)]
+    picks = usable[torch.stack(samples).to(usable.device)]  # (H, 3)
+    (scale, rot, trans), valid = umeyama_sim3_batched(x[picks], y[picks])
+    residuals = (apply_sim3(scale[:, None, None], rot, trans[:, None], xs[None]) - ys[None]).norm(dim=-1)
+    medians = torch.where(valid, residuals.median(dim=1).values, torch.inf)
+    k = int(medians.argmin())
+    if medians[k] < best_med:
+        dtype = best[0].dtype
+        best = (scale[k].to(dtype), rot[k].to(dtype), trans[k].to(dtype))
     return best
 
 

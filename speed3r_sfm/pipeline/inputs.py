@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -111,6 +112,26 @@ def _work_copy(image: Image.Image, max_image_size: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
+def _read_one(
+    path: Path, max_image_size: int
+) -> tuple[str | None, tuple[tuple[int, int], Image.Image, int] | None, str | None]:
+    """(digest, (original size, work copy, EXIF orientation), problem) of one file; ``problem`` says why it
+    cannot be used (then the rest is None). Only the work copy is kept: huge originals are never held
+    together."""
+    try:
+        digest = file_digest(path)
+    except OSError as error:
+        return None, None, f"cannot read the file ({error})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = read_image(path)
+            orientation = _exif_orientation(path)
+    except ImageReadError as error:
+        return digest, None, f"not a readable image ({error})"
+    return digest, (image.size, _work_copy(image, max_image_size), orientation), None
+
+
 def load_views(
     paths: list[Path],
     root: str | os.PathLike,
@@ -126,28 +147,20 @@ def load_views(
     loaded: list[tuple[str, Path, tuple[int, int], Image.Image, int]] = []
     skipped: list[str] = []
     seen: dict[str, str] = {}
-    for path in paths:
-        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-        try:
-            digest = file_digest(path)
-        except OSError as error:
-            skipped.append(f"skipped {path}: cannot read the file ({error})")
-            continue
-        if digest in seen:
-            skipped.append(f"skipped {path}: exact duplicate of {seen[digest]}")
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = read_image(path)
-                orientation = _exif_orientation(path)
-        except ImageReadError as error:
-            skipped.append(f"skipped {path}: not a readable image ({error})")
-            continue
-        seen[digest] = name
-        original_size = image.size
-        loaded.append((name, path, original_size, _work_copy(image, max_image_size), orientation))
-        del image  # only the work copy is kept: huge originals are never held together
+    workers = min(len(paths), max(1, torch.get_num_threads())) or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding and resizing release the GIL
+        reads = pool.map(lambda path: _read_one(path, max_image_size), paths)
+        for path, (digest, read, problem) in zip(paths, reads, strict=True):
+            name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+            if problem is not None:
+                skipped.append(f"skipped {path}: {problem}")
+                continue
+            if digest in seen:
+                skipped.append(f"skipped {path}: exact duplicate of {seen[digest]}")
+                continue
+            seen[digest] = name
+            original_size, work, orientation = read
+            loaded.append((name, path, original_size, work, orientation))
     for message in skipped:
         logger.warning(message)
     if len(loaded) < 2:

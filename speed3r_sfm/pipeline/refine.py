@@ -33,7 +33,7 @@ class RefineOptions:
     fine_radius: int = 2  # search radius on the finer levels
     recentre: int = 0  # finer levels: search again around a peak found on the search border (times)
     min_ncc: float = 0.8  # at level 0
-    min_margin: float = 0.02  # coarsest level: best NCC minus the second-highest local maximum
+    min_margin: float = 0.1  # coarsest level: best NCC minus the second-highest local maximum
     min_texture: float = 0.01  # minimum std of the (0-1 gray) source patch
     chunk: int = 16384  # matches per batch
 

@@ -50,7 +50,7 @@ class TokenPoseOptions:
     rotation_from: str = "best"
     max_error: float = 4.0
     inlier_error: float = 10.0
-    neighbours: int = 6
+    neighbours: int = 3
     min_matches: int = 12
     min_confidence_quantile: float = 0.1
     hypotheses: int = 32
