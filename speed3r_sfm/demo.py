@@ -79,6 +79,7 @@ def demo_command(
     model: str = "default",
     attention: Literal["auto", "gsa", "dense"] = "auto",
     device: str = "auto",
+    shared_camera: bool = True,
     overwrite: bool = True,
 ) -> dict:
     """Render a held-out synthetic scene, reconstruct it as a COLMAP project, and score it against the truth.
@@ -97,6 +98,7 @@ def demo_command(
         model: "default", a Hub id or a checkpoint path.
         attention: "auto" (the model's own choice), "gsa" or "dense".
         device: "auto", "cpu" or "cuda".
+        shared_camera: one camera for all views (the rendered views share their intrinsics).
         overwrite: replace earlier demo outputs.
     """
     from .pipeline.cli import summary_text
@@ -114,6 +116,7 @@ def demo_command(
         model=model,
         attention=attention,
         device=device,
+        shared_camera=shared_camera,
         overwrite=overwrite,
         progress=True,
     )
@@ -130,6 +133,7 @@ def demo_command(
         "scene": {"seed": seed, "views": views, "size": [width, height], "trajectory": trajectory},
         "model": model,
         "attention": attention,
+        "shared_camera": shared_camera,
         "feed_forward_poses": source,  # "tokens" (from descriptors and depth) or "camera head"
         "scores": scores,
         "timings_s": result.report.get("timings_s", result.report.get("timings")),

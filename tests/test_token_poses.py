@@ -187,6 +187,35 @@ def test_token_poses_of_oracle_descriptors_match_the_trajectory(scene, oracle, r
         TokenPoseOptions(rotation_from="x")
 
 
+def test_token_poses_try_more_partner_views_while_some_view_is_unreached(scene, oracle, monkeypatch):
+    """When the nearest-descriptor partners leave a view unconnected, more partners are aligned (only the
+    pairs not tried yet) before giving up on token poses."""
+    import speed3r_sfm.pipeline.token_poses as module
+
+    asked, aligned = [], []
+    real_pairs, real_align = module.candidate_pairs, module.align_pair
+
+    def few_pairs(descriptors, neighbours):
+        asked.append(neighbours)
+        return [(0, 1), (2, 3)] if neighbours < 2 else real_pairs(descriptors, neighbours)
+
+    def counting_align(descriptors, points, usable, i, j, *args, **kwargs):
+        aligned.append((i, j))
+        return real_align(descriptors, points, usable, i, j, *args, **kwargs)
+
+    monkeypatch.setattr(module, "candidate_pairs", few_pairs)
+    monkeypatch.setattr(module, "align_pair", counting_align)
+    confidence = torch.ones_like(scene.depth)
+    options = TokenPoseOptions(neighbours=1)
+    poses = token_poses(oracle, scene.depth, confidence, scene.intrinsics, PATCH, options)
+    assert poses is not None and asked[:2] == [1, 2]
+    assert len(aligned) == len(set(aligned))  # no pair aligned twice
+    g = scene.cam_from_world.double()
+    for k in range(1, 5):
+        truth = g[k, :, :3] @ g[0, :, :3].T
+        assert _rotation_error_deg(poses.cam_from_world[k, :, :3], truth) < 4.0
+
+
 def test_reprojection_errors_are_zero_for_the_true_pose_and_grow_off_it(scene):
     points, pixels = patch_camera_points(scene.depth, scene.intrinsics, PATCH)
     g = scene.cam_from_world.double()

@@ -43,7 +43,8 @@ class TokenPoseOptions:
     ``max_error``: RANSAC threshold (pixels) of PnP and the essential matrix; ``inlier_error``: reprojection
     error (pixels) under which a match counts towards a pair's support; ``hypotheses``: Sim(3) hypotheses.
     ``neighbours``: partner views per view, the most similar by mean descriptor (all pairs when fewer
-    views). ``min_matches``: mutual matches below which a pair is not used. ``min_confidence_quantile``:
+    views); doubled, for the pairs not tried yet, while some view is not connected. ``min_matches``:
+    mutual matches below which a pair is not used. ``min_confidence_quantile``:
     patches whose predicted depth confidence is below this quantile of their view are not matched."""
 
     enabled: bool = True
@@ -334,15 +335,23 @@ def token_poses(
     usable = torch.isfinite(points).all(dim=-1) & (points[..., 2] > 0) & (conf >= floor)
     h, w = depth.shape[-2:]
     cameras = [_pinhole(k, h, w) for k in intrinsics]
-    pairs = candidate_pairs(descriptors, options.neighbours)
 
     def align(pair: tuple[int, int]) -> PairAlignment | None:
         i, j = pair
         return align_pair(descriptors, points, usable, i, j, options, pixels, (cameras[i], cameras[j]))
 
+    alignments: list[PairAlignment] = []
+    tried: set[tuple[int, int]] = set()
+    neighbours = options.neighbours
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:  # pycolmap frees the GIL
-        alignments = [edge for edge in pool.map(align, pairs) if edge is not None]
-    return compose_tree(s, alignments)
+        while True:
+            pairs = [pair for pair in candidate_pairs(descriptors, neighbours) if pair not in tried]
+            tried.update(pairs)
+            alignments += [edge for edge in pool.map(align, pairs) if edge is not None]
+            poses = compose_tree(s, alignments)
+            if poses is not None or neighbours >= s - 1:
+                return poses
+            neighbours = min(2 * neighbours, s - 1)  # some view is not reached: try more partners
 
 
 def compose_tree(num_views: int, alignments: list[PairAlignment]) -> TokenPoses | None:
