@@ -37,16 +37,21 @@ def test_ncc_map_matches_a_brute_force_reference():
     assert out[1, 2, 1] == pytest.approx(1.0, abs=1e-5)
 
 
+def _warp(image, affine, shift):
+    """The image seen through ``target = affine @ source + shift`` (pixel coordinates), bicubic."""
+    h, w = image.shape
+    ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
+    source_xy = (torch.stack([xs, ys], -1) - shift) @ torch.linalg.inv(affine).T
+    grid = torch.stack([2 * source_xy[..., 0] / (w - 1) - 1, 2 * source_xy[..., 1] / (h - 1) - 1], -1)
+    return F.grid_sample(image[None, None], grid[None].float(), mode="bicubic", align_corners=True)[0, 0]
+
+
 def _warped_pair(affine, shift, size=(300, 380), seed=0):
     gen = torch.Generator().manual_seed(seed)
     h, w = size
     image = gaussian_blur2d(torch.rand(1, 1, h, w, generator=gen), (9, 9), (1.5, 1.5))[0, 0]
     image = (image - image.min()) / (image.max() - image.min())
-    ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
-    source_xy = (torch.stack([xs, ys], -1) - shift) @ torch.linalg.inv(affine).T
-    grid = torch.stack([2 * source_xy[..., 0] / (w - 1) - 1, 2 * source_xy[..., 1] / (h - 1) - 1], -1)
-    target = F.grid_sample(image[None, None], grid[None].float(), mode="bicubic", align_corners=True)[0, 0]
-    return image, target
+    return image, _warp(image, affine, shift)
 
 
 def test_refinement_recovers_a_known_warp_to_a_tenth_of_a_pixel():
@@ -100,11 +105,7 @@ def _periodic_pair(period: int, noise: float, shift: torch.Tensor, size=(300, 38
     image = tile.repeat(h // period + 1, w // period + 1)[:h, :w]
     image = image + noise * gaussian_blur2d(torch.rand(1, 1, h, w, generator=gen), (5, 5), (1.0, 1.0))[0, 0]
     image = (image - image.min()) / (image.max() - image.min())
-    ys, xs = torch.meshgrid(torch.arange(h).double(), torch.arange(w).double(), indexing="ij")
-    source_xy = torch.stack([xs, ys], -1) - shift
-    grid = torch.stack([2 * source_xy[..., 0] / (w - 1) - 1, 2 * source_xy[..., 1] / (h - 1) - 1], -1)
-    target = F.grid_sample(image[None, None], grid[None].float(), mode="bicubic", align_corners=True)[0, 0]
-    return image, target
+    return image, _warp(image, torch.eye(2, dtype=torch.float64), shift)
 
 
 def test_refinement_rejects_repeated_texture_as_ambiguous():
