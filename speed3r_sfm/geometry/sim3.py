@@ -33,22 +33,10 @@ def umeyama_sim3(
     if total <= 0:
         raise ValueError("umeyama_sim3: the weights sum to zero")
     w = w / total
-    mu_x = (w[:, None] * x).sum(0)
-    mu_y = (w[:, None] * y).sum(0)
-    xc = x - mu_x
-    yc = y - mu_y
-    var_x = (w * (xc * xc).sum(-1)).sum()
-    if with_scale and var_x <= 1e-24:
+    scale, rot, trans, var_x = _weighted_umeyama(x[None], y[None], w[None], with_scale)
+    if with_scale and var_x[0] <= 1e-24:
         raise ValueError("umeyama_sim3: all source points coincide, so the scale is undefined")
-    cov = (w[:, None] * yc).T @ xc
-    u, d, vh = torch.linalg.svd(cov)
-    sign = torch.ones(3, dtype=torch.float64, device=x.device)
-    if torch.det(u) * torch.det(vh) < 0:
-        sign[2] = -1.0
-    rot = u @ torch.diag(sign) @ vh
-    scale = (d * sign).sum() / var_x if with_scale else torch.ones((), dtype=torch.float64, device=x.device)
-    trans = mu_y - scale * rot @ mu_x
-    return scale.to(out_dtype), rot.to(out_dtype), trans.to(out_dtype)
+    return scale[0].to(out_dtype), rot[0].to(out_dtype), trans[0].to(out_dtype)
 
 
 def umeyama_sim3_batched(
@@ -58,19 +46,33 @@ def umeyama_sim3_batched(
     ``((s (B,), R (B, 3, 3), t (B, 3)), valid (B,))`` in float64; ``valid`` is False where the source
     points coincide (the scale is undefined) and those entries are meaningless."""
     x, y = src.double(), dst.double()
-    mu_x, mu_y = x.mean(dim=1, keepdim=True), y.mean(dim=1, keepdim=True)
-    xc, yc = x - mu_x, y - mu_y
-    var_x = (xc * xc).sum(dim=(1, 2)) / x.shape[1]
-    cov = yc.transpose(1, 2) @ xc / x.shape[1]
+    w = torch.full(x.shape[:2], 1.0 / x.shape[1], dtype=torch.float64, device=x.device)
+    scale, rot, trans, var_x = _weighted_umeyama(x, y, w, with_scale=True)
+    valid = (var_x > 1e-24) & torch.isfinite(scale) & (scale > 0) & torch.isfinite(rot).flatten(1).all(-1)
+    return (scale, rot, trans), valid
+
+
+def _weighted_umeyama(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, with_scale: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s (B,), R (B, 3, 3), t (B, 3), source variance (B,)) of points (B, N, 3) in float64 with weights
+    (B, N) that sum to one; s is 1 without scale and meaningless where the variance is zero."""
+    mu_x = (w[..., None] * x).sum(1)
+    mu_y = (w[..., None] * y).sum(1)
+    xc = x - mu_x[:, None]
+    yc = y - mu_y[:, None]
+    var_x = (w * (xc * xc).sum(-1)).sum(-1)
+    cov = (w[..., None] * yc).transpose(1, 2) @ xc
     u, d, vh = torch.linalg.svd(cov)
     sign = torch.ones_like(d)
     sign[:, 2] = torch.where(torch.det(u) * torch.det(vh) < 0, -1.0, 1.0)
     rot = u @ torch.diag_embed(sign) @ vh
-    valid = var_x > 1e-24
-    scale = (d * sign).sum(-1) / torch.where(valid, var_x, torch.ones_like(var_x))
-    trans = mu_y[:, 0] - scale[:, None] * (rot @ mu_x[:, 0, :, None])[..., 0]
-    valid &= torch.isfinite(scale) & (scale > 0) & torch.isfinite(rot).flatten(1).all(-1)
-    return (scale, rot, trans), valid
+    if with_scale:
+        scale = (d * sign).sum(-1) / torch.where(var_x > 0, var_x, torch.ones_like(var_x))
+    else:
+        scale = torch.ones_like(var_x)
+    trans = mu_y - scale[:, None] * (rot @ mu_x[..., None])[..., 0]
+    return scale, rot, trans, var_x
 
 
 def apply_sim3(
