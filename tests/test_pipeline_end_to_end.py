@@ -22,11 +22,12 @@ from speed3r_sfm.geometry import intrinsics_to_colmap, resize_intrinsics
 from speed3r_sfm.models.vggt import VGGT, VGGTConfig
 from speed3r_sfm.pipeline import cli as pipeline_cli
 from speed3r_sfm.pipeline import export as pipeline_export
+from speed3r_sfm.pipeline import matching as pipeline_matching
 from speed3r_sfm.pipeline.backbone import Backbone, ModelNotAvailableError
 from speed3r_sfm.pipeline.export import OutputExistsError
 from speed3r_sfm.pipeline.inputs import Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
-from speed3r_sfm.pipeline.reconstruct import reconstruct, run_pipeline
+from speed3r_sfm.pipeline.reconstruct import PipelineOptions, reconstruct, run_pipeline
 
 # the module, not the function of the same name that speed3r_sfm.pipeline exports
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
@@ -265,6 +266,65 @@ def test_overwrite_replaces_the_project(scene_data, tmp_path):
     reconstruct(scene_data["folder"], output, model=_oracle(scene_data), attention="dense", overwrite=True)
     assert not (output / "stale.txt").exists() and (output / "report.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_track_head_rejects_candidates_it_disagrees_with(scene_data, monkeypatch):
+    """Noise-free oracle whose stand-in track head is exact except in view 5, where it is 30 px off: every
+    candidate into view 5 is rejected, the others are kept, and the reconstruction still has every view."""
+    oracle = _oracle(scene_data, rotation_noise_deg=0.0, translation_noise=0.0, depth_noise=0.0, tracks=True)
+
+    def predict(images):
+        prediction = oracle(images)
+        exact = prediction.extras["tracker"]
+
+        def shifted(view, points):
+            tracks, vis, conf = exact(view, points)
+            tracks = tracks.clone()
+            if view != 5:
+                tracks[5] += 30.0
+            return tracks, vis, conf
+
+        prediction.extras["tracker"] = shifted
+        return prediction
+
+    predict.preprocessing = oracle.preprocessing
+    seen = []
+    check = pipeline_matching.check_with_tracks
+
+    def spy(tracker, source_view, source_point, source_xy, target_view, target_xy, *args):
+        result = check(tracker, source_view, source_point, source_xy, target_view, target_xy, *args)
+        seen.append((source_view, target_view, result))
+        return result
+
+    monkeypatch.setattr(pipeline_matching, "check_with_tracks", spy)
+    result = run_pipeline(scene_data["folder"], None, model=predict, attention="dense")
+    ((source_view, target_view, outcome),) = seen
+    into_five = (target_view == 5) & (source_view != 5)
+    assert into_five.sum() > 20 and not outcome.keep[into_five].any()
+    others = ~into_five
+    assert outcome.keep[others].float().mean() > 0.95
+    assert outcome.distance[others & outcome.keep].max() < 1.0  # exact geometry, exact tracks
+    stats = result.report["counts"]["track_verification"]
+    assert stats["ran"] and stats["checked"] == source_view.numel()
+    assert stats["kept"] == int(outcome.keep.sum())
+    assert stats["kept"] + stats["rejected_too_far"] + stats["rejected_not_visible"] == stats["checked"]
+    assert result.report["counts"]["verified_matches"] == stats["kept"]
+    assert result.reconstruction.num_reg_images() == VIEWS  # view 5 is still matched from its own side
+
+
+def test_tiny_vggt_with_a_track_head_checks_candidates_with_it(scene_data):
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.preset("tiny"))  # untrained: accept any track, only the plumbing is checked
+    options = PipelineOptions()
+    options.matching.track_tolerance, options.matching.min_track_visibility = float("inf"), 0.0
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
+    stats = result.report["counts"]["track_verification"]
+    assert (
+        stats["ran"] and stats["checked"] == stats["kept"] == result.report["counts"]["verified_matches"] > 0
+    )
+    options.matching.track_verification = False
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
+    assert result.report["counts"]["track_verification"]["ran"] is False
 
 
 def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):

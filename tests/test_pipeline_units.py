@@ -17,6 +17,7 @@ from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
 from speed3r_sfm.pipeline.matching import Matches
 from speed3r_sfm.pipeline.records import summarize_records
 from speed3r_sfm.pipeline.refine import RefineOptions, build_pyramid, ncc_map, refine_pair
+from speed3r_sfm.pipeline.track_verification import check_with_tracks
 from speed3r_sfm.pipeline.tracks import build_tracks, connected_components
 
 
@@ -337,3 +338,36 @@ def test_backbones_bring_their_preprocessing_and_checkpoints_are_recognised(tmp_
         _family_of_checkpoint(str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="attention must be"):
         load_backbone(oracle, "sparse", "cpu")
+
+
+def test_check_with_tracks_queries_each_source_view_once_and_applies_both_thresholds():
+    calls = []
+
+    def tracker(view, points):  # every view sees the point shifted by (10 * target view, 0)
+        calls.append((view, points.clone()))
+        shift = torch.arange(4.0)[:, None, None] * torch.tensor([10.0, 0.0])
+        visibility = torch.ones(4, points.shape[0])
+        visibility[3] = 0.2  # view 3 does not see anything
+        return points[None] + shift, visibility, visibility.clone()
+
+    source_view = torch.tensor([0, 0, 0, 2, 2])
+    source_point = torch.tensor([7, 7, 9, 7, 7])  # keypoint ids: 7 appears twice in view 0
+    source_xy = torch.tensor(
+        [[5.0, 5.0], [5.0, 5.0], [20.0, 1.0], [3.0, 4.0], [3.0, 4.0]], dtype=torch.float64
+    )
+    target_view = torch.tensor([1, 2, 1, 1, 3])
+    # agrees / 8 px off / 3 px off / agrees / agrees but invisible
+    target_xy = source_xy + torch.tensor([[10.0, 0.0], [28.0, 0.0], [13.0, 0.0], [10.0, 0.0], [30.0, 0.0]])
+    check = check_with_tracks(tracker, source_view, source_point, source_xy, target_view, target_xy, 4.0, 0.5)
+    assert check.keep.tolist() == [True, False, True, True, False]
+    assert torch.allclose(check.distance, torch.tensor([0.0, 8.0, 3.0, 0.0, 0.0], dtype=torch.float64))
+    assert [view for view, _ in calls] == [0, 2]
+    assert calls[0][1].tolist() == [[5.0, 5.0], [20.0, 1.0]] and calls[1][1].tolist() == [[3.0, 4.0]]
+    stats = check.stats(0.5)
+    assert stats == {
+        "checked": 5,
+        "kept": 3,
+        "rejected_not_visible": 1,
+        "rejected_too_far": 1,
+        "median_distance_px": 0.0,
+    }

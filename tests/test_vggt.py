@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -232,6 +233,44 @@ def test_predict_returns_prediction_consistent_with_forward():
     torch.testing.assert_close(prediction.depth, out["depth"][..., 0])
     torch.testing.assert_close(prediction.world_points_conf, out["world_points_conf"])
     assert prediction.attention is None and prediction.image_size == (28, 42)
+
+
+def test_feature_tracker_tracks_points_of_any_view():
+    model = tiny_model(enable_point=False)
+    images = torch.rand(1, 4, 3, 56, 84)
+    with torch.no_grad():
+        own = model(images, query_points=QUERIES)
+    prediction = model.predict(images, with_tracker=True)
+    tracker = prediction.extras["tracker"]
+    assert tracker.num_views == 4 and "tracker" not in model.predict(images).extras
+    # query view 0 is the model's own track head, exactly
+    tracks, vis, conf = tracker(0, QUERIES)
+    assert tracks.shape == (4, 3, 2) and vis.shape == conf.shape == (4, 3)
+    assert torch.allclose(tracks, own["track"][0], atol=1e-5)
+    assert torch.allclose(vis, own["vis"][0], atol=1e-5) and torch.allclose(conf, own["conf"][0], atol=1e-5)
+    # another query view: it is the tracker's first frame, outputs come back in the views' order. The
+    # tracker does not depend on the order of the other frames (no temporal position), so the reference
+    # reorders them differently: query view, then the others backwards.
+    features = model(images, with_track_features=True)["track_features"]
+    for view in (1, 3):
+        tracks, vis, conf = tracker(view, QUERIES)
+        assert torch.equal(tracks[view], QUERIES)  # the query frame keeps its points
+        order = [view] + [f for f in reversed(range(4)) if f != view]
+        with torch.no_grad():
+            ref_tracks, ref_vis, ref_conf = model.track_head.tracker(QUERIES[None], features[:, order], 4)
+        for position, frame in enumerate(order):
+            assert torch.allclose(tracks[frame], ref_tracks[-1][0, position], atol=1e-4)
+            assert torch.allclose(vis[frame], ref_vis[0, position], atol=1e-5)
+            assert torch.allclose(conf[frame], ref_conf[0, position], atol=1e-5)
+    # chunks of query points (the virtual tracks mix the points of one call, so values may differ)
+    chunked = dataclasses.replace(tracker, chunk=2)
+    tracks, vis, _ = chunked(2, QUERIES)
+    assert tracks.shape == (4, 3, 2) and torch.equal(tracks[2], QUERIES) and vis.shape == (4, 3)
+    assert chunked(2, torch.zeros(0, 2))[0].shape == (4, 0, 2)
+    with pytest.raises(IndexError, match="query_frame 4"):
+        tracker(4, QUERIES)
+    without_head = tiny_model(enable_track=False).predict(images, with_tracker=True)
+    assert "tracker" not in without_head.extras
 
 
 def test_predict_without_point_head_unprojects_depth():

@@ -60,6 +60,8 @@ class Backbone:
     device: torch.device
     module: nn.Module | None = None  # the network, when the model is one (its token encoder groups views)
     attention: Literal["gsa", "dense"] = "gsa"  # what it runs (``"auto"`` resolved)
+    # ``predict`` plus ``extras["tracker"]`` (models with a track head, e.g. VGGT-1B); None without one
+    predict_with_tracker: Callable[[torch.Tensor], Prediction] | None = None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -92,7 +94,12 @@ def load_backbone(
         model = model.to(dev).eval()
         spec = preprocessing or preprocessing_of(model)
         predict = _module_predict(model, attention == "gsa", dev)
-        return Backbone(predict, spec, name, dev, module=model, attention=attention)
+        with_tracker = None
+        if getattr(model, "track_head", None) is not None and _accepts(model, "with_tracker"):
+            with_tracker = _module_predict(model, attention == "gsa", dev, tracker=True)
+        return Backbone(
+            predict, spec, name, dev, module=model, attention=attention, predict_with_tracker=with_tracker
+        )
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         kind = "gsa" if attention == "auto" else attention  # a callable exports records or it does not
@@ -123,13 +130,22 @@ def preprocessing_of(model: nn.Module) -> Preprocessing:
     )
 
 
-def _module_predict(model: nn.Module, want_records: bool, device: torch.device) -> Callable:
+def _accepts(model: nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(model.predict).parameters
+
+
+def _module_predict(
+    model: nn.Module, want_records: bool, device: torch.device, tracker: bool = False
+) -> Callable:
     if not hasattr(model, "predict"):
         raise TypeError(f"{type(model).__name__} has no predict(images) -> Prediction method")
-    accepts = "return_attention" in inspect.signature(model.predict).parameters
+    kwargs: dict[str, Any] = (
+        {"return_attention": True} if (want_records and _accepts(model, "return_attention")) else {}
+    )
+    if tracker:
+        kwargs["with_tracker"] = True
 
     def predict(images: torch.Tensor) -> Prediction:
-        kwargs: dict[str, Any] = {"return_attention": True} if (want_records and accepts) else {}
         with torch.inference_mode():
             if device.type == "cuda":
                 with torch.autocast("cuda", dtype=torch.bfloat16):

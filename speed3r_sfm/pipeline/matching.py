@@ -13,7 +13,8 @@ For keypoint ``x`` of view i:
    must agree with view j's predicted depth nearby (relative ``depth_tolerance``) and view j's depth
    confidence there must pass its threshold. Whether the location falls in a block the query block
    selected is recorded (``in_selected_block``): a statistic of how well GSA's selection and the
-   geometry agree.
+   geometry agree. Where the backbone has a track head, its track of ``x`` must also see the point in
+   view j and agree with the predicted location (``track_verification.py``).
 4. *Correction per view pair.* Pose errors displace the predicted locations of a view pair by a smooth
    field (a rotation error shifts the whole image). The ``correction_samples`` strongest keypoints of the
    pair are searched widely (``correction_radius``); a robust affine fit of their displacements against
@@ -43,6 +44,7 @@ from .inputs import View
 from .keypoints import Keypoints
 from .records import AttentionSummary
 from .refine import REASONS, PyramidStack, RefineOptions, build_pyramid, num_levels, refine_matches
+from .track_verification import TrackCheck, Tracker, check_with_tracks
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ class MatchOptions:
     depth_tolerance: float = 0.1  # relative depth agreement between the projection and view j's depth
     affine_step: float = 2.0  # finite-difference step for the local affine map
     time_limit: float | None = None  # seconds for the refinement; remaining view pairs are skipped
+    track_verification: bool = True  # also check candidates with the track head, when the model has one
+    track_tolerance: float = 8.0  # model pixels between the track and the predicted location
+    min_track_visibility: float = 0.5
     refine: RefineOptions = field(default_factory=RefineOptions)
 
 
@@ -95,6 +100,9 @@ class _Candidates:
 
     def __len__(self) -> int:
         return int(self.source_view.numel())
+
+    def subset(self, keep: torch.Tensor) -> _Candidates:
+        return _Candidates(*(getattr(self, f.name)[keep] for f in dataclasses.fields(self)))
 
 
 @dataclass
@@ -410,6 +418,33 @@ def _refine(
     return xy, ncc, reason
 
 
+def _check_candidates_with_tracks(
+    views: list[View],
+    keypoints: list[Keypoints],
+    candidates: _Candidates,
+    tracker: Tracker,
+    options: MatchOptions,
+) -> TrackCheck:
+    """:func:`~.track_verification.check_with_tracks` of the candidates, in model pixels."""
+    source_xy = torch.zeros(len(candidates), 2, dtype=torch.float64)
+    target_xy = torch.zeros_like(source_xy)
+    for v, view in enumerate(views):
+        rows = (candidates.source_view == v).nonzero()[:, 0]
+        source_xy[rows] = work_to_model(view, keypoints[v].xy.double()[candidates.source_index[rows]])
+        rows = (candidates.target_view == v).nonzero()[:, 0]
+        target_xy[rows] = work_to_model(view, candidates.predicted[rows])
+    return check_with_tracks(
+        tracker,
+        candidates.source_view,
+        candidates.source_index,
+        source_xy,
+        candidates.target_view,
+        target_xy,
+        options.track_tolerance,
+        options.min_track_visibility,
+    )
+
+
 def _pair_groups(counts: list[int], size: int) -> list[tuple[int, int]]:
     """Consecutive ranges [first, last) of view pairs with about ``size`` candidates together (a larger
     pair alone)."""
@@ -441,9 +476,20 @@ def match_views(
     summary: AttentionSummary | None,
     thresholds: torch.Tensor,
     options: MatchOptions,
+    tracker: Tracker | None = None,
 ) -> Matches:
-    """All verified and refined correspondences of the keypoints (see the module docstring)."""
+    """All verified and refined correspondences of the keypoints (see the module docstring); ``tracker``:
+    the backbone's track head (``Prediction.extras["tracker"]``), a second check of the candidates."""
     candidates, stats = find_candidates(views, keypoints, geometry, summary, thresholds, options)
+    if tracker is None:
+        why = "no tracker in the prediction (the model has no track head, or chunked inference)"
+        stats["track_verification"] = {"ran": False, "why": why}
+    elif not options.track_verification:
+        stats["track_verification"] = {"ran": False, "why": "disabled (MatchOptions.track_verification)"}
+    else:
+        check = _check_candidates_with_tracks(views, keypoints, candidates, tracker, options)
+        stats["track_verification"] = {"ran": True, **check.stats(options.min_track_visibility)}
+        candidates = candidates.subset(check.keep)
     m = len(candidates)
     stats["verified"] = m
     if m == 0:

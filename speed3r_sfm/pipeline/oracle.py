@@ -5,7 +5,8 @@ ground-truth cameras and depth at model resolution, in a random Sim(3) frame, op
 noise on the camera rotations and centres (``speed3r_sfm.eval.evaluate.oracle_predictor``) and
 multiplicative noise on depth. With ``records="ideal"`` it also returns GSA records computed from the
 ground truth (the blocks a query block's pixels really project into), to exercise the GSA code path with
-meaningful selections.
+meaningful selections. With ``tracks=True`` its prediction carries a :class:`GroundTruthTracker` as
+``extras["tracker"]``, standing in for a track head.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class SceneOracle:
         block_size: int = 64,
         query_block_size: int = 64,
         top_k: int = 8,
+        tracks: bool = False,
     ) -> None:
         if scene is None and depth is None:
             raise ValueError("SceneOracle needs the scene (to ray-cast depth) or the depth maps")
@@ -103,6 +105,7 @@ class SceneOracle:
         self.seed = seed
         self.records = records
         self.block_size, self.query_block_size, self.top_k = block_size, query_block_size, top_k
+        self.tracks = tracks
         self.calls = 0
 
     def transforms(self) -> list[ImageTransform]:
@@ -146,6 +149,8 @@ class SceneOracle:
             gen = torch.Generator().manual_seed(self.seed + 1)
             noise = 1.0 + self.depth_noise * torch.randn(prediction.depth.shape, generator=gen)
             prediction.depth = prediction.depth * noise
+        if self.tracks:
+            prediction.extras["tracker"] = GroundTruthTracker(depth, k_model, self.cam_from_world)
         if self.records == "ideal":
             prediction.attention = ideal_records(
                 depth,
@@ -157,6 +162,49 @@ class SceneOracle:
                 self.top_k,
             )
         return prediction
+
+
+class GroundTruthTracker:
+    """Exact tracks of a rendered scene, called like a track head's tracker (``track_verification.Tracker``):
+    ``tracker(view, points (N, 2))`` -> the points' projections into every view (S, N, 2), visibility 1
+    where the projection lies in the image, in front of the camera and not occluded (its depth within
+    ``occlusion_tolerance`` of the depth map there), else 0; confidence = visibility."""
+
+    def __init__(
+        self,
+        depth: torch.Tensor,
+        intrinsics: torch.Tensor,
+        cam_from_world: torch.Tensor,
+        occlusion_tolerance: float = 0.02,
+    ) -> None:
+        self.depth = depth.double()  # (S, H, W) model resolution
+        self.intrinsics = intrinsics.double()
+        self.cam_from_world = cam_from_world.double()
+        self.occlusion_tolerance = occlusion_tolerance
+
+    def __call__(self, view: int, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s, height, width = self.depth.shape
+        xy = points.double()
+        col = xy[:, 0].round().long().clamp(0, width - 1)
+        row = xy[:, 1].round().long().clamp(0, height - 1)
+        z = self.depth[view, row, col]
+        pixels = torch.cat([xy, torch.ones_like(xy[:, :1])], dim=-1)
+        camera = (torch.linalg.inv(self.intrinsics[view]) @ pixels.T).T * z[:, None]
+        rotation, translation = self.cam_from_world[view, :, :3], self.cam_from_world[view, :, 3]
+        world = (camera - translation) @ rotation  # R^T (x - t), row-wise
+        uv, depth = project_points(world.expand(s, -1, -1), self.intrinsics, self.cam_from_world)
+        inside = (
+            (uv[..., 0] > -0.5)
+            & (uv[..., 0] < width - 0.5)
+            & (uv[..., 1] > -0.5)
+            & (uv[..., 1] < height - 0.5)
+        )
+        cols = uv[..., 0].round().long().clamp(0, width - 1)
+        rows = uv[..., 1].round().long().clamp(0, height - 1)
+        seen = self.depth[torch.arange(s)[:, None], rows, cols]
+        unoccluded = (depth - seen).abs() <= self.occlusion_tolerance * seen
+        visible = (inside & (depth > 0) & unoccluded & (z > 0)[None]).float()
+        return uv.float(), visible, visible.clone()
 
 
 def ideal_records(

@@ -186,11 +186,13 @@ def run_pipeline(
             [v.name for v in views],
             attention,
             _ChunkOptions(chunk_size, chunk_overlap, ordered, chunk_h5),
+            with_tracker=options.matching.track_verification,
         )
         geometry = SceneGeometry.from_prediction(prediction)
         _check_prediction(geometry, model_images)
         head_poses = geometry.cam_from_world.clone()
         pose_source = apply_token_poses(geometry, prediction, options.token_poses)
+        tracker = prediction.extras.get("tracker")
         if attention == "gsa" and summary is None:
             logger.warning("the model exported no GSA records: texture-based keypoints, geometric view pairs")
         del prediction
@@ -207,7 +209,10 @@ def run_pipeline(
 
         # 4. matches: GSA-selected views, verified by the predicted geometry, refined photometrically
         stages.start("matching")
-        matches = match_views(views, grays, keypoints, geometry, summary, thresholds, options.matching)
+        matches = match_views(
+            views, grays, keypoints, geometry, summary, thresholds, options.matching, tracker
+        )
+        del tracker
         stages.done("matching")
 
         # 5. tracks and the pycolmap reconstruction at the predicted poses
@@ -315,6 +320,7 @@ def _run_backbone(
     names: list[str],
     attention: AttentionKind,
     chunk: _ChunkOptions,
+    with_tracker: bool = False,
 ) -> tuple[Prediction, AttentionSummary | None, dict[str, Any] | None]:
     """The prediction of all views, their GSA summary (None without records) and the chunk plan for the
     report (None for a single pass)."""
@@ -322,7 +328,8 @@ def _run_backbone(
     if size is None or size >= len(names):
         if chunk.h5 is not None:
             logger.info("%d views fit in one pass: the chunk file %s is not used", len(names), chunk.h5)
-        prediction = backbone.predict(model_images[None].to(backbone.device))
+        predict = (with_tracker and backbone.predict_with_tracker) or backbone.predict
+        prediction = predict(model_images[None].to(backbone.device))
         summary = summarize_records(prediction.attention, len(names)) if attention == "gsa" else None
         return prediction, summary, None
     overlap = chunk.overlap if chunk.overlap is not None else max(1, size // 4)

@@ -74,6 +74,7 @@ def build_report(
             "verified_matches": matches.stats.get("verified", 0),
             "refined_matches": matches.stats.get("refined", 0),
             "refinement_rejections": matches.stats.get("rejected", {}),
+            "track_verification": matches.stats.get("track_verification"),
             "tracks": tracks.num_tracks,
             "mean_track_length": float(lengths.mean()) if lengths.size else 0.0,
             "points3D_initial": initial_points,

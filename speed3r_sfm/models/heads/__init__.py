@@ -2,7 +2,7 @@
 
 from .camera import CameraHead, activate_pose
 from .dpt import DPTHead, activate
-from .track import TrackHead
+from .track import FeatureTracker, TrackHead
 from .tracker import BaseTrackerPredictor
 from .update_former import EfficientUpdateFormer
 
@@ -11,6 +11,7 @@ __all__ = [
     "CameraHead",
     "DPTHead",
     "EfficientUpdateFormer",
+    "FeatureTracker",
     "TrackHead",
     "activate",
     "activate_pose",

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...attention import AttentionConfig, is_gsa_parameter
 from ..checkpoint import load_state_dict_checked, read_state_dict, resolve_checkpoint
-from ..heads import CameraHead, DPTHead, TrackHead
+from ..heads import CameraHead, DPTHead, FeatureTracker, TrackHead
 from ..prediction import Prediction
 from .aggregator import Aggregator
 from .config import VGGTConfig
@@ -106,10 +106,16 @@ class VGGT(nn.Module):
         return needed
 
     def forward(
-        self, images: torch.Tensor, query_points: torch.Tensor | None = None, return_attention: bool = False
+        self,
+        images: torch.Tensor,
+        query_points: torch.Tensor | None = None,
+        return_attention: bool = False,
+        with_track_features: bool = False,
     ) -> dict[str, Any]:
         """images: (S, 3, H, W) or (B, S, 3, H, W) in [0, 1], H and W multiples of the patch size;
-        query_points: optional (N, 2) or (B, N, 2) pixel (x, y) in frame 0, for the track head.
+        query_points: optional (N, 2) or (B, N, 2) pixel (x, y) in frame 0, for the track head;
+        ``with_track_features``: also return the track head's feature maps (``track_features``, see
+        ``TrackHead.features``) to track points of any frame later (``TrackHead.track``).
 
         Returns the official keys: ``pose_enc`` (B, S, 9) and ``pose_enc_list``, ``depth`` (B, S, H, W, 1),
         ``depth_conf`` (B, S, H, W), ``world_points`` (B, S, H, W, 3), ``world_points_conf`` (B, S, H, W),
@@ -120,9 +126,10 @@ class VGGT(nn.Module):
         if query_points is not None and query_points.dim() == 2:
             query_points = query_points.unsqueeze(0)
         with_tracks = query_points is not None and self.track_head is not None
+        with_track_features = with_track_features and self.track_head is not None
         records: list | None = [] if return_attention else None
         outputs, patch_start_idx = self.aggregator(
-            images, keep=self.layers_needed(with_tracks), records=records
+            images, keep=self.layers_needed(with_tracks or with_track_features), records=records
         )
         image_size = (images.shape[-2], images.shape[-1])
         chunk = self.config.frames_chunk_size
@@ -144,11 +151,13 @@ class VGGT(nn.Module):
             if self.point_head is not None:
                 points, points_conf = self.point_head(outputs, image_size, patch_start_idx, chunk)
                 predictions["world_points"], predictions["world_points_conf"] = points, points_conf
-        if with_tracks:
-            tracks, vis, conf = self.track_head(
-                outputs, image_size, patch_start_idx, query_points, None, chunk
-            )
-            predictions["track"], predictions["vis"], predictions["conf"] = tracks[-1], vis, conf
+        if with_tracks or with_track_features:
+            feature_maps = self.track_head.features(outputs, image_size, patch_start_idx, chunk)
+            if with_track_features:
+                predictions["track_features"] = feature_maps
+            if with_tracks:
+                tracks, vis, conf = self.track_head.track(feature_maps, query_points)
+                predictions["track"], predictions["vis"], predictions["conf"] = tracks[-1], vis, conf
         if not self.training:
             predictions["images"] = images
             if self.config.descriptor_layer is not None:
@@ -177,20 +186,24 @@ class VGGT(nn.Module):
         return images
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, return_attention: bool = False) -> Prediction:
+    def predict(
+        self, images: torch.Tensor, return_attention: bool = False, with_tracker: bool = False
+    ) -> Prediction:
         """Cameras and geometry as a :class:`Prediction` (no autograd; call ``eval()`` first for inference).
 
         cam_from_world and K come from the pose encoding (principal point (W/2, H/2), as upstream). Without a
         point head, world points are unprojected from depth; without a depth head, depth is the camera-frame
         z of the world points. Pixel (u, v) is taken at its integer coordinates, the convention of
-        ``Prediction``.
+        ``Prediction``. ``with_tracker`` (and a track head): ``extras["tracker"]`` is a
+        :class:`~speed3r_sfm.models.heads.FeatureTracker` that tracks points of any view through all views.
         """
         if self.camera_head is None:
             raise ValueError("predict() needs the camera head: build the model with enable_camera=True")
         if self.depth_head is None and self.point_head is None:
             raise ValueError("predict() needs the depth head or the point head")
         height, width = self._check_images(images).shape[-2:]
-        out = self.forward(images, return_attention=return_attention)
+        with_tracker = with_tracker and self.track_head is not None
+        out = self.forward(images, return_attention=return_attention, with_track_features=with_tracker)
         pose_enc = out["pose_enc"].float()
         cam_from_world, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, (height, width))
         if self.depth_head is not None:
@@ -201,7 +214,7 @@ class VGGT(nn.Module):
             world_points, points_conf = out["world_points"], out["world_points_conf"]
         else:
             world_points, points_conf = _unproject(depth, cam_from_world, intrinsics), depth_conf
-        return Prediction(
+        prediction = Prediction(
             cam_from_world=cam_from_world,
             intrinsics=intrinsics,
             depth=depth,
@@ -211,6 +224,11 @@ class VGGT(nn.Module):
             attention=out.get("attention"),
             extras={"pose_enc": pose_enc, **_descriptor_extras(out, self.config.patch_size)},
         )
+        if with_tracker:
+            if images.dim() == 5 and images.shape[0] != 1:
+                raise ValueError("with_tracker needs a batch of one sequence")
+            prediction.extras["tracker"] = FeatureTracker(self.track_head, out["track_features"])
+        return prediction
 
     @classmethod
     def from_pretrained(

@@ -1,0 +1,72 @@
+"""Second opinion on candidate correspondences from the backbone's track head (where it has one).
+
+A candidate says: keypoint ``x`` of view i is seen at ``y`` in view j, ``y`` predicted from depth and
+poses (``matching.find_candidates``). The track head follows ``x`` through every view from image features,
+independently of the predicted depth and poses. A candidate is kept only when the two agree: the track
+head sees the point in view j (visibility at least ``min_visibility``) and puts it within ``tolerance``
+model pixels of ``y``.
+
+The tracker is the callable of ``Prediction.extras["tracker"]`` (e.g. VGGT's
+:class:`~speed3r_sfm.models.heads.FeatureTracker`): ``tracker(view, points (N, 2))`` -> tracks (S, N, 2),
+visibility and confidence (S, N), all in model-input pixels (integer centres).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Tracker = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class TrackCheck:
+    """Outcome of :func:`check_with_tracks` for M candidates."""
+
+    keep: torch.Tensor  # (M,) bool
+    distance: torch.Tensor  # (M,) float64 model pixels between the track and the predicted location
+    visibility: torch.Tensor  # (M,) float32
+
+    def stats(self, min_visibility: float) -> dict:
+        """Counts and the median disagreement (model pixels) for the report."""
+        invisible = self.visibility < min_visibility
+        return {
+            "checked": int(self.keep.numel()),
+            "kept": int(self.keep.sum()),
+            "rejected_not_visible": int(invisible.sum()),
+            "rejected_too_far": int((~self.keep & ~invisible).sum()),
+            "median_distance_px": float(self.distance.median()) if self.distance.numel() else None,
+        }
+
+
+def check_with_tracks(
+    tracker: Tracker,
+    source_view: torch.Tensor,
+    source_point: torch.Tensor,
+    source_xy: torch.Tensor,
+    target_view: torch.Tensor,
+    target_xy: torch.Tensor,
+    tolerance: float,
+    min_visibility: float,
+) -> TrackCheck:
+    """Check M candidates against the track head.
+
+    ``source_view``, ``target_view``: (M,) int64; ``source_point``: (M,) int64 id of the source keypoint
+    (candidates sharing it are tracked once); ``source_xy``, ``target_xy``: (M, 2) model pixels. The tracker
+    is called once per source view, with that view's distinct keypoints.
+    """
+    m = source_view.numel()
+    distance = torch.full((m,), float("inf"), dtype=torch.float64)
+    visibility = torch.zeros(m)
+    for view in source_view.unique().tolist():
+        rows = (source_view == view).nonzero()[:, 0]
+        points, slot = torch.unique(source_point[rows], return_inverse=True)
+        first = torch.zeros(points.numel(), dtype=torch.long).scatter_(0, slot, rows)
+        tracks, vis, _ = tracker(view, source_xy[first].float())
+        located = tracks[target_view[rows], slot].double()
+        distance[rows] = torch.linalg.vector_norm(located - target_xy[rows].double(), dim=-1)
+        visibility[rows] = vis[target_view[rows], slot].float()
+    keep = (visibility >= min_visibility) & (distance <= tolerance)
+    return TrackCheck(keep, distance, visibility)
