@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
 from speed3r_sfm.geometry import look_at
-from speed3r_sfm.pipeline.bundle import BundleOptions, bundle_adjust, mean_reprojection_error
+from speed3r_sfm.pipeline.bundle import (
+    BundleOptions,
+    bundle_adjust,
+    drop_weakly_linked_images,
+    mean_reprojection_error,
+    weakly_linked_images,
+)
 from speed3r_sfm.pipeline.database import two_view_geometry
 from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
 from speed3r_sfm.pipeline.matching import Matches
@@ -371,3 +377,30 @@ def test_check_with_tracks_queries_each_source_view_once_and_applies_both_thresh
         "rejected_too_far": 1,
         "median_distance_px": 0.0,
     }
+
+
+def test_views_weakly_linked_to_the_main_group_are_deregistered():
+    rec, _, points, _ = _scene_reconstruction(num_points=200)
+    manager = pycolmap.ObservationManager(rec)
+
+    def add(point_ids, images):
+        for p in point_ids:
+            manager.add_point3D(points[p], pycolmap.Track([pycolmap.TrackElement(i, p) for i in images]))
+
+    add(range(0, 150), (1, 2, 3))  # the main group: images 1-3, 150 shared points per pair
+    add(range(150, 170), (3, 4))  # image 4 hangs on 20 points
+    assert weakly_linked_images(rec, 15) == []
+    assert weakly_linked_images(rec, 30) == [4]
+    assert drop_weakly_linked_images(rec, manager, 30) == [4]
+    assert sorted(rec.reg_image_ids()) == [1, 2, 3] and rec.num_points3D() == 150
+    assert all(e.image_id != 4 for p in rec.points3D.values() for e in p.track.elements)
+    assert weakly_linked_images(rec, 30) == []
+
+
+def test_weak_link_ties_keep_the_group_with_more_observations():
+    rec, _, points, _ = _scene_reconstruction(num_points=200)
+    manager = pycolmap.ObservationManager(rec)
+    for p in range(200):  # two groups of two images, no link between them; {3, 4} sees more
+        images = (1, 2) if p < 90 else (3, 4)
+        manager.add_point3D(points[p], pycolmap.Track([pycolmap.TrackElement(i, p) for i in images]))
+    assert weakly_linked_images(rec, 30) == [1, 2]

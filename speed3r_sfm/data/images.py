@@ -66,11 +66,11 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     is ≤ 1; transparency (RGBA, LA, palette with transparency) is composited on white. Raises
     :class:`ImageReadError` naming the file when it cannot be read.
     """
-    return _open_upright(path)[0]
+    return read_image_upright(path)[0]
 
 
-def _open_upright(path: str | os.PathLike) -> tuple[Image.Image, int]:
-    """(RGB image, EXIF orientation 1–8) of ``path``."""
+def read_image_upright(path: str | os.PathLike) -> tuple[Image.Image, int]:
+    """(:func:`read_image` of ``path``, the EXIF orientation 1–8 it applied), from one read of the file."""
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image file {path} does not exist")
@@ -230,7 +230,7 @@ def preprocess_images(
         if isinstance(item, Image.Image):
             image, orientation, path = to_rgb(item), 1, None
         else:
-            (image, orientation), path = _open_upright(item), os.fspath(item)
+            (image, orientation), path = read_image_upright(item), os.fspath(item)
         width, height = image.size
         if mode == "pixel_limit":
             fixed_size = fixed_size or pixel_limit_size(width, height, pixel_limit, patch_size)

@@ -29,7 +29,7 @@ from speed3r_sfm.data.images import (
     ImageTransform,
     list_images,
     preprocess_images,
-    read_image,
+    read_image_upright,
 )
 
 logger = logging.getLogger(__name__)
@@ -125,8 +125,7 @@ def _read_one(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = read_image(path)
-            orientation = _exif_orientation(path)
+            image, orientation = read_image_upright(path)
     except ImageReadError as error:
         return digest, None, f"not a readable image ({error})"
     return digest, (image.size, _work_copy(image, max_image_size), orientation), None
@@ -201,11 +200,3 @@ def load_views(
         )
         views.append(View(name, path, original_size, np.array(work), transform, orientation))
     return views, model_images, skipped
-
-
-def _exif_orientation(path: Path) -> int:
-    try:
-        with Image.open(path) as image:
-            return int(image.getexif().get(0x0112, 1) or 1)
-    except (OSError, ValueError, SyntaxError):
-        return 1

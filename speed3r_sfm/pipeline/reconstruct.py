@@ -34,7 +34,13 @@ from tqdm.auto import tqdm
 from speed3r_sfm.models.prediction import Prediction
 
 from .backbone import AttentionKind, Backbone, ModelSpec, load_backbone
-from .bundle import BundleOptions, correspondence_graph, mean_reprojection_error, refine_reconstruction
+from .bundle import (
+    BundleOptions,
+    correspondence_graph,
+    drop_weakly_linked_images,
+    mean_reprojection_error,
+    refine_reconstruction,
+)
 from .chunked import predict_chunked, stored_plan
 from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
 from .colmap_model import (
@@ -241,6 +247,19 @@ def run_pipeline(
         else:
             error = options.no_ba_max_reproj_error * pixel_scale
             manager.filter_all_points3D(error, options.bundle.min_tri_angle)
+        dropped = []
+        if ba and rec.num_points3D():  # views whose pose BA fitted to a handful of points
+            dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points)
+        unregistered = [
+            {
+                "name": views[image_id - 1].name,
+                "why": f"shares fewer than {options.bundle.min_shared_points} 3D points with the main group "
+                "of views (its pose is not checked by enough points)",
+            }
+            for image_id in dropped
+        ]
+        for entry in unregistered:
+            logger.warning("not registered: %s: %s", entry["name"], entry["why"])
         stages.done("bundle adjustment")
         stages.timings["total"] = stages.elapsed()
 
@@ -261,6 +280,7 @@ def run_pipeline(
                 "options": asdict(options),
                 "chunking": chunking,
                 "poses": pose_source,
+                "unregistered_images": unregistered,
             },
             initial_error=initial_error,
             initial_points=initial_points,
