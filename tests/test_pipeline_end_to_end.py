@@ -277,8 +277,8 @@ def test_track_head_rejects_candidates_it_disagrees_with(scene_data, monkeypatch
         prediction = oracle(images)
         exact = prediction.extras["tracker"]
 
-        def shifted(view, points):
-            tracks, vis, conf = exact(view, points)
+        def shifted(view, points, targets):
+            tracks, vis, conf = exact(view, points, targets)
             tracks = tracks.clone()
             if view != 5:
                 tracks[5] += 30.0

@@ -349,8 +349,8 @@ def test_backbones_bring_their_preprocessing_and_checkpoints_are_recognised(tmp_
 def test_check_with_tracks_queries_each_source_view_once_and_applies_both_thresholds():
     calls = []
 
-    def tracker(view, points):  # every view sees the point shifted by (10 * target view, 0)
-        calls.append((view, points.clone()))
+    def tracker(view, points, targets):  # every view sees the point shifted by (10 * target view, 0)
+        calls.append((view, points.clone(), targets))
         shift = torch.arange(4.0)[:, None, None] * torch.tensor([10.0, 0.0])
         visibility = torch.ones(4, points.shape[0])
         visibility[3] = 0.2  # view 3 does not see anything
@@ -367,7 +367,7 @@ def test_check_with_tracks_queries_each_source_view_once_and_applies_both_thresh
     check = check_with_tracks(tracker, source_view, source_point, source_xy, target_view, target_xy, 4.0, 0.5)
     assert check.keep.tolist() == [True, False, True, True, False]
     assert torch.allclose(check.distance, torch.tensor([0.0, 8.0, 3.0, 0.0, 0.0], dtype=torch.float64))
-    assert [view for view, _ in calls] == [0, 2]
+    assert [(view, targets) for view, _, targets in calls] == [(0, [1, 2]), (2, [1, 3])]
     assert calls[0][1].tolist() == [[5.0, 5.0], [20.0, 1.0]] and calls[1][1].tolist() == [[3.0, 4.0]]
     stats = check.stats(0.5)
     assert stats == {

@@ -262,6 +262,24 @@ def test_feature_tracker_tracks_points_of_any_view():
             assert torch.allclose(tracks[frame], ref_tracks[-1][0, position], atol=1e-4)
             assert torch.allclose(vis[frame], ref_vis[0, position], atol=1e-5)
             assert torch.allclose(conf[frame], ref_conf[0, position], atol=1e-5)
+    # several views per call: the same as one call each where no padding is needed
+    many = tracker.track_views([(1, QUERIES, None), (3, QUERIES, None), (2, QUERIES[:2], None)])
+    for (tracks, vis, conf), view in zip(many[:2], (1, 3), strict=True):
+        single = tracker(view, QUERIES)
+        assert torch.allclose(tracks, single[0], atol=1e-4) and torch.allclose(vis, single[1], atol=1e-5)
+        assert torch.allclose(conf, single[2], atol=1e-5)
+    assert many[2][0].shape == (4, 2, 2) and torch.equal(many[2][0][2], QUERIES[:2])
+    # only through some target views: the tracker on those frames alone; the others are not answered
+    tracks, vis, _ = tracker(2, QUERIES, [0, 3])
+    with torch.no_grad():
+        ref_tracks, ref_vis, _ = model.track_head.tracker(QUERIES[None], features[:, [2, 0, 3]], 4)
+    assert torch.allclose(tracks[[2, 0, 3]], ref_tracks[-1][0], atol=1e-4)
+    assert torch.allclose(vis[[2, 0, 3]], ref_vis[0], atol=1e-5)
+    assert torch.isnan(tracks[1]).all() and (vis[1] == 0).all()
+    batched = tracker.track_views([(2, QUERIES, [0, 3]), (1, QUERIES, [3, 2, 3])])
+    assert torch.allclose(batched[0][0], tracks, atol=1e-4, equal_nan=True)
+    with pytest.raises(IndexError, match="targets"):
+        tracker(2, QUERIES, [7])
     # chunks of query points (the virtual tracks mix the points of one call, so values may differ)
     chunked = dataclasses.replace(tracker, chunk=2)
     tracks, vis, _ = chunked(2, QUERIES)

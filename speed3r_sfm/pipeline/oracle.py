@@ -182,7 +182,10 @@ class GroundTruthTracker:
         self.cam_from_world = cam_from_world.double()
         self.occlusion_tolerance = occlusion_tolerance
 
-    def __call__(self, view: int, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, view: int, points: torch.Tensor, targets: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact tracks into every view (``targets`` is accepted for the protocol; all views are answered)."""
         s, height, width = self.depth.shape
         xy = points.double()
         col = xy[:, 0].round().long().clamp(0, width - 1)

@@ -7,8 +7,10 @@ head sees the point in view j (visibility at least ``min_visibility``) and puts 
 model pixels of ``y``.
 
 The tracker is the callable of ``Prediction.extras["tracker"]`` (e.g. VGGT's
-:class:`~speed3r_sfm.models.heads.FeatureTracker`): ``tracker(view, points (N, 2))`` -> tracks (S, N, 2),
-visibility and confidence (S, N), all in model-input pixels (integer centres).
+:class:`~speed3r_sfm.models.heads.FeatureTracker`): ``tracker(view, points (N, 2), targets)`` -> tracks
+(S, N, 2), visibility and confidence (S, N), all in model-input pixels (integer centres); it needs to
+answer only for ``view`` and the ``targets`` views (the candidates' target views), so the check costs
+O(views), not O(views²).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-Tracker = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Tracker = Callable[[int, torch.Tensor, list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -54,17 +56,22 @@ def check_with_tracks(
     """Check M candidates against the track head.
 
     ``source_view``, ``target_view``: (M,) int64; ``source_point``: (M,) int64 id of the source keypoint
-    (candidates sharing it are tracked once); ``source_xy``, ``target_xy``: (M, 2) model pixels. The tracker
-    is called once per source view, with that view's distinct keypoints.
+    (candidates sharing it are tracked once); ``source_xy``, ``target_xy``: (M, 2) model pixels. Each source
+    view's distinct keypoints are tracked once, through the tracker's ``track_views`` when it has one.
     """
     m = source_view.numel()
     distance = torch.full((m,), float("inf"), dtype=torch.float64)
     visibility = torch.zeros(m)
+    requests, groups = [], []
     for view in source_view.unique().tolist():
         rows = (source_view == view).nonzero()[:, 0]
         points, slot = torch.unique(source_point[rows], return_inverse=True)
         first = torch.zeros(points.numel(), dtype=torch.long).scatter_(0, slot, rows)
-        tracks, vis, _ = tracker(view, source_xy[first].float())
+        requests.append((view, source_xy[first].float(), target_view[rows].unique().tolist()))
+        groups.append((rows, slot))
+    batched = getattr(tracker, "track_views", None)  # e.g. FeatureTracker: several views per call
+    answers = batched(requests) if batched is not None else [tracker(*request) for request in requests]
+    for (rows, slot), (tracks, vis, _) in zip(groups, answers, strict=True):
         located = tracks[target_view[rows], slot].double()
         distance[rows] = torch.linalg.vector_norm(located - target_xy[rows].double(), dim=-1)
         visibility[rows] = vis[target_view[rows], slot].float()

@@ -51,11 +51,17 @@ def aspect_uv_grid(
     return torch.stack([grid_x, grid_y], dim=-1)
 
 
-def pixel_sincos_table(channels: int, height: int, width: int, omega_0: float = 10000.0) -> torch.Tensor:
+def pixel_sincos_table(
+    channels: int,
+    height: int,
+    width: int,
+    omega_0: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """(1, channels, height, width) embedding of integer pixel positions: column index in the first half of
     the channels, row index in the second (each half sin then cos), as in MAE/CoTracker."""
-    rows = torch.arange(height, dtype=torch.float32)
-    cols = torch.arange(width, dtype=torch.float32)
+    rows = torch.arange(height, dtype=torch.float32, device=device)
+    cols = torch.arange(width, dtype=torch.float32, device=device)
     grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
     table = sincos_embed_2d(torch.stack([grid_x, grid_y], dim=-1), channels, omega_0)
     return table.permute(2, 0, 1).unsqueeze(0)

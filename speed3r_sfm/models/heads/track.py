@@ -113,31 +113,93 @@ class FeatureTracker:
     """Tracks points of any view through all views of one prediction, from track features computed once
     in the backbone pass (``Prediction.extras["tracker"]`` of VGGT's ``predict(..., with_tracker=True)``).
 
-    Called as ``tracker(view, points)`` with (N, 2) model-input pixels of ``view`` (integer centres); returns
+    Called as ``tracker(view, points, targets)`` with (N, 2) model-input pixels of ``view`` (integer centres)
+    and optionally the views to track through (default all: the cost grows with their number); returns
     tracks (S, N, 2) in model-input pixels, visibility and confidence (S, N) in [0, 1], float32 on the CPU.
+    :meth:`track_views` answers several requests in batched tracker calls (``batch`` per call: one call
+    launches thousands of small kernels, so a single view leaves a GPU mostly idle). The points of one call
+    attend to each other (virtual tracks), and the frames too, so chunks, batch padding and the choice of
+    ``targets`` change tracks slightly.
     """
 
     head: TrackHead
     feature_maps: torch.Tensor  # (1, S, C, h, w) on the model's device
     chunk: int = 2048  # query points per tracker call
+    batch: int = 8  # query views per tracker call in track_views
 
     @property
     def num_views(self) -> int:
         return self.feature_maps.shape[1]
 
-    def __call__(self, view: int, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        device = self.feature_maps.device
+    def __call__(
+        self, view: int, points: torch.Tensor, targets: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tracks through every view, or only ``view`` and ``targets`` (the others: NaN, visibility 0)."""
         outputs: list[tuple[torch.Tensor, ...]] = []
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
-        ):
-            for start in range(0, points.shape[0], self.chunk):
-                query = points[start : start + self.chunk].to(device, torch.float32)[None]
-                tracks, vis, conf = self.head.track(self.feature_maps, query, view)
-                outputs.append((tracks[-1][0].float().cpu(), vis[0].float().cpu(), conf[0].float().cpu()))
+        for start in range(0, points.shape[0], self.chunk):
+            outputs += self._run([(view, points[start : start + self.chunk], targets)])
         if not outputs:
             empty = torch.zeros(self.num_views, 0)
             return torch.zeros(self.num_views, 0, 2), empty, empty.clone()
         tracks, vis, conf = (torch.cat(parts, dim=1) for parts in zip(*outputs, strict=True))
         return tracks, vis, conf
+
+    def track_views(
+        self, requests: Sequence[tuple[int, torch.Tensor, Sequence[int] | None]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``[tracker(view, points, targets) for view, points, targets in requests]`` in batched calls of up
+        to ``batch`` requests with equally many frames (points padded to the call's largest count by
+        repeating the last point)."""
+        results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for k, (view, pts, targets) in enumerate(requests):
+            if 0 < pts.shape[0] <= self.chunk:
+                groups.setdefault(len(self._frames(view, targets)), []).append(k)
+            else:
+                results[k] = self(view, pts, targets)
+        for members in groups.values():
+            for first in range(0, len(members), self.batch):
+                group = members[first : first + self.batch]
+                size = max(requests[k][1].shape[0] for k in group)
+                padded = []
+                for k in group:
+                    view, pts, targets = requests[k]
+                    padded.append((view, torch.cat([pts, pts[-1:].expand(size - pts.shape[0], 2)]), targets))
+                for k, (tracks, vis, conf) in zip(group, self._run(padded), strict=True):
+                    n = requests[k][1].shape[0]
+                    results[k] = (tracks[:, :n], vis[:, :n], conf[:, :n])
+        return results  # type: ignore[return-value]
+
+    def _frames(self, view: int, targets: Sequence[int] | None) -> list[int]:
+        """The query view first, then the other frames to track through."""
+        frames = self.num_views
+        if not 0 <= view < frames:
+            raise IndexError(f"query_frame {view} out of range for {frames} frames")
+        others = range(frames) if targets is None else sorted(set(targets))
+        if any(not 0 <= f < frames for f in others):
+            raise IndexError(f"targets {list(others)} out of range for {frames} frames")
+        return [view] + [f for f in others if f != view]
+
+    def _run(
+        self, requests: Sequence[tuple[int, torch.Tensor, Sequence[int] | None]]
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """One tracker call; the requests have equally many frames and points."""
+        maps = self.feature_maps
+        device = maps.device
+        orders = [torch.tensor(self._frames(view, targets)) for view, _, targets in requests]
+        stacked = torch.cat([maps[:, order.to(device)] for order in orders])  # (R, frames, C, h, w)
+        query = torch.stack([pts for _, pts, _ in requests]).to(device, torch.float32)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
+        ):
+            tracks, vis, conf = self.head.tracker(query, stacked, self.head.iterations)
+        tracks, vis, conf = tracks[-1].float().cpu(), vis.float().cpu(), conf.float().cpu()
+        outputs = []
+        for b, order in enumerate(orders):
+            n = query.shape[1]
+            full_tracks = torch.full((self.num_views, n, 2), float("nan"))
+            full_vis, full_conf = torch.zeros(self.num_views, n), torch.zeros(self.num_views, n)
+            full_tracks[order], full_vis[order], full_conf[order] = tracks[b], vis[b], conf[b]
+            outputs.append((full_tracks, full_vis, full_conf))
+        return outputs

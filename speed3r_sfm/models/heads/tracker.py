@@ -162,7 +162,7 @@ class BaseTrackerPredictor(nn.Module):
         track_feats = query_feats.unsqueeze(1).expand(batch, frames, num_points, channels)
         pyramid = CorrelationPyramid(maps, self.corr_levels, self.corr_radius)
 
-        table = pixel_sincos_table(self.transformer_dim, height, width).to(maps.device, maps.dtype)
+        table = pixel_sincos_table(self.transformer_dim, height, width, device=maps.device).to(maps.dtype)
         query_pos = sample_at_points(table.expand(batch, -1, -1, -1), queries).reshape(
             batch * num_points, 1, -1
         )
