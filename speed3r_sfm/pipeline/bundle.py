@@ -245,12 +245,13 @@ def weakly_linked_images(rec: pycolmap.Reconstruction, min_shared_points: int) -
         return []
     slot = {image_id: k for k, image_id in enumerate(image_ids)}
     n = len(image_ids)
-    shared = np.zeros((n, n), dtype=np.int64)
-    observations = np.zeros(n, dtype=np.int64)
-    for point in rec.points3D.values():
-        seen = np.unique([slot[e.image_id] for e in point.track.elements if e.image_id in slot])
-        observations[seen] += 1
-        shared[np.ix_(seen, seen)] += 1
+    seen = np.zeros((rec.num_points3D(), n), dtype=np.float32)  # point sees image (exact small integers)
+    for row, point in enumerate(rec.points3D.values()):
+        for element in point.track.elements:
+            if element.image_id in slot:
+                seen[row, slot[element.image_id]] = 1.0
+    shared = (seen.T @ seen).astype(np.int64)  # points shared by each pair of images
+    observations = np.diag(shared)
     a, b = np.nonzero(np.triu(shared >= min_shared_points, k=1))
     labels = connected_components(n, np.stack([a, b], axis=1))
     groups = {label: np.flatnonzero(labels == label) for label in np.unique(labels)}

@@ -15,6 +15,7 @@ from .backbone import ModelNotAvailableError
 from .export import OutputExistsError
 from .inputs import InputError
 from .keypoints import KeypointOptions
+from .matching import MatchOptions
 from .reconstruct import PipelineOptions, PipelineResult, check_chunk_arguments, run_pipeline
 
 
@@ -30,6 +31,7 @@ def reconstruct_command(
     overwrite: bool = False,
     max_keypoints: int = 1024,
     max_image_size: int = 1600,
+    track_verification: bool = True,
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
     ordered: bool = True,
@@ -52,6 +54,8 @@ def reconstruct_command(
         max_keypoints: keypoints per image.
         max_image_size: long side of the copies used for keypoints and matching (bigger images are read
             downscaled; observations are still in original pixels).
+        track_verification: with a model that has a track head (VGGT-1B), keep only the matches its tracks
+            agree with (on an H200 about 0.8 s at 24 views, 4 s at 128).
         chunk_size: views per model pass for long sequences; chunks overlap and are aligned by robust Sim(3).
             Default: one pass on CPU, on CUDA as many views as fit in free GPU memory.
         chunk_overlap: views shared by consecutive chunks (default: a quarter of chunk_size).
@@ -71,7 +75,9 @@ def reconstruct_command(
     if not quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     options = PipelineOptions(
-        keypoints=KeypointOptions(max_keypoints=max_keypoints), max_image_size=max_image_size
+        keypoints=KeypointOptions(max_keypoints=max_keypoints),
+        matching=MatchOptions(track_verification=track_verification),
+        max_image_size=max_image_size,
     )
     try:
         result = run_pipeline(
@@ -110,7 +116,8 @@ def summary_text(result: PipelineResult) -> str:
         f"  model {r['model']} on {r['device']}, attention {r['attention']}"
         + (" (GSA records)" if r["gsa_records"] else " (texture keypoints)")
         + (f", poses from {r['poses']['source']}" if "poses" in r else ""),
-        f"  {counts['keypoints']} keypoints, {counts['refined_matches']} matches, {counts['tracks']} tracks",
+        f"  {counts['keypoints']} keypoints, {counts['refined_matches']} matches, {counts['tracks']} tracks"
+        + _track_check_text(counts.get("track_verification")),
         f"  {counts['points3D']} points, {counts['observations']} observations, "
         f"mean track length {counts['observations'] / max(counts['points3D'], 1):.2f}",
     ]
@@ -127,6 +134,14 @@ def summary_text(result: PipelineResult) -> str:
         lines.append(f"  reprojection error {before}{errors['final']:.2f} px final")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if not k.startswith("total"))
     lines.append(f"  time {timings.get('total', sum(timings.values())):.1f}s ({stages})")
+    for entry in r.get("unregistered_images", []):
+        lines.append(f"  not registered: {entry['name']} ({entry['why']})")
     if result.output_dir is not None:
         lines.append(f"  written to {result.output_dir}")
     return "\n".join(lines)
+
+
+def _track_check_text(check: dict | None) -> str:
+    if not check or not check.get("ran"):
+        return ""
+    return f" (track head kept {check['kept']} of {check['checked']} candidates)"

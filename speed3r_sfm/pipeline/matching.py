@@ -13,8 +13,7 @@ For keypoint ``x`` of view i:
    must agree with view j's predicted depth nearby (relative ``depth_tolerance``) and view j's depth
    confidence there must pass its threshold. Whether the location falls in a block the query block
    selected is recorded (``in_selected_block``): a statistic of how well GSA's selection and the
-   geometry agree. Where the backbone has a track head, its track of ``x`` must also see the point in
-   view j and agree with the predicted location (``track_verification.py``).
+   geometry agree.
 4. *Correction per view pair.* Pose errors displace the predicted locations of a view pair by a smooth
    field (a rotation error shifts the whole image). The ``correction_samples`` strongest keypoints of the
    pair are searched widely (``correction_radius``); a robust affine fit of their displacements against
@@ -22,6 +21,8 @@ For keypoint ``x`` of view i:
 5. *Photometric refinement* (``refine.py``): coarse-to-fine NCC in the work images around the corrected
    location, sub-pixel peak; matches below ``min_ncc`` or without a distinct peak are dropped. This is
    what makes the correspondences more accurate than the feed-forward geometry.
+6. *Track head* (``track_verification.py``, when the backbone has one): the track of ``x`` must see the
+   point in view j and end within ``track_tolerance`` model pixels of the refined match.
 
 Steps 2-3 run once per target view over the keypoints of every source view; steps 4-5 over groups of whole
 view pairs (about ``refine.chunk`` matches each) in one batch, the pyramids of all views packed into one
@@ -66,7 +67,7 @@ class MatchOptions:
     affine_step: float = 2.0  # finite-difference step for the local affine map
     time_limit: float | None = None  # seconds for the refinement; remaining view pairs are skipped
     track_verification: bool = True  # also check candidates with the track head, when the model has one
-    track_tolerance: float = 8.0  # model pixels between the track and the predicted location
+    track_tolerance: float = 8.0  # model pixels between the track and the refined match
     min_track_visibility: float = 0.5
     refine: RefineOptions = field(default_factory=RefineOptions)
 
@@ -418,21 +419,23 @@ def _refine(
     return xy, ncc, reason
 
 
-def _check_candidates_with_tracks(
+def _check_with_tracks(
     views: list[View],
     keypoints: list[Keypoints],
     candidates: _Candidates,
+    target_work_xy: torch.Tensor,
     tracker: Tracker,
     options: MatchOptions,
 ) -> TrackCheck:
-    """:func:`~.track_verification.check_with_tracks` of the candidates, in model pixels."""
+    """:func:`~.track_verification.check_with_tracks` of matches (``candidates`` found at
+    ``target_work_xy``, (M, 2) work pixels of their target views), in model pixels."""
     source_xy = torch.zeros(len(candidates), 2, dtype=torch.float64)
     target_xy = torch.zeros_like(source_xy)
     for v, view in enumerate(views):
         rows = (candidates.source_view == v).nonzero()[:, 0]
         source_xy[rows] = work_to_model(view, keypoints[v].xy.double()[candidates.source_index[rows]])
         rows = (candidates.target_view == v).nonzero()[:, 0]
-        target_xy[rows] = work_to_model(view, candidates.predicted[rows])
+        target_xy[rows] = work_to_model(view, target_work_xy[rows])
     return check_with_tracks(
         tracker,
         candidates.source_view,
@@ -481,15 +484,6 @@ def match_views(
     """All verified and refined correspondences of the keypoints (see the module docstring); ``tracker``:
     the backbone's track head (``Prediction.extras["tracker"]``), a second check of the candidates."""
     candidates, stats = find_candidates(views, keypoints, geometry, summary, thresholds, options)
-    if tracker is None:
-        why = "no tracker in the prediction (the model has no track head, or chunked inference)"
-        stats["track_verification"] = {"ran": False, "why": why}
-    elif not options.track_verification:
-        stats["track_verification"] = {"ran": False, "why": "disabled (MatchOptions.track_verification)"}
-    else:
-        check = _check_candidates_with_tracks(views, keypoints, candidates, tracker, options)
-        stats["track_verification"] = {"ran": True, **check.stats(options.min_track_visibility)}
-        candidates = candidates.subset(check.keep)
     m = len(candidates)
     stats["verified"] = m
     if m == 0:
@@ -575,6 +569,16 @@ def match_views(
             skipped,
         )
     ok = reason == 0
+    if tracker is None:
+        why = "no tracker in the prediction (the model has no track head, or chunked inference)"
+        stats["track_verification"] = {"ran": False, "why": why}
+    elif not options.track_verification:
+        stats["track_verification"] = {"ran": False, "why": "disabled (MatchOptions.track_verification)"}
+    else:  # 6. the track head's second opinion on every refined match
+        rows = ok.nonzero()[:, 0]
+        check = _check_with_tracks(views, keypoints, candidates.subset(rows), refined[rows], tracker, options)
+        stats["track_verification"] = {"ran": True, **check.stats(options.min_track_visibility)}
+        ok[rows[~check.keep]] = False
     stats["refined"] = int(ok.sum())
     stats["rejected"] = {REASONS[code]: int((reason == code).sum()) for code in REASONS if code}
     stats["pairs_skipped_for_time"] = skipped

@@ -10,11 +10,13 @@ Read top to bottom, :func:`run_pipeline` does:
    that exports match descriptors (the shipped default) gets its poses from them and its depth instead of
    from its camera head (token poses, ``token_poses.py``; single pass only);
 3. detect keypoints in the most-selected token blocks of each view (``keypoints.py``);
-4. match them in the views their query blocks selected, verify with the predicted geometry and refine
-   photometrically (``matching.py``, ``refine.py``);
+4. match them in the views their query blocks selected, verify with the predicted geometry (and the
+   track head, when the model has one: ``track_verification.py``) and refine photometrically
+   (``matching.py``, ``refine.py``);
 5. link matches into tracks (``tracks.py``) and build the pycolmap reconstruction at the predicted poses,
    with points initialised from the predicted depth (``colmap_model.py``);
-6. bundle-adjust, filter and re-triangulate with pycolmap (``bundle.py``);
+6. bundle-adjust, filter and re-triangulate with pycolmap, then de-register views that too few points
+   link to the rest (``bundle.py``);
 7. write the project atomically (``export.py``): sparse/0, database.db, points.ply, report.json.
 """
 
