@@ -456,3 +456,24 @@ def test_matching_time_limit_skips_pairs_with_a_warning(scene_data, caplog):
     assert "time limit" in caplog.text
     assert result.report["counts"]["refined_matches"] == 0 and result.reconstruction.num_points3D() == 0
     assert result.reconstruction.num_reg_images() == VIEWS  # cameras stay at the predicted poses
+
+
+def test_views_not_linked_well_enough_are_reported_not_registered(scene_data, tmp_path, capsys):
+    """With a link threshold no view pair reaches, only one view stays registered; the report and the CLI
+    summary name the others and say why, and the written model holds the registered view only."""
+    options = PipelineOptions()
+    options.bundle.min_shared_points = 10**6
+    output = tmp_path / "weak"
+    result = run_pipeline(
+        scene_data["folder"], output, model=_oracle(scene_data), attention="dense", options=options
+    )
+    unregistered = result.report["unregistered_images"]
+    assert len(unregistered) == VIEWS - 1 and result.reconstruction.num_reg_images() == 1
+    assert all("fewer than 1000000 3D points" in entry["why"] for entry in unregistered)
+    names = {entry["name"] for entry in unregistered}
+    registered = [n for n in result.image_names if n not in names]
+    assert len(registered) == 1 and result.reconstruction.find_image_with_name(registered[0]).has_pose
+    assert pycolmap.Reconstruction(output / "sparse" / "0").num_reg_images() == 1
+    assert "not registered: " in pipeline_cli.summary_text(result)
+    default = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), attention="dense")
+    assert default.report["unregistered_images"] == [] and default.reconstruction.num_reg_images() == VIEWS
