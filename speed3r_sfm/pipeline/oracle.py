@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from kornia.geometry.camera import unproject_points
 from PIL import Image
 
 from speed3r_sfm.data.images import ImageTransform, preprocess_images
 from speed3r_sfm.data.raycast import intersect
 from speed3r_sfm.data.synthetic import RenderedViews, SyntheticScene, camera_rays
 from speed3r_sfm.eval.evaluate import oracle_predictor
-from speed3r_sfm.geometry import depth_to_world_points, project_points
+from speed3r_sfm.geometry import depth_to_world_points, invert_pose, project_points, transform_points
 from speed3r_sfm.models.prediction import Prediction
 
 from .inputs import Preprocessing
@@ -191,10 +192,8 @@ class GroundTruthTracker:
         col = xy[:, 0].round().long().clamp(0, width - 1)
         row = xy[:, 1].round().long().clamp(0, height - 1)
         z = self.depth[view, row, col]
-        pixels = torch.cat([xy, torch.ones_like(xy[:, :1])], dim=-1)
-        camera = (torch.linalg.inv(self.intrinsics[view]) @ pixels.T).T * z[:, None]
-        rotation, translation = self.cam_from_world[view, :, :3], self.cam_from_world[view, :, 3]
-        world = (camera - translation) @ rotation  # R^T (x - t), row-wise
+        camera = unproject_points(xy, z[:, None], self.intrinsics[view].expand(xy.shape[0], 3, 3))
+        world = transform_points(invert_pose(self.cam_from_world[view]), camera)
         uv, depth = project_points(world.expand(s, -1, -1), self.intrinsics, self.cam_from_world)
         inside = (
             (uv[..., 0] > -0.5)

@@ -84,28 +84,23 @@ class TrackHead(nn.Module):
         self,
         feature_maps: torch.Tensor,
         query_points: torch.Tensor,
-        query_frame: int = 0,
+        frames: torch.Tensor | None = None,
         iterations: int | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Tracks of ``query_points`` (B, N, 2), pixels of frame ``query_frame``, through every frame of
-        ``feature_maps`` (from :meth:`features`); outputs as :meth:`forward`, frames in their given order.
+        """Tracks of ``query_points`` (B, N, 2) through the frames of ``feature_maps`` (1 or B, S, C, h, w,
+        from :meth:`features`); outputs as :meth:`forward`.
 
-        The tracker takes its first frame as the query frame, so the maps are reordered to put
-        ``query_frame`` first and the outputs back. For ``query_frame`` > 0 this is an approximation of
-        upstream's way (a backbone pass with that frame first): the features keep the aggregator's
-        frame-0 reference.
+        The tracker takes its first frame as the query frame. ``frames`` (B, F) picks, per sequence, the F
+        frames to track through, the query frame first (default: all, in order); outputs follow that order.
+        A query frame other than frame 0 approximates upstream's way (a backbone pass with that frame
+        first): the features keep the aggregator's frame-0 reference.
         """
-        frames = feature_maps.shape[1]
-        if not 0 <= query_frame < frames:
-            raise IndexError(f"query_frame {query_frame} out of range for {frames} frames")
-        if query_frame == 0:
-            return self.tracker(query_points, feature_maps, iterations or self.iterations)
-        order = torch.tensor([query_frame] + [f for f in range(frames) if f != query_frame])
-        back = torch.argsort(order).to(feature_maps.device)
-        tracks, vis, conf = self.tracker(
-            query_points, feature_maps[:, order.to(feature_maps.device)], iterations or self.iterations
-        )
-        return [t[:, back] for t in tracks], vis[:, back], conf[:, back]
+        if frames is not None:
+            batch = torch.arange(frames.shape[0], device=frames.device)[:, None]
+            if feature_maps.shape[0] == 1:
+                batch = torch.zeros_like(batch)
+            feature_maps = feature_maps[batch, frames]
+        return self.tracker(query_points, feature_maps, iterations or self.iterations)
 
 
 @dataclass
@@ -184,19 +179,17 @@ class FeatureTracker:
         self, requests: Sequence[tuple[int, torch.Tensor, Sequence[int] | None]]
     ) -> list[tuple[torch.Tensor, ...]]:
         """One tracker call; the requests have equally many frames and points."""
-        maps = self.feature_maps
-        device = maps.device
-        orders = [torch.tensor(self._frames(view, targets)) for view, _, targets in requests]
-        stacked = torch.cat([maps[:, order.to(device)] for order in orders])  # (R, frames, C, h, w)
+        device = self.feature_maps.device
+        frames = torch.tensor([self._frames(view, targets) for view, _, targets in requests])
         query = torch.stack([pts for _, pts, _ in requests]).to(device, torch.float32)
         with (
             torch.inference_mode(),
             torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
         ):
-            tracks, vis, conf = self.head.tracker(query, stacked, self.head.iterations)
+            tracks, vis, conf = self.head.track(self.feature_maps, query, frames.to(device))
         tracks, vis, conf = tracks[-1].float().cpu(), vis.float().cpu(), conf.float().cpu()
         outputs = []
-        for b, order in enumerate(orders):
+        for b, order in enumerate(frames):
             n = query.shape[1]
             full_tracks = torch.full((self.num_views, n, 2), float("nan"))
             full_vis, full_conf = torch.zeros(self.num_views, n), torch.zeros(self.num_views, n)
