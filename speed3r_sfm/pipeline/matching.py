@@ -68,7 +68,7 @@ class MatchOptions:
     time_limit: float | None = None  # seconds for the refinement; remaining view pairs are skipped
     track_verification: bool = True  # also check candidates with the track head, when the model has one
     track_tolerance: float = 8.0  # model pixels between the track and the refined match
-    min_track_visibility: float = 0.5
+    min_track_visibility: float = 0.2  # upstream demo_colmap.py's --vis_thresh
     refine: RefineOptions = field(default_factory=RefineOptions)
 
 
