@@ -46,11 +46,6 @@ class VGGTConfig:
     instead of in float32 as upstream (the camera head always runs in float32). About twice as fast at
     hundreds of views, with bf16-level differences in depth and points; off by default.
 
-    ``cpu_heads_bfloat16``: at CPU inference on a CPU with native bfloat16 (AVX512-BF16, AMX), run the
-    depth/point DPT heads under bfloat16 autocast (the aggregator stays float32). The shipped default
-    turns it on: its depth head 0.8-0.9 s -> 0.4-0.55 s for 24 views on 2 EPYC cores, depth within 0.6 %
-    (median 0.05 %) of float32.
-
     ``descriptor_layer``: an aggregator layer whose patch tokens were trained to match across views
     (``speed3r_sfm.training.correspondence``); ``predict`` then exports them, L2-normalised, as
     ``extras["descriptors"]`` for the pipeline's token poses. None (official weights): nothing exported.
@@ -97,7 +92,6 @@ class VGGTConfig:
     autocast_residual: bool = False
     compile_inference: bool = False
     dense_heads_autocast: bool = False
-    cpu_heads_bfloat16: bool = False
     descriptor_layer: int | None = None
 
     def __post_init__(self) -> None:

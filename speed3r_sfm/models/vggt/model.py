@@ -144,11 +144,7 @@ class VGGT(nn.Module):
                 pose_enc_list = self.camera_head(outputs[-1])
                 predictions["pose_enc"] = pose_enc_list[-1]
                 predictions["pose_enc_list"] = pose_enc_list
-        dense_heads = contextlib.nullcontext() if self.config.dense_heads_autocast else float32_heads()
-        if self.config.cpu_heads_bfloat16 and images.device.type == "cpu" and not self.training:
-            if cpu_has_native_bfloat16():
-                dense_heads = torch.autocast("cpu", torch.bfloat16)
-        with dense_heads:
+        with contextlib.nullcontext() if self.config.dense_heads_autocast else float32_heads():
             if self.depth_head is not None:
                 depth, depth_conf = self.depth_head(outputs, image_size, patch_start_idx, chunk)
                 predictions["depth"], predictions["depth_conf"] = depth, depth_conf
@@ -290,14 +286,6 @@ def _camera_depth(world_points: torch.Tensor, cam_from_world: torch.Tensor) -> t
     """Camera-frame z of (..., H, W, 3) world points."""
     rotation_z = cam_from_world[..., None, None, 2, :3]
     return (world_points * rotation_z).sum(-1) + cam_from_world[..., None, None, 2, 3]
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 instructions that oneDNN uses (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _descriptor_extras(out: dict[str, Any], patch_size: int) -> dict[str, Any]:
