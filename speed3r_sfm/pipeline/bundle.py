@@ -245,14 +245,24 @@ def weakly_linked_images(rec: pycolmap.Reconstruction, min_shared_points: int) -
         return []
     slot = {image_id: k for k, image_id in enumerate(image_ids)}
     n = len(image_ids)
-    seen = np.zeros((rec.num_points3D(), n), dtype=np.float32)  # point sees image (exact small integers)
+    point_rows, image_cols = [], []
     for row, point in enumerate(rec.points3D.values()):
         for element in point.track.elements:
             if element.image_id in slot:
-                seen[row, slot[element.image_id]] = 1.0
-    shared = (seen.T @ seen).astype(np.int64)  # points shared by each pair of images
-    observations = np.diag(shared)
-    a, b = np.nonzero(np.triu(shared >= min_shared_points, k=1))
+                point_rows.append(row)
+                image_cols.append(slot[element.image_id])
+    # distinct (point, image) observations, sorted by point then image: each point's images form a run
+    seen = np.unique(np.array([point_rows, image_cols], dtype=np.int64).T.reshape(-1, 2), axis=0)
+    points, images = seen[:, 0], seen[:, 1]
+    observations = np.bincount(images, minlength=n)
+    longest = int(np.bincount(points).max()) if points.size else 0
+    pair_codes = [np.zeros(0, dtype=np.int64)]
+    for gap in range(1, longest):  # image pairs (i < j) within each run, gap positions apart
+        same = points[gap:] == points[:-gap]
+        pair_codes.append(images[:-gap][same] * n + images[gap:][same])
+    codes, shared = np.unique(np.concatenate(pair_codes), return_counts=True)
+    linked = codes[shared >= min_shared_points]
+    a, b = linked // n, linked % n
     labels = connected_components(n, np.stack([a, b], axis=1))
     groups = {label: np.flatnonzero(labels == label) for label in np.unique(labels)}
     main = max(groups, key=lambda label: (len(groups[label]), observations[groups[label]].sum()))

@@ -1,15 +1,15 @@
-"""Second opinion on candidate correspondences from the backbone's track head (where it has one).
+"""Second opinion on correspondences from the backbone's track head (where it has one).
 
-A candidate says: keypoint ``x`` of view i is seen at ``y`` in view j, ``y`` predicted from depth and
-poses (``matching.find_candidates``). The track head follows ``x`` through every view from image features,
-independently of the predicted depth and poses. A candidate is kept only when the two agree: the track
-head sees the point in view j (visibility at least ``min_visibility``) and puts it within ``tolerance``
-model pixels of ``y``.
+A match says: keypoint ``x`` of view i is seen at ``y`` in view j (``matching.match_views`` checks its
+refined matches). The track head follows ``x`` through the views from image features, independently of
+the predicted depth and poses and of the photometric refinement. A match is kept only when the two agree:
+the track head sees the point in view j (visibility at least ``min_visibility``) and puts it within
+``tolerance`` model pixels of ``y``.
 
 The tracker is the callable of ``Prediction.extras["tracker"]`` (e.g. VGGT's
 :class:`~speed3r_sfm.models.heads.FeatureTracker`): ``tracker(view, points (N, 2), targets)`` -> tracks
 (S, N, 2), visibility and confidence (S, N), all in model-input pixels (integer centres); it needs to
-answer only for ``view`` and the ``targets`` views (the candidates' target views), so the check costs
+answer only for ``view`` and the ``targets`` views (the matches' target views), so the check costs
 O(views), not O(views²).
 """
 
@@ -25,10 +25,10 @@ Tracker = Callable[[int, torch.Tensor, list[int]], tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class TrackCheck:
-    """Outcome of :func:`check_with_tracks` for M candidates."""
+    """Outcome of :func:`check_with_tracks` for M matches."""
 
     keep: torch.Tensor  # (M,) bool
-    distance: torch.Tensor  # (M,) float64 model pixels between the track and the predicted location
+    distance: torch.Tensor  # (M,) float64 model pixels between the track and the match
     visibility: torch.Tensor  # (M,) float32
 
     def stats(self, min_visibility: float) -> dict:
@@ -53,10 +53,10 @@ def check_with_tracks(
     tolerance: float,
     min_visibility: float,
 ) -> TrackCheck:
-    """Check M candidates against the track head.
+    """Check M matches against the track head.
 
     ``source_view``, ``target_view``: (M,) int64; ``source_point``: (M,) int64 id of the source keypoint
-    (candidates sharing it are tracked once); ``source_xy``, ``target_xy``: (M, 2) model pixels. Each source
+    (matches sharing it are tracked once); ``source_xy``, ``target_xy``: (M, 2) model pixels. Each source
     view's distinct keypoints are tracked once, through the tracker's ``track_views`` when it has one.
     """
     m = source_view.numel()
