@@ -55,7 +55,9 @@ class BundleOptions:
     initial_loss_scale: float = 8.0  # pixels, first round
     initial_outlier_factor: float = 3.0  # before BA: drop observations above this x the median error
     max_iterations: int = 50
-    function_tolerance: float = 1e-6  # stops a solve on a small relative cost decrease (COLMAP's 0: never)
+    # stops a solve on a small relative cost decrease (COLMAP's 0: never); 1e-5 leaves the RRE after BA of
+    # 18 held-out scenes within 0.01 deg of 1e-6 and takes 20-40 % less BA time
+    function_tolerance: float = 1e-5
     max_reproj_error: float = 4.0  # pixels, filtering
     min_tri_angle: float = 1.5  # degrees, filtering and triangulation
     # after BA, views not linked to the main group by pairs sharing this many points are de-registered

@@ -109,7 +109,8 @@ def _work_copy(image: Image.Image, max_image_size: int) -> Image.Image:
     if scale >= 1.0:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    # antialiased bilinear (a triangle filter as wide as the scale): half the time of Lanczos
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def _read_one(
