@@ -13,13 +13,14 @@ import numpy as np
 import pycolmap
 import pytest
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from PIL import Image
 
 from speed3r_sfm.attention import AttentionConfig
 from speed3r_sfm.data.colmap_dataset import to_uint8_image
 from speed3r_sfm.data.synthetic import make_cameras, make_scene, render_views
 from speed3r_sfm.eval.metrics import relative_pose_errors
-from speed3r_sfm.geometry import intrinsics_to_colmap, resize_intrinsics
+from speed3r_sfm.geometry import camera_centers, compose_poses, intrinsics_to_colmap, resize_intrinsics
 from speed3r_sfm.models.vggt import VGGT, VGGTConfig
 from speed3r_sfm.pipeline import cli as pipeline_cli
 from speed3r_sfm.pipeline import export as pipeline_export
@@ -477,3 +478,51 @@ def test_views_not_linked_well_enough_are_reported_not_registered(scene_data, tm
     assert "not registered: " in pipeline_cli.summary_text(result)
     default = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), attention="dense")
     assert default.report["unregistered_images"] == [] and default.reconstruction.num_reg_images() == VIEWS
+
+
+class _GroupTurned:
+    """The oracle with views ``group`` turned together by ``degrees`` about the vertical axis through their
+    centroid: a group of views consistent among themselves but misplaced, like a bad token-pose edge."""
+
+    def __init__(self, oracle: SceneOracle, group: list[int], degrees: float) -> None:
+        self.oracle, self.group, self.degrees = oracle, group, degrees
+        self.preprocessing, self.name = oracle.preprocessing, "turned oracle"
+
+    def __call__(self, images):
+        prediction = self.oracle(images)
+        pose = prediction.cam_from_world[0].double()
+        pivot = camera_centers(pose[self.group]).mean(0)
+        angle = torch.tensor([[0.0, math.radians(self.degrees), 0.0]], dtype=torch.float64)
+        turn = axis_angle_to_rotation_matrix(angle)[0]
+        world_from_turned = torch.cat([turn.T, (pivot - turn.T @ pivot)[:, None]], dim=1)
+        pose[self.group] = compose_poses(pose[self.group], world_from_turned)
+        prediction.cam_from_world[0] = pose.to(prediction.cam_from_world.dtype)
+        return prediction
+
+
+def test_weakly_linked_views_are_rescued_by_pnp_and_matched_again(scene_data):
+    """Three views placed 30 degrees off get too few matches and are de-registered; the rescue re-poses
+    them from their few 2D-3D correspondences (PnP; the one without enough moves with its group), matches
+    again and registers them all, close to the truth."""
+    gt = scene_data["views"].cam_from_world.double()
+    model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 30.0)
+    options = PipelineOptions()
+    options.rescue.enabled = False
+    without = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
+    names = sorted(entry["name"] for entry in without.report["unregistered_images"])
+    assert names == ["view_05.png", "view_06.png", "view_07.png"]
+    assert without.report["rescue"] == {"rounds": []}
+
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
+    assert result.reconstruction.num_reg_images() == VIEWS and result.report["unregistered_images"] == []
+    (round_,) = result.report["rescue"]["rounds"]
+    assert (round_["registered_before"], round_["registered_after"]) == (VIEWS - 3, VIEWS)
+    how = {entry["name"]: entry["how"] for entry in round_["views"]}
+    assert sum(h == "pnp" for h in how.values()) >= 1 and set(how) == set(names)
+    assert all(h == "pnp" or h.startswith("with view_0") for h in how.values())
+    assert _median_rre(result.feedforward_cam_from_world, gt) > 10.0
+    assert _median_rre(_poses(result.reconstruction, result.image_names), gt) < 0.5
+    assert result.report["counts"]["registered_images"] == VIEWS
+    assert f"re-posed and matched again: {VIEWS - 3} -> {VIEWS} registered" in pipeline_cli.summary_text(
+        result
+    )

@@ -20,7 +20,7 @@ from speed3r_sfm.pipeline.bundle import (
 )
 from speed3r_sfm.pipeline.database import two_view_geometry
 from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
-from speed3r_sfm.pipeline.matching import Matches
+from speed3r_sfm.pipeline.matching import Matches, keep_matches
 from speed3r_sfm.pipeline.records import summarize_records
 from speed3r_sfm.pipeline.refine import RefineOptions, build_pyramid, ncc_map, refine_pair
 from speed3r_sfm.pipeline.track_verification import check_with_tracks
@@ -404,3 +404,30 @@ def test_weak_link_ties_keep_the_group_with_more_observations():
         images = (1, 2) if p < 90 else (3, 4)
         manager.add_point3D(points[p], pycolmap.Track([pycolmap.TrackElement(i, p) for i in images]))
     assert weakly_linked_images(rec, 30) == [1, 2]
+
+
+def _matches(rows):
+    """Matches from (source view, keypoint, target view, x) rows."""
+    rows = torch.tensor(rows, dtype=torch.float64).view(-1, 4)
+    return Matches(
+        source_view=rows[:, 0].long(),
+        source_index=rows[:, 1].long(),
+        target_view=rows[:, 2].long(),
+        target_xy=torch.stack([rows[:, 3], rows[:, 3]], -1),
+        ncc=torch.ones(len(rows)),
+        in_selected_block=torch.zeros(len(rows), dtype=torch.bool),
+        stats={"refined": len(rows)},
+    )
+
+
+def test_keep_matches_carries_over_what_touches_the_views_and_is_missing():
+    earlier = _matches([[0, 1, 1, 10.0], [2, 0, 0, 20.0], [1, 5, 2, 30.0], [0, 3, 1, 40.0], [0, 1, 2, 50.0]])
+    later = _matches([[0, 1, 1, 11.0], [1, 4, 0, 60.0]])
+    merged = keep_matches(earlier, [2], later)
+    # touching view 2: (2,0->0), (1,5->2), (0,1->2); (0,1->1) and (0,3->1) do not touch it
+    assert merged.target_xy[:, 0].tolist() == [11.0, 60.0, 20.0, 30.0, 50.0]
+    assert merged.stats == {"refined": 2, "carried_over": 3}
+    again = keep_matches(earlier, [1], later)  # (0,1->1) is already there: the later location is kept
+    assert again.target_xy[:, 0].tolist() == [11.0, 60.0, 30.0, 40.0]
+    assert len(keep_matches(earlier, [7], later)) == 2
+    assert len(keep_matches(earlier, [2], _matches([]))) == 3

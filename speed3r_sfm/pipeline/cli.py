@@ -134,6 +134,13 @@ def summary_text(result: PipelineResult) -> str:
         lines.append(f"  reprojection error {before}{errors['final']:.2f} px final")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if not k.startswith("total"))
     lines.append(f"  time {timings.get('total', sum(timings.values())):.1f}s ({stages})")
+    rounds = r.get("rescue", {}).get("rounds", [])
+    kept = [entry for entry in rounds if entry["registered_after"] > entry["registered_before"]]
+    if kept:
+        lines.append(
+            f"  weakly linked views re-posed and matched again: {kept[0]['registered_before']} -> "
+            f"{kept[-1]['registered_after']} registered images"
+        )
     for entry in r.get("unregistered_images", []):
         lines.append(f"  not registered: {entry['name']} ({entry['why']})")
     if result.output_dir is not None:

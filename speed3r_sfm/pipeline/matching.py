@@ -36,6 +36,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,23 @@ class Matches:
 
     def __len__(self) -> int:
         return int(self.source_view.numel())
+
+
+def keep_matches(earlier: Matches, views: Collection[int], into: Matches) -> Matches:
+    """``into`` plus the matches of ``earlier`` that touch one of ``views`` and that ``into`` lacks (same
+    source view, keypoint and target view); ``into``'s stats, with the count added as ``carried_over``."""
+    chosen = torch.tensor(sorted(views), dtype=torch.long)
+    wanted = torch.isin(earlier.source_view, chosen) | torch.isin(earlier.target_view, chosen)
+    if len(into):
+        wanted &= ~torch.isin(_match_keys(earlier), _match_keys(into))
+    fields = [f.name for f in dataclasses.fields(Matches) if f.name != "stats"]
+    merged = {name: torch.cat([getattr(into, name), getattr(earlier, name)[wanted]]) for name in fields}
+    return Matches(**merged, stats={**into.stats, "carried_over": int(wanted.sum())})
+
+
+def _match_keys(matches: Matches) -> torch.Tensor:
+    """One int64 per match: (source view, keypoint, target view), 21 bits each."""
+    return (matches.source_view << 42) | (matches.source_index << 21) | matches.target_view
 
 
 @dataclass

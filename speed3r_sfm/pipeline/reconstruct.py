@@ -16,7 +16,8 @@ Read top to bottom, :func:`run_pipeline` does:
 5. link matches into tracks (``tracks.py``) and build the pycolmap reconstruction at the predicted poses,
    with points initialised from the predicted depth (``colmap_model.py``);
 6. bundle-adjust, filter and re-triangulate with pycolmap, then de-register views that too few points
-   link to the rest (``bundle.py``);
+   link to the rest (``bundle.py``); if some of those can be re-posed by PnP on the points they do see,
+   repeat 4-6 from the adjusted poses, keeping their earlier matches (``rescue.py``);
 7. write the project atomically (``export.py``): sparse/0, database.db, points.ply, report.json.
 """
 
@@ -42,6 +43,7 @@ from .bundle import (
     drop_weakly_linked_images,
     mean_reprojection_error,
     refine_reconstruction,
+    weakly_linked_images,
 )
 from .chunked import predict_chunked, stored_plan
 from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
@@ -57,11 +59,12 @@ from .export import check_output, write_project
 from .frames import SceneGeometry
 from .inputs import Preprocessing, find_images, load_views
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
-from .matching import MatchOptions, match_views
+from .matching import Matches, MatchOptions, keep_matches, match_views
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .report import build_report
+from .rescue import RescueOptions, pose_matrix, rescued_geometry
 from .token_poses import TokenPoseOptions, apply_token_poses
-from .tracks import build_tracks
+from .tracks import Tracks, build_tracks
 from .view_features import thumbnail_descriptors, token_descriptors, token_encoder
 
 logger = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ class PipelineOptions:
     matching: MatchOptions = field(default_factory=MatchOptions)
     bundle: BundleOptions = field(default_factory=BundleOptions)
     token_poses: TokenPoseOptions = field(default_factory=TokenPoseOptions)
+    rescue: RescueOptions = field(default_factory=RescueOptions)
     merge_radius: float = 1.0  # work pixels: match locations this close to a keypoint reuse it
     max_image_size: int = 1600  # long side of the work copies (keypoints, refinement)
     no_ba_max_reproj_error: float = 16.0  # pixels, point filter when ba=False
@@ -215,43 +219,69 @@ def run_pipeline(
         ]
         stages.done("keypoints")
 
-        # 4. matches: GSA-selected views, verified by the predicted geometry, refined photometrically
-        stages.start("matching")
-        matches = match_views(
-            views, grays, keypoints, geometry, summary, thresholds, options.matching, tracker
+        # 4-6. matches, tracks, bundle adjustment; once more from the adjusted poses if views hung on too
+        # few points and some of them could be re-posed by PnP (``rescue.py``)
+        adjusted = _match_and_adjust(
+            stages,
+            views,
+            grays,
+            keypoints,
+            geometry,
+            summary,
+            thresholds,
+            tracker,
+            options,
+            ba,
+            camera_model,
+            shared_camera,
         )
+        rescue: dict[str, Any] = {"rounds": []}
+        if adjusted.dropped and options.rescue.enabled:
+            stages.add_stage("rescuing weakly linked views")
+            pass_geometry = geometry
+            for _ in range(options.rescue.max_rounds):
+                rescued = rescued_geometry(
+                    adjusted.rec,
+                    views,
+                    pass_geometry,
+                    adjusted.dropped_poses,
+                    adjusted.pair_matches,
+                    adjusted.points2d,
+                    adjusted.dropped,
+                    options.rescue,
+                    adjusted.pixel_scale,
+                )
+                if rescued is None:
+                    break
+                pass_geometry, placed = rescued
+                again = _match_and_adjust(
+                    None,
+                    views,
+                    grays,
+                    keypoints,
+                    pass_geometry,
+                    summary,
+                    thresholds,
+                    tracker,
+                    options,
+                    ba,
+                    camera_model,
+                    shared_camera,
+                    carried=(adjusted.matches, adjusted.dropped),
+                )
+                before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
+                rescue["rounds"].append(
+                    {"views": placed, "registered_before": before, "registered_after": after}
+                )
+                if after <= before:
+                    break
+                adjusted = again
+                if not adjusted.dropped:
+                    break
+            stages.done("rescue")
         del tracker
-        stages.done("matching")
-
-        # 5. tracks and the pycolmap reconstruction at the predicted poses
-        stages.start("tracks")
-        tracks = build_tracks(keypoints, matches, options.merge_radius)
-        points2d = points_in_original(views, tracks)
-        rec = build_reconstruction(views, geometry, points2d, camera_model, shared_camera)
-        pair_matches = tracks.pairwise_matches()
-        graph = correspondence_graph([len(p) for p in points2d], pair_matches)
-        manager = pycolmap.ObservationManager(rec, graph)
-        xyz, valid = points_from_depth(views, geometry, tracks)
-        add_points(manager, tracks, xyz, valid, track_colors(views, tracks))
-        manager.filter_observations_with_negative_depth()
-        initial_error, initial_points = mean_reprojection_error(rec), rec.num_points3D()
-        stages.done("tracks")
-
-        # 6. bundle adjustment, filtering, re-triangulation
-        stages.start("bundle adjustment")
-        pixel_scale = max(
-            max(o / w for o, w in zip(v.original_size, v.work_size, strict=True)) for v in views
-        )
-        ba_rounds: list[dict] = []
-        if ba:
-            triangulator = pycolmap.IncrementalTriangulator(graph, rec, manager)
-            ba_rounds = refine_reconstruction(rec, manager, triangulator, options.bundle, pixel_scale)
-        else:
-            error = options.no_ba_max_reproj_error * pixel_scale
-            manager.filter_all_points3D(error, options.bundle.min_tri_angle)
-        dropped = []
-        if ba and rec.num_points3D():  # views whose pose BA fitted to a handful of points
-            dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points)
+        rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
+        pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
         unregistered = [
             {
                 "name": views[image_id - 1].name,
@@ -262,7 +292,6 @@ def run_pipeline(
         ]
         for entry in unregistered:
             logger.warning("not registered: %s: %s", entry["name"], entry["why"])
-        stages.done("bundle adjustment")
         stages.timings["total"] = stages.elapsed()
 
         report = build_report(
@@ -283,9 +312,10 @@ def run_pipeline(
                 "chunking": chunking,
                 "poses": pose_source,
                 "unregistered_images": unregistered,
+                "rescue": rescue,
             },
-            initial_error=initial_error,
-            initial_points=initial_points,
+            initial_error=adjusted.initial_error,
+            initial_points=adjusted.initial_points,
             ba_rounds=ba_rounds,
             timings=stages.timings,
         )
@@ -300,6 +330,95 @@ def run_pipeline(
         stages.close()
     names = [v.name for v in views]
     return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses)
+
+
+@dataclass
+class _Adjusted:
+    """Matches, tracks and the bundle-adjusted reconstruction of one pass of steps 4-6."""
+
+    rec: pycolmap.Reconstruction
+    matches: Matches
+    tracks: Tracks
+    points2d: list
+    pair_matches: dict
+    initial_error: float | None
+    initial_points: int
+    ba_rounds: list[dict]
+    dropped: list[int]  # image ids de-registered as weakly linked
+    dropped_poses: dict[int, torch.Tensor]  # their poses from bundle adjustment
+    pixel_scale: float
+
+
+def _match_and_adjust(
+    stages: _Stages | None,
+    views: list,
+    grays: list[torch.Tensor],
+    keypoints: list,
+    geometry: SceneGeometry,
+    summary: AttentionSummary | None,
+    thresholds: torch.Tensor,
+    tracker: Any,
+    options: PipelineOptions,
+    ba: bool,
+    camera_model: str,
+    shared_camera: bool,
+    carried: tuple[Matches, list[int]] | None = None,
+) -> _Adjusted:
+    """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``carried``:
+    earlier matches kept where they touch the given views (image ids)."""
+    start = stages.start if stages else (lambda name: None)
+    done = stages.done if stages else (lambda name: None)
+    # 4. matches: GSA-selected views, verified by the predicted geometry, refined photometrically
+    start("matching")
+    matches = match_views(views, grays, keypoints, geometry, summary, thresholds, options.matching, tracker)
+    if carried is not None:
+        matches = keep_matches(carried[0], [image_id - 1 for image_id in carried[1]], matches)
+    done("matching")
+
+    # 5. tracks and the pycolmap reconstruction at the predicted poses
+    start("tracks")
+    tracks = build_tracks(keypoints, matches, options.merge_radius)
+    points2d = points_in_original(views, tracks)
+    rec = build_reconstruction(views, geometry, points2d, camera_model, shared_camera)
+    pair_matches = tracks.pairwise_matches()
+    graph = correspondence_graph([len(p) for p in points2d], pair_matches)
+    manager = pycolmap.ObservationManager(rec, graph)
+    xyz, valid = points_from_depth(views, geometry, tracks)
+    add_points(manager, tracks, xyz, valid, track_colors(views, tracks))
+    manager.filter_observations_with_negative_depth()
+    initial_error, initial_points = mean_reprojection_error(rec), rec.num_points3D()
+    done("tracks")
+
+    # 6. bundle adjustment, filtering, re-triangulation
+    start("bundle adjustment")
+    pixel_scale = max(max(o / w for o, w in zip(v.original_size, v.work_size, strict=True)) for v in views)
+    ba_rounds: list[dict] = []
+    if ba:
+        triangulator = pycolmap.IncrementalTriangulator(graph, rec, manager)
+        ba_rounds = refine_reconstruction(rec, manager, triangulator, options.bundle, pixel_scale)
+    else:
+        error = options.no_ba_max_reproj_error * pixel_scale
+        manager.filter_all_points3D(error, options.bundle.min_tri_angle)
+    dropped: list[int] = []
+    dropped_poses: dict[int, torch.Tensor] = {}
+    if ba and rec.num_points3D():  # views whose pose BA fitted to a handful of points
+        weak = weakly_linked_images(rec, options.bundle.min_shared_points)
+        dropped_poses = {i: pose_matrix(rec.image(i).cam_from_world()) for i in weak}
+        dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points)
+    done("bundle adjustment")
+    return _Adjusted(
+        rec,
+        matches,
+        tracks,
+        points2d,
+        pair_matches,
+        initial_error,
+        initial_points,
+        ba_rounds,
+        dropped,
+        dropped_poses,
+        pixel_scale,
+    )
 
 
 def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:
@@ -445,6 +564,12 @@ class _Stages:
     def start(self, description: str) -> None:
         self.bar.set_description(description)
         self.last = time.perf_counter()
+
+    def add_stage(self, description: str) -> None:
+        """Start a stage that was not counted in the total."""
+        self.bar.total += 1
+        self.bar.refresh()
+        self.start(description)
 
     def done(self, name: str) -> None:
         self.timings[name] = time.perf_counter() - self.last

@@ -1,0 +1,189 @@
+"""A second chance for views that bundle adjustment left weakly linked.
+
+A view whose feed-forward pose is far off (a bad token-pose edge) gets few matches: matching predicts where
+its keypoints land from that pose, and the photometric search finds nothing there. Bundle adjustment then
+fits it to the handful of points it has, and :func:`~.bundle.drop_weakly_linked_images` de-registers it.
+
+The few correspondences it has are usually right. :func:`rescued_geometry` re-poses such views by PnP
+(pycolmap LO-RANSAC and refinement) on their 2D observations of the main group's 3D points, moves views of
+the same weak group without enough correspondences rigidly with the group member they share most matches
+with, rescales their depth to the new pose, and takes every registered view's pose from bundle adjustment.
+Matching again on that geometry (``reconstruct.run_pipeline``) finds their matches; a rescued pose that is
+wrong stays weakly linked and is dropped again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pycolmap
+import torch
+
+from speed3r_sfm.geometry import compose_poses, invert_pose
+
+from .frames import SceneGeometry, apply_pose, original_to_work, work_to_model
+from .inputs import View
+from .tracks import connected_components
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RescueOptions:
+    """``enabled``: match again when views were de-registered as weakly linked, up to ``max_rounds`` times
+    while that registers more views; ``min_inliers``: PnP inliers a view needs to be re-posed on its own;
+    ``max_error``: PnP RANSAC threshold (original pixels, scaled like the bundle adjustment thresholds)."""
+
+    enabled: bool = True
+    max_rounds: int = 3
+    min_inliers: int = 6
+    max_error: float = 4.0
+
+
+def pose_matrix(rigid: pycolmap.Rigid3d) -> torch.Tensor:
+    """(3, 4) float64 cam_from_world of a pycolmap pose."""
+    return torch.from_numpy(np.asarray(rigid.matrix(), dtype=np.float64))
+
+
+def correspondences_2d3d(
+    rec: pycolmap.Reconstruction,
+    pair_matches: dict[tuple[int, int], np.ndarray],
+    points2d: Sequence[np.ndarray],
+    view: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) original pixels of ``view`` matched to (N, 3) 3D points of registered images (image id =
+    view + 1), one per 2D point (the first 3D point found)."""
+    registered = set(rec.reg_image_ids())
+    found: dict[int, int] = {}
+    for (a, b), matches in pair_matches.items():
+        if view not in (a, b):
+            continue
+        other, mine, theirs = (
+            (b, matches[:, 0], matches[:, 1]) if a == view else (a, matches[:, 1], matches[:, 0])
+        )
+        if other + 1 not in registered:
+            continue
+        points = rec.image(other + 1).points2D
+        for m, t in zip(mine.tolist(), theirs.tolist(), strict=True):
+            if m not in found and points[t].has_point3D():
+                found[m] = points[t].point3D_id
+    if not found:
+        return np.zeros((0, 2)), np.zeros((0, 3))
+    xy = np.stack([points2d[view][m] for m in found]).astype(np.float64)
+    xyz = np.stack([rec.points3D[p].xyz for p in found.values()]).astype(np.float64)
+    return xy, xyz
+
+
+def shared_matches(pair_matches: dict[tuple[int, int], np.ndarray], a: int, b: int) -> int:
+    """Matched 2D point pairs between views ``a`` and ``b``."""
+    key = (min(a, b), max(a, b))
+    return len(pair_matches[key]) if key in pair_matches else 0
+
+
+def rescued_geometry(
+    rec: pycolmap.Reconstruction,
+    views: Sequence[View],
+    geometry: SceneGeometry,
+    before_drop: dict[int, torch.Tensor],
+    pair_matches: dict[tuple[int, int], np.ndarray],
+    points2d: Sequence[np.ndarray],
+    dropped: Sequence[int],
+    options: RescueOptions,
+    pixel_scale: float = 1.0,
+) -> tuple[SceneGeometry, list[dict]] | None:
+    """The geometry to match again with (module docstring) and what happened to each dropped view, or None
+    when no dropped view could be re-posed.
+
+    ``dropped``: image ids de-registered as weakly linked; ``before_drop``: their (3, 4) poses from bundle
+    adjustment (relative poses within a weak group come from them); ``rec``: after the drop, in the same
+    world frame as ``geometry``.
+    """
+    poses = geometry.cam_from_world.clone()
+    for image_id in rec.reg_image_ids():
+        poses[image_id - 1] = pose_matrix(rec.image(image_id).cam_from_world())
+    estimation = pycolmap.AbsolutePoseEstimationOptions()
+    estimation.ransac.max_error = options.max_error * pixel_scale
+    estimation.ransac.random_seed = 0
+    placed: dict[int, dict] = {}
+    for image_id in dropped:
+        view = image_id - 1
+        xy, xyz = correspondences_2d3d(rec, pair_matches, points2d, view)
+        entry = {"name": views[view].name, "correspondences": len(xy)}
+        if len(xy) >= max(options.min_inliers, 4):
+            camera = rec.cameras[rec.image(image_id).camera_id]
+            result = pycolmap.estimate_and_refine_absolute_pose(xy, xyz, camera, estimation)
+            if result is not None and int(result["num_inliers"]) >= options.min_inliers:
+                poses[view] = pose_matrix(result["cam_from_world"])
+                entry.update(how="pnp", inliers=int(result["num_inliers"]))
+                placed[view] = entry
+                continue
+        entry["how"] = "not re-posed"
+        placed.setdefault(view, entry)
+    posed = [v for v, e in placed.items() if e["how"] == "pnp"]
+    if not posed:
+        return None
+    anchor_scale = {}  # re-posed view -> scale of the main group's points over the weak group's depth
+    for view in posed:
+        xy, xyz = correspondences_2d3d(rec, pair_matches, points2d, view)
+        anchor_scale[view] = depth_ratio(views[view], geometry, view, poses[view], xy, xyz) or 1.0
+    # the rest of a weak group (views linked by matches) moves with its best-linked re-posed member
+    weak = sorted(placed)
+    edges = [(a, b) for k, a in enumerate(weak) for b in weak[k + 1 :] if shared_matches(pair_matches, a, b)]
+    labels = connected_components(len(weak), np.array([(weak.index(a), weak.index(b)) for a, b in edges]))
+    group = {view: int(label) for view, label in zip(weak, labels, strict=True)}
+    for view, entry in placed.items():
+        if entry["how"] == "pnp":
+            continue
+        linked = [p for p in posed if group[p] == group[view]]
+        if not linked:
+            continue
+        anchor = max(linked, key=lambda p: placed[p]["inliers"])
+        view_from_anchor = compose_poses(
+            geometry.cam_from_world[view], invert_pose(geometry.cam_from_world[anchor])
+        )
+        view_from_anchor[:, 3] *= anchor_scale[anchor]  # the weak group's baselines at the main scale
+        poses[view] = compose_poses(view_from_anchor, poses[anchor])
+        entry.update(how=f"with {views[anchor].name}")
+    # depth to the scale of the adjusted poses: matching lifts keypoints with it
+    depth = geometry.depth.clone()
+    for view in range(geometry.num_views):
+        if view + 1 in rec.reg_image_ids():
+            xy, xyz = observed_points(rec, view + 1)
+        elif view in placed and placed[view]["how"] != "not re-posed":
+            xy, xyz = correspondences_2d3d(rec, pair_matches, points2d, view)
+        else:
+            continue
+        ratio = depth_ratio(views[view], geometry, view, poses[view], xy, xyz)
+        if ratio is not None:
+            depth[view] *= ratio
+            if view in placed:
+                placed[view]["depth_rescaled_by"] = round(ratio, 4)
+    return replace(geometry, cam_from_world=poses, depth=depth), list(placed.values())
+
+
+def observed_points(rec: pycolmap.Reconstruction, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) original pixels and (N, 3) 3D points of the observations of a registered image."""
+    image = rec.image(image_id)
+    pairs = [(p.xy, rec.points3D[p.point3D_id].xyz) for p in image.points2D if p.has_point3D()]
+    if not pairs:
+        return np.zeros((0, 2)), np.zeros((0, 3))
+    return np.stack([xy for xy, _ in pairs]), np.stack([xyz for _, xyz in pairs])
+
+
+def depth_ratio(
+    view_info: View, geometry: SceneGeometry, view: int, pose: torch.Tensor, xy: np.ndarray, xyz: np.ndarray
+) -> float | None:
+    """Median over correspondences of (depth of the 3D point ``xyz`` under ``pose``) / (predicted depth at
+    the original pixel ``xy``); None without any."""
+    if len(xy) == 0:
+        return None
+    z = apply_pose(pose, torch.from_numpy(np.asarray(xyz, dtype=np.float64)))[:, 2]
+    pixels = torch.from_numpy(np.asarray(xy, dtype=np.float64))
+    model_xy = work_to_model(view_info, original_to_work(view_info, pixels))
+    predicted = geometry.sample(geometry.depth, view, model_xy).double()
+    ratio = z / predicted
+    ratio = ratio[torch.isfinite(ratio) & (ratio > 0)]
+    return float(ratio.median()) if ratio.numel() else None
