@@ -43,7 +43,6 @@ from .bundle import (
     drop_weakly_linked_images,
     mean_reprojection_error,
     refine_reconstruction,
-    weakly_linked_images,
 )
 from .chunked import predict_chunked, stored_plan
 from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
@@ -62,7 +61,7 @@ from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .matching import Matches, MatchOptions, keep_matches, match_views
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .report import build_report
-from .rescue import RescueOptions, pose_matrix, rescued_geometry
+from .rescue import RescueOptions, rescued_geometry
 from .token_poses import TokenPoseOptions, apply_token_poses
 from .tracks import Tracks, build_tracks
 from .view_features import thumbnail_descriptors, token_descriptors, token_encoder
@@ -244,7 +243,6 @@ def run_pipeline(
                     adjusted.rec,
                     views,
                     pass_geometry,
-                    adjusted.dropped_poses,
                     adjusted.pair_matches,
                     adjusted.points2d,
                     adjusted.dropped,
@@ -345,7 +343,6 @@ class _Adjusted:
     initial_points: int
     ba_rounds: list[dict]
     dropped: list[int]  # image ids de-registered as weakly linked
-    dropped_poses: dict[int, torch.Tensor]  # their poses from bundle adjustment
     pixel_scale: float
 
 
@@ -400,10 +397,7 @@ def _match_and_adjust(
         error = options.no_ba_max_reproj_error * pixel_scale
         manager.filter_all_points3D(error, options.bundle.min_tri_angle)
     dropped: list[int] = []
-    dropped_poses: dict[int, torch.Tensor] = {}
     if ba and rec.num_points3D():  # views whose pose BA fitted to a handful of points
-        weak = weakly_linked_images(rec, options.bundle.min_shared_points)
-        dropped_poses = {i: pose_matrix(rec.image(i).cam_from_world()) for i in weak}
         dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points)
     done("bundle adjustment")
     return _Adjusted(
@@ -416,7 +410,6 @@ def _match_and_adjust(
         initial_points,
         ba_rounds,
         dropped,
-        dropped_poses,
         pixel_scale,
     )
 
