@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, JpegImagePlugin
 
 from speed3r_sfm.geometry import intrinsics_from_fov
 from speed3r_sfm.pipeline.colmap_model import make_cameras
@@ -85,6 +85,45 @@ def test_huge_images_are_read_downscaled_but_map_to_original_pixels(tmp_path):
         model, torch.tensor([[-0.5, -0.5], [111.5, 83.5], [55.5, 41.5]], dtype=torch.float64)
     )
     assert torch.allclose(model_to_work(big, model), work)
+
+
+def _smooth_jpeg(path, width, height, orientation=1):
+    """A smooth colour gradient with some texture as a JPEG (quality 95), optionally EXIF-rotated."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rgb = np.stack([x / width, y / height, 0.5 + 0.25 * np.sin(x / 37.0) * np.cos(y / 23.0)], -1)
+    image = Image.fromarray((255 * rgb).round().astype(np.uint8))
+    exif = image.getexif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    image.save(path, quality=95, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_jpegs_are_decoded_at_a_reduced_scale_with_the_same_pixels(tmp_path, orientation, monkeypatch):
+    """A 3200 x 2400 JPEG with a 600-pixel work copy decodes at 1/4 (DCT scaling) and gives the work copy
+    a full decode would, within JPEG rounding; sizes and EXIF orientation stay those of the original. A
+    size the factors do not divide is decoded in full."""
+    _smooth_jpeg(tmp_path / "big.jpg", 3200, 2400, orientation)
+    _smooth_jpeg(tmp_path / "odd.jpg", 3201, 2401)
+    requested = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size, *args, **kwargs):
+        requested.append(size)
+        return draft(self, mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    views, _, _ = load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 112), max_image_size=600)
+    big, odd = views
+    assert requested == [(800, 600)]  # 1/4 scale for big.jpg; odd.jpg decoded in full
+    upright = (2400, 3200) if orientation == 6 else (3200, 2400)
+    assert big.original_size == upright and big.transform.original_size == upright
+    assert big.work_size == ((450, 600) if orientation == 6 else (600, 450))
+    assert big.exif_orientation == orientation and odd.original_size == (3201, 2401)
+    full = ImageOps.exif_transpose(Image.open(tmp_path / "big.jpg").convert("RGB"))
+    reference = np.asarray(full.resize(big.work_size, Image.Resampling.BILINEAR), dtype=np.float64)
+    difference = np.abs(big.work_rgb.astype(np.float64) - reference)
+    assert difference.mean() < 1.0 and difference.max() <= 6
 
 
 @pytest.mark.parametrize("mode", ["crop", "pad", "pixel_limit"])

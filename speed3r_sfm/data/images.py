@@ -69,19 +69,46 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     return read_image_upright(path)[0]
 
 
-def read_image_upright(path: str | os.PathLike) -> tuple[Image.Image, int]:
-    """(:func:`read_image` of ``path``, the EXIF orientation 1–8 it applied), from one read of the file."""
+def read_image_upright(
+    path: str | os.PathLike, max_size: int | None = None
+) -> tuple[Image.Image, int, tuple[int, int]]:
+    """(:func:`read_image` of ``path``, the EXIF orientation 1–8 it applied, the upright full size (W, H)),
+    from one read of the file.
+
+    With ``max_size``, a JPEG whose long side is at least twice ``max_size`` is decoded at 1/2, 1/4 or 1/8
+    of its size by libjpeg's DCT scaling (several times faster than a full decode), as long as the result
+    keeps a long side of at least ``max_size`` and the factor divides both sides, so that the smaller image
+    covers the same area, pixel for pixel: callers that only need an image of at most ``max_size`` resize
+    it further.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image file {path} does not exist")
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if max_size is not None and image.format == "JPEG":
+                factor = _dct_scale_factor(width, height, max_size)
+                if factor > 1:
+                    image.draft("RGB", (width // factor, height // factor))
+                    if image.size != (width // factor, height // factor):
+                        raise ImageReadError(f"cannot decode {path} at 1/{factor} scale")
             image.load()
             orientation = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
             rgb = to_rgb(ImageOps.exif_transpose(image))
-            return (rgb.copy() if rgb is image else rgb), orientation  # ``image`` is closed on return
+            size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            return (rgb.copy() if rgb is image else rgb), orientation, size  # ``image`` closes on return
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+def _dct_scale_factor(width: int, height: int, max_size: int) -> int:
+    """The largest of 8, 4, 2 that divides ``width`` and ``height`` and keeps the long side >= ``max_size``;
+    1 if none does."""
+    for factor in (8, 4, 2):
+        if width % factor == 0 and height % factor == 0 and max(width, height) // factor >= max_size:
+            return factor
+    return 1
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -230,7 +257,7 @@ def preprocess_images(
         if isinstance(item, Image.Image):
             image, orientation, path = to_rgb(item), 1, None
         else:
-            (image, orientation), path = read_image_upright(item), os.fspath(item)
+            (image, orientation, _), path = read_image_upright(item), os.fspath(item)
         width, height = image.size
         if mode == "pixel_limit":
             fixed_size = fixed_size or pixel_limit_size(width, height, pixel_limit, patch_size)

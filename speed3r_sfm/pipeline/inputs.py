@@ -103,12 +103,14 @@ def find_images(image_dir: str | os.PathLike, recursive: bool = False) -> list[P
         ) from error
 
 
-def _work_copy(image: Image.Image, max_image_size: int) -> Image.Image:
-    width, height = image.size
+def _work_copy(image: Image.Image, original_size: tuple[int, int], max_image_size: int) -> Image.Image:
+    """``image`` (the original, or the original decoded at a reduced scale) resized to the original's size
+    scaled to at most ``max_image_size`` on the long side."""
+    width, height = original_size
     scale = max_image_size / max(width, height)
-    if scale >= 1.0:
+    size = (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1.0 else original_size
+    if image.size == size:
         return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # antialiased bilinear (a triangle filter as wide as the scale): half the time of Lanczos
     return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
@@ -118,7 +120,7 @@ def _read_one(
 ) -> tuple[str | None, tuple[tuple[int, int], Image.Image, int] | None, str | None]:
     """(digest, (original size, work copy, EXIF orientation), problem) of one file; ``problem`` says why it
     cannot be used (then the rest is None). Only the work copy is kept: huge originals are never held
-    together."""
+    together, and large JPEGs are decoded at a reduced scale."""
     try:
         digest = file_digest(path)
     except OSError as error:
@@ -126,10 +128,10 @@ def _read_one(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image, orientation = read_image_upright(path)
+            image, orientation, size = read_image_upright(path, max_size=max_image_size)
     except ImageReadError as error:
         return digest, None, f"not a readable image ({error})"
-    return digest, (image.size, _work_copy(image, max_image_size), orientation), None
+    return digest, (size, _work_copy(image, size, max_image_size), orientation), None
 
 
 def load_views(
