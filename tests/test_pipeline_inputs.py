@@ -217,3 +217,20 @@ def test_initial_points_come_from_the_predicted_depth(tmp_path):
     assert torch.allclose(torch.from_numpy(xyz[0]), torch.minimum(a, b))  # torch's nanmedian of 2 = the lower
     uv, z = geometry.project(0, torch.from_numpy(xyz[1:2]))
     assert torch.allclose(uv[0], points[0][1]) and torch.allclose(z, torch.tensor([3.0], dtype=torch.float64))
+
+
+def test_work_copies_keep_a_minimum_fraction_of_the_original_resolution(tmp_path):
+    """min_work_scale=0.5: a 3200 x 2400 JPEG gets a 1600-pixel work copy (not 600), decoded at 1/2 scale;
+    a 320-pixel image is never enlarged."""
+    _smooth_jpeg(tmp_path / "big.jpg", 3200, 2400)
+    _image(tmp_path / "small.png", 320, 240)
+    views, _, _ = load_views(
+        find_images(tmp_path), tmp_path, Preprocessing("crop", 112), max_image_size=600, min_work_scale=0.5
+    )
+    big, small = views
+    assert big.work_size == (1600, 1200) and big.original_size == (3200, 2400)
+    assert small.work_size == (320, 240)
+    corner = torch.tensor([[3200.0, 2400.0]], dtype=torch.float64)
+    assert torch.allclose(
+        original_to_work(big, corner), torch.tensor([[1599.5, 1199.5]], dtype=torch.float64)
+    )

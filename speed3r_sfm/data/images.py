@@ -69,17 +69,23 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     return read_image_upright(path)[0]
 
 
+def work_long_side(long_side: int, max_size: int, min_scale: float = 0.0) -> int:
+    """Long side of a downscaled working copy of an image with ``long_side`` pixels: ``max_size``, but at
+    least ``min_scale`` of the original, and never more than the original."""
+    return min(long_side, max(max_size, math.ceil(min_scale * long_side)))
+
+
 def read_image_upright(
-    path: str | os.PathLike, max_size: int | None = None
+    path: str | os.PathLike, max_size: int | None = None, min_scale: float = 0.0
 ) -> tuple[Image.Image, int, tuple[int, int]]:
     """(:func:`read_image` of ``path``, the EXIF orientation 1–8 it applied, the upright full size (W, H)),
     from one read of the file.
 
-    With ``max_size``, a JPEG whose long side is at least twice ``max_size`` is decoded at 1/2, 1/4 or 1/8
-    of its size by libjpeg's DCT scaling (several times faster than a full decode), as long as the result
-    keeps a long side of at least ``max_size`` and the factor divides both sides, so that the smaller image
-    covers the same area, pixel for pixel: callers that only need an image of at most ``max_size`` resize
-    it further.
+    With ``max_size``, for callers that only need a copy whose long side is :func:`work_long_side`
+    (``max_size``, ``min_scale``), a JPEG at least twice as large is decoded at 1/2, 1/4 or 1/8 of its
+    size by libjpeg's DCT scaling (several times faster than a full decode), as long as the result keeps
+    that long side and the factor divides both sides, so that the smaller image covers the same area, pixel
+    for pixel.
     """
     path = Path(path)
     if not path.is_file():
@@ -88,7 +94,8 @@ def read_image_upright(
         with Image.open(path) as image:
             width, height = image.size
             if max_size is not None and image.format == "JPEG":
-                factor = _dct_scale_factor(width, height, max_size)
+                wanted = work_long_side(max(width, height), max_size, min_scale)
+                factor = _dct_scale_factor(width, height, wanted)
                 if factor > 1:
                     image.draft("RGB", (width // factor, height // factor))
                     if image.size != (width // factor, height // factor):

@@ -31,6 +31,7 @@ def reconstruct_command(
     overwrite: bool = False,
     max_keypoints: int = 1024,
     max_image_size: int = 1600,
+    min_work_scale: float = 0.5,
     track_verification: bool = True,
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
@@ -54,6 +55,8 @@ def reconstruct_command(
         max_keypoints: keypoints per image.
         max_image_size: long side of the copies used for keypoints and matching (bigger images are read
             downscaled; observations are still in original pixels).
+        min_work_scale: those copies keep at least this fraction of the original resolution (0.5 keeps
+            the reprojection error of large photos within 1 px of the original; 0: max_image_size only).
         track_verification: with a model that has a track head (VGGT-1B), keep only the matches its tracks
             agree with (on an H200 about 0.8 s at 24 views, 4 s at 128).
         chunk_size: views per model pass for long sequences; chunks overlap and are aligned by robust Sim(3).
@@ -78,6 +81,7 @@ def reconstruct_command(
         keypoints=KeypointOptions(max_keypoints=max_keypoints),
         matching=MatchOptions(track_verification=track_verification),
         max_image_size=max_image_size,
+        min_work_scale=min_work_scale,
     )
     try:
         result = run_pipeline(

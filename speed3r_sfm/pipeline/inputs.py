@@ -1,11 +1,12 @@
 """Listing and reading the input images: skip what cannot be used, keep what the pipeline needs.
 
 Every readable, distinct image becomes a :class:`View`: its name (path relative to the image folder, the
-COLMAP image name), its original (upright, EXIF-applied) size, an RGB "work" copy downscaled to at most
-``max_image_size`` pixels on its long side (keypoints and photometric refinement run on it; memory stays
-bounded for huge images), and the :class:`~speed3r_sfm.data.images.ImageTransform` from the original image
-to the model input. Corrupt or non-image files and exact duplicates (same bytes) are skipped with a
-warning; fewer than two usable images is an :class:`InputError`.
+COLMAP image name), its original (upright, EXIF-applied) size, an RGB "work" copy downscaled to
+``max_image_size`` pixels on its long side, or to ``min_work_scale`` of the original if that is larger
+(keypoints and photometric refinement run on it: their sub-pixel accuracy, ~0.4 work pixels, becomes
+``1 / scale`` times that in original pixels), and the :class:`~speed3r_sfm.data.images.ImageTransform`
+from the original image to the model input. Corrupt or non-image files and exact duplicates (same bytes)
+are skipped with a warning; fewer than two usable images is an :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from speed3r_sfm.data.images import (
     list_images,
     preprocess_images,
     read_image_upright,
+    work_long_side,
 )
 
 logger = logging.getLogger(__name__)
@@ -103,11 +105,11 @@ def find_images(image_dir: str | os.PathLike, recursive: bool = False) -> list[P
         ) from error
 
 
-def _work_copy(image: Image.Image, original_size: tuple[int, int], max_image_size: int) -> Image.Image:
+def _work_copy(image: Image.Image, original_size: tuple[int, int], long_side: int) -> Image.Image:
     """``image`` (the original, or the original decoded at a reduced scale) resized to the original's size
-    scaled to at most ``max_image_size`` on the long side."""
+    scaled to ``long_side`` pixels on the long side."""
     width, height = original_size
-    scale = max_image_size / max(width, height)
+    scale = long_side / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1.0 else original_size
     if image.size == size:
         return image
@@ -116,7 +118,7 @@ def _work_copy(image: Image.Image, original_size: tuple[int, int], max_image_siz
 
 
 def _read_one(
-    path: Path, max_image_size: int
+    path: Path, max_image_size: int, min_work_scale: float
 ) -> tuple[str | None, tuple[tuple[int, int], Image.Image, int] | None, str | None]:
     """(digest, (original size, work copy, EXIF orientation), problem) of one file; ``problem`` says why it
     cannot be used (then the rest is None). Only the work copy is kept: huge originals are never held
@@ -128,10 +130,11 @@ def _read_one(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image, orientation, size = read_image_upright(path, max_size=max_image_size)
+            image, orientation, size = read_image_upright(path, max_image_size, min_work_scale)
     except ImageReadError as error:
         return digest, None, f"not a readable image ({error})"
-    return digest, (size, _work_copy(image, size, max_image_size), orientation), None
+    long_side = work_long_side(max(size), max_image_size, min_work_scale)
+    return digest, (size, _work_copy(image, size, long_side), orientation), None
 
 
 def load_views(
@@ -139,8 +142,10 @@ def load_views(
     root: str | os.PathLike,
     preprocessing: Preprocessing,
     max_image_size: int = 1600,
+    min_work_scale: float = 0.0,
 ) -> tuple[list[View], torch.Tensor, list[str]]:
-    """Read the images at ``paths`` (names relative to ``root``) for the model and the matcher.
+    """Read the images at ``paths`` (names relative to ``root``) for the model and the matcher; work copies
+    as the module docstring says.
 
     Returns the usable views, the model input (S, 3, H, W) float32 in [0, 1] and the skip messages.
     Raises :class:`InputError` when fewer than two images are usable.
@@ -151,7 +156,7 @@ def load_views(
     seen: dict[str, str] = {}
     workers = min(len(paths), max(1, torch.get_num_threads())) or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding and resizing release the GIL
-        reads = pool.map(lambda path: _read_one(path, max_image_size), paths)
+        reads = pool.map(lambda path: _read_one(path, max_image_size, min_work_scale), paths)
         for path, (digest, read, problem) in zip(paths, reads, strict=True):
             name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
             if problem is not None:
