@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -223,64 +225,26 @@ def run_pipeline(
 
         # 4-6. matches, tracks, bundle adjustment; once more from the adjusted poses if views hung on too
         # few points and some of them could be re-posed by PnP (``rescue.py``)
-        adjusted = _match_and_adjust(
-            stages,
-            views,
-            grays,
-            keypoints,
-            geometry,
-            summary,
-            thresholds,
-            tracker,
-            options,
-            ba,
-            camera_model,
-            shared_camera,
+        adjust = partial(
+            _match_and_adjust,
+            views=views,
+            grays=grays,
+            keypoints=keypoints,
+            summary=summary,
+            thresholds=thresholds,
+            tracker=tracker,
+            options=options,
+            ba=ba,
+            camera_model=camera_model,
+            shared_camera=shared_camera,
         )
+        adjusted = adjust(geometry, stages=stages)
         rescue: dict[str, Any] = {"rounds": []}
         if adjusted.dropped and options.rescue.enabled:
             stages.add_stage("rescuing weakly linked views")
-            pass_geometry = geometry
-            for _ in range(options.rescue.max_rounds):
-                rescued = rescued_geometry(
-                    adjusted.rec,
-                    views,
-                    pass_geometry,
-                    adjusted.pair_matches,
-                    adjusted.points2d,
-                    adjusted.dropped,
-                    options.rescue,
-                    adjusted.pixel_scale,
-                )
-                if rescued is None:
-                    break
-                pass_geometry, placed = rescued
-                again = _match_and_adjust(
-                    None,
-                    views,
-                    grays,
-                    keypoints,
-                    pass_geometry,
-                    summary,
-                    thresholds,
-                    tracker,
-                    options,
-                    ba,
-                    camera_model,
-                    shared_camera,
-                    carried=(adjusted.matches, adjusted.dropped),
-                )
-                before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
-                rescue["rounds"].append(
-                    {"views": placed, "registered_before": before, "registered_after": after}
-                )
-                if after <= before:
-                    break
-                adjusted = again
-                if not adjusted.dropped:
-                    break
+            adjusted, rescue = _rescue_weak_views(adjusted, geometry, adjust, views, options.rescue)
             stages.done("rescue")
-        del tracker
+        del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
         unregistered = [
@@ -350,11 +314,11 @@ class _Adjusted:
 
 
 def _match_and_adjust(
-    stages: _Stages | None,
+    geometry: SceneGeometry,
+    *,
     views: list,
     grays: list[torch.Tensor],
     keypoints: list,
-    geometry: SceneGeometry,
     summary: AttentionSummary | None,
     thresholds: torch.Tensor,
     tracker: Any,
@@ -362,6 +326,7 @@ def _match_and_adjust(
     ba: bool,
     camera_model: str,
     shared_camera: bool,
+    stages: _Stages | None = None,
     carried: tuple[Matches, list[int]] | None = None,
 ) -> _Adjusted:
     """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``carried``:
@@ -415,6 +380,41 @@ def _match_and_adjust(
         dropped,
         pixel_scale,
     )
+
+
+def _rescue_weak_views(
+    adjusted: _Adjusted,
+    geometry: SceneGeometry,
+    adjust: Callable[..., _Adjusted],
+    views: list,
+    options: RescueOptions,
+) -> tuple[_Adjusted, dict[str, Any]]:
+    """Rounds of :func:`~.rescue.rescued_geometry` and steps 4-6 again (``adjust``), keeping the weak views'
+    earlier matches, while that registers more views; the best result and the report entry."""
+    rounds = []
+    for _ in range(options.max_rounds):
+        rescued = rescued_geometry(
+            adjusted.rec,
+            views,
+            geometry,
+            adjusted.pair_matches,
+            adjusted.points2d,
+            adjusted.dropped,
+            options,
+            adjusted.pixel_scale,
+        )
+        if rescued is None:
+            break
+        geometry, placed = rescued
+        again = adjust(geometry, carried=(adjusted.matches, adjusted.dropped))
+        before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
+        rounds.append({"views": placed, "registered_before": before, "registered_after": after})
+        if after <= before:
+            break
+        adjusted = again
+        if not adjusted.dropped:
+            break
+    return adjusted, {"rounds": rounds}
 
 
 def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:

@@ -112,9 +112,12 @@ def rescued_geometry(
     estimation.ransac.max_error = options.max_error * pixel_scale
     estimation.ransac.random_seed = 0
     placed: dict[int, dict] = {}
+    seen = {
+        image_id - 1: correspondences_2d3d(rec, pair_matches, points2d, image_id - 1) for image_id in dropped
+    }
     for image_id in dropped:
         view = image_id - 1
-        xy, xyz = correspondences_2d3d(rec, pair_matches, points2d, view)
+        xy, xyz = seen[view]
         entry = {"name": views[view].name, "correspondences": len(xy)}
         if len(xy) >= max(options.min_inliers, 4):
             camera = rec.cameras[rec.image(image_id).camera_id]
@@ -131,8 +134,7 @@ def rescued_geometry(
         return None
     anchor_scale = {}  # re-posed view -> scale of the main group's points over the weak group's depth
     for view in posed:
-        xy, xyz = correspondences_2d3d(rec, pair_matches, points2d, view)
-        anchor_scale[view] = depth_ratio(views[view], geometry, view, poses[view], xy, xyz) or 1.0
+        anchor_scale[view] = depth_ratio(views[view], geometry, view, poses[view], *seen[view]) or 1.0
     # the rest of a weak group keeps its feed-forward pose relative to the group's best re-posed view
     weak = sorted(placed)
     edges = [(a, b) for k, a in enumerate(weak) for b in weak[k + 1 :] if shared_matches(pair_matches, a, b)]
@@ -153,11 +155,12 @@ def rescued_geometry(
         entry.update(how=f"with {views[anchor].name}")
     # depth to the scale of the adjusted poses: matching lifts keypoints with it
     depth = geometry.depth.clone()
+    registered = set(rec.reg_image_ids())
     for view in range(geometry.num_views):
-        if view + 1 in rec.reg_image_ids():
+        if view + 1 in registered:
             xy, xyz = observed_points(rec, view + 1)
         elif view in placed and placed[view]["how"] != "not re-posed":
-            xy, xyz = correspondences_2d3d(rec, pair_matches, points2d, view)
+            xy, xyz = seen[view]
         else:
             continue
         ratio = depth_ratio(views[view], geometry, view, poses[view], xy, xyz)
