@@ -111,48 +111,22 @@ def rescued_geometry(
     estimation = pycolmap.AbsolutePoseEstimationOptions()
     estimation.ransac.max_error = options.max_error * pixel_scale
     estimation.ransac.random_seed = 0
-    placed: dict[int, dict] = {}
     seen = {
         image_id - 1: correspondences_2d3d(rec, pair_matches, points2d, image_id - 1) for image_id in dropped
     }
-    for image_id in dropped:
-        view = image_id - 1
-        xy, xyz = seen[view]
-        entry = {"name": views[view].name, "correspondences": len(xy)}
+    placed: dict[int, dict] = {}
+    for view, (xy, xyz) in seen.items():
+        placed[view] = {"name": views[view].name, "correspondences": len(xy), "how": "not re-posed"}
         if len(xy) >= max(options.min_inliers, 4):
-            camera = rec.cameras[rec.image(image_id).camera_id]
+            camera = rec.cameras[rec.image(view + 1).camera_id]
             result = pycolmap.estimate_and_refine_absolute_pose(xy, xyz, camera, estimation)
             if result is not None and int(result["num_inliers"]) >= options.min_inliers:
                 poses[view] = pose_matrix(result["cam_from_world"])
-                entry.update(how="pnp", inliers=int(result["num_inliers"]))
-                placed[view] = entry
-                continue
-        entry["how"] = "not re-posed"
-        placed.setdefault(view, entry)
-    posed = [v for v, e in placed.items() if e["how"] == "pnp"]
-    if not posed:
+                placed[view].update(how="pnp", inliers=int(result["num_inliers"]))
+    if all(entry["how"] != "pnp" for entry in placed.values()):
         return None
-    anchor_scale = {}  # re-posed view -> scale of the main group's points over the weak group's depth
-    for view in posed:
-        anchor_scale[view] = depth_ratio(views[view], geometry, view, poses[view], *seen[view]) or 1.0
-    # the rest of a weak group keeps its feed-forward pose relative to the group's best re-posed view
-    weak = sorted(placed)
-    edges = [(a, b) for k, a in enumerate(weak) for b in weak[k + 1 :] if shared_matches(pair_matches, a, b)]
-    labels = connected_components(len(weak), np.array([(weak.index(a), weak.index(b)) for a, b in edges]))
-    group = {view: int(label) for view, label in zip(weak, labels, strict=True)}
-    for view, entry in placed.items():
-        if entry["how"] == "pnp" or not options.move_weak_group:
-            continue
-        linked = [p for p in posed if group[p] == group[view]]
-        if not linked:
-            continue
-        anchor = max(linked, key=lambda p: placed[p]["inliers"])
-        view_from_anchor = compose_poses(
-            geometry.cam_from_world[view], invert_pose(geometry.cam_from_world[anchor])
-        )
-        view_from_anchor[:, 3] *= anchor_scale[anchor]  # the weak group's baselines at the main scale
-        poses[view] = compose_poses(view_from_anchor, poses[anchor])
-        entry.update(how=f"with {views[anchor].name}")
+    if options.move_weak_group:
+        _move_with_group(views, geometry, poses, placed, seen, pair_matches)
     # depth to the scale of the adjusted poses: matching lifts keypoints with it
     depth = geometry.depth.clone()
     registered = set(rec.reg_image_ids())
@@ -169,6 +143,37 @@ def rescued_geometry(
             if view in placed:
                 placed[view]["depth_rescaled_by"] = round(ratio, 4)
     return replace(geometry, cam_from_world=poses, depth=depth), list(placed.values())
+
+
+def _move_with_group(
+    views: Sequence[View],
+    geometry: SceneGeometry,
+    poses: torch.Tensor,
+    placed: dict[int, dict],
+    seen: dict[int, tuple[np.ndarray, np.ndarray]],
+    pair_matches: dict[tuple[int, int], np.ndarray],
+) -> None:
+    """Pose, in place, every weak view PnP could not pose by its feed-forward pose relative to the re-posed
+    view with the most inliers in its weak group (views linked by matches), the baseline rescaled to the
+    main group's scale."""
+    posed = [view for view, entry in placed.items() if entry["how"] == "pnp"]
+    # per re-posed view: scale of the main group's points over its (the weak group's) depth
+    scale = {p: depth_ratio(views[p], geometry, p, poses[p], *seen[p]) or 1.0 for p in posed}
+    weak = sorted(placed)
+    edges = [(a, b) for k, a in enumerate(weak) for b in weak[k + 1 :] if shared_matches(pair_matches, a, b)]
+    labels = connected_components(len(weak), np.array([(weak.index(a), weak.index(b)) for a, b in edges]))
+    group = {view: int(label) for view, label in zip(weak, labels, strict=True)}
+    for view, entry in placed.items():
+        linked = [p for p in posed if group[p] == group[view]]
+        if entry["how"] == "pnp" or not linked:
+            continue
+        anchor = max(linked, key=lambda p: placed[p]["inliers"])
+        view_from_anchor = compose_poses(
+            geometry.cam_from_world[view], invert_pose(geometry.cam_from_world[anchor])
+        )
+        view_from_anchor[:, 3] *= scale[anchor]
+        poses[view] = compose_poses(view_from_anchor, poses[anchor])
+        entry.update(how=f"with {views[anchor].name}")
 
 
 def observed_points(rec: pycolmap.Reconstruction, image_id: int) -> tuple[np.ndarray, np.ndarray]:
