@@ -197,6 +197,7 @@ def evaluate_sift(views: RenderedViews, folder: Path, args: argparse.Namespace, 
         "pairs_rre_over_5deg": share_over(rre, BAD_PAIR_DEG),
         "num_models": sfm.num_models,
         "points": int(sfm.points.shape[0]),
+        "reprojection_error_px": {"final": sfm.reprojection_error_px},
         "metrics": metrics,
     }
 
@@ -286,6 +287,8 @@ def summarize(per_method: dict[str, list[dict]]) -> dict:
                 "registered": _mean([r["registered"] for r in good]),
                 "registered_min": min(r["registered"] for r in good),
                 "pairs_rre_over_5deg_max": max(r["pairs_rre_over_5deg"] for r in good),
+                "reprojection_error_px": _mean([r["reprojection_error_px"]["final"] for r in good]),
+                "points3D": _mean([r["points"] for r in good]),
             }
             continue
         post_model = [r["timings_s"]["total"] - r["timings_s"]["model"] for r in good]
@@ -365,7 +368,9 @@ def write(report: dict, out: Path) -> None:
         elif method == "sift":
             cells = ["sift (pycolmap incremental)", "–", _fmt(row["median_rre"])]
             cells += [_fmt(100 * row["pairs_rre_over_5deg_max"], "{:.0f}") + " %"]
-            cells += [_fmt(100 * row["registered_min"], "{:.0f}") + " %"] + ["–"] * 6
+            cells += [_fmt(100 * row["registered_min"], "{:.0f}") + " %", "–", "–"]
+            cells += ["– → " + _fmt(row.get("reprojection_error_px"), "{:.2f}")]
+            cells += [_fmt(row.get("points3D"), "{:.0f}"), "–", "–"]
             lines.append("| " + " | ".join(cells + [_fmt(row["wall_s"], "{:.1f}"), "1.0"]) + " |")
         else:
             cells = [

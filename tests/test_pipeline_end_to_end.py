@@ -529,3 +529,42 @@ def test_weakly_linked_views_are_rescued_by_pnp_and_matched_again(scene_data, mo
     assert result.report["counts"]["registered_images"] == VIEWS
     summary = pipeline_cli.summary_text(result)
     assert f"re-posed and matched again: {VIEWS - 3} -> {VIEWS} registered" in summary
+
+
+def _observation_errors(rec: pycolmap.Reconstruction) -> np.ndarray:
+    """Reprojection error (pixels) of every observation, recomputed from the model."""
+    errors = []
+    for point in rec.points3D.values():
+        for element in point.track.elements:
+            image = rec.image(element.image_id)
+            uv = image.camera.img_from_cam(image.cam_from_world() * point.xyz)
+            errors.append(np.linalg.norm(uv - image.points2D[element.point2D_idx].xy))
+    return np.array(errors)
+
+
+def test_filtering_thresholds_are_in_original_pixels_when_work_copies_are_smaller(scene_data, tmp_path):
+    """Work copies at a third of the size: the points are measured in work pixels, but the reprojection
+    filter keeps COLMAP's meaning (pixels of the original images), not three times as many."""
+    folder = tmp_path / "large"
+    folder.mkdir()
+    views = scene_data["views"]
+    size = (WIDTH * 3, HEIGHT * 3)
+    for i in range(VIEWS):
+        image = Image.fromarray(to_uint8_image(views.images[i])).resize(size, Image.Resampling.BICUBIC)
+        image.save(folder / f"view_{i:02d}.png")
+    intrinsics = torch.stack(
+        [resize_intrinsics(k.double(), (HEIGHT, WIDTH), (size[1], size[0])) for k in views.intrinsics]
+    )
+    oracle = _oracle(
+        scene_data,
+        scene=scene_data["scene"],
+        depth=None,
+        intrinsics=intrinsics,
+        original_sizes=[size] * VIEWS,
+    )
+    options = PipelineOptions(max_image_size=WIDTH)
+    options.bundle.max_reproj_error = 2.0
+    result = run_pipeline(folder, None, model=oracle, attention="dense", options=options)
+    errors = _observation_errors(result.reconstruction)
+    assert result.reconstruction.num_reg_images() == VIEWS and errors.size > 300
+    assert errors.max() <= 2.0 + 1e-6

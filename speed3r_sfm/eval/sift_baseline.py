@@ -25,8 +25,9 @@ from .evaluate import SceneResult, evaluate_reconstruction
 @dataclass
 class SfmResult:
     """Poses of the largest reconstructed model; unregistered views have ``registered == False`` and
-    NaN poses/intrinsics. ``points`` are the model's 3D points (N, 3). ``time_s`` covers feature
-    extraction, matching and mapping (not writing the images)."""
+    NaN poses/intrinsics. ``points`` are the model's 3D points (N, 3), ``reprojection_error_px`` their
+    mean reprojection error (NaN without a model). ``time_s`` covers feature extraction, matching and
+    mapping (not writing the images)."""
 
     cam_from_world: torch.Tensor  # (S, 3, 4) float64
     intrinsics: torch.Tensor  # (S, 3, 3) float64, integer-centre convention
@@ -34,6 +35,7 @@ class SfmResult:
     points: torch.Tensor  # (N, 3) float64
     num_models: int
     time_s: float
+    reprojection_error_px: float = math.nan
 
 
 def run_sift_baseline(
@@ -93,6 +95,7 @@ def run_sift_baseline(
     ks = torch.full((s, 3, 3), math.nan, dtype=torch.float64)
     registered = torch.zeros(s, dtype=torch.bool)
     points = torch.zeros(0, 3, dtype=torch.float64)
+    reprojection_error = math.nan
     if models:
         best = max(models.values(), key=lambda rec: rec.num_reg_images())
         index = {name: i for i, name in enumerate(names)}
@@ -105,7 +108,10 @@ def run_sift_baseline(
             ks[i] = torch.from_numpy(best.cameras[image.camera_id].calibration_matrix())
         if best.num_points3D():
             points = torch.from_numpy(np.stack([p.xyz for p in best.points3D.values()]))
-    return SfmResult(poses, intrinsics_from_colmap(ks), registered, points, len(models), elapsed)
+            reprojection_error = best.compute_mean_reprojection_error()
+    return SfmResult(
+        poses, intrinsics_from_colmap(ks), registered, points, len(models), elapsed, reprojection_error
+    )
 
 
 def evaluate_sift_baseline(gt: RenderedViews, seed: int = -1, **kwargs) -> SceneResult:
