@@ -37,7 +37,14 @@ from accuracy import machine_description  # benchmarks/accuracy.py (this script'
 from PIL import Image
 
 from speed3r_sfm.data.colmap_dataset import to_uint8_image
-from speed3r_sfm.data.synthetic import HELDOUT_SEED_START, RenderedViews, render_scene
+from speed3r_sfm.data.synthetic import (
+    HELDOUT_SEED_START,
+    RenderedViews,
+    make_cameras,
+    make_scene,
+    render_scene,
+    render_views,
+)
 from speed3r_sfm.eval.evaluate import evaluate_reconstruction
 from speed3r_sfm.eval.sift_baseline import run_sift_baseline
 from speed3r_sfm.geometry import resize_intrinsics
@@ -84,11 +91,55 @@ def load_scene(seed: int, args: argparse.Namespace) -> RenderedViews:
     return views
 
 
+def write_images(views: RenderedViews, seed: int, folder: Path, args: argparse.Namespace) -> None:
+    """The scene's image files: the cached render upscaled ``--upscale`` times (bicubic), or rendered
+    ``--render-scale`` times larger, one view at a time (sharp detail at that size; the files are cached
+    beside the tensors, since the larger tensors would not fit)."""
+    suffix = ".jpg" if args.image_format == "jpg" else ".png"
+    if args.render_scale > 1:
+        k = args.render_scale
+        name = f"scene{seed}_{args.trajectory}_{args.views}v_{args.height}x{args.width}_ss{args.supersample}"
+        cached = Path(args.cache) / f"{name}_x{k}_{args.image_format}"
+        if not cached.is_dir():
+            start = time.perf_counter()
+            scene = make_scene(seed).to("cuda" if torch.cuda.is_available() else "cpu")
+            height, width = args.height * k, args.width * k
+            intrinsics, poses = make_cameras(scene, args.views, height, width, args.trajectory)
+            partial = cached.with_name(cached.name + ".partial")
+            partial.mkdir(parents=True, exist_ok=True)
+            for i in range(args.views):
+                k_i, pose_i = intrinsics[i : i + 1], poses[i : i + 1]
+                view = render_views(scene, k_i, pose_i, height, width, supersample=args.supersample)
+                _save(Image.fromarray(to_uint8_image(view.images[0])), partial / f"{i:05d}{suffix}")
+            partial.rename(cached)
+            print(f"rendered scene {seed} at {width}x{height} in {time.perf_counter() - start:.0f} s")
+        for path in sorted(cached.iterdir()):
+            (folder / path.name).symlink_to(path.resolve())
+        return
+    for i in range(views.images.shape[0]):
+        image = Image.fromarray(to_uint8_image(views.images[i]))
+        if args.upscale > 1:
+            image = image.resize((image.width * args.upscale, image.height * args.upscale), Image.BICUBIC)
+        _save(image, folder / f"{i:05d}{suffix}")
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    if path.suffix == ".jpg":
+        image.save(path, quality=92)  # a typical camera setting
+    else:
+        image.save(path)
+
+
+def image_scale(args: argparse.Namespace) -> int:
+    """How many times larger than the cached render the image files are."""
+    return args.upscale * args.render_scale
+
+
 def build_model(method: str, views: RenderedViews, args: argparse.Namespace, seed: int):
     """(model, attention) for a method name."""
     s, _, h, w = views.images.shape
     if method in ("oracle", "oracle-gsa"):
-        k = args.upscale
+        k = image_scale(args)
         oracle = SceneOracle(
             resize_intrinsics(views.intrinsics.double(), (h, w), (h * k, w * k)),
             views.cam_from_world,
@@ -212,16 +263,7 @@ def run(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
             folder = Path(tmp) / "images"
             folder.mkdir()
-            for i in range(views.images.shape[0]):
-                image = Image.fromarray(to_uint8_image(views.images[i]))
-                if args.upscale > 1:
-                    image = image.resize(
-                        (image.width * args.upscale, image.height * args.upscale), Image.BICUBIC
-                    )
-                if args.image_format == "jpg":
-                    image.save(folder / f"{i:05d}.jpg", quality=92)  # a typical camera setting
-                else:
-                    image.save(folder / f"{i:05d}.png")
+            write_images(views, seed, folder, args)
             for method in args.methods:
                 if method == "sift":
                     row = evaluate_sift(views, folder, args, seed)
@@ -320,6 +362,13 @@ def _fmt(value, pattern="{:.3f}") -> str:
     return pattern.format(value)
 
 
+def _size_note(settings: dict) -> str:
+    if settings.get("render_scale", 1) > 1:
+        k = settings["render_scale"]
+        return f"rendered {k}x larger ({settings['width'] * k}x{settings['height'] * k}, sharp)"
+    return f"written {settings['upscale']}x larger (bicubic)"
+
+
 def write(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -347,8 +396,8 @@ def write(report: dict, out: Path) -> None:
         f"before/after: {load} (other jobs shared the 2 cores; wall-clock timings are noisy).",
         "",
         f"Scenes: seeds {st['seeds']}, {st['trajectory']} trajectory, {st['views']} views at "
-        f"{st['width']}x{st['height']} (supersample {st['supersample']}), written {st['upscale']}x larger "
-        f"(bicubic), as {st.get('image_format', 'png').upper()}. Oracle noise: "
+        f"{st['width']}x{st['height']} (supersample {st['supersample']}), {_size_note(st)}, as "
+        f"{st.get('image_format', 'png').upper()}. Oracle noise: "
         f"{st['rotation_noise']} deg per rotation axis, {st['translation_noise']} m on camera centres. "
         f"Cameras: ours {st.get('camera', 'per-image')} intrinsics, the SIFT baseline one shared camera. "
         "Generated by `benchmarks/pipeline_synthetic.py`.",
@@ -418,6 +467,12 @@ def main() -> None:
     parser.add_argument(
         "--upscale", type=int, default=1, help="write the images this many times larger (bicubic)"
     )
+    parser.add_argument(
+        "--render-scale",
+        type=int,
+        default=1,
+        help="render the images this many times larger (sharp detail; instead of --upscale)",
+    )
     parser.add_argument("--image-format", default="png", choices=["png", "jpg"], help="jpg: quality 92")
     parser.add_argument("--trajectory", default="orbit")
     parser.add_argument("--rotation-noise", type=float, default=1.25)
@@ -435,7 +490,10 @@ def main() -> None:
     parser.add_argument("--sift-threads", type=int, default=-1)
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
     parser.add_argument("--out", default="benchmarks/results/pipeline_synthetic")
-    run(parser.parse_args())
+    args = parser.parse_args()
+    if args.upscale > 1 and args.render_scale > 1:
+        parser.error("--upscale and --render-scale exclude each other")
+    run(args)
 
 
 if __name__ == "__main__":
