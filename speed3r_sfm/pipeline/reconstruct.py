@@ -88,7 +88,7 @@ class PipelineOptions:
     # ...but at least this fraction of the original's: 0.45 px of sub-pixel error on the work copy stays
     # within 1 px of the original (a 4144 x 3136 photo: 1.1-1.4 px mean reprojection error at 1600)
     min_work_scale: float = 0.5
-    no_ba_max_reproj_error: float = 16.0  # pixels, point filter when ba=False
+    no_ba_max_reproj_error: float = 16.0  # work pixels, point filter when ba=False
 
 
 @dataclass

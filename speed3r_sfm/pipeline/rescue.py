@@ -37,7 +37,8 @@ from .tracks import connected_components
 class RescueOptions:
     """``enabled``: match again when views were de-registered as weakly linked, up to ``max_rounds`` times
     while that registers more views; ``min_inliers``: PnP inliers a view needs to be re-posed;
-    ``max_error``: PnP RANSAC threshold (original pixels, scaled like the bundle adjustment thresholds);
+    ``max_error``: PnP RANSAC threshold (work pixels, as the matching measures them; the view's
+    observations then pass the bundle adjustment's filter in original pixels);
     ``move_weak_group``: also move the views of a weak group that PnP cannot pose along with the group's
     best re-posed view (registers more views, but on one held-out orbit with one camera per image it
     sometimes registered views 6-20 degrees off; off by default, later rounds pose them by PnP instead)."""
