@@ -67,9 +67,8 @@ class MatchOptions:
     depth_tolerance: float = 0.1  # relative depth agreement between the projection and view j's depth
     affine_step: float = 2.0  # finite-difference step for the local affine map
     time_limit: float | None = None  # seconds for the refinement; remaining view pairs are skipped
-    track_verification: bool = (
-        True  # also check the refined matches with the track head, if the model has one
-    )
+    # also check the refined matches with the track head, if the model has one
+    track_verification: bool = True
     track_tolerance: float = 8.0  # model pixels between the track and the refined match
     min_track_visibility: float = 0.2  # upstream demo_colmap.py's --vis_thresh
     refine: RefineOptions = field(default_factory=RefineOptions)

@@ -192,6 +192,8 @@ def run_pipeline(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
         grays = [v.gray() for v in views]
+        # original pixels per work pixel: losses are in work pixels, COLMAP's thresholds in original ones
+        pixel_scale = max(o / w for v in views for o, w in zip(v.original_size, v.work_size, strict=True))
         stages.done("read images")
 
         # 2. backbone: cameras, depth, confidence and (GSA) attention records, in one call or per chunk
@@ -237,12 +239,15 @@ def run_pipeline(
             ba=ba,
             camera_model=camera_model,
             shared_camera=shared_camera,
+            pixel_scale=pixel_scale,
         )
         adjusted = adjust(geometry, stages=stages)
         rescue: dict[str, Any] = {"rounds": []}
         if adjusted.dropped and options.rescue.enabled:
             stages.add_stage("rescuing weakly linked views")
-            adjusted, rescue = _rescue_weak_views(adjusted, geometry, adjust, views, options.rescue)
+            adjusted, rescue = _rescue_weak_views(
+                adjusted, geometry, adjust, views, options.rescue, pixel_scale
+            )
             stages.done("rescue")
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
@@ -310,7 +315,6 @@ class _Adjusted:
     initial_points: int
     ba_rounds: list[dict]
     dropped: list[int]  # image ids de-registered as weakly linked
-    pixel_scale: float
 
 
 def _match_and_adjust(
@@ -326,6 +330,7 @@ def _match_and_adjust(
     ba: bool,
     camera_model: str,
     shared_camera: bool,
+    pixel_scale: float,
     stages: _Stages | None = None,
     carried: tuple[Matches, list[int]] | None = None,
 ) -> _Adjusted:
@@ -356,7 +361,6 @@ def _match_and_adjust(
 
     # 6. bundle adjustment, filtering, re-triangulation
     start("bundle adjustment")
-    pixel_scale = max(max(o / w for o, w in zip(v.original_size, v.work_size, strict=True)) for v in views)
     ba_rounds: list[dict] = []
     if ba:
         triangulator = pycolmap.IncrementalTriangulator(graph, rec, manager)
@@ -378,7 +382,6 @@ def _match_and_adjust(
         initial_points,
         ba_rounds,
         dropped,
-        pixel_scale,
     )
 
 
@@ -388,6 +391,7 @@ def _rescue_weak_views(
     adjust: Callable[..., _Adjusted],
     views: list,
     options: RescueOptions,
+    pixel_scale: float,
 ) -> tuple[_Adjusted, dict[str, Any]]:
     """Rounds of :func:`~.rescue.rescued_geometry` and steps 4-6 again (``adjust``), keeping the weak views'
     earlier matches, while that registers more views; the best result and the report entry."""
@@ -401,7 +405,7 @@ def _rescue_weak_views(
             adjusted.points2d,
             adjusted.dropped,
             options,
-            adjusted.pixel_scale,
+            pixel_scale,
         )
         if rescued is None:
             break
