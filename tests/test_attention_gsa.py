@@ -18,7 +18,8 @@ from speed3r_sfm.attention import (
 from speed3r_sfm.attention.blocks import BlockGeometry
 from speed3r_sfm.attention.lse import merge_by_lse
 from speed3r_sfm.attention.reference import reference_gsa, reference_selection_mask
-from speed3r_sfm.attention.selection import Selection
+from speed3r_sfm.attention.selection import Selection, kv_block_lists
+from speed3r_sfm.attention.sparse_gather import gather_block_attention
 from speed3r_sfm.models.layers.block import Block
 
 # (views, tokens per view, special tokens, block, compression block, query block, top_k)
@@ -66,6 +67,30 @@ def test_gather_path_matches_reference(layout, per_head, own_view):
     assert torch.equal(record["selected_blocks"].long(), selection.blocks)
     torch.testing.assert_close(record["selected_scores"], selection.scores, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(record["block_importance"], selection.importance, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_gather_path_in_many_chunks_matches_reference(grad):
+    """Chunks of 5 of the 12 query blocks: the reused gather buffers (inference) and the fresh copies
+    (autograd) give the selection-branch output in every chunk, the last (shorter) one included."""
+    layout = LAYOUTS[0]
+    config = _config(layout, backend="gather")
+    module = _module(config, random_gate=True)
+    q, k, v = _inputs(layout)
+    geom = BlockGeometry.from_layout(ViewLayout(*layout[:3]), config.block_size, config.query_block_size)
+    _, selection = reference_gsa(q, k, v, ViewLayout(*layout[:3]), config, module.gate)
+    ids, valid = kv_block_lists(geom, selection, config.include_own_view)
+    assert geom.num_query_blocks == 12
+    one_block = q.shape[0] * q.shape[1] * ids.shape[-1] * config.block_size * q.shape[-1]
+    mask = reference_selection_mask(ViewLayout(*layout[:3]), 8, 16, selection.blocks, True)
+    scale = q.shape[-1] ** -0.5
+    logits = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(logits, -1) @ v
+    q, k_r, v_r = q.clone().requires_grad_(grad), geom.relayout(k), geom.relayout(v)
+    with torch.set_grad_enabled(grad):
+        out = gather_block_attention(q, k_r, v_r, geom, ids, valid, scale, chunk_elements=5 * one_block)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert out.requires_grad == grad
 
 
 def test_training_free_output_is_the_selection_branch():

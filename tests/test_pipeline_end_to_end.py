@@ -369,6 +369,30 @@ def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):
     assert pycolmap.Reconstruction(tmp_path / "tiny" / "sparse" / "0").num_images() == VIEWS
 
 
+def test_gsa_without_guidance_runs_gsa_and_matches_geometrically(scene_data):
+    """A model whose selection should not guide (``gsa_guidance`` False): GSA in the forward pass, no records
+    asked for, texture keypoints and geometric view pairs, and the report says so."""
+    from speed3r_sfm.pipeline.backbone import load_backbone
+
+    torch.manual_seed(0)
+    attention = AttentionConfig(
+        kind="gsa", block_size=8, query_block_size=16, compression_block_size=16, top_k=4
+    )
+    model = VGGT(VGGTConfig.preset("tiny", attention=attention, enable_track=False))
+    model.gsa_guidance = False
+    backbone = load_backbone(model, "auto", "cpu")
+    assert backbone.attention == "gsa" and not backbone.guided
+    assert backbone.predict(torch.rand(1, 2, 3, 56, 84)).attention is None
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="gsa")
+    report = result.report
+    assert report["attention"] == "gsa" and report["gsa_guidance"] is False
+    assert report["gsa_records"] is None and report["counts"]["keypoints"] > 0
+    assert "(texture keypoints)" in pipeline_cli.summary_text(result)
+    model.gsa_guidance = True
+    guided = run_pipeline(scene_data["folder"], None, model=model, attention="gsa").report
+    assert guided["gsa_guidance"] is True and guided["gsa_records"]["layers"] == 4
+
+
 def test_default_model_runs_dense_and_gsa():
     from speed3r_sfm.pipeline.backbone import load_backbone
 
@@ -378,14 +402,14 @@ def test_default_model_runs_dense_and_gsa():
         prediction = backbone.predict(torch.rand(1, 3, 3, height, width))
         assert prediction.depth.shape == (1, 3, height, width)
         assert torch.isfinite(prediction.cam_from_world).all()
-        assert (prediction.attention is not None) == (attention == "gsa")
-        assert backbone.attention == attention
+        assert prediction.attention is None  # its GSA selection does not guide (sidecar: gsa_guidance)
+        assert backbone.attention == attention and not backbone.guided
         assert prediction.extras["descriptors"].shape[:2] == (1, 3)  # token poses need them either way
 
 
 def test_auto_attention_follows_the_model(tmp_path):
-    """ "auto": the shipped default declares dense (its GSA selection is untrained); a GSA module or GSA
-    weights without that declaration run GSA; dense ones dense."""
+    """ "auto": the shipped default declares GSA without guidance (its GSA selection is untrained); a GSA
+    module or GSA weights without a declaration run GSA with guidance; dense ones dense."""
     import json
     import shutil
 
@@ -393,8 +417,10 @@ def test_auto_attention_follows_the_model(tmp_path):
     from speed3r_sfm.models.vggt import VGGT, VGGTConfig
     from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
 
-    assert json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())["pipeline_attention"] == "dense"
-    assert load_backbone("default", attention="auto", device="cpu").attention == "dense"
+    sidecar = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert sidecar["pipeline_attention"] == "gsa" and sidecar["gsa_guidance"] is False
+    default = load_backbone("default", attention="auto", device="cpu")
+    assert default.attention == "gsa" and not default.guided
     gsa = AttentionConfig(kind="gsa", block_size=16, query_block_size=32, compression_block_size=16, top_k=8)
     gsa_module = VGGT(VGGTConfig.preset("tiny", enable_track=False, attention=gsa))
     assert load_backbone(gsa_module, "auto", "cpu").attention == "gsa"
@@ -404,10 +430,10 @@ def test_auto_attention_follows_the_model(tmp_path):
     # exported GSA weights that declare nothing run as stored
     shutil.copy(DEFAULT_WEIGHTS, tmp_path / "m.safetensors")
     meta = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
-    del meta["pipeline_attention"]
+    del meta["pipeline_attention"], meta["gsa_guidance"]
     (tmp_path / "m.json").write_text(json.dumps(meta))
     backbone = load_backbone(str(tmp_path / "m.safetensors"), "auto", "cpu")
-    assert backbone.attention == "gsa"
+    assert backbone.attention == "gsa" and backbone.guided
     assert backbone.predict(torch.rand(1, 2, 3, 224, 294)).attention is not None
 
 

@@ -11,9 +11,11 @@
 
 The rest of the pipeline only sees a :class:`Backbone`: a ``predict`` function and the
 :class:`~speed3r_sfm.pipeline.inputs.Preprocessing` the backbone expects; it never branches on the
-architecture. The preprocessing comes from the model's ``preprocessing`` attribute when it has one, else
-from the backbone's config (VGGT: ``crop`` at its ``img_size``; π³: ``pixel_limit``), and can be
-overridden by the caller.
+architecture. With GSA, the model's attention records guide keypoints and matching unless the model says
+its block selection should not (``gsa_guidance`` in an exported model's sidecar, or a module attribute of
+that name; :attr:`Backbone.guided`). The preprocessing comes from the model's ``preprocessing`` attribute
+when it has one, else from the backbone's config (VGGT: ``crop`` at its ``img_size``; π³: ``pixel_limit``),
+and can be overridden by the caller.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Backbone:
     device: torch.device
     module: nn.Module | None = None  # the network, when the model is one (its token encoder groups views)
     attention: Literal["gsa", "dense"] = "gsa"  # what it runs (``"auto"`` resolved)
+    # its GSA records guide keypoints and matching; False: GSA only makes the forward pass cheaper and the
+    # pipeline uses texture keypoints and geometric view pairs, as with dense attention
+    guided: bool = True
     # ``predict`` plus ``extras["tracker"]`` (models with a track head, e.g. VGGT-1B); None without one
     predict_with_tracker: Callable[[torch.Tensor], Prediction] | None = None
 
@@ -93,17 +98,26 @@ def load_backbone(
             attention = "gsa" if uses_gsa(model) else "dense"
         model = model.to(dev).eval()
         spec = preprocessing or preprocessing_of(model)
-        predict = _module_predict(model, attention == "gsa", dev)
+        guided = attention == "gsa" and bool(getattr(model, "gsa_guidance", True))
+        predict = _module_predict(model, guided, dev)
         with_tracker = None
         if getattr(model, "track_head", None) is not None and _accepts(model, "with_tracker"):
-            with_tracker = _module_predict(model, attention == "gsa", dev, tracker=True)
+            with_tracker = _module_predict(model, guided, dev, tracker=True)
         return Backbone(
-            predict, spec, name, dev, module=model, attention=attention, predict_with_tracker=with_tracker
+            predict,
+            spec,
+            name,
+            dev,
+            module=model,
+            attention=attention,
+            guided=guided,
+            predict_with_tracker=with_tracker,
         )
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         kind = "gsa" if attention == "auto" else attention  # a callable exports records or it does not
-        return Backbone(model, spec, getattr(model, "name", name), dev, attention=kind)
+        guided = kind == "gsa" and bool(getattr(model, "gsa_guidance", True))
+        return Backbone(model, spec, getattr(model, "name", name), dev, attention=kind, guided=guided)
     raise TypeError(
         f"model must be 'default', a Hub id, a checkpoint path, an nn.Module with predict() or a callable "
         f"returning a Prediction; got {type(model).__name__}"
@@ -205,6 +219,7 @@ def _load_exported_model(
     module = load_exported(path, attention=wanted)
     if "preprocessing" in meta:  # the input size the weights were trained at
         module.preprocessing = Preprocessing(**meta["preprocessing"])
+    module.gsa_guidance = bool(meta.get("gsa_guidance", True))
     return module, name, attention
 
 

@@ -202,7 +202,6 @@ def run_pipeline(
             backbone,
             model_images,
             [v.name for v in views],
-            attention,
             _ChunkOptions(chunk_size, chunk_overlap, ordered, chunk_h5),
             with_tracker=options.matching.track_verification,
         )
@@ -211,7 +210,7 @@ def run_pipeline(
         head_poses = geometry.cam_from_world.clone()
         pose_source = apply_token_poses(geometry, prediction, options.token_poses)
         tracker = prediction.extras.get("tracker")
-        if attention == "gsa" and summary is None:
+        if backbone.guided and summary is None:
             logger.warning("the model exported no GSA records: texture-based keypoints, geometric view pairs")
         del prediction
         stages.done("model")
@@ -459,7 +458,6 @@ def _run_backbone(
     backbone: Backbone,
     model_images: torch.Tensor,
     names: list[str],
-    attention: AttentionKind,
     chunk: _ChunkOptions,
     with_tracker: bool = False,
 ) -> tuple[Prediction, AttentionSummary | None, dict[str, Any] | None]:
@@ -471,12 +469,12 @@ def _run_backbone(
             logger.info("%d views fit in one pass: the chunk file %s is not used", len(names), chunk.h5)
         predict = (with_tracker and backbone.predict_with_tracker) or backbone.predict
         prediction = predict(model_images[None].to(backbone.device))
-        summary = summarize_records(prediction.attention, len(names)) if attention == "gsa" else None
+        summary = summarize_records(prediction.attention, len(names)) if backbone.guided else None
         return prediction, summary, None
     overlap = chunk.overlap if chunk.overlap is not None else max(1, size // 4)
     if overlap >= size:
         raise ValueError(f"chunk_overlap ({overlap}) must be smaller than the chunk size ({size})")
-    return _predict_in_chunks(backbone, model_images, names, attention, size, overlap, chunk)
+    return _predict_in_chunks(backbone, model_images, names, size, overlap, chunk)
 
 
 def _chunk_plan(
@@ -507,7 +505,6 @@ def _predict_in_chunks(
     backbone: Backbone,
     model_images: torch.Tensor,
     names: list[str],
-    attention: AttentionKind,
     size: int,
     overlap: int,
     chunk: _ChunkOptions,
@@ -529,12 +526,12 @@ def _predict_in_chunks(
         num_views=len(names),
         chunks=chunks,
         keep_maps=("depth", "depth_conf"),  # what SceneGeometry uses
-        keep_attention=attention == "gsa",
+        keep_attention=backbone.guided,
         view_names=names,
     )
     extras = prediction.extras
     summary = None
-    if attention == "gsa":
+    if backbone.guided:
         summary = merge_chunk_summaries(extras["chunk_attention"], chunks, len(names))
     report = {
         "chunk_size": size,

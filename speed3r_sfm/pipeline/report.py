@@ -60,6 +60,7 @@ def build_report(
         "device": str(backbone.device),
         "preprocessing": asdict(backbone.preprocessing),
         "attention": attention,
+        "gsa_guidance": backbone.guided,  # the GSA records chose keypoints and view pairs
         "gsa_records": gsa,
         "images": {
             "used": len(views),

@@ -278,8 +278,9 @@ def _unproject(depth: torch.Tensor, cam_from_world: torch.Tensor, intrinsics: to
     x = (u - k[..., 0, 2]) / k[..., 0, 0] * depth
     y = (v - k[..., 1, 2]) / k[..., 1, 1] * depth
     camera_points = torch.stack([x, y, depth], dim=-1)
-    rotation, translation = cam_from_world[..., None, None, :, :3], cam_from_world[..., None, None, :, 3]
-    return ((camera_points - translation).unsqueeze(-2) @ rotation).squeeze(-2)
+    rotation, translation = cam_from_world[..., :3], cam_from_world[..., None, None, :, 3]
+    # Rᵀ(x - t) of every pixel as rows (x - t) R: one (H·W, 3) @ (3, 3) product per view
+    return ((camera_points - translation).flatten(-3, -2) @ rotation).view_as(camera_points)
 
 
 def _camera_depth(world_points: torch.Tensor, cam_from_world: torch.Tensor) -> torch.Tensor:
