@@ -2,8 +2,8 @@
 trees (e.g. before and after a change: ``git worktree add /tmp/old COMMIT``).
 
 Each (tree, attention, views) measurement runs in a fresh subprocess (``torch.set_num_threads(--threads)``,
-one warm-up at 4 views, then ``--repeats`` timed ``predict`` calls on random images at the model's input
-size, median kept); the trees alternate so that both see the same machine load.
+one warm-up at 4 views, then ``--repeats`` timed ``model.predict`` calls, without GSA records, on random
+images at the model's input size, median kept); the trees alternate so that both see the same machine load.
 
     python benchmarks/default_model_cpu_forward.py --trees /tmp/old . --views 24 48 96 \
         --out benchmarks/results/default_model_cpu_forward
@@ -33,11 +33,12 @@ size = backbone.preprocessing.target_size
 height = round(size * 3 / 4 / 14) * 14  # a 4:3 photo, cropped as the pipeline does
 images = torch.rand(1, views, 3, height, size, generator=torch.Generator().manual_seed(0))
 times = []
+model = backbone.module  # its predict() without GSA records: the same work in every tree
 with torch.inference_mode():
-    backbone.predict(images[:, :4])
+    model.predict(images[:, :4])
     for _ in range(repeats):
         start = time.perf_counter()
-        backbone.predict(images)
+        model.predict(images)
         times.append(time.perf_counter() - start)
 print(json.dumps({"times_s": times, "input": [height, size]}))
 """

@@ -441,7 +441,8 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
     )
     meta = json.loads(sidecar(written).read_text())
     meta["preprocessing"] = previous["preprocessing"]
-    for key in ("pipeline_attention", "pipeline_attention_why"):  # reconstruct(attention="auto")
+    # what reconstruct(attention="auto") runs, and whether the GSA records guide matching
+    for key in ("pipeline_attention", "pipeline_attention_why", "gsa_guidance", "gsa_guidance_why"):
         if key in previous:
             meta[key] = previous[key]
     sidecar(written).write_text(json.dumps(meta, indent=2) + "\n")
@@ -472,9 +473,12 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
         "- Shipped as GSA with the gates at their training-free init (`info.gsa` in `default.json`),"
         f" exporting the patch tokens of aggregator layer {model.config.descriptor_layer} as match"
         " descriptors (`descriptor_layer`): the pipeline computes its poses from them and the predicted depth"
-        " (`speed3r_sfm/pipeline/token_poses.py`). Its sidecar declares `pipeline_attention: dense`, so"
-        ' `reconstruct(attention="auto")` runs it dense: its GSA selection is untrained, and matching'
-        " guided by those records failed where geometric view pairs succeed.",
+        " (`speed3r_sfm/pipeline/token_poses.py`). Its sidecar declares `pipeline_attention:"
+        f" {meta.get('pipeline_attention', 'gsa')}` and `gsa_guidance:"
+        f" {str(meta.get('gsa_guidance', True)).lower()}`"
+        ' (what `reconstruct(attention="auto")` runs, and whether the GSA records choose keypoints and view'
+        " pairs): its GSA selection is untrained, and matching guided by those records failed where"
+        " geometric view pairs succeed.",
         "",
         "## Accuracy (held-out synthetic scenes, `benchmarks/train_default.py evaluate --candidate pose`)",
         "",

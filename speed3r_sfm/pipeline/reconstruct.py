@@ -125,9 +125,10 @@ def reconstruct(
     """Reconstruct the images of ``image_dir``; writes a COLMAP project to ``output_dir`` if given.
 
     ``model``: "default" (the shipped weights), a Hub id, a checkpoint path, a built backbone module or a
-    callable returning a ``Prediction``; ``attention``: "gsa" (keypoints and matches from GSA records),
-    "dense" (texture keypoints, view pairs from the predicted geometry) or "auto" (the model's own choice:
-    dense for the shipped default, whose GSA selection is untrained; GSA for official checkpoints);
+    callable returning a ``Prediction``; ``attention``: "gsa" (keypoints and matches from GSA records,
+    unless the model declares its selection unfit to guide: ``Backbone.guided``), "dense" (texture
+    keypoints, view pairs from the predicted geometry) or "auto" (the model's own choice: GSA for official
+    checkpoints; GSA without record guidance for the shipped default, whose selection is untrained);
     ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS`` (distortion starts at zero and is
     refined in BA); ``shared_camera``: one camera for all images (they
     must have one size). Long sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on
