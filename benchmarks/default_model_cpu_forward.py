@@ -5,8 +5,8 @@ Each (tree, attention, views) measurement runs in a fresh subprocess (``torch.se
 one warm-up at 4 views, then ``--repeats`` timed ``model.predict`` calls, without GSA records, on random
 images at the model's input size, median kept); the trees alternate so that both see the same machine load.
 
-    python benchmarks/default_model_cpu_forward.py --trees /tmp/old . --views 24 48 96 \
-        --out benchmarks/results/default_model_cpu_forward
+    python benchmarks/default_model_cpu_forward.py --trees /tmp/old . --labels before after \
+        --views 24 48 96 --out benchmarks/results/default_model_cpu_forward
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def measure(tree: Path, attention: str, views: int, repeats: int, threads: int) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trees", nargs="+", default=["."], help="code trees (one or two)")
+    p.add_argument("--labels", nargs="+", default=None, help="names of the trees in the table")
     p.add_argument("--views", type=int, nargs="+", default=[24, 48, 96])
     p.add_argument("--attention", nargs="+", default=["dense", "gsa"])
     p.add_argument("--repeats", type=int, default=2)
@@ -61,6 +62,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     args = p.parse_args()
     trees = [Path(t) for t in args.trees]
+    if args.labels is not None and len(args.labels) != len(trees):
+        p.error("--labels needs one name per tree")
     rows = []
     for views in args.views:
         for attention in args.attention:
@@ -78,10 +81,11 @@ def main() -> None:
     }
     if args.out:
         Path(args.out).with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        Path(args.out).with_suffix(".md").write_text(markdown(meta, rows, trees))
+        labels = dict(zip(map(str, trees), args.labels or map(str, trees), strict=True))
+        Path(args.out).with_suffix(".md").write_text(markdown(meta, rows, trees, labels))
 
 
-def markdown(meta: dict, rows: list[dict], trees: list[Path]) -> str:
+def markdown(meta: dict, rows: list[dict], trees: list[Path], labels: dict[str, str]) -> str:
     def cell(tree: Path, attention: str, views: int) -> float:
         match = [r for r in rows if (r["tree"], r["attention"], r["views"]) == (str(tree), attention, views)]
         return match[0]["median_s"] if match else float("nan")
@@ -96,7 +100,7 @@ def markdown(meta: dict, rows: list[dict], trees: list[Path]) -> str:
         f"Input {rows[0]['input'][0]}x{rows[0]['input'][1]} per view, random images; median of the timed "
         "runs, each measurement in a fresh process.",
         "",
-        "| views | " + " | ".join(f"{a} ({t})" for t, a in columns) + " |",
+        "| views | " + " | ".join(f"{a} ({labels[str(t)]})" for t, a in columns) + " |",
         "|---:|" + "---:|" * len(columns),
     ]
     for n in views:

@@ -408,8 +408,9 @@ def test_default_model_runs_dense_and_gsa():
 
 
 def test_auto_attention_follows_the_model(tmp_path):
-    """ "auto": the shipped default declares GSA without guidance (its GSA selection is untrained); a GSA
-    module or GSA weights without a declaration run GSA with guidance; dense ones dense."""
+    """ "auto": the shipped default declares dense, and that its GSA records must not guide (its selection
+    is untrained); a GSA module or GSA weights without a declaration run GSA with guidance; dense ones
+    dense."""
     import json
     import shutil
 
@@ -418,9 +419,11 @@ def test_auto_attention_follows_the_model(tmp_path):
     from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
 
     sidecar = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
-    assert sidecar["pipeline_attention"] == "gsa" and sidecar["gsa_guidance"] is False
+    assert sidecar["pipeline_attention"] == "dense" and sidecar["gsa_guidance"] is False
     default = load_backbone("default", attention="auto", device="cpu")
-    assert default.attention == "gsa" and not default.guided
+    assert default.attention == "dense" and not default.guided
+    default_gsa = load_backbone("default", attention="gsa", device="cpu")
+    assert default_gsa.attention == "gsa" and not default_gsa.guided
     gsa = AttentionConfig(kind="gsa", block_size=16, query_block_size=32, compression_block_size=16, top_k=8)
     gsa_module = VGGT(VGGTConfig.preset("tiny", enable_track=False, attention=gsa))
     assert load_backbone(gsa_module, "auto", "cpu").attention == "gsa"
