@@ -383,6 +383,9 @@ def test_gsa_without_guidance_runs_gsa_and_matches_geometrically(scene_data):
     backbone = load_backbone(model, "auto", "cpu")
     assert backbone.attention == "gsa" and not backbone.guided
     assert backbone.predict(torch.rand(1, 2, 3, 56, 84)).attention is None
+    cpu = torch.device("cpu")
+    assert not Backbone(backbone.predict, backbone.preprocessing, "m", cpu, attention="dense").guided
+    assert Backbone(backbone.predict, backbone.preprocessing, "m", cpu, attention="gsa").guided
     result = run_pipeline(scene_data["folder"], None, model=model, attention="gsa")
     report = result.report
     assert report["attention"] == "gsa" and report["gsa_guidance"] is False

@@ -62,11 +62,16 @@ class Backbone:
     device: torch.device
     module: nn.Module | None = None  # the network, when the model is one (its token encoder groups views)
     attention: Literal["gsa", "dense"] = "gsa"  # what it runs (``"auto"`` resolved)
-    # its GSA records guide keypoints and matching; False: GSA only makes the forward pass cheaper and the
-    # pipeline uses texture keypoints and geometric view pairs, as with dense attention
-    guided: bool = True
+    # the model's GSA records may guide keypoints and matching; False: GSA only makes the forward pass
+    # cheaper and the pipeline uses texture keypoints and geometric view pairs, as with dense attention
+    gsa_guidance: bool = True
     # ``predict`` plus ``extras["tracker"]`` (models with a track head, e.g. VGGT-1B); None without one
     predict_with_tracker: Callable[[torch.Tensor], Prediction] | None = None
+
+    @property
+    def guided(self) -> bool:
+        """GSA records choose keypoints and view pairs (and ``predict`` asks the model for them)."""
+        return self.attention == "gsa" and self.gsa_guidance
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -98,11 +103,12 @@ def load_backbone(
             attention = "gsa" if uses_gsa(model) else "dense"
         model = model.to(dev).eval()
         spec = preprocessing or preprocessing_of(model)
-        guided = attention == "gsa" and bool(getattr(model, "gsa_guidance", True))
-        predict = _module_predict(model, guided, dev)
+        guidance = bool(getattr(model, "gsa_guidance", True))
+        records = attention == "gsa" and guidance  # Backbone.guided: ask the model for its GSA records
+        predict = _module_predict(model, records, dev)
         with_tracker = None
         if getattr(model, "track_head", None) is not None and _accepts(model, "with_tracker"):
-            with_tracker = _module_predict(model, guided, dev, tracker=True)
+            with_tracker = _module_predict(model, records, dev, tracker=True)
         return Backbone(
             predict,
             spec,
@@ -110,14 +116,14 @@ def load_backbone(
             dev,
             module=model,
             attention=attention,
-            guided=guided,
+            gsa_guidance=guidance,
             predict_with_tracker=with_tracker,
         )
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         kind = "gsa" if attention == "auto" else attention  # a callable exports records or it does not
-        guided = kind == "gsa" and bool(getattr(model, "gsa_guidance", True))
-        return Backbone(model, spec, getattr(model, "name", name), dev, attention=kind, guided=guided)
+        guidance = bool(getattr(model, "gsa_guidance", True))
+        return Backbone(model, spec, getattr(model, "name", name), dev, attention=kind, gsa_guidance=guidance)
     raise TypeError(
         f"model must be 'default', a Hub id, a checkpoint path, an nn.Module with predict() or a callable "
         f"returning a Prediction; got {type(model).__name__}"

@@ -46,8 +46,8 @@ def reconstruct_command(
         output: project folder to create (sparse/0, database.db, points.ply, report.json); -o for short.
         model: "default", a Hugging Face Hub id (facebook/VGGT-1B, yyfz233/Pi3) or a checkpoint path.
         attention: "gsa" (sparse attention; its records guide keypoints and matches unless the model
-            declares them untrained), "dense", or "auto" (the model's own: GSA for official checkpoints and
-            for the shipped default, whose records do not guide).
+            declares them untrained, as the shipped default does), "dense", or "auto" (the model's own:
+            dense for the shipped default, GSA for official checkpoints).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         ba: run bundle adjustment.
         camera_model: COLMAP camera model; distortion starts at zero and is refined by bundle adjustment.

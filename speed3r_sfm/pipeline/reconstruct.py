@@ -128,7 +128,7 @@ def reconstruct(
     callable returning a ``Prediction``; ``attention``: "gsa" (keypoints and matches from GSA records,
     unless the model declares its selection unfit to guide: ``Backbone.guided``), "dense" (texture
     keypoints, view pairs from the predicted geometry) or "auto" (the model's own choice: GSA for official
-    checkpoints; GSA without record guidance for the shipped default, whose selection is untrained);
+    checkpoints, dense for the shipped default, whose selection is untrained and does not guide);
     ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS`` (distortion starts at zero and is
     refined in BA); ``shared_camera``: one camera for all images (they
     must have one size). Long sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on
