@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
+from scipy.spatial.transform import Rotation
 
 from speed3r_sfm.geometry import look_at
 from speed3r_sfm.pipeline.bundle import (
     BundleOptions,
     bundle_adjust,
+    contradicted_pairs,
     drop_weakly_linked_images,
     mean_reprojection_error,
     weakly_linked_images,
@@ -404,6 +406,33 @@ def test_weak_link_ties_keep_the_group_with_more_observations():
         images = (1, 2) if p < 90 else (3, 4)
         manager.add_point3D(points[p], pycolmap.Track([pycolmap.TrackElement(i, p) for i in images]))
     assert weakly_linked_images(rec, 30) == [1, 2]
+
+
+def test_a_link_that_contradicts_the_feed_forward_poses_does_not_count():
+    """Image 4 is joined to the main group only through pair (3, 4): once that pair contradicts the
+    feed-forward poses it is dropped; joined also through (2, 4) it stays (a cycle checks the join)."""
+    rec, poses, points, _ = _scene_reconstruction(num_points=250)
+    manager = pycolmap.ObservationManager(rec)
+
+    def add(point_ids, images):
+        for p in point_ids:
+            manager.add_point3D(points[p], pycolmap.Track([pycolmap.TrackElement(i, p) for i in images]))
+
+    add(range(0, 150), (1, 2, 3))
+    add(range(150, 200), (3, 4))  # 50 shared points: a link by count
+    feedforward = torch.from_numpy(poses).clone()
+    assert contradicted_pairs(rec, feedforward, [(0, 1), (1, 2), (2, 3)], 10.0) == []
+    turn = torch.tensor(Rotation.from_euler("y", 20, degrees=True).as_matrix())
+    feedforward[3, :, :3] = turn @ feedforward[3, :, :3]  # the feed-forward view 3 is 20 deg off
+    distrusted = contradicted_pairs(rec, feedforward, [(0, 1), (1, 2), (2, 3)], 10.0)
+    assert distrusted == [(3, 4)]
+    assert contradicted_pairs(rec, feedforward, [(2, 3)], 25.0) == []
+    assert weakly_linked_images(rec, 30) == []
+    assert weakly_linked_images(rec, 30, distrusted) == [4]
+    add(range(200, 250), (2, 4))
+    assert weakly_linked_images(rec, 30, distrusted) == []
+    assert drop_weakly_linked_images(rec, manager, 30, distrusted + [(2, 4)]) == [4]
+    assert sorted(rec.reg_image_ids()) == [1, 2, 3]
 
 
 def _matches(rows):

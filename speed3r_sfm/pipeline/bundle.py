@@ -18,16 +18,23 @@ poses start far from the optimum; later rounds refine the intrinsics and use ``l
 Afterwards, views not linked to the main group of views by pairs that share at least ``min_shared_points``
 3D points are de-registered (:func:`drop_weakly_linked_images`): on held-out scenes every view hanging on
 fewer (5-19 points) had a pose 15-40 degrees off that bundle adjustment had fitted to those few points.
+A pair of the feed-forward pose tree whose adjusted relative rotation contradicts its feed-forward one
+(:func:`contradicted_pairs`) does not count as a link: where it was the only one, the groups it joined had
+been joined at a wrong angle.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pycolmap
+import torch
+
+from speed3r_sfm.eval.metrics import rotation_angle_deg
 
 from .tracks import connected_components
 
@@ -67,6 +74,12 @@ class BundleOptions:
     min_tri_angle: float = 1.5  # degrees, filtering and triangulation
     # after BA, views not linked to the main group by pairs sharing this many points are de-registered
     min_shared_points: int = 30
+    # ...and a feed-forward pose-tree pair whose adjusted relative rotation differs from its feed-forward
+    # one by more than this (degrees) is no link: a wrong join that no cycle of pairs checks (a "hinge":
+    # two right groups joined 15.7 deg off through one pair of 30 points, ba_diagnostics_*.md). Correct
+    # adjustments of such pairs were within 8.1 deg on the 13 diagnosed scenes where the pair was the only
+    # link; pairs inside cycles (corrections of 11-28 deg) keep their groups linked either way.
+    max_link_disagreement: float = 10.0
     num_threads: int = -1
 
 
@@ -241,9 +254,14 @@ def _refine(
     return history
 
 
-def weakly_linked_images(rec: pycolmap.Reconstruction, min_shared_points: int) -> list[int]:
+def weakly_linked_images(
+    rec: pycolmap.Reconstruction,
+    min_shared_points: int,
+    distrusted: Iterable[tuple[int, int]] = (),
+) -> list[int]:
     """Registered images outside the largest group of images linked by view pairs that share at least
-    ``min_shared_points`` 3D points (ties: the group with more observations).
+    ``min_shared_points`` 3D points (ties: the group with more observations); the ``distrusted`` pairs of
+    image ids do not link.
 
     A view hanging on a handful of points has a pose nothing checks (bundle adjustment fits it to them),
     often a wrong one; COLMAP's mapper would not register it either.
@@ -270,6 +288,10 @@ def weakly_linked_images(rec: pycolmap.Reconstruction, min_shared_points: int) -
         pair_codes.append(images[:-gap][same] * n + images[gap:][same])
     codes, shared = np.unique(np.concatenate(pair_codes), return_counts=True)
     linked = codes[shared >= min_shared_points]
+    excluded = [
+        min(slot[i], slot[j]) * n + max(slot[i], slot[j]) for i, j in distrusted if i in slot and j in slot
+    ]
+    linked = linked[~np.isin(linked, excluded)]
     a, b = linked // n, linked % n
     labels = connected_components(n, np.stack([a, b], axis=1))
     groups = {label: np.flatnonzero(labels == label) for label in np.unique(labels)}
@@ -277,11 +299,35 @@ def weakly_linked_images(rec: pycolmap.Reconstruction, min_shared_points: int) -
     return [image_ids[k] for k in range(n) if labels[k] != main]
 
 
+def contradicted_pairs(
+    rec: pycolmap.Reconstruction,
+    feedforward_cam_from_world: torch.Tensor,
+    pairs: Iterable[tuple[int, int]],
+    max_disagreement_deg: float,
+) -> list[tuple[int, int]]:
+    """Image-id pairs (image id = view index + 1) among the registered view-index ``pairs`` whose adjusted
+    relative rotation differs from the feed-forward one ((S, 3, 4) cam_from_world) by more than the bound."""
+    found = []
+    for i, j in pairs:
+        a, b = rec.image(i + 1), rec.image(j + 1)
+        if not (a.has_pose and b.has_pose):
+            continue
+        adjusted = [torch.from_numpy(im.cam_from_world().rotation.matrix()) for im in (a, b)]
+        before = feedforward_cam_from_world[[i, j], :, :3].double()
+        change = rotation_angle_deg(adjusted[1] @ adjusted[0].T, before[1] @ before[0].T)
+        if float(change) > max_disagreement_deg:
+            found.append((i + 1, j + 1))
+    return found
+
+
 def drop_weakly_linked_images(
-    rec: pycolmap.Reconstruction, manager: pycolmap.ObservationManager, min_shared_points: int
+    rec: pycolmap.Reconstruction,
+    manager: pycolmap.ObservationManager,
+    min_shared_points: int,
+    distrusted: Iterable[tuple[int, int]] = (),
 ) -> list[int]:
     """De-register the :func:`weakly_linked_images` (their observations go with them); returns their ids."""
-    dropped = weakly_linked_images(rec, min_shared_points)
+    dropped = weakly_linked_images(rec, min_shared_points, distrusted)
     for image_id in dropped:
         manager.deregister_frame(rec.image(image_id).frame_id)
     return dropped

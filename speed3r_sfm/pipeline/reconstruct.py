@@ -41,6 +41,7 @@ from speed3r_sfm.models.prediction import Prediction
 from .backbone import AttentionKind, Backbone, ModelSpec, load_backbone
 from .bundle import (
     BundleOptions,
+    contradicted_pairs,
     correspondence_graph,
     drop_weakly_linked_images,
     mean_reprojection_error,
@@ -240,6 +241,7 @@ def run_pipeline(
             camera_model=camera_model,
             shared_camera=shared_camera,
             pixel_scale=pixel_scale,
+            feedforward=(geometry.cam_from_world.clone(), pose_source.get("tree_edges", [])),
         )
         adjusted = adjust(geometry, stages=stages)
         rescue: dict[str, Any] = {"rounds": []}
@@ -252,11 +254,14 @@ def run_pipeline(
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
+        if adjusted.distrusted:
+            pose_source["contradicted_links"] = [[i - 1, j - 1] for i, j in adjusted.distrusted]
         unregistered = [
             {
                 "name": views[image_id - 1].name,
                 "why": f"shares fewer than {options.bundle.min_shared_points} 3D points with the main group "
-                "of views (its pose is not checked by enough points)",
+                "of views through view pairs that agree with the feed-forward poses (its pose is not "
+                "checked by enough points)",
             }
             for image_id in dropped
         ]
@@ -315,6 +320,7 @@ class _Adjusted:
     initial_points: int
     ba_rounds: list[dict]
     dropped: list[int]  # image ids de-registered as weakly linked
+    distrusted: list[tuple[int, int]]  # image-id pairs whose link contradicted the feed-forward poses
 
 
 def _match_and_adjust(
@@ -331,11 +337,13 @@ def _match_and_adjust(
     camera_model: str,
     shared_camera: bool,
     pixel_scale: float,
+    feedforward: tuple[torch.Tensor, list],
     stages: _Stages | None = None,
     carried: tuple[Matches, list[int]] | None = None,
 ) -> _Adjusted:
-    """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``carried``:
-    earlier matches kept where they touch the given views (image ids)."""
+    """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``feedforward``:
+    the feed-forward cam_from_world and the view pairs of its pose tree; ``carried``: earlier matches kept
+    where they touch the given views (image ids)."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
     # 4. matches: GSA-selected views, verified by the predicted geometry, refined photometrically
@@ -369,8 +377,11 @@ def _match_and_adjust(
         error = options.no_ba_max_reproj_error * pixel_scale
         manager.filter_all_points3D(error, options.bundle.min_tri_angle)
     dropped: list[int] = []
-    if ba and rec.num_points3D():  # views whose pose BA fitted to a handful of points
-        dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points)
+    distrusted: list[tuple[int, int]] = []
+    if ba and rec.num_points3D():  # views whose pose BA fitted to a handful of points or a wrong join
+        poses, tree_pairs = feedforward
+        distrusted = contradicted_pairs(rec, poses, tree_pairs, options.bundle.max_link_disagreement)
+        dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points, distrusted)
     done("bundle adjustment")
     return _Adjusted(
         rec,
@@ -382,6 +393,7 @@ def _match_and_adjust(
         initial_points,
         ba_rounds,
         dropped,
+        distrusted,
     )
 
 
