@@ -350,12 +350,17 @@ def test_tiny_vggt_track_head_reaches_the_match_check(scene_data):
     assert result.report["counts"]["track_verification"]["ran"] is False
 
 
-def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):
+def _tiny_gsa_vggt() -> VGGT:
+    """The tiny VGGT with GSA in every global block and random weights (seed 0)."""
     torch.manual_seed(0)
     attention = AttentionConfig(
         kind="gsa", block_size=8, query_block_size=16, compression_block_size=16, top_k=4
     )
-    model = VGGT(VGGTConfig.preset("tiny", attention=attention, enable_track=False))
+    return VGGT(VGGTConfig.preset("tiny", attention=attention, enable_track=False))
+
+
+def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):
+    model = _tiny_gsa_vggt()
     result = run_pipeline(scene_data["folder"], tmp_path / "tiny", model=model, attention="gsa")
     report = result.report
     assert report["gsa_records"]["layers"] == 4 and report["gsa_records"]["block_size"] == 8
@@ -374,11 +379,7 @@ def test_gsa_without_guidance_runs_gsa_and_matches_geometrically(scene_data):
     asked for, texture keypoints and geometric view pairs, and the report says so."""
     from speed3r_sfm.pipeline.backbone import load_backbone
 
-    torch.manual_seed(0)
-    attention = AttentionConfig(
-        kind="gsa", block_size=8, query_block_size=16, compression_block_size=16, top_k=4
-    )
-    model = VGGT(VGGTConfig.preset("tiny", attention=attention, enable_track=False))
+    model = _tiny_gsa_vggt()
     model.gsa_guidance = False
     backbone = load_backbone(model, "auto", "cpu")
     assert backbone.attention == "gsa" and not backbone.guided
