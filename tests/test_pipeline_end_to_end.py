@@ -562,6 +562,27 @@ def test_weakly_linked_views_are_rescued_by_pnp_and_matched_again(scene_data, mo
     assert result.report["counts"]["registered_images"] == VIEWS
     summary = pipeline_cli.summary_text(result)
     assert f"re-posed and matched again: {VIEWS - 3} -> {VIEWS} registered" in summary
+    assert "contradicted_links" not in result.report["poses"]  # dropped for too few points, not a cut
+    assert all(r["contradicted_links"] == [] for r in rounds)
+
+
+def test_links_cut_in_any_pass_are_reported(scene_data, monkeypatch):
+    """A link the first pass found contradicting the feed-forward poses stays in report.json when the
+    rescue's pass finds none (it re-joined the views): the report says that a cut happened."""
+    calls = []
+
+    def first_pass_contradicts(rec, poses, tree_pairs, max_disagreement):
+        calls.append(len(calls))
+        return [(6, 7)] if len(calls) == 1 else []
+
+    monkeypatch.setattr(pipeline_reconstruct, "contradicted_pairs", first_pass_contradicts)
+    model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 30.0)
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
+    rounds = result.report["rescue"]["rounds"]
+    assert len(calls) == 1 + len(rounds) >= 2
+    assert all(r["contradicted_links"] == [] for r in rounds)
+    assert result.report["poses"]["contradicted_links"] == [[5, 6]]
+    assert result.reconstruction.num_reg_images() == VIEWS
 
 
 def _observation_errors(rec: pycolmap.Reconstruction) -> np.ndarray:

@@ -244,6 +244,7 @@ def run_pipeline(
             feedforward=(geometry.cam_from_world.clone(), pose_source.get("tree_edges", [])),
         )
         adjusted = adjust(geometry, stages=stages)
+        contradicted = set(adjusted.distrusted)
         rescue: dict[str, Any] = {"rounds": []}
         if adjusted.dropped and options.rescue.enabled:
             stages.add_stage("rescuing weakly linked views")
@@ -251,11 +252,12 @@ def run_pipeline(
                 adjusted, geometry, adjust, views, options.rescue, pixel_scale
             )
             stages.done("rescue")
+            contradicted.update((i + 1, j + 1) for r in rescue["rounds"] for i, j in r["contradicted_links"])
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
-        if adjusted.distrusted:
-            pose_source["contradicted_links"] = [[i - 1, j - 1] for i, j in adjusted.distrusted]
+        if contradicted:  # in any pass: a link cut in the first may be re-joined by the rescue
+            pose_source["contradicted_links"] = [[i - 1, j - 1] for i, j in sorted(contradicted)]
         unregistered = [
             {
                 "name": views[image_id - 1].name,
@@ -424,7 +426,14 @@ def _rescue_weak_views(
         geometry, placed = rescued
         again = adjust(geometry, carried=(adjusted.matches, adjusted.dropped))
         before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
-        rounds.append({"views": placed, "registered_before": before, "registered_after": after})
+        rounds.append(
+            {
+                "views": placed,
+                "registered_before": before,
+                "registered_after": after,
+                "contradicted_links": [[i - 1, j - 1] for i, j in again.distrusted],
+            }
+        )
         if after <= before:
             break
         adjusted = again
