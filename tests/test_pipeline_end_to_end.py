@@ -622,3 +622,21 @@ def test_filtering_thresholds_are_in_original_pixels_when_work_copies_are_smalle
     errors = _observation_errors(result.reconstruction)
     assert result.reconstruction.num_reg_images() == VIEWS and errors.size > 300
     assert errors.max() <= 2.0 + 1e-6
+
+
+def test_runs_repeat_with_single_threaded_bundle_adjustment(scene_data):
+    """Two runs on the same images give the same poses and points once Ceres runs on one thread: every
+    RANSAC (token poses, re-triangulation, PnP) has a fixed seed."""
+    options = PipelineOptions()
+    options.bundle.num_threads = 1
+    folder = scene_data["folder"]
+    runs = [
+        run_pipeline(folder, None, model=_oracle(scene_data), attention="dense", options=options)
+        for _ in range(2)
+    ]
+    first, second = (run.reconstruction for run in runs)
+    names = runs[0].image_names
+    assert torch.equal(_poses(first, names), _poses(second, names))
+    assert first.num_points3D() == second.num_points3D() > 0
+    xyz = [np.stack([p.xyz for _, p in sorted(rec.points3D.items())]) for rec in (first, second)]
+    assert np.array_equal(xyz[0], xyz[1])

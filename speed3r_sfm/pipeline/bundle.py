@@ -146,6 +146,7 @@ def triangulator_options(options: BundleOptions) -> pycolmap.IncrementalTriangul
     tri.complete_max_reproj_error = options.max_reproj_error
     tri.merge_max_reproj_error = options.max_reproj_error
     tri.ignore_two_view_tracks = False
+    tri.random_seed = 0  # else its RANSAC draws a new seed every run and runs differ
     return tri
 
 
