@@ -80,6 +80,9 @@ class BundleOptions:
     # adjustments of such pairs were within 8.1 deg on the 13 diagnosed scenes where the pair was the only
     # link; pairs inside cycles (corrections of 11-28 deg) keep their groups linked either way.
     max_link_disagreement: float = 10.0
+    # Ceres threads (-1: all cores). Multi-threaded solves end in slightly different places from run to
+    # run; with 1 a run repeats in the same process, and across processes up to last-bit float differences
+    # (1e-13 px seen in one view pair's refined matches) that a badly conditioned scene can still amplify
     num_threads: int = -1
 
 
