@@ -579,7 +579,8 @@ def test_links_cut_in_any_pass_are_reported(scene_data, monkeypatch):
     model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 30.0)
     result = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
     rounds = result.report["rescue"]["rounds"]
-    assert len(calls) == 1 + len(rounds) >= 2
+    assert result.report["readjustment"]["ran"] and result.report["readjustment"]["contradicted_links"] == []
+    assert len(calls) == 1 + len(rounds) + 1 >= 3  # first pass, rescue rounds, readjustment
     assert all(r["contradicted_links"] == [] for r in rounds)
     assert result.report["poses"]["contradicted_links"] == [[5, 6]]
     assert result.reconstruction.num_reg_images() == VIEWS
@@ -640,3 +641,51 @@ def test_runs_repeat_with_single_threaded_bundle_adjustment(scene_data):
     assert first.num_points3D() == second.num_points3D() > 0
     xyz = [np.stack([p.xyz for _, p in sorted(rec.points3D.items())]) for rec in (first, second)]
     assert np.array_equal(xyz[0], xyz[1])
+
+
+def _bend(rec: pycolmap.Reconstruction, image_ids: list[int], degrees: float) -> None:
+    """Turn the given images together about the vertical through their centres' centroid and drop the
+    observations that no longer fit (4 px): what a first adjustment locked into a wrong join leaves."""
+    centres = np.stack([rec.image(i).projection_center() for i in image_ids])
+    pivot = centres.mean(axis=0)
+    turn = pycolmap.Rotation3d(
+        axis_angle_to_rotation_matrix(torch.tensor([[0.0, math.radians(degrees), 0.0]]))[0].numpy()
+    )
+    world_from_turned = pycolmap.Rigid3d(turn, pivot - turn * pivot)
+    for image_id in image_ids:
+        frame = rec.frame(rec.image(image_id).frame_id)
+        frame.rig_from_world = frame.rig_from_world * world_from_turned
+    pycolmap.ObservationManager(rec).filter_all_points3D(4.0, 1.5)
+
+
+@pytest.mark.parametrize("readjust", [False, True])
+def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, monkeypatch, readjust):
+    """The first pass ends with views 4-7 turned 8 degrees against the rest and the observations that
+    disagree filtered out. Adjusting again from those poses with every observation of the same matches
+    back restores the truth; without it the join stays wrong."""
+    real = pipeline_reconstruct._match_and_adjust
+    matched = []
+
+    def bent_first_pass(geometry, **kwargs):
+        matched.append(kwargs.get("matches") is None)
+        adjusted = real(geometry, **kwargs)
+        if len(matched) == 1:
+            _bend(adjusted.rec, [5, 6, 7, 8], 8.0)
+        return adjusted
+
+    monkeypatch.setattr(pipeline_reconstruct, "_match_and_adjust", bent_first_pass)
+    options = PipelineOptions()
+    options.bundle.readjust = readjust
+    result = run_pipeline(
+        scene_data["folder"], None, model=_oracle(scene_data), attention="dense", options=options
+    )
+    gt = scene_data["views"].cam_from_world.double()
+    rre, _ = relative_pose_errors(_poses(result.reconstruction, result.image_names), gt)
+    entry = result.report["readjustment"]
+    if readjust:
+        assert matched == [True, False]  # matched once; the readjustment reuses those matches
+        assert entry["ran"] and entry["kept"] and entry["registered_after"] == VIEWS
+        assert float(rre.max()) < 1.0
+    else:
+        assert matched == [True] and entry == {"ran": False}
+        assert float(rre.max()) > 6.0

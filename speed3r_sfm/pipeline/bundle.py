@@ -84,6 +84,9 @@ class BundleOptions:
     # run; with 1 a run repeats in the same process, and across processes up to last-bit float differences
     # (1e-13 px seen in one view pair's refined matches) that a badly conditioned scene can still amplify
     num_threads: int = -1
+    # after every pass: rebuild all observations at the adjusted poses and adjust once more (reconstruct.py);
+    # joined the two halves of a hinge on forward 1000001 at 2072x1568 (GSA) that the first pass had locked in
+    readjust: bool = True
 
 
 def mean_reprojection_error(rec: pycolmap.Reconstruction) -> float | None:

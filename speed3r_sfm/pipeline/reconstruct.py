@@ -64,7 +64,7 @@ from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .matching import Matches, MatchOptions, keep_matches, match_views
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .report import build_report
-from .rescue import RescueOptions, rescued_geometry
+from .rescue import RescueOptions, adjusted_geometry, rescued_geometry
 from .token_poses import TokenPoseOptions, apply_token_poses
 from .tracks import Tracks, build_tracks
 from .view_features import thumbnail_descriptors, token_descriptors, token_encoder
@@ -253,6 +253,12 @@ def run_pipeline(
             )
             stages.done("rescue")
             contradicted.update((i + 1, j + 1) for r in rescue["rounds"] for i, j in r["contradicted_links"])
+        readjustment: dict[str, Any] = {"ran": False}
+        if ba and options.bundle.readjust and adjusted.rec.num_reg_images() >= 2:
+            stages.add_stage("adjusting again from the adjusted poses")
+            adjusted, readjustment = _readjust(adjusted, geometry, adjust, views)
+            contradicted.update((i + 1, j + 1) for i, j in readjustment["contradicted_links"])
+            stages.done("readjustment")
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
@@ -290,6 +296,7 @@ def run_pipeline(
                 "poses": pose_source,
                 "unregistered_images": unregistered,
                 "rescue": rescue,
+                "readjustment": readjustment,
             },
             initial_error=adjusted.initial_error,
             initial_points=adjusted.initial_points,
@@ -342,18 +349,22 @@ def _match_and_adjust(
     feedforward: tuple[torch.Tensor, list],
     stages: _Stages | None = None,
     carried: tuple[Matches, list[int]] | None = None,
+    matches: Matches | None = None,
 ) -> _Adjusted:
     """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``feedforward``:
     the feed-forward cam_from_world and the view pairs of its pose tree; ``carried``: earlier matches kept
-    where they touch the given views (image ids)."""
+    where they touch the given views (image ids); ``matches``: use these instead of matching (step 4)."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
-    # 4. matches: GSA-selected views, verified by the predicted geometry, refined photometrically
-    start("matching")
-    matches = match_views(views, grays, keypoints, geometry, summary, thresholds, options.matching, tracker)
-    if carried is not None:
-        matches = keep_matches(carried[0], [image_id - 1 for image_id in carried[1]], matches)
-    done("matching")
+    if matches is None:
+        # 4. matches: GSA-selected views, verified by the predicted geometry, refined photometrically
+        start("matching")
+        matches = match_views(
+            views, grays, keypoints, geometry, summary, thresholds, options.matching, tracker
+        )
+        if carried is not None:
+            matches = keep_matches(carried[0], [image_id - 1 for image_id in carried[1]], matches)
+        done("matching")
 
     # 5. tracks and the pycolmap reconstruction at the predicted poses
     start("tracks")
@@ -440,6 +451,25 @@ def _rescue_weak_views(
         if not adjusted.dropped:
             break
     return adjusted, {"rounds": rounds}
+
+
+def _readjust(
+    adjusted: _Adjusted, geometry: SceneGeometry, adjust: Callable[..., _Adjusted], views: list
+) -> tuple[_Adjusted, dict[str, Any]]:
+    """Steps 5-6 once more with the same matches, from the adjusted poses (depth rescaled to them) with every
+    observation back; kept when it registers at least as many views. The first adjustment starts several
+    degrees off and its filter drops the observations that disagree with where it then is, which can lock
+    in a wrong join of two groups of views (a hinge); from poses near the solution the right ones win."""
+    again = adjust(adjusted_geometry(adjusted.rec, views, geometry), matches=adjusted.matches)
+    before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
+    entry = {
+        "ran": True,
+        "registered_before": before,
+        "registered_after": after,
+        "kept": after >= before,
+        "contradicted_links": [[i - 1, j - 1] for i, j in again.distrusted],
+    }
+    return (again if after >= before else adjusted), entry
 
 
 def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:

@@ -106,9 +106,7 @@ def rescued_geometry(
     ``dropped``: image ids de-registered as weakly linked; ``rec``: after the drop, in the same world frame
     as ``geometry`` (the geometry its pass matched with); ``pair_matches`` and ``points2d``: that pass's.
     """
-    poses = geometry.cam_from_world.clone()
-    for image_id in rec.reg_image_ids():
-        poses[image_id - 1] = pose_matrix(rec.image(image_id).cam_from_world())
+    poses = registered_poses(rec, geometry)
     estimation = pycolmap.AbsolutePoseEstimationOptions()
     estimation.ransac.max_error = options.max_error * pixel_scale
     estimation.ransac.random_seed = 0
@@ -129,21 +127,50 @@ def rescued_geometry(
     if options.move_weak_group:
         _move_with_group(views, geometry, poses, placed, seen, pair_matches)
     # depth to the scale of the adjusted poses: matching lifts keypoints with it
+    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
+    points.update({view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"})
+    depth, ratios = rescaled_depth(views, geometry, poses, points)
+    for view, ratio in ratios.items():
+        if view in placed:
+            placed[view]["depth_rescaled_by"] = round(ratio, 4)
+    return replace(geometry, cam_from_world=poses, depth=depth), list(placed.values())
+
+
+def registered_poses(rec: pycolmap.Reconstruction, geometry: SceneGeometry) -> torch.Tensor:
+    """(S, 3, 4) cam_from_world: the adjusted pose of every registered view, ``geometry``'s for the rest."""
+    poses = geometry.cam_from_world.clone()
+    for image_id in rec.reg_image_ids():
+        poses[image_id - 1] = pose_matrix(rec.image(image_id).cam_from_world())
+    return poses
+
+
+def rescaled_depth(
+    views: Sequence[View],
+    geometry: SceneGeometry,
+    poses: torch.Tensor,
+    points: dict[int, tuple[np.ndarray, np.ndarray]],
+) -> tuple[torch.Tensor, dict[int, float]]:
+    """``geometry``'s depth with each view of ``points`` (view -> its original pixels and the 3D points seen
+    there) rescaled by :func:`depth_ratio` under ``poses``; and the ratios applied."""
     depth = geometry.depth.clone()
-    registered = set(rec.reg_image_ids())
-    for view in range(geometry.num_views):
-        if view + 1 in registered:
-            xy, xyz = observed_points(rec, view + 1)
-        elif view in placed and placed[view]["how"] != "not re-posed":
-            xy, xyz = seen[view]
-        else:
-            continue
+    ratios = {}
+    for view, (xy, xyz) in sorted(points.items()):
         ratio = depth_ratio(views[view], geometry, view, poses[view], xy, xyz)
         if ratio is not None:
             depth[view] *= ratio
-            if view in placed:
-                placed[view]["depth_rescaled_by"] = round(ratio, 4)
-    return replace(geometry, cam_from_world=poses, depth=depth), list(placed.values())
+            ratios[view] = ratio
+    return depth, ratios
+
+
+def adjusted_geometry(
+    rec: pycolmap.Reconstruction, views: Sequence[View], geometry: SceneGeometry
+) -> SceneGeometry:
+    """``geometry`` with every registered view at its adjusted pose and its depth rescaled to the 3D points
+    it sees (the others as they were)."""
+    poses = registered_poses(rec, geometry)
+    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
+    depth, _ = rescaled_depth(views, geometry, poses, points)
+    return replace(geometry, cam_from_world=poses, depth=depth)
 
 
 def _move_with_group(
