@@ -372,6 +372,8 @@ def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):
     }
     assert report["counts"]["keypoints"] > 0 and report["counts"]["candidate_matches"] > 0
     assert pycolmap.Reconstruction(tmp_path / "tiny" / "sparse" / "0").num_images() == VIEWS
+    readjusted = report["readjustment"]  # on by default with GSA attention (BundleOptions.readjust=None)
+    assert readjusted["ran"] and readjusted["registered_after"] >= 0
 
 
 def test_gsa_without_guidance_runs_gsa_and_matches_geometrically(scene_data):
@@ -463,13 +465,20 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
     assert code == 0 and "reconstructed 8/8 images" in out and "reprojection error" in out
     assert str(tmp_path / "out") in out and (tmp_path / "out" / "database.db").exists()
     assert "track head kept" in out
+    first = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert first["readjustment"]["ran"] == (first["attention"] == "gsa")  # readjust=None: with GSA only
     code = pipeline_cli.reconstruct_command(
-        str(scene_data["folder"]), str(tmp_path / "no_check"), attention="dense", track_verification=False
+        str(scene_data["folder"]),
+        str(tmp_path / "no_check"),
+        attention="dense",
+        track_verification=False,
+        readjust=not first["readjustment"]["ran"],
     )
     out = capsys.readouterr().out
     assert code == 0 and "track head kept" not in out
     report = json.loads((tmp_path / "no_check" / "report.json").read_text())
     assert report["counts"]["track_verification"]["ran"] is False
+    assert report["readjustment"]["ran"] is not first["readjustment"]["ran"]
     code = pipeline_cli.reconstruct_command(str(scene_data["folder"]), str(tmp_path / "out"), quiet=True)
     assert code == 1 and "already exists" in capsys.readouterr().err
     empty = tmp_path / "empty"
@@ -511,6 +520,7 @@ def test_views_not_linked_well_enough_are_reported_not_registered(scene_data, tm
     assert "not registered: " in pipeline_cli.summary_text(result)
     default = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), attention="dense")
     assert default.report["unregistered_images"] == [] and default.reconstruction.num_reg_images() == VIEWS
+    assert default.report["readjustment"] == {"ran": False}  # off by default with dense attention
 
 
 class _GroupTurned:
@@ -577,7 +587,9 @@ def test_links_cut_in_any_pass_are_reported(scene_data, monkeypatch):
 
     monkeypatch.setattr(pipeline_reconstruct, "contradicted_pairs", first_pass_contradicts)
     model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 30.0)
-    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
+    options = PipelineOptions()
+    options.bundle.readjust = True
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
     rounds = result.report["rescue"]["rounds"]
     assert result.report["readjustment"]["ran"] and result.report["readjustment"]["contradicted_links"] == []
     assert len(calls) == 1 + len(rounds) + 1 >= 3  # first pass, rescue rounds, readjustment

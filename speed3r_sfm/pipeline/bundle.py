@@ -84,9 +84,11 @@ class BundleOptions:
     # run; with 1 a run repeats in the same process, and across processes up to last-bit float differences
     # (1e-13 px seen in one view pair's refined matches) that a badly conditioned scene can still amplify
     num_threads: int = -1
-    # after every pass: rebuild all observations at the adjusted poses and adjust once more (reconstruct.py);
-    # joined the two halves of a hinge on forward 1000001 at 2072x1568 (GSA) that the first pass had locked in
-    readjust: bool = True
+    # after every pass, rebuild all observations at the adjusted poses and adjust once more (reconstruct.py);
+    # None: only with GSA attention. With GSA it joined the two halves of the hinge on forward 1000001 at
+    # 2072x1568 in 2 of 3 runs (0.15 deg) and cut the pairs off by > 5 deg at 96 views from 45 % to 12 %;
+    # with dense attention no such failure was seen and it costs 0.5-1.3 s at 24 views (a second BA)
+    readjust: bool | None = None
 
 
 def mean_reprojection_error(rec: pycolmap.Reconstruction) -> float | None:

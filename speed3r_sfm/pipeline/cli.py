@@ -12,6 +12,7 @@ import sys
 from typing import Literal
 
 from .backbone import ModelNotAvailableError
+from .bundle import BundleOptions
 from .export import OutputExistsError
 from .inputs import InputError
 from .keypoints import KeypointOptions
@@ -33,6 +34,7 @@ def reconstruct_command(
     max_image_size: int = 1600,
     min_work_scale: float = 0.5,
     track_verification: bool = True,
+    readjust: bool | None = None,
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
     ordered: bool = True,
@@ -60,6 +62,9 @@ def reconstruct_command(
             the reprojection error of large photos within 1 px of the original; 0: max_image_size only).
         track_verification: with a model that has a track head (VGGT-1B), keep only the matches its tracks
             agree with (on an H200 about 0.8 s at 24 views, 4 s at 128).
+        readjust: after bundle adjustment, rebuild every observation at the adjusted poses and adjust once
+            more (undoes wrong joins of groups of views the first adjustment locked in; about one more
+            bundle adjustment of time). Default: with GSA attention only.
         chunk_size: views per model pass for long sequences; chunks overlap and are aligned by robust Sim(3).
             Default: one pass on CPU, on CUDA as many views as fit in free GPU memory.
         chunk_overlap: views shared by consecutive chunks (default: a quarter of chunk_size).
@@ -81,6 +86,7 @@ def reconstruct_command(
     options = PipelineOptions(
         keypoints=KeypointOptions(max_keypoints=max_keypoints),
         matching=MatchOptions(track_verification=track_verification),
+        bundle=BundleOptions(readjust=readjust),
         max_image_size=max_image_size,
         min_work_scale=min_work_scale,
     )

@@ -254,7 +254,8 @@ def run_pipeline(
             stages.done("rescue")
             contradicted.update((i + 1, j + 1) for r in rescue["rounds"] for i, j in r["contradicted_links"])
         readjustment: dict[str, Any] = {"ran": False}
-        if ba and options.bundle.readjust and adjusted.rec.num_reg_images() >= 2:
+        readjust = options.bundle.readjust if options.bundle.readjust is not None else attention == "gsa"
+        if ba and readjust and adjusted.rec.num_reg_images() >= 2:
             stages.add_stage("adjusting again from the adjusted poses")
             adjusted, readjustment = _readjust(adjusted, geometry, adjust, views)
             contradicted.update((i + 1, j + 1) for i, j in readjustment["contradicted_links"])
