@@ -17,7 +17,9 @@ Read top to bottom, :func:`run_pipeline` does:
    with points initialised from the predicted depth (``colmap_model.py``);
 6. bundle-adjust, filter and re-triangulate with pycolmap, then de-register views that too few points
    link to the rest (``bundle.py``); if some of those can be re-posed by PnP on the points they do see,
-   repeat 4-6 from the adjusted poses, keeping their earlier matches (``rescue.py``);
+   repeat 4-6 from the adjusted poses, keeping their earlier matches (``rescue.py``); with GSA attention
+   (``BundleOptions.readjust``), repeat 5-6 once more with the same matches from the adjusted poses, every
+   observation back (a wrong join that the first adjustment's filter locked in comes undone);
 7. write the project atomically (``export.py``): sparse/0, database.db, points.ply, report.json.
 """
 
