@@ -26,6 +26,7 @@ from speed3r_sfm.pipeline import cli as pipeline_cli
 from speed3r_sfm.pipeline import export as pipeline_export
 from speed3r_sfm.pipeline import matching as pipeline_matching
 from speed3r_sfm.pipeline.backbone import Backbone, ModelNotAvailableError, load_backbone
+from speed3r_sfm.pipeline.bundle import triangulator_options
 from speed3r_sfm.pipeline.export import OutputExistsError
 from speed3r_sfm.pipeline.inputs import Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
@@ -638,10 +639,12 @@ def test_filtering_thresholds_are_in_original_pixels_when_work_copies_are_smalle
 
 
 def test_runs_repeat_with_single_threaded_bundle_adjustment(scene_data):
-    """Two runs on the same images give the same poses and points once Ceres runs on one thread: every
-    RANSAC (token poses, re-triangulation, PnP) has a fixed seed."""
+    """Two runs on the same images give the same points and, to the last bits (float sums that depend on
+    memory alignment), the same poses once Ceres runs on one thread; the re-triangulation's RANSAC has a
+    fixed seed (pycolmap's default, -1, draws a new one every run)."""
     options = PipelineOptions()
     options.bundle.num_threads = 1
+    assert triangulator_options(options.bundle).random_seed == 0
     folder = scene_data["folder"]
     runs = [
         run_pipeline(folder, None, model=_oracle(scene_data), attention="dense", options=options)
@@ -649,10 +652,11 @@ def test_runs_repeat_with_single_threaded_bundle_adjustment(scene_data):
     ]
     first, second = (run.reconstruction for run in runs)
     names = runs[0].image_names
-    assert torch.equal(_poses(first, names), _poses(second, names))
+    assert torch.allclose(_poses(first, names), _poses(second, names), rtol=0.0, atol=1e-9)
     assert first.num_points3D() == second.num_points3D() > 0
+    assert first.compute_num_observations() == second.compute_num_observations()
     xyz = [np.stack([p.xyz for _, p in sorted(rec.points3D.items())]) for rec in (first, second)]
-    assert np.array_equal(xyz[0], xyz[1])
+    assert np.allclose(xyz[0], xyz[1], rtol=0.0, atol=1e-9)
 
 
 def _bend(rec: pycolmap.Reconstruction, image_ids: list[int], degrees: float) -> None:
