@@ -442,7 +442,14 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
     meta = json.loads(sidecar(written).read_text())
     meta["preprocessing"] = previous["preprocessing"]
     # what reconstruct(attention="auto") runs, and whether the GSA records guide matching
-    for key in ("pipeline_attention", "pipeline_attention_why", "gsa_guidance", "gsa_guidance_why"):
+    for key in (
+        "pipeline_attention",
+        "pipeline_attention_why",
+        "gsa_from_views",
+        "gsa_from_views_why",
+        "gsa_guidance",
+        "gsa_guidance_why",
+    ):
         if key in previous:
             meta[key] = previous[key]
     sidecar(written).write_text(json.dumps(meta, indent=2) + "\n")

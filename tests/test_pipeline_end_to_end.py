@@ -429,6 +429,11 @@ def test_auto_attention_follows_the_model(tmp_path):
     assert sidecar["pipeline_attention"] == "dense" and sidecar["gsa_guidance"] is False
     default = load_backbone("default", attention="auto", device="cpu")
     assert default.attention == "dense" and not default.guided
+    # "auto" runs GSA from gsa_from_views views per pass on
+    threshold = sidecar["gsa_from_views"]
+    assert load_backbone("default", "auto", "cpu", num_views=threshold - 1).attention == "dense"
+    assert load_backbone("default", "auto", "cpu", num_views=threshold).attention == "gsa"
+    assert load_backbone("default", "dense", "cpu", num_views=threshold).attention == "dense"
     default_gsa = load_backbone("default", attention="gsa", device="cpu")
     assert default_gsa.attention == "gsa" and not default_gsa.guided
     gsa = AttentionConfig(kind="gsa", block_size=16, query_block_size=32, compression_block_size=16, top_k=8)
@@ -445,6 +450,29 @@ def test_auto_attention_follows_the_model(tmp_path):
     backbone = load_backbone(str(tmp_path / "m.safetensors"), "auto", "cpu")
     assert backbone.attention == "gsa" and backbone.guided
     assert backbone.predict(torch.rand(1, 2, 3, 224, 294)).attention is not None
+
+
+def test_auto_attention_counts_the_views_of_a_pass(scene_data, tmp_path):
+    """reconstruct(attention="auto") tells the model how many views a pass holds: the default's sidecar with
+    gsa_from_views at the scene's view count runs GSA, one above it dense, and so do chunks of fewer views."""
+    import shutil
+
+    from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS
+
+    shutil.copy(DEFAULT_WEIGHTS, tmp_path / "m.safetensors")
+    meta = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    model = str(tmp_path / "m.safetensors")
+    for threshold, chunk_size, expected in (
+        (VIEWS, None, "gsa"),
+        (VIEWS + 1, None, "dense"),
+        (VIEWS, 4, "dense"),
+    ):
+        meta["gsa_from_views"] = threshold
+        (tmp_path / "m.json").write_text(json.dumps(meta))
+        result = run_pipeline(
+            scene_data["folder"], None, model=model, attention="auto", chunk_size=chunk_size
+        )
+        assert result.report["attention"] == expected
 
 
 def test_missing_default_weights_is_a_clear_error(scene_data, monkeypatch, tmp_path):

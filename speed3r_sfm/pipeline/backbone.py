@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 AttentionKind = Literal["auto", "gsa", "dense"]
 """``"auto"``: what the model declares: exported weights their sidecar's ``pipeline_attention`` (else their
-stored attention), a built module GSA if it has GSA blocks, official checkpoints GSA."""
+stored attention; GSA from the sidecar's ``gsa_from_views`` views per pass on), a built module GSA if it has
+GSA blocks, official checkpoints GSA."""
 ModelSpec = str | os.PathLike | nn.Module | Callable[[torch.Tensor], Prediction]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
@@ -86,13 +87,15 @@ def load_backbone(
     attention: AttentionKind = "gsa",
     device: str | torch.device = "auto",
     preprocessing: Preprocessing | None = None,
+    num_views: int | None = None,
 ) -> Backbone:
-    """A :class:`Backbone` for ``model`` (see the module docstring) on ``device``."""
+    """A :class:`Backbone` for ``model`` (see the module docstring) on ``device``; ``num_views``: how many
+    views it will see, for an ``"auto"`` that depends on it (``gsa_from_views``)."""
     if attention not in ("auto", "gsa", "dense"):
         raise ValueError(f"attention must be 'auto', 'gsa' or 'dense', got {attention!r}")
     dev = resolve_device(device)
     if isinstance(model, str | os.PathLike):
-        module, name, attention = _load_checkpoint_model(model, attention)
+        module, name, attention = _load_checkpoint_model(model, attention, num_views)
         model = module
     else:
         name = type(model).__name__
@@ -176,11 +179,12 @@ def _module_predict(
 
 
 def _load_checkpoint_model(
-    spec: str | os.PathLike, attention: AttentionKind
+    spec: str | os.PathLike, attention: AttentionKind, num_views: int | None = None
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     text = os.fspath(spec)
     if text == "default" or _is_exported(text):
-        return _load_exported_model(DEFAULT_WEIGHTS if text == "default" else Path(text), attention)
+        path = DEFAULT_WEIGHTS if text == "default" else Path(text)
+        return _load_exported_model(path, attention, num_views)
     if attention == "auto":  # official dense checkpoints: GSA is what makes them fast
         attention = "gsa"
     attention_config = AttentionConfig(kind=attention)
@@ -203,10 +207,11 @@ def _is_exported(spec: str) -> bool:
 
 
 def _load_exported_model(
-    path: Path, attention: AttentionKind
+    path: Path, attention: AttentionKind, num_views: int | None = None
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     """Our own exported weights (the shipped default or a fine-tuned model), dense or GSA as asked; "auto"
-    takes the sidecar's ``pipeline_attention``, else the stored attention."""
+    takes the sidecar's ``pipeline_attention``, else the stored attention, and GSA for ``num_views`` at or
+    above the sidecar's ``gsa_from_views``."""
     if not path.is_file():
         raise ModelNotAvailableError(
             f"the default model weights are missing ({path}); reinstall speed3r-sfm, or pass model= a Hub id "
@@ -218,6 +223,9 @@ def _load_exported_model(
     stored = meta["config"].get("attention", {})
     if attention == "auto":
         attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
+        threshold = meta.get("gsa_from_views")
+        if threshold is not None and num_views is not None and num_views >= threshold:
+            attention = "gsa"
     wanted = AttentionConfig(kind="dense") if attention == "dense" else None
     if attention == "gsa" and stored.get("kind") != "gsa":
         wanted = AttentionConfig(kind="gsa")

@@ -190,7 +190,8 @@ def run_pipeline(
         # 1. images
         stages.start("reading images")
         paths = find_images(image_dir)
-        backbone = load_backbone(model, attention, device, preprocessing)
+        per_pass = len(paths) if chunk_size is None else min(len(paths), chunk_size)
+        backbone = load_backbone(model, attention, device, preprocessing, num_views=per_pass)
         attention = backbone.attention  # "auto" resolved
         views, model_images, skipped = load_views(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
