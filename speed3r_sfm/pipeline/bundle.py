@@ -87,7 +87,7 @@ class BundleOptions:
     # after every pass, rebuild all observations at the adjusted poses and adjust once more (reconstruct.py);
     # None: only with GSA attention. With GSA it joined the two halves of the hinge on forward 1000001 at
     # 2072x1568 in 6 of 7 runs (0.15 deg) and cut the pairs off by > 5 deg at 96 views from 45 % to 12 %;
-    # with dense attention no such failure was seen and it costs 0.5-1.3 s at 24 views (a second BA)
+    # with dense attention no such failure was seen and it costs 0.2-1.3 s at 24 views (a second BA)
     readjust: bool | None = None
 
 

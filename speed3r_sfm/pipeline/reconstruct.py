@@ -247,7 +247,7 @@ def run_pipeline(
             feedforward=(geometry.cam_from_world.clone(), pose_source.get("tree_edges", [])),
         )
         adjusted = adjust(geometry, stages=stages)
-        contradicted = set(adjusted.distrusted)
+        contradicted = {(i - 1, j - 1) for i, j in adjusted.distrusted}  # view pairs, in any pass
         rescue: dict[str, Any] = {"rounds": []}
         if adjusted.dropped and options.rescue.enabled:
             stages.add_stage("rescuing weakly linked views")
@@ -255,19 +255,19 @@ def run_pipeline(
                 adjusted, geometry, adjust, views, options.rescue, pixel_scale
             )
             stages.done("rescue")
-            contradicted.update((i + 1, j + 1) for r in rescue["rounds"] for i, j in r["contradicted_links"])
+            contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
         readjustment: dict[str, Any] = {"ran": False}
         readjust = options.bundle.readjust if options.bundle.readjust is not None else attention == "gsa"
         if ba and readjust and adjusted.rec.num_reg_images() >= 2:
             stages.add_stage("adjusting again from the adjusted poses")
             adjusted, readjustment = _readjust(adjusted, geometry, adjust, views)
-            contradicted.update((i + 1, j + 1) for i, j in readjustment["contradicted_links"])
+            contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
             stages.done("readjustment")
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
-        if contradicted:  # in any pass: a link cut in the first may be re-joined by the rescue
-            pose_source["contradicted_links"] = [[i - 1, j - 1] for i, j in sorted(contradicted)]
+        if contradicted:  # a link cut in the first pass may be re-joined by the rescue
+            pose_source["contradicted_links"] = [list(pair) for pair in sorted(contradicted)]
         unregistered = [
             {
                 "name": views[image_id - 1].name,
@@ -466,14 +466,15 @@ def _readjust(
     in a wrong join of two groups of views (a hinge); from poses near the solution the right ones win."""
     again = adjust(adjusted_geometry(adjusted.rec, views, geometry), matches=adjusted.matches)
     before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
+    kept = after >= before
     entry = {
         "ran": True,
         "registered_before": before,
         "registered_after": after,
-        "kept": after >= before,
+        "kept": kept,
         "contradicted_links": [[i - 1, j - 1] for i, j in again.distrusted],
     }
-    return (again if after >= before else adjusted), entry
+    return (again if kept else adjusted), entry
 
 
 def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:
