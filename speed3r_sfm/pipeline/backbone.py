@@ -99,6 +99,7 @@ def load_backbone(
         model = module
     else:
         name = type(model).__name__
+    guidance = bool(getattr(model, "gsa_guidance", True))  # see Backbone.gsa_guidance
     if isinstance(model, nn.Module):
         if attention == "auto":
             from speed3r_sfm.training.backbone import uses_gsa
@@ -106,7 +107,6 @@ def load_backbone(
             attention = "gsa" if uses_gsa(model) else "dense"
         model = model.to(dev).eval()
         spec = preprocessing or preprocessing_of(model)
-        guidance = bool(getattr(model, "gsa_guidance", True))
         records = attention == "gsa" and guidance  # Backbone.guided: ask the model for its GSA records
         predict = _module_predict(model, records, dev)
         with_tracker = None
@@ -125,7 +125,6 @@ def load_backbone(
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         kind = "gsa" if attention == "auto" else attention  # a callable exports records or it does not
-        guidance = bool(getattr(model, "gsa_guidance", True))
         return Backbone(model, spec, getattr(model, "name", name), dev, attention=kind, gsa_guidance=guidance)
     raise TypeError(
         f"model must be 'default', a Hub id, a checkpoint path, an nn.Module with predict() or a callable "
