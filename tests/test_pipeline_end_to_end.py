@@ -373,7 +373,7 @@ def test_tiny_vggt_runs_the_gsa_path_end_to_end(scene_data, tmp_path):
     }
     assert report["counts"]["keypoints"] > 0 and report["counts"]["candidate_matches"] > 0
     assert pycolmap.Reconstruction(tmp_path / "tiny" / "sparse" / "0").num_images() == VIEWS
-    readjusted = report["readjustment"]  # on by default with GSA attention (BundleOptions.readjust=None)
+    readjusted = report["readjustment"]  # on by default (BundleOptions.readjust)
     assert readjusted["ran"] and readjusted["registered_after"] >= 0
 
 
@@ -495,19 +495,19 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
     assert str(tmp_path / "out") in out and (tmp_path / "out" / "database.db").exists()
     assert "track head kept" in out
     first = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert first["readjustment"]["ran"] == (first["attention"] == "gsa")  # readjust=None: with GSA only
+    assert first["readjustment"]["ran"]  # on by default
     code = pipeline_cli.reconstruct_command(
         str(scene_data["folder"]),
         str(tmp_path / "no_check"),
         attention="dense",
         track_verification=False,
-        readjust=not first["readjustment"]["ran"],
+        readjust=False,
     )
     out = capsys.readouterr().out
     assert code == 0 and "track head kept" not in out
     report = json.loads((tmp_path / "no_check" / "report.json").read_text())
     assert report["counts"]["track_verification"]["ran"] is False
-    assert report["readjustment"]["ran"] is not first["readjustment"]["ran"]
+    assert report["readjustment"] == {"ran": False}
     code = pipeline_cli.reconstruct_command(str(scene_data["folder"]), str(tmp_path / "out"), quiet=True)
     assert code == 1 and "already exists" in capsys.readouterr().err
     empty = tmp_path / "empty"
@@ -549,7 +549,7 @@ def test_views_not_linked_well_enough_are_reported_not_registered(scene_data, tm
     assert "not registered: " in pipeline_cli.summary_text(result)
     default = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), attention="dense")
     assert default.report["unregistered_images"] == [] and default.reconstruction.num_reg_images() == VIEWS
-    assert default.report["readjustment"] == {"ran": False}  # off by default with dense attention
+    assert default.report["readjustment"]["ran"] and default.report["readjustment"]["kept"]
 
 
 class _GroupTurned:

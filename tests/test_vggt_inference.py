@@ -163,6 +163,29 @@ def test_dense_heads_autocast_switch():
     torch.testing.assert_close(b["pose_enc"], a["pose_enc"])  # the camera head stays in float32
 
 
+def test_bf16_heads_in_predict_on_cpus_with_native_bf16(monkeypatch):
+    from speed3r_sfm.models.vggt import model as vggt_module
+
+    images = torch.rand(1, 2, 3, 28, 42)
+    model = tiny_vggt(enable_track=False)
+    with torch.no_grad():
+        exact = model(images)
+        fast = model(images, bf16_heads=True)
+    for key in ("depth", "depth_conf", "world_points", "world_points_conf"):
+        assert fast[key].dtype == torch.float32
+        assert not torch.equal(fast[key], exact[key]), key  # the heads did run in bf16...
+        torch.testing.assert_close(fast[key], exact[key], rtol=0.05, atol=0.01, msg=key)  # ...to bf16
+    assert torch.equal(fast["pose_enc"], exact["pose_enc"])  # the camera head stays in float32
+
+    monkeypatch.setattr(vggt_module, "cpu_has_native_bf16", lambda: True)  # any CPU can run bf16 autocast
+    assert torch.equal(model.predict(images).depth, fast["depth"][..., 0])
+    model.config.cpu_bf16_heads = False
+    assert torch.equal(model.predict(images).depth, exact["depth"][..., 0])
+    model.config.cpu_bf16_heads = True
+    monkeypatch.setattr(vggt_module, "cpu_has_native_bf16", lambda: False)
+    assert torch.equal(model.predict(images).depth, exact["depth"][..., 0])
+
+
 def test_training_gradients_reach_every_parameter():
     model = tiny_vggt(enable_track=False, enable_point=False, attention=GSA).train()
     out = model(torch.rand(1, 2, 3, 28, 28))

@@ -84,11 +84,12 @@ class BundleOptions:
     # run; with 1 a run repeats up to last-bit float differences (memory-alignment-dependent sums: 1e-13 px
     # seen in one view pair's refined matches), which a badly conditioned scene can still amplify
     num_threads: int = -1
-    # after every pass, rebuild all observations at the adjusted poses and adjust once more (reconstruct.py);
-    # None: only with GSA attention. With GSA it joined the two halves of the hinge on forward 1000001 at
-    # 2072x1568 in 6 of 7 runs (0.15 deg) and cut the pairs off by > 5 deg at 96 views from 45 % to 12 %;
-    # with dense attention no such failure was seen and it costs 0.2-1.3 s at 24 views (a second BA)
-    readjust: bool | None = None
+    # after every pass, rebuild all observations at the adjusted poses and adjust once more (reconstruct.py).
+    # With GSA it joined the two halves of the hinge on forward 1000001 at 2072x1568 in 6 of 7 runs
+    # (0.15 deg) and cut the pairs off by > 5 deg at 96 views from 45 % to 12 %; dense runs hinge the same
+    # way on that scene when the depth changes by 0.05 % (bf16 heads: 14 % and 49 % of pairs off at 518x392
+    # and 2072x1568 without it, none with it). Costs 0.5-1 s at 24 views (a second BA)
+    readjust: bool = True
 
 
 def mean_reprojection_error(rec: pycolmap.Reconstruction) -> float | None:

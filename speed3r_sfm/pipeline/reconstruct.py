@@ -17,8 +17,8 @@ Read top to bottom, :func:`run_pipeline` does:
    with points initialised from the predicted depth (``colmap_model.py``);
 6. bundle-adjust, filter and re-triangulate with pycolmap, then de-register views that too few points
    link to the rest (``bundle.py``); if some of those can be re-posed by PnP on the points they do see,
-   repeat 4-6 from the adjusted poses, keeping their earlier matches (``rescue.py``); with GSA attention
-   (``BundleOptions.readjust``), repeat 5-6 once more with the same matches from the adjusted poses, every
+   repeat 4-6 from the adjusted poses, keeping their earlier matches (``rescue.py``); then
+   (``BundleOptions.readjust``) repeat 5-6 once more with the same matches from the adjusted poses, every
    observation back (a wrong join that the first adjustment's filter locked in comes undone);
 7. write the project atomically (``export.py``): sparse/0, database.db, points.ply, report.json.
 """
@@ -257,8 +257,7 @@ def run_pipeline(
             stages.done("rescue")
             contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
         readjustment: dict[str, Any] = {"ran": False}
-        readjust = options.bundle.readjust if options.bundle.readjust is not None else attention == "gsa"
-        if ba and readjust and adjusted.rec.num_reg_images() >= 2:
+        if ba and options.bundle.readjust and adjusted.rec.num_reg_images() >= 2:
             stages.add_stage("adjusting again from the adjusted poses")
             adjusted, readjustment = _readjust(adjusted, geometry, adjust, views)
             contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])

@@ -46,6 +46,11 @@ class VGGTConfig:
     instead of in float32 as upstream (the camera head always runs in float32). About twice as fast at
     hundreds of views, with bf16-level differences in depth and points; off by default.
 
+    ``cpu_bf16_heads``: ``predict`` on a CPU whose oneDNN has native bf16 (AVX512-BF16 or AMX) runs the DPT
+    heads' convolutions in bf16: the shipped default's depth head at 24 views took 0.39 instead of 0.77 s on
+    two cores, depth within 0.05 % (median; 0.4 % at most) (``benchmarks/results/dpt_head_cpu.md``).
+    ``forward`` (training, distillation) runs them as ``dense_heads_autocast`` says.
+
     ``descriptor_layer``: an aggregator layer whose patch tokens were trained to match across views
     (``speed3r_sfm.training.correspondence``); ``predict`` then exports them, L2-normalised, as
     ``extras["descriptors"]`` for the pipeline's token poses. None (official weights): nothing exported.
@@ -92,6 +97,7 @@ class VGGTConfig:
     autocast_residual: bool = False
     compile_inference: bool = False
     dense_heads_autocast: bool = False
+    cpu_bf16_heads: bool = True
     descriptor_layer: int | None = None
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +26,16 @@ from .pose_encoding import pose_encoding_to_extrinsics_intrinsics
 
 HUB_REPO = "facebook/VGGT-1B"
 HUB_FILENAMES = ("model.safetensors", "model.pt")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs oneDNN bf16 convolutions natively (AVX512-BF16 or AMX)."""
+    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:  # a build without oneDNN
+        return False
 
 
 class VGGT(nn.Module):
@@ -111,11 +122,14 @@ class VGGT(nn.Module):
         query_points: torch.Tensor | None = None,
         return_attention: bool = False,
         with_track_features: bool = False,
+        bf16_heads: bool = False,
     ) -> dict[str, Any]:
         """images: (S, 3, H, W) or (B, S, 3, H, W) in [0, 1], H and W multiples of the patch size;
         query_points: optional (N, 2) or (B, N, 2) pixel (x, y) in frame 0, for the track head;
         ``with_track_features``: also return the track head's feature maps (``track_features``, see
-        ``TrackHead.features``) to track points of any frame later (``TrackHead.track``).
+        ``TrackHead.features``) to track points of any frame later (``TrackHead.track``). ``bf16_heads``: run
+        the DPT heads' convolutions in bf16 whatever the caller's autocast (``predict`` on a CPU with native
+        bf16, see ``VGGTConfig.cpu_bf16_heads``).
 
         Returns the official keys: ``pose_enc`` (B, S, 9) and ``pose_enc_list``, ``depth`` (B, S, H, W, 1),
         ``depth_conf`` (B, S, H, W), ``world_points`` (B, S, H, W, 3), ``world_points_conf`` (B, S, H, W),
@@ -144,7 +158,13 @@ class VGGT(nn.Module):
                 pose_enc_list = self.camera_head(outputs[-1])
                 predictions["pose_enc"] = pose_enc_list[-1]
                 predictions["pose_enc_list"] = pose_enc_list
-        with contextlib.nullcontext() if self.config.dense_heads_autocast else float32_heads():
+        if bf16_heads:
+            dense_heads = torch.autocast(images.device.type, dtype=torch.bfloat16)
+        elif self.config.dense_heads_autocast:
+            dense_heads = contextlib.nullcontext()
+        else:
+            dense_heads = float32_heads()
+        with dense_heads:
             if self.depth_head is not None:
                 depth, depth_conf = self.depth_head(outputs, image_size, patch_start_idx, chunk)
                 predictions["depth"], predictions["depth_conf"] = depth, depth_conf
@@ -203,7 +223,13 @@ class VGGT(nn.Module):
             raise ValueError("predict() needs the depth head or the point head")
         height, width = self._check_images(images).shape[-2:]
         with_tracker = with_tracker and self.track_head is not None
-        out = self.forward(images, return_attention=return_attention, with_track_features=with_tracker)
+        bf16_heads = images.device.type == "cpu" and self.config.cpu_bf16_heads and cpu_has_native_bf16()
+        out = self.forward(
+            images,
+            return_attention=return_attention,
+            with_track_features=with_tracker,
+            bf16_heads=bf16_heads,
+        )
         pose_enc = out["pose_enc"].float()
         cam_from_world, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, (height, width))
         if self.depth_head is not None:
