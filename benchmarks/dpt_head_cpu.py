@@ -2,7 +2,7 @@
 (``VGGTConfig.cpu_bf16_heads``), time and how far the depth moves.
 
 The aggregator runs once on random images at the model's input size (24 views by default); the head then runs
-``--repeats`` times per setting, the settings interleaved so that both see the same machine load; medians kept.
+``--repeats`` times per setting, settings interleaved (both see the same machine load), medians kept.
 
     python benchmarks/dpt_head_cpu.py --out benchmarks/results/dpt_head_cpu
 """
