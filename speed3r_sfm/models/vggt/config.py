@@ -47,8 +47,8 @@ class VGGTConfig:
     hundreds of views, with bf16-level differences in depth and points; off by default.
 
     ``cpu_bf16_heads``: ``predict`` on a CPU whose oneDNN has native bf16 (AVX512-BF16 or AMX) runs the DPT
-    heads' convolutions in bf16: the shipped default's depth head at 24 views took 0.39 instead of 0.77 s on
-    two cores, depth within 0.05 % (median; 0.4 % at most) (``benchmarks/results/dpt_head_cpu.md``).
+    heads' convolutions in bf16: the shipped default's depth head at 24 views took 0.41 instead of 0.87 s on
+    two cores, depth within 0.05 % (median; 0.43 % at most) (``benchmarks/results/dpt_head_cpu.md``).
     ``forward`` (training, distillation) runs them as ``dense_heads_autocast`` says.
 
     ``descriptor_layer``: an aggregator layer whose patch tokens were trained to match across views
