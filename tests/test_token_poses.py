@@ -187,6 +187,19 @@ def test_token_poses_of_oracle_descriptors_match_the_trajectory(scene, oracle, r
         TokenPoseOptions(rotation_from="x")
 
 
+def test_ransac_may_stop_before_its_maximum_number_of_trials():
+    """pycolmap's essential-matrix RANSAC defaults to at least 1000 trials, which made every pair run all
+    of them; token poses let both estimators stop once they are confident."""
+    import pycolmap
+
+    from speed3r_sfm.pipeline.token_poses import RANSAC_MIN_TRIALS, RANSAC_TRIALS, _configure_ransac
+
+    for ransac in (pycolmap.RANSACOptions(), pycolmap.AbsolutePoseEstimationOptions().ransac):
+        configured = _configure_ransac(ransac, 4.0)
+        assert configured.min_num_trials == RANSAC_MIN_TRIALS < configured.max_num_trials == RANSAC_TRIALS
+        assert configured.max_error == 4.0 and configured.random_seed == 0
+
+
 def test_token_poses_try_more_partner_views_while_some_view_is_unreached(scene, oracle, monkeypatch):
     """When the nearest-descriptor partners leave a view unconnected, more partners are aligned (only the
     pairs not tried yet) before giving up on token poses."""
