@@ -137,6 +137,21 @@ def test_mixed_shapes_are_padded_white_with_a_warning():
     assert (images[0, :, :63] == 1).all() and (images[0, :, 63 + 392 :] == 1).all()
 
 
+def test_images_resized_in_threads_keep_their_order_and_values(tmp_path):
+    """Images are read and resized one per thread; each comes out as it does alone, in the given order."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (90 + 7 * i, 120, 3), dtype=np.uint8)) for i in range(5)]
+    images[1].save(tmp_path / "one.png")
+    inputs = [images[0], tmp_path / "one.png", *images[2:]]
+    together, transforms = preprocess_images(inputs, mode="pad", target_size=56)  # all padded to 56 x 56
+    for i, item in enumerate(inputs):
+        alone, (transform,) = preprocess_images([item], mode="pad", target_size=56)
+        assert transform.original_size == transforms[i].original_size == (120, 90 + 7 * i)
+        assert transform.resized_size == transforms[i].resized_size
+        assert torch.equal(alone[0], together[i])
+    assert transforms[1].path == str(tmp_path / "one.png") and transforms[0].path is None
+
+
 def test_pixel_limit_mode_uses_the_first_image_size():
     assert pixel_limit_size(1920, 1080) == (672, 378)
     images, transforms = preprocess_images([blank(1920, 1080), blank(800, 800)], mode="pixel_limit")

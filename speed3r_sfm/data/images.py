@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -258,43 +259,48 @@ def preprocess_images(
     if mode != "pixel_limit" and target_size % patch_size:
         raise ValueError(f"target_size {target_size} is not a multiple of the patch size {patch_size}")
 
-    tensors, transforms = [], []
-    fixed_size: tuple[int, int] | None = None
-    for item in images:
-        if isinstance(item, Image.Image):
-            image, orientation, path = to_rgb(item), 1, None
-        else:
-            (image, orientation, _), path = read_image_upright(item), os.fspath(item)
-        width, height = image.size
-        if mode == "pixel_limit":
-            fixed_size = fixed_size or pixel_limit_size(width, height, pixel_limit, patch_size)
-            new_size, resample = fixed_size, Image.Resampling.LANCZOS
-        elif mode == "crop" or width >= height:
-            new_size = (target_size, _round_to_patch(height * (target_size / width), patch_size))
-            resample = Image.Resampling.BICUBIC
-        else:
-            new_size = (_round_to_patch(width * (target_size / height), patch_size), target_size)
-            resample = Image.Resampling.BICUBIC
-        tensor = _to_tensor(image.resize(new_size, resample))
-        crop_y = 0
-        if mode == "crop" and new_size[1] > target_size:
-            crop_y = (new_size[1] - target_size) // 2
-            tensor = tensor[:, crop_y : crop_y + target_size]
-        pad = (0, 0)
-        if mode == "pad":
-            tensor, pad = _pad_white(tensor, target_size, target_size)
-        tensors.append(tensor)
-        transforms.append(
-            ImageTransform(
-                original_size=(width, height),
-                resized_size=new_size,
-                crop=(0, crop_y),
-                pad=pad,
-                model_size=(tensor.shape[2], tensor.shape[1]),
-                exif_orientation=orientation,
-                path=path,
-            )
+    with ThreadPoolExecutor(max_workers=max(1, min(len(images), torch.get_num_threads()))) as pool:
+        # decoding and resizing release the GIL: one image per thread
+        loaded = list(pool.map(_upright, images))
+        plans = []
+        fixed_size: tuple[int, int] | None = None
+        for image, _, _ in loaded:
+            width, height = image.size
+            if mode == "pixel_limit":
+                fixed_size = fixed_size or pixel_limit_size(width, height, pixel_limit, patch_size)
+                plans.append((fixed_size, Image.Resampling.LANCZOS))
+            elif mode == "crop" or width >= height:
+                plans.append(
+                    ((target_size, _round_to_patch(height * (target_size / width), patch_size)), BICUBIC)
+                )
+            else:
+                plans.append(
+                    ((_round_to_patch(width * (target_size / height), patch_size), target_size), BICUBIC)
+                )
+        resized = pool.map(
+            lambda pair: _to_tensor(pair[0][0].resize(*pair[1])), zip(loaded, plans, strict=True)
         )
+        tensors, transforms = [], []
+        for (image, orientation, path), (new_size, _), tensor in zip(loaded, plans, resized, strict=True):
+            crop_y = 0
+            if mode == "crop" and new_size[1] > target_size:
+                crop_y = (new_size[1] - target_size) // 2
+                tensor = tensor[:, crop_y : crop_y + target_size]
+            pad = (0, 0)
+            if mode == "pad":
+                tensor, pad = _pad_white(tensor, target_size, target_size)
+            tensors.append(tensor)
+            transforms.append(
+                ImageTransform(
+                    original_size=image.size,
+                    resized_size=new_size,
+                    crop=(0, crop_y),
+                    pad=pad,
+                    model_size=(tensor.shape[2], tensor.shape[1]),
+                    exif_orientation=orientation,
+                    path=path,
+                )
+            )
 
     max_h = max(t.shape[1] for t in tensors)
     max_w = max(t.shape[2] for t in tensors)
@@ -314,6 +320,17 @@ def preprocess_images(
                 path=transform.path,
             )
     return torch.stack(tensors), transforms
+
+
+BICUBIC = Image.Resampling.BICUBIC
+
+
+def _upright(item: ImageInput) -> tuple[Image.Image, int, str | None]:
+    """(RGB image, EXIF orientation, path or None) of a PIL image (taken as upright) or an image path."""
+    if isinstance(item, Image.Image):
+        return to_rgb(item), 1, None
+    image, orientation, _ = read_image_upright(item)
+    return image, orientation, os.fspath(item)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

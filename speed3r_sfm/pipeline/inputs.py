@@ -119,10 +119,10 @@ def _work_copy(image: Image.Image, original_size: tuple[int, int], long_side: in
 
 def _read_one(
     path: Path, max_image_size: int, min_work_scale: float
-) -> tuple[str | None, tuple[tuple[int, int], Image.Image, int] | None, str | None]:
-    """(digest, (original size, work copy, EXIF orientation), problem) of one file; ``problem`` says why it
-    cannot be used (then the rest is None). Only the work copy is kept: huge originals are never held
-    together, and large JPEGs are decoded at a reduced scale."""
+) -> tuple[str | None, tuple[tuple[int, int], Image.Image, np.ndarray, int] | None, str | None]:
+    """(digest, (original size, work copy, its pixels, EXIF orientation), problem) of one file; ``problem``
+    says why it cannot be used (then the rest is None). Only the work copy is kept: huge originals are
+    never held together, and large JPEGs are decoded at a reduced scale."""
     try:
         digest = file_digest(path)
     except OSError as error:
@@ -134,7 +134,8 @@ def _read_one(
     except ImageReadError as error:
         return digest, None, f"not a readable image ({error})"
     long_side = work_long_side(max(size), max_image_size, min_work_scale)
-    return digest, (size, _work_copy(image, size, long_side), orientation), None
+    work = _work_copy(image, size, long_side)
+    return digest, (size, work, np.array(work), orientation), None
 
 
 def load_views(
@@ -151,7 +152,7 @@ def load_views(
     Raises :class:`InputError` when fewer than two images are usable.
     """
     root = Path(root)
-    loaded: list[tuple[str, Path, tuple[int, int], Image.Image, int]] = []
+    loaded: list[tuple[str, Path, tuple[int, int], Image.Image, np.ndarray, int]] = []
     skipped: list[str] = []
     seen: dict[str, str] = {}
     workers = min(len(paths), max(1, torch.get_num_threads())) or 1
@@ -166,8 +167,7 @@ def load_views(
                 skipped.append(f"skipped {path}: exact duplicate of {seen[digest]}")
                 continue
             seen[digest] = name
-            original_size, work, orientation = read
-            loaded.append((name, path, original_size, work, orientation))
+            loaded.append((name, path, *read))
     for message in skipped:
         logger.warning(message)
     if len(loaded) < 2:
@@ -194,7 +194,7 @@ def load_views(
             patch_size=preprocessing.patch_size,
         )
     views = []
-    for (name, path, original_size, work, orientation), t in zip(loaded, work_transforms, strict=True):
+    for (name, path, original_size, _, pixels, orientation), t in zip(loaded, work_transforms, strict=True):
         # work = original * (work size / original size) exactly (a resize maps image edges to edges), so
         # the original -> model map has the same resize, crop and pad as the work -> model one.
         transform = ImageTransform(
@@ -206,5 +206,5 @@ def load_views(
             exif_orientation=orientation,
             path=str(path),
         )
-        views.append(View(name, path, original_size, np.array(work), transform, orientation))
+        views.append(View(name, path, original_size, pixels, transform, orientation))
     return views, model_images, skipped
