@@ -262,21 +262,12 @@ def preprocess_images(
     with ThreadPoolExecutor(max_workers=max(1, min(len(images), torch.get_num_threads()))) as pool:
         # decoding and resizing release the GIL: one image per thread
         loaded = list(pool.map(_upright, images))
-        plans = []
-        fixed_size: tuple[int, int] | None = None
-        for image, _, _ in loaded:
-            width, height = image.size
-            if mode == "pixel_limit":
-                fixed_size = fixed_size or pixel_limit_size(width, height, pixel_limit, patch_size)
-                plans.append((fixed_size, Image.Resampling.LANCZOS))
-            elif mode == "crop" or width >= height:
-                plans.append(
-                    ((target_size, _round_to_patch(height * (target_size / width), patch_size)), BICUBIC)
-                )
-            else:
-                plans.append(
-                    ((_round_to_patch(width * (target_size / height), patch_size), target_size), BICUBIC)
-                )
+        fixed_size = None  # pixel_limit: every image gets the size computed from the first one
+        if mode == "pixel_limit":
+            fixed_size = pixel_limit_size(*loaded[0][0].size, pixel_limit, patch_size)
+        plans = [
+            _resize_plan(image.size, mode, target_size, patch_size, fixed_size) for image, _, _ in loaded
+        ]
         resized = pool.map(
             lambda pair: _to_tensor(pair[0][0].resize(*pair[1])), zip(loaded, plans, strict=True)
         )
@@ -322,7 +313,22 @@ def preprocess_images(
     return torch.stack(tensors), transforms
 
 
-BICUBIC = Image.Resampling.BICUBIC
+def _resize_plan(
+    size: tuple[int, int], mode: str, target_size: int, patch_size: int, fixed_size: tuple[int, int] | None
+) -> tuple[tuple[int, int], Image.Resampling]:
+    """(new size, resampling filter) of an image of ``size`` (W, H) for :func:`preprocess_images`."""
+    width, height = size
+    if fixed_size is not None:
+        return fixed_size, Image.Resampling.LANCZOS
+    if mode == "crop" or width >= height:
+        return (
+            target_size,
+            _round_to_patch(height * (target_size / width), patch_size),
+        ), Image.Resampling.BICUBIC
+    return (
+        _round_to_patch(width * (target_size / height), patch_size),
+        target_size,
+    ), Image.Resampling.BICUBIC
 
 
 def _upright(item: ImageInput) -> tuple[Image.Image, int, str | None]:
