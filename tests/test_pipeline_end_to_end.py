@@ -588,6 +588,7 @@ def test_weakly_linked_views_are_rescued_by_pnp_and_matched_again(scene_data, mo
 
     options = PipelineOptions()
     options.rescue.move_weak_group = move_weak_group
+    options.rescue.sift = not move_weak_group  # else SIFT poses the view the group would move
     result = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
     assert result.reconstruction.num_reg_images() == VIEWS and result.report["unregistered_images"] == []
     rounds = result.report["rescue"]["rounds"]
@@ -603,6 +604,32 @@ def test_weakly_linked_views_are_rescued_by_pnp_and_matched_again(scene_data, mo
     assert f"re-posed and matched again: {VIEWS - 3} -> {VIEWS} registered" in summary
     assert "contradicted_links" not in result.report["poses"]  # dropped for too few points, not a cut
     assert all(r["contradicted_links"] == [] for r in rounds)
+
+
+@pytest.mark.parametrize("sift_image_size", [640, 160])
+def test_views_too_far_off_for_any_match_are_posed_by_sift(scene_data, sift_image_size):
+    """Three views turned 60 degrees get no correspondences at all, so PnP has nothing to re-pose them with;
+    the SIFT fallback matches them to their registered neighbours, triangulated there, and PnP on those
+    places them (also from SIFT copies smaller than the work images: keypoints scaled back to the
+    original pixels); matching again registers every view close to the truth."""
+    gt = scene_data["views"].cam_from_world.double()
+    model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 60.0)
+    options = PipelineOptions()
+    options.rescue.sift = False
+    without = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
+    assert without.reconstruction.num_reg_images() == VIEWS - 3
+    assert without.report["rescue"] == {"rounds": []}  # nothing to re-pose them by
+
+    options = PipelineOptions()
+    options.rescue.sift_image_size = sift_image_size
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
+    assert result.reconstruction.num_reg_images() == VIEWS and result.report["unregistered_images"] == []
+    placed = result.report["rescue"]["rounds"][0]["views"]
+    assert [entry["how"] for entry in placed] == ["sift"] * 3
+    assert all(entry["correspondences"] == 0 and entry["inliers"] >= 20 for entry in placed)
+    assert placed[0]["matched_to"] == ["view_04.png", "view_03.png", "view_02.png"]  # nearest in order
+    assert _median_rre(result.feedforward_cam_from_world, gt) > 10.0
+    assert _median_rre(_poses(result.reconstruction, result.image_names), gt) < 0.5
 
 
 def test_links_cut_in_any_pass_are_reported(scene_data, monkeypatch):

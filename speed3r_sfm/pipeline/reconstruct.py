@@ -67,6 +67,7 @@ from .matching import Matches, MatchOptions, keep_matches, match_views
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .report import build_report
 from .rescue import RescueOptions, adjusted_geometry, rescued_geometry
+from .sift_rescue import SiftFeatures
 from .token_poses import TokenPoseOptions, apply_token_poses
 from .tracks import Tracks, build_tracks
 from .view_features import thumbnail_descriptors, token_descriptors, token_encoder
@@ -252,7 +253,13 @@ def run_pipeline(
         if adjusted.dropped and options.rescue.enabled:
             stages.add_stage("rescuing weakly linked views")
             adjusted, rescue = _rescue_weak_views(
-                adjusted, geometry, adjust, views, options.rescue, pixel_scale
+                adjusted,
+                geometry,
+                adjust,
+                views,
+                options.rescue,
+                pixel_scale,
+                pose_source.get("tree_edges", []),
             )
             stages.done("rescue")
             contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
@@ -420,10 +427,12 @@ def _rescue_weak_views(
     views: list,
     options: RescueOptions,
     pixel_scale: float,
+    tree_edges: list,
 ) -> tuple[_Adjusted, dict[str, Any]]:
     """Rounds of :func:`~.rescue.rescued_geometry` and steps 4-6 again (``adjust``), keeping the weak views'
     earlier matches, while that registers more views; the best result and the report entry."""
     rounds = []
+    features = SiftFeatures(views, options.sift_image_size, options.sift_ratio)  # kept between rounds
     for _ in range(options.max_rounds):
         rescued = rescued_geometry(
             adjusted.rec,
@@ -434,6 +443,8 @@ def _rescue_weak_views(
             adjusted.dropped,
             options,
             pixel_scale,
+            tree_edges,
+            features,
         )
         if rescued is None:
             break

@@ -30,6 +30,7 @@ from speed3r_sfm.geometry import compose_poses, invert_pose
 
 from .frames import SceneGeometry, apply_pose, original_to_work, work_to_model
 from .inputs import View
+from .sift_rescue import SiftFeatures, nearest_registered, sift_pose
 from .tracks import connected_components
 
 
@@ -41,13 +42,23 @@ class RescueOptions:
     observations then pass the bundle adjustment's filter in original pixels);
     ``move_weak_group``: also move the views of a weak group that PnP cannot pose along with the group's
     best re-posed view (registers more views, but on one held-out orbit with one camera per image it
-    sometimes registered views 6-20 degrees off; off by default, later rounds pose them by PnP instead)."""
+    sometimes registered views 6-20 degrees off; off by default, later rounds pose them by PnP instead);
+    ``sift``: the classical fallback of ``sift_rescue.py`` for views without enough correspondences."""
 
     enabled: bool = True
     max_rounds: int = 3
     min_inliers: int = 6
     max_error: float = 4.0
     move_weak_group: bool = False
+    # views PnP cannot re-pose (too few correspondences): SIFT matches to their ``sift_neighbours`` nearest
+    # registered views, triangulated there, and PnP on those (``sift_rescue.py``)
+    sift: bool = True
+    sift_image_size: int = 640  # long side of the copies SIFT runs on
+    sift_neighbours: int = 3
+    sift_ratio: float = 0.85  # Lowe's ratio test, with mutual nearest neighbours
+    sift_min_inliers: int = 20
+    sift_max_error: float = 4.0  # pixels of the SIFT copies: triangulation and PnP
+    sift_min_angle: float = 1.5  # degrees, triangulation
 
 
 def pose_matrix(rigid: pycolmap.Rigid3d) -> torch.Tensor:
@@ -99,14 +110,22 @@ def rescued_geometry(
     dropped: Sequence[int],
     options: RescueOptions,
     pixel_scale: float = 1.0,
+    tree_edges: Sequence[tuple[int, int]] = (),
+    features: SiftFeatures | None = None,
 ) -> tuple[SceneGeometry, list[dict]] | None:
     """The geometry to match again with (module docstring) and what happened to each dropped view, or None
     when no dropped view could be re-posed.
 
     ``dropped``: image ids de-registered as weakly linked; ``rec``: after the drop, in the same world frame
-    as ``geometry`` (the geometry its pass matched with); ``pair_matches`` and ``points2d``: that pass's.
+    as ``geometry`` (the geometry its pass matched with); ``pair_matches`` and ``points2d``: that pass's;
+    ``tree_edges``: the feed-forward pose tree (view pairs), which picks the views SIFT matches a view to;
+    ``features``: SIFT features kept between rounds (made here when None).
     """
     poses = registered_poses(rec, geometry)
+    # depth to the scale of the adjusted poses: matching lifts keypoints with it
+    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
+    depth, _ = rescaled_depth(views, geometry, poses, points)
+    adjusted = replace(geometry, cam_from_world=poses, depth=depth)
     estimation = pycolmap.AbsolutePoseEstimationOptions()
     estimation.ransac.max_error = options.max_error * pixel_scale
     estimation.ransac.random_seed = 0
@@ -122,17 +141,27 @@ def rescued_geometry(
             if result is not None and int(result["num_inliers"]) >= options.min_inliers:
                 poses[view] = pose_matrix(result["cam_from_world"])
                 placed[view].update(how="pnp", inliers=int(result["num_inliers"]))
-    if all(entry["how"] != "pnp" for entry in placed.values()):
+    if options.sift:
+        features = features or SiftFeatures(views, options.sift_image_size, options.sift_ratio)
+        registered = [image_id - 1 for image_id in rec.reg_image_ids()]
+        for view, entry in placed.items():
+            if entry["how"] != "not re-posed":
+                continue
+            near = nearest_registered(view, registered, len(views), tree_edges, options.sift_neighbours)
+            max_error = options.sift_max_error * features.scale(view)
+            found = sift_pose(rec, features, view, near, max_error, options.sift_min_angle)
+            if found is not None and len(found[1]) >= options.sift_min_inliers:
+                poses[view] = pose_matrix(found[0])
+                seen[view] = found[1], found[2]
+                entry.update(how="sift", inliers=len(found[1]), matched_to=[views[n].name for n in near])
+    if all(entry["how"] == "not re-posed" for entry in placed.values()):
         return None
     if options.move_weak_group:
         _move_with_group(views, geometry, poses, placed, seen, pair_matches)
-    # depth to the scale of the adjusted poses: matching lifts keypoints with it
-    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
-    points.update({view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"})
-    depth, ratios = rescaled_depth(views, geometry, poses, points)
+    moved = {view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"}
+    depth, ratios = rescaled_depth(views, adjusted, poses, moved)
     for view, ratio in ratios.items():
-        if view in placed:
-            placed[view]["depth_rescaled_by"] = round(ratio, 4)
+        placed[view]["depth_rescaled_by"] = round(ratio, 4)
     return replace(geometry, cam_from_world=poses, depth=depth), list(placed.values())
 
 
@@ -184,7 +213,7 @@ def _move_with_group(
     """Pose, in place, every weak view PnP could not pose by its feed-forward pose relative to the re-posed
     view with the most inliers in its weak group (views linked by matches), the baseline rescaled to the
     main group's scale."""
-    posed = [view for view, entry in placed.items() if entry["how"] == "pnp"]
+    posed = [view for view, entry in placed.items() if entry["how"] in ("pnp", "sift")]
     # per re-posed view: scale of the main group's points over its (the weak group's) depth
     scale = {p: depth_ratio(views[p], geometry, p, poses[p], *seen[p]) or 1.0 for p in posed}
     weak = sorted(placed)
@@ -193,7 +222,7 @@ def _move_with_group(
     group = {view: int(label) for view, label in zip(weak, labels, strict=True)}
     for view, entry in placed.items():
         linked = [p for p in posed if group[p] == group[view]]
-        if entry["how"] == "pnp" or not linked:
+        if entry["how"] in ("pnp", "sift") or not linked:
             continue
         anchor = max(linked, key=lambda p: placed[p]["inliers"])
         view_from_anchor = compose_poses(
