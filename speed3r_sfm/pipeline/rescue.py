@@ -12,6 +12,9 @@ pose from bundle adjustment, and every view's depth is rescaled to the 3D points
 on that geometry (``reconstruct.run_pipeline``), with the weak views' earlier matches kept, links them;
 a rescued pose that is wrong stays weakly linked and is dropped again.
 
+A view without enough correspondences for PnP (none at all when its pose was far off) is placed by the
+classical fallback of :mod:`.sift_rescue` instead: SIFT matches to registered neighbours, triangulated there.
+
 On held-out synthetic orbits the views de-registered this way were a contiguous run whose token-pose edge
 to the rest was 15-27 degrees off; each round re-posed the views next to the main group (7-20
 correspondences) and matching again linked them, so that the next round could pose their neighbours.
