@@ -125,10 +125,6 @@ def rescued_geometry(
     ``features``: SIFT features kept between rounds (made here when None).
     """
     poses = registered_poses(rec, geometry)
-    # depth to the scale of the adjusted poses: matching lifts keypoints with it
-    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
-    depth, _ = rescaled_depth(views, geometry, poses, points)
-    adjusted = replace(geometry, cam_from_world=poses, depth=depth)
     estimation = pycolmap.AbsolutePoseEstimationOptions()
     estimation.ransac.max_error = options.max_error * pixel_scale
     estimation.ransac.random_seed = 0
@@ -161,10 +157,13 @@ def rescued_geometry(
         return None
     if options.move_weak_group:
         _move_with_group(views, geometry, poses, placed, seen, pair_matches)
-    moved = {view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"}
-    depth, ratios = rescaled_depth(views, adjusted, poses, moved)
+    # depth to the scale of the adjusted poses: matching lifts keypoints with it
+    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
+    points.update({view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"})
+    depth, ratios = rescaled_depth(views, geometry, poses, points)
     for view, ratio in ratios.items():
-        placed[view]["depth_rescaled_by"] = round(ratio, 4)
+        if view in placed:
+            placed[view]["depth_rescaled_by"] = round(ratio, 4)
     return replace(geometry, cam_from_world=poses, depth=depth), list(placed.values())
 
 
