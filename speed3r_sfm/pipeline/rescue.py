@@ -224,7 +224,7 @@ def _move_with_group(
     group = {view: int(label) for view, label in zip(weak, labels, strict=True)}
     for view, entry in placed.items():
         linked = [p for p in posed if group[p] == group[view]]
-        if entry["how"] in ("pnp", "sift") or not linked:
+        if view in posed or not linked:
             continue
         anchor = max(linked, key=lambda p: placed[p]["inliers"])
         view_from_anchor = compose_poses(
