@@ -632,6 +632,31 @@ def test_views_too_far_off_for_any_match_are_posed_by_sift(scene_data, sift_imag
     assert _median_rre(_poses(result.reconstruction, result.image_names), gt) < 0.5
 
 
+@pytest.mark.parametrize("shared_camera", [False, True])
+def test_sift_rescue_estimates_the_focal_length_of_a_view_with_its_own_camera(scene_data, shared_camera):
+    """Three views turned 60 degrees whose predicted focal length is also 30 % too long: with one camera per
+    image, PnP in the rescue estimates their focal length (as COLMAP's mapper does for a new camera) and
+    the next pass starts from it; a shared camera keeps the one the registered views refined."""
+    views = scene_data["views"]
+    intrinsics = views.intrinsics.clone()
+    intrinsics[[5, 6, 7], :2, :2] *= 1.3
+    model = _GroupTurned(_oracle(scene_data, intrinsics=intrinsics), [5, 6, 7], 60.0)
+    result = run_pipeline(
+        scene_data["folder"], None, model=model, attention="dense", shared_camera=shared_camera
+    )
+    assert result.reconstruction.num_reg_images() == VIEWS
+    placed = result.report["rescue"]["rounds"][0]["views"]
+    assert [entry["how"] for entry in placed] == ["sift"] * 3
+    rec, truth = result.reconstruction, float(views.intrinsics[0, 0, 0])
+    if shared_camera:
+        assert all("focal_length" not in entry for entry in placed)
+    else:
+        assert np.allclose([entry["focal_length"] for entry in placed], truth, rtol=0.02)
+    cameras = [rec.cameras[rec.find_image_with_name(f"view_0{i}.png").camera_id] for i in (5, 6, 7)]
+    assert np.allclose([camera.mean_focal_length() for camera in cameras], truth, rtol=0.01)
+    assert _median_rre(_poses(rec, result.image_names), views.cam_from_world.double()) < 0.5
+
+
 def test_links_cut_in_any_pass_are_reported(scene_data, monkeypatch):
     """A link the first pass found contradicting the feed-forward poses stays in report.json when the
     rescue's pass finds none (it re-joined the views): the report says that a cut happened."""

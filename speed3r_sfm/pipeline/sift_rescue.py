@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kornia.feature import match_smnn
 
 from .inputs import View
+from .pnp import absolute_pose
 
 
 class SiftFeatures:
@@ -141,14 +142,17 @@ def sift_pose(
     rec: pycolmap.Reconstruction,
     features: SiftFeatures,
     view: int,
+    camera: pycolmap.Camera,
     neighbours: Sequence[int],
     max_error: float,
     min_angle_deg: float,
-) -> tuple[pycolmap.Rigid3d, np.ndarray, np.ndarray] | None:
-    """PnP pose of ``view`` on the SIFT keypoints of the registered ``neighbours`` that SIFT matches between
-    pairs of them triangulate (module docstring): (cam_from_world, inlier original pixels (K, 2), their 3D
-    points (K, 3)), or None without a pose. ``max_error`` (original pixels) bounds both the triangulation's
-    and PnP's reprojection errors."""
+    estimate_focal: bool = False,
+) -> tuple[pycolmap.Rigid3d, np.ndarray, np.ndarray, pycolmap.Camera] | None:
+    """PnP pose of ``view`` seen by ``camera`` on the SIFT keypoints of the registered ``neighbours`` that
+    SIFT matches between pairs of them triangulate (module docstring): (cam_from_world, inlier original
+    pixels (K, 2), their 3D points (K, 3), the camera, its focal length estimated with ``estimate_focal``
+    (:func:`.pnp.absolute_pose`)), or None without a pose. ``max_error`` (original pixels) bounds both the
+    triangulation's and PnP's reprojection errors."""
     point_of: dict[int, dict[int, np.ndarray]] = {other: {} for other in neighbours}
     for a, b in combinations(neighbours, 2):
         pairs = features.matches(a, b)
@@ -167,12 +171,9 @@ def sift_pose(
     if len(pixels) < 4:
         return None
     xy_all, xyz_all = np.array(pixels), np.array(points)
-    estimation = pycolmap.AbsolutePoseEstimationOptions()
-    estimation.ransac.max_error = max_error
-    estimation.ransac.random_seed = 0
-    camera = rec.cameras[rec.image(view + 1).camera_id]
-    result = pycolmap.estimate_and_refine_absolute_pose(xy_all, xyz_all, camera, estimation)
-    if result is None:
+    found = absolute_pose(xy_all, xyz_all, camera, max_error, estimate_focal)
+    if found is None:
         return None
+    result, camera = found
     inliers = np.asarray(result["inlier_mask"], dtype=bool)
-    return result["cam_from_world"], xy_all[inliers], xyz_all[inliers]
+    return result["cam_from_world"], xy_all[inliers], xyz_all[inliers], camera
