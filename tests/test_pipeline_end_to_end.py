@@ -679,6 +679,36 @@ def test_links_cut_in_any_pass_are_reported(scene_data, monkeypatch):
     assert result.reconstruction.num_reg_images() == VIEWS
 
 
+def test_rescue_passes_check_links_against_the_poses_they_start_from(scene_data, monkeypatch):
+    """A view the rescue re-posed had a wrong feed-forward pose: a later pass checks its links against the
+    rescue's pose (in the adjusted poses' frame), not the wrong one. Checked against that, the now right
+    link between view 4 and the turned view 5 would be cut and the turned views dropped again."""
+    references = []
+
+    def check_the_turned_link(rec, poses, tree_pairs, max_disagreement):
+        references.append(poses.clone())
+        return original(rec, poses, [(4, 5)], max_disagreement)
+
+    original = pipeline_reconstruct.contradicted_pairs
+    monkeypatch.setattr(pipeline_reconstruct, "contradicted_pairs", check_the_turned_link)
+    gt = scene_data["views"].cam_from_world.double()
+    model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 30.0)
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
+    assert result.reconstruction.num_reg_images() == VIEWS
+    rounds = result.report["rescue"]["rounds"]
+    assert len(references) == 1 + len(rounds) + 1 >= 3  # first pass, rescue rounds, readjustment
+    assert all(r["contradicted_links"] == [] for r in rounds)
+    assert result.report["readjustment"]["contradicted_links"] == []
+
+    def link_error(poses: torch.Tensor) -> float:  # degrees, relative rotation of views 4 and 5
+        relative = poses[5, :, :3] @ poses[4, :, :3].T
+        truth = gt[5, :, :3] @ gt[4, :, :3].T
+        return math.degrees(math.acos(min(1.0, (float(torch.trace(relative.T @ truth)) - 1) / 2)))
+
+    assert link_error(references[0].double()) > 25.0  # the feed-forward poses
+    assert all(link_error(reference.double()) < 5.0 for reference in references[1:])  # the rescue's
+
+
 def _observation_errors(rec: pycolmap.Reconstruction) -> np.ndarray:
     """Reprojection error (pixels) of every observation, recomputed from the model."""
     errors = []

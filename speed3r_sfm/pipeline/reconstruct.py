@@ -245,28 +245,25 @@ def run_pipeline(
             camera_model=camera_model,
             shared_camera=shared_camera,
             pixel_scale=pixel_scale,
-            feedforward=(geometry.cam_from_world.clone(), pose_source.get("tree_edges", [])),
         )
-        adjusted = adjust(geometry, stages=stages)
+        # the poses the view pairs of the feed-forward pose tree are checked against (``contradicted_pairs``)
+        reference = geometry.cam_from_world.clone()
+        tree_edges = pose_source.get("tree_edges", [])
+        adjusted = adjust(geometry, feedforward=(reference, tree_edges), stages=stages)
         contradicted = {(i - 1, j - 1) for i, j in adjusted.distrusted}  # view pairs, in any pass
         rescue: dict[str, Any] = {"rounds": []}
         if adjusted.dropped and options.rescue.enabled:
             stages.add_stage("rescuing weakly linked views")
-            adjusted, rescue = _rescue_weak_views(
-                adjusted,
-                geometry,
-                adjust,
-                views,
-                options.rescue,
-                pixel_scale,
-                pose_source.get("tree_edges", []),
+            adjusted, rescue, reference = _rescue_weak_views(
+                adjusted, geometry, adjust, views, options.rescue, pixel_scale, tree_edges, reference
             )
             stages.done("rescue")
             contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
         readjustment: dict[str, Any] = {"ran": False}
         if ba and options.bundle.readjust and adjusted.rec.num_reg_images() >= 2:
             stages.add_stage("adjusting again from the adjusted poses")
-            adjusted, readjustment = _readjust(adjusted, geometry, adjust, views)
+            again = partial(adjust, feedforward=(reference, tree_edges))
+            adjusted, readjustment = _readjust(adjusted, geometry, again, views)
             contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
             stages.done("readjustment")
         del tracker, adjust
@@ -362,7 +359,8 @@ def _match_and_adjust(
     matches: Matches | None = None,
 ) -> _Adjusted:
     """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``feedforward``:
-    the feed-forward cam_from_world and the view pairs of its pose tree; ``carried``: earlier matches kept
+    the view pairs of the feed-forward pose tree and the cam_from_world they are checked against (the
+    feed-forward poses; the rescue's for the views it re-posed); ``carried``: earlier matches kept
     where they touch the given views (image ids); ``matches``: use these instead of matching (step 4)."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
@@ -428,9 +426,14 @@ def _rescue_weak_views(
     options: RescueOptions,
     pixel_scale: float,
     tree_edges: list,
-) -> tuple[_Adjusted, dict[str, Any]]:
+    reference: torch.Tensor,
+) -> tuple[_Adjusted, dict[str, Any], torch.Tensor]:
     """Rounds of :func:`~.rescue.rescued_geometry` and steps 4-6 again (``adjust``), keeping the weak views'
-    earlier matches, while that registers more views; the best result and the report entry."""
+    earlier matches, while that registers more views; the best result, the report entry and the poses the
+    pose tree's links are checked against from then on (``reference``, the feed-forward poses, until a
+    round is kept). A round checks them against the poses it starts from (adjusted, re-posed by the
+    rescue, else feed-forward): checked against a re-posed view's feed-forward pose, the wrong one, its
+    now right links would be cut, and the rescue's poses are in the adjusted poses' frame."""
     rounds = []
     features = SiftFeatures(views, options.sift_image_size, options.sift_ratio)  # kept between rounds
     for _ in range(options.max_rounds):
@@ -449,7 +452,10 @@ def _rescue_weak_views(
         if rescued is None:
             break
         geometry, placed = rescued
-        again = adjust(geometry, carried=(adjusted.matches, adjusted.dropped))
+        checked = geometry.cam_from_world.clone()
+        again = adjust(
+            geometry, carried=(adjusted.matches, adjusted.dropped), feedforward=(checked, tree_edges)
+        )
         before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
         rounds.append(
             {
@@ -461,10 +467,10 @@ def _rescue_weak_views(
         )
         if after <= before:
             break
-        adjusted = again
+        adjusted, reference = again, checked
         if not adjusted.dropped:
             break
-    return adjusted, {"rounds": rounds}
+    return adjusted, {"rounds": rounds}, reference
 
 
 def _readjust(
