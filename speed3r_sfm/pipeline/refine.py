@@ -5,8 +5,8 @@ local affine map ``A`` (source pixels -> target pixels, from depth and poses), t
 the grid ``y + A (s + u)``, i.e. warped into the source frame, and the source patch (u in a P x P grid
 around ``x``) is correlated with it over offsets ``s``. The search starts on the coarsest level of a
 Gaussian pyramid that makes the search radius at most ``level_radius`` pixels, and each finer level
-searches ``fine_radius`` pixels around the doubled previous offset. At level 0 a separable parabola
-through the NCC peak gives the sub-pixel offset.
+searches ``middle_radius`` (level 0: ``fine_radius``) pixels around the doubled previous offset. At level 0
+a separable parabola through the NCC peak gives the sub-pixel offset.
 
 Everything is batched over matches, whatever their view pair: the pyramids of all views are packed level by
 level into one atlas image (:class:`PyramidStack`), so that one ``grid_sample`` call per level samples the
@@ -30,7 +30,11 @@ class RefineOptions:
 
     patch_size: int = 11  # odd, at every pyramid level
     level_radius: int = 6  # integer search radius on the coarsest level
-    fine_radius: int = 2  # search radius on the finer levels
+    # search radius at level 0, and on the levels between the coarsest and level 0 (their offset, doubled
+    # from the level above, can miss by more than 2 pixels on smooth images: upscaled, or photos much
+    # larger than the model's input, whose pyramids have more levels)
+    fine_radius: int = 2
+    middle_radius: int = 3
     recentre: int = 0  # finer levels: search again around a peak found on the search border (times)
     min_ncc: float = 0.8  # at level 0
     min_margin: float = 0.1  # coarsest level: best NCC minus the second-highest local maximum
@@ -395,7 +399,9 @@ def _refine_chunk(
             break
         factor = 2.0**level
         top = level == levels
-        r = _top_radius(radius, levels, options) if top else options.fine_radius
+        r = options.fine_radius if level == 0 else options.middle_radius
+        if top:
+            r = _top_radius(radius, levels, options)
         x_l = (x[act] + 0.5) / factor - 0.5
         y_l = (y[act] + 0.5) / factor - 0.5
         a = affine[act]
