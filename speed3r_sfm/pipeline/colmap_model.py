@@ -58,17 +58,22 @@ def make_cameras(
             camera_id=1, model=camera_model, width=width, height=height, params=camera_params(camera_model, k)
         )
         return [camera], [1] * len(views)
-    cameras = [
-        pycolmap.Camera(
-            camera_id=i + 1,
-            model=camera_model,
-            width=v.original_size[0],
-            height=v.original_size[1],
-            params=camera_params(camera_model, ks[i]),
-        )
-        for i, v in enumerate(views)
-    ]
+    cameras = [view_camera(v, ks[i], camera_model, camera_id=i + 1) for i, v in enumerate(views)]
     return cameras, [i + 1 for i in range(len(views))]
+
+
+def view_camera(
+    view: View, k: np.ndarray, camera_model: str, camera_id: int | None = None
+) -> pycolmap.Camera:
+    """The COLMAP camera of ``view`` for its pinhole K in original pixels (COLMAP convention), with zero
+    distortion (``camera_id`` None: pycolmap's invalid id, a camera outside any reconstruction)."""
+    width, height = view.original_size
+    camera = pycolmap.Camera(
+        model=camera_model, width=width, height=height, params=camera_params(camera_model, k)
+    )
+    if camera_id is not None:
+        camera.camera_id = camera_id
+    return camera
 
 
 def points_in_original(views: Sequence[View], tracks: Tracks) -> list[np.ndarray]:

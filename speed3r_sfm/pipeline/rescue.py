@@ -31,7 +31,7 @@ import torch
 
 from speed3r_sfm.geometry import compose_poses, invert_pose
 
-from .colmap_model import camera_params
+from .colmap_model import view_camera
 from .frames import SceneGeometry, apply_pose, intrinsics_to_original, original_to_work, work_to_model
 from .inputs import View
 from .pnp import absolute_pose, has_own_camera
@@ -196,8 +196,7 @@ def pnp_camera(
     if not has_own_camera(rec, view + 1):
         return camera
     k = intrinsics_to_original(views[view], geometry.intrinsics[view]).numpy()
-    params = camera_params(camera.model.name, k)
-    return pycolmap.Camera(model=camera.model, width=camera.width, height=camera.height, params=params)
+    return view_camera(views[view], k, camera.model.name)
 
 
 def registered_poses(rec: pycolmap.Reconstruction, geometry: SceneGeometry) -> torch.Tensor:
