@@ -10,10 +10,12 @@ from PIL import Image
 from speed3r_sfm.data.images import (
     ImageReadError,
     ImageTransform,
+    _decode_plain_png,
     list_images,
     pixel_limit_size,
     preprocess_images,
     read_image,
+    read_image_upright,
 )
 
 
@@ -63,6 +65,30 @@ def test_transparency_is_composited_on_white(tmp_path):
     palette.putpalette([0, 255, 0, 0, 0, 255] + [0] * 762)
     palette.save(tmp_path / "palette.png", transparency=0)
     assert np.asarray(read_image(tmp_path / "palette.png"))[0].tolist() == [[255] * 3, [0, 0, 255]]
+
+
+def test_plain_png_fast_decode_matches_pil_and_leaves_the_rest_to_it(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    assert np.array_equal(_decode_plain_png(tmp_path / "plain.png"), pixels)  # kornia-rs, same pixels
+    assert np.array_equal(np.asarray(read_image(tmp_path / "plain.png")), pixels)
+    # a transparency key and an EXIF orientation: PIL's path (the key is ignored for RGB, EXIF rotates)
+    Image.fromarray(pixels).save(tmp_path / "keyed.png", transparency=tuple(int(v) for v in pixels[0, 0]))
+    assert _decode_plain_png(tmp_path / "keyed.png") is None
+    assert np.array_equal(np.asarray(read_image(tmp_path / "keyed.png")), pixels)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)
+    assert _decode_plain_png(tmp_path / "rotated.png") is None
+    image, orientation, size = read_image_upright(tmp_path / "rotated.png")
+    assert orientation == 6 and size == (37, 53) and image.size == (37, 53)
+    assert np.array_equal(np.asarray(image), np.rot90(pixels, k=-1))
+    data = (tmp_path / "plain.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    assert _decode_plain_png(tmp_path / "truncated.png") is None
+    with pytest.raises(ImageReadError, match="truncated.png"):
+        read_image(tmp_path / "truncated.png")
 
 
 def test_unreadable_files_raise_naming_the_file(tmp_path):

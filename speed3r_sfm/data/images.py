@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import kornia_rs
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,10 @@ def read_image_upright(
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"image file {path} does not exist")
+    if path.suffix.lower() == ".png":
+        pixels = _decode_plain_png(path)
+        if pixels is not None:
+            return Image.fromarray(pixels), 1, (pixels.shape[1], pixels.shape[0])
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -108,6 +113,37 @@ def read_image_upright(
             return (rgb.copy() if rgb is image else rgb), orientation, size  # ``image`` closes on return
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_plain_png(path: Path) -> np.ndarray | None:
+    """(H, W, 3) uint8 pixels of an 8-bit RGB PNG without transparency or EXIF data, decoded by kornia-rs
+    (same pixels as PIL, 3-4x faster); None for any other file, which PIL then reads (and explains)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    bit_depth, colour_type = data[24], data[25]
+    limit = Image.MAX_IMAGE_PIXELS  # above it PIL warns or refuses: leave those files to PIL
+    if bit_depth != 8 or colour_type != 2 or width * height == 0 or (limit and width * height > limit):
+        return None
+    offset = len(_PNG_SIGNATURE)
+    while offset + 8 <= len(data):  # chunks: length, type, data, CRC
+        length, kind = int.from_bytes(data[offset : offset + 4], "big"), data[offset + 4 : offset + 8]
+        if kind in (b"tRNS", b"eXIf"):  # a transparency key, an orientation: PIL's way
+            return None
+        if kind == b"IEND":
+            break
+        offset += 12 + length
+    try:
+        return kornia_rs.io.decode_image_png_u8(data, (height, width), "rgb")
+    except Exception:  # corrupt or truncated: PIL reports it
+        return None
 
 
 def _dct_scale_factor(width: int, height: int, max_size: int) -> int:
