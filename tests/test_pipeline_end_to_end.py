@@ -812,6 +812,10 @@ def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, mon
         assert matched == [True, False]  # matched once; the readjustment reuses those matches
         assert entry["ran"] and entry["kept"] and entry["registered_after"] == VIEWS
         assert float(rre.max()) < 1.0
+        # one round (BundleOptions.readjust_rounds), at the final loss scale: it starts near the solution
+        rounds = [r for r in result.report["ba_rounds"] if r["round"] != "prefilter"]
+        assert len(rounds) == options.bundle.readjust_rounds == 1
+        assert rounds[0]["loss_scale_px"] == pytest.approx(options.bundle.loss_scale)
     else:
         assert matched == [True] and entry == {"ran": False}
         assert float(rre.max()) > 6.0

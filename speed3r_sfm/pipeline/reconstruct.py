@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -262,7 +262,7 @@ def run_pipeline(
         readjustment: dict[str, Any] = {"ran": False}
         if ba and options.bundle.readjust and adjusted.rec.num_reg_images() >= 2:
             stages.add_stage("adjusting again from the adjusted poses")
-            again = partial(adjust, feedforward=(reference, tree_edges))
+            again = partial(adjust, feedforward=(reference, tree_edges), options=_readjust_options(options))
             adjusted, readjustment = _readjust(adjusted, geometry, again, views)
             contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
             stages.done("readjustment")
@@ -491,6 +491,15 @@ def _readjust(
         "contradicted_links": [[i - 1, j - 1] for i, j in again.distrusted],
     }
     return (again if kept else adjusted), entry
+
+
+def _readjust_options(options: PipelineOptions) -> PipelineOptions:
+    """The readjustment's settings: ``BundleOptions.readjust_rounds`` rounds, every one at ``loss_scale`` (it
+    starts from the adjusted poses, not several degrees off)."""
+    bundle = options.bundle
+    return replace(
+        options, bundle=replace(bundle, rounds=bundle.readjust_rounds, initial_loss_scale=bundle.loss_scale)
+    )
 
 
 def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:
