@@ -212,12 +212,13 @@ def test_relayout_positions_and_padding():
     assert torch.equal(partial, ~per_block)
 
 
-def test_flex_cpu_inference_matches_reference():
-    """Compiled FlexAttention on the CPU (inference only); eager flex is never used."""
-    layout = LAYOUTS[0]
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_flex_cpu_inference_matches_reference(layout):
+    """Compiled FlexAttention on the CPU (inference only); eager flex is never used. Checked on AVX2 as
+    well as AVX-512 (ATEN_CPU_CAPABILITY=avx2 picks the AVX2 kernels)."""
     config = _config(layout, backend="flex")
-    module = _module(config, dtype=torch.float32)
-    q, k, v = _inputs(layout, dtype=torch.float64)
+    module = _module(config, dim=16, dtype=torch.float32)
+    q, k, v = _inputs(layout, dim=16, dtype=torch.float64)
     records: list = []
     with torch.no_grad():
         out = module(q.float(), k.float(), v.float(), ViewLayout(*layout[:3], records=records))
@@ -226,6 +227,14 @@ def test_flex_cpu_inference_matches_reference():
         q, k, v, ViewLayout(*layout[:3]), config, module.gate.double(), Selection(blocks, blocks)
     )
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_cpu_refuses_the_shape_its_avx2_kernel_gets_wrong():
+    layout = LAYOUTS[0]  # 8-token key blocks
+    module = _module(_config(layout, backend="flex"), dim=16, dtype=torch.float32)
+    q, k, v = _inputs(layout, dim=16, dtype=torch.float32)
+    with torch.no_grad(), pytest.raises(ValueError, match="backend 'gather'"):
+        module(q, k, v, ViewLayout(*layout[:3]))
 
 
 def test_build_global_attention_and_per_layer_choice():

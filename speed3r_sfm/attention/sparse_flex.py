@@ -3,7 +3,10 @@
 Never run flex_attention eagerly: on the CPU (torch 2.13) eager flex with ``BlockMask.from_kv_blocks``
 returned wrong values; only the compiled kernel is used here. Key blocks without padding go to the
 "full" lists (no mask evaluated); blocks with padding go to the partial lists, where ``mask_mod``
-drops the padded positions. On the CPU, compiled flex supports inference only.
+drops the padded positions. On the CPU, compiled flex supports inference only, and its AVX2 kernel
+(torch 2.13, float32) returned wrong values with 8-token key blocks at head_dim 8 and 16, even with
+every block full and no mask_mod (AVX-512 was right; other block sizes from 1 to 128 were right), so
+8-token key blocks are refused there.
 """
 
 from __future__ import annotations
@@ -127,6 +130,11 @@ def flex_block_attention(
                 f"GSA block_size {geom.block_size} cannot be trained with FlexAttention on Hopper GPUs; "
                 "use a multiple of 128 (smaller blocks work for inference)"
             )
+    if q.device.type == "cpu" and geom.block_size == 8:
+        raise ValueError(
+            "compiled FlexAttention on the CPU returns wrong values with 8-token key blocks (torch 2.13, "
+            "AVX2); use GSA backend 'gather' (the CPU default) or another block_size"
+        )
     full_width = need_grad or q.device.type != "cuda"
     block_mask = build_block_mask(geom, ids, valid, full_width=full_width)
     opts = kernel_options(geom, q.dtype, q.device, extra_options)
