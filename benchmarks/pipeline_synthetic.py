@@ -35,15 +35,13 @@ import numpy as np
 import torch
 from accuracy import machine_description  # benchmarks/accuracy.py (this script's folder)
 from PIL import Image
+from render_scenes import cache_folder, render_scene_files, save_image  # this script's folder
 
 from speed3r_sfm.data.colmap_dataset import to_uint8_image
 from speed3r_sfm.data.synthetic import (
     HELDOUT_SEED_START,
     RenderedViews,
-    make_cameras,
-    make_scene,
     render_scene,
-    render_views,
 )
 from speed3r_sfm.eval.evaluate import evaluate_reconstruction
 from speed3r_sfm.eval.sift_baseline import run_sift_baseline
@@ -98,20 +96,32 @@ def write_images(views: RenderedViews, seed: int, folder: Path, args: argparse.N
     suffix = ".jpg" if args.image_format == "jpg" else ".png"
     if args.render_scale > 1:
         k = args.render_scale
-        name = f"scene{seed}_{args.trajectory}_{args.views}v_{args.height}x{args.width}_ss{args.supersample}"
-        cached = Path(args.cache) / f"{name}_x{k}_{args.image_format}"
+        cached = cache_folder(
+            args.cache,
+            seed,
+            args.trajectory,
+            args.views,
+            args.height,
+            args.width,
+            args.supersample,
+            k,
+            args.image_format,
+        )
         if not cached.is_dir():
             start = time.perf_counter()
-            scene = make_scene(seed).to("cuda" if torch.cuda.is_available() else "cpu")
             height, width = args.height * k, args.width * k
-            intrinsics, poses = make_cameras(scene, args.views, height, width, args.trajectory)
-            partial = cached.with_name(cached.name + ".partial")
-            partial.mkdir(parents=True, exist_ok=True)
-            for i in range(args.views):
-                k_i, pose_i = intrinsics[i : i + 1], poses[i : i + 1]
-                view = render_views(scene, k_i, pose_i, height, width, supersample=args.supersample)
-                _save(Image.fromarray(to_uint8_image(view.images[0])), partial / f"{i:05d}{suffix}")
-            partial.rename(cached)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            render_scene_files(
+                cached,
+                seed,
+                args.trajectory,
+                args.views,
+                height,
+                width,
+                args.supersample,
+                args.image_format,
+                device,
+            )
             print(f"rendered scene {seed} at {width}x{height} in {time.perf_counter() - start:.0f} s")
         for path in sorted(cached.iterdir()):
             (folder / path.name).symlink_to(path.resolve())
@@ -120,14 +130,7 @@ def write_images(views: RenderedViews, seed: int, folder: Path, args: argparse.N
         image = Image.fromarray(to_uint8_image(views.images[i]))
         if args.upscale > 1:
             image = image.resize((image.width * args.upscale, image.height * args.upscale), Image.BICUBIC)
-        _save(image, folder / f"{i:05d}{suffix}")
-
-
-def _save(image: Image.Image, path: Path) -> None:
-    if path.suffix == ".jpg":
-        image.save(path, quality=92)  # a typical camera setting
-    else:
-        image.save(path)
+        save_image(image, folder / f"{i:05d}{suffix}")
 
 
 def image_scale(args: argparse.Namespace) -> int:
