@@ -96,33 +96,13 @@ def write_images(views: RenderedViews, seed: int, folder: Path, args: argparse.N
     suffix = ".jpg" if args.image_format == "jpg" else ".png"
     if args.render_scale > 1:
         k = args.render_scale
-        cached = cache_folder(
-            args.cache,
-            seed,
-            args.trajectory,
-            args.views,
-            args.height,
-            args.width,
-            args.supersample,
-            k,
-            args.image_format,
-        )
+        cached = cache_folder(args, seed, args.trajectory)
         if not cached.is_dir():
             start = time.perf_counter()
-            height, width = args.height * k, args.width * k
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            render_scene_files(
-                cached,
-                seed,
-                args.trajectory,
-                args.views,
-                height,
-                width,
-                args.supersample,
-                args.image_format,
-                device,
-            )
-            print(f"rendered scene {seed} at {width}x{height} in {time.perf_counter() - start:.0f} s")
+            render_scene_files(cached, args, seed, args.trajectory, device)
+            size = f"{args.width * k}x{args.height * k}"
+            print(f"rendered scene {seed} at {size} in {time.perf_counter() - start:.0f} s")
         for path in sorted(cached.iterdir()):
             (folder / path.name).symlink_to(path.resolve())
         return

@@ -21,20 +21,11 @@ from PIL import Image
 from speed3r_sfm.data.synthetic import make_cameras, make_scene, render_views
 
 
-def cache_folder(
-    cache: str | Path,
-    seed: int,
-    trajectory: str,
-    views: int,
-    height: int,
-    width: int,
-    supersample: int,
-    scale: int,
-    image_format: str,
-) -> Path:
-    """Where ``pipeline_synthetic.py`` looks for a scene's ``scale``-times renders."""
-    name = f"scene{seed}_{trajectory}_{views}v_{height}x{width}_ss{supersample}"
-    return Path(cache) / f"{name}_x{scale}_{image_format}"
+def cache_folder(args: argparse.Namespace, seed: int, trajectory: str) -> Path:
+    """Where ``pipeline_synthetic.py`` looks for a scene's ``args.render_scale``-times renders (``args``:
+    either script's options: cache, views, height, width, supersample, render_scale, image_format)."""
+    name = f"scene{seed}_{trajectory}_{args.views}v_{args.height}x{args.width}_ss{args.supersample}"
+    return Path(args.cache) / f"{name}_x{args.render_scale}_{args.image_format}"
 
 
 def save_image(image: Image.Image, path: Path) -> None:
@@ -52,27 +43,19 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def render_scene_files(
-    folder: Path,
-    seed: int,
-    trajectory: str,
-    views: int,
-    height: int,
-    width: int,
-    supersample: int,
-    image_format: str,
-    device: str,
+    folder: Path, args: argparse.Namespace, seed: int, trajectory: str, device: str
 ) -> None:
-    """Render every view at ``height`` x ``width``, one at a time, into ``folder`` (written beside it and
-    renamed when complete)."""
+    """Render every view at ``args.render_scale`` times the size, one at a time, into ``folder`` (written
+    beside it and renamed when complete)."""
+    height, width = args.height * args.render_scale, args.width * args.render_scale
     scene = make_scene(seed).to(device)
-    intrinsics, poses = make_cameras(scene, views, height, width, trajectory)
+    intrinsics, poses = make_cameras(scene, args.views, height, width, trajectory)
     partial = folder.with_name(folder.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    suffix = ".jpg" if image_format == "jpg" else ".png"
-    for i in range(views):
-        view = render_views(
-            scene, intrinsics[i : i + 1], poses[i : i + 1], height, width, supersample=supersample
-        )
+    suffix = ".jpg" if args.image_format == "jpg" else ".png"
+    for i in range(args.views):
+        k_i, pose_i = intrinsics[i : i + 1], poses[i : i + 1]
+        view = render_views(scene, k_i, pose_i, height, width, supersample=args.supersample)
         save_image(Image.fromarray(to_uint8(view.images[0])), partial / f"{i:05d}{suffix}")
     partial.rename(folder)
 
@@ -91,35 +74,14 @@ def main() -> None:
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    k = args.render_scale
     for spec in args.scenes:
         trajectory, seed = spec.split(":")
-        folder = cache_folder(
-            args.cache,
-            int(seed),
-            trajectory,
-            args.views,
-            args.height,
-            args.width,
-            args.supersample,
-            k,
-            args.image_format,
-        )
+        folder = cache_folder(args, int(seed), trajectory)
         if folder.is_dir():
             print(f"{folder} exists")
             continue
         start = time.perf_counter()
-        render_scene_files(
-            folder,
-            int(seed),
-            trajectory,
-            args.views,
-            args.height * k,
-            args.width * k,
-            args.supersample,
-            args.image_format,
-            args.device,
-        )
+        render_scene_files(folder, args, int(seed), trajectory, args.device)
         size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
         print(f"{folder}: {time.perf_counter() - start:.0f} s, {size:.1f} MiB", flush=True)
 
