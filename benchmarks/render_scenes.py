@@ -1,9 +1,9 @@
 """Render benchmark scenes at ``--render-scale`` times 518x392 into the cache of ``pipeline_synthetic.py``.
 
 The large renders (``--render-scale 8``: 4144x3136) take seconds per view on a GPU and far longer on two CPU
-cores, so they are made where a GPU is and the cache folder is carried back; this script needs only torch,
-kornia and Pillow (no pycolmap). ``pipeline_synthetic.py --render-scale K`` then finds the folders and times
-the pipeline on them.
+cores, so they are made where a GPU is and the cache folder is carried back; this script needs only
+torch, kornia, kornia-rs and Pillow (no pycolmap). ``pipeline_synthetic.py --render-scale K`` then finds the
+folders and times the pipeline on them.
 
     python benchmarks/render_scenes.py --scenes orbit:1000001 forward:1000000 --render-scale 8
 """
@@ -14,10 +14,10 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from speed3r_sfm.data.images import to_uint8_image
 from speed3r_sfm.data.synthetic import make_cameras, make_scene, render_views
 
 
@@ -35,13 +35,6 @@ def save_image(image: Image.Image, path: Path) -> None:
         image.save(path)
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(H, W, 3) uint8 from a (3, H, W) float image in [0, 1] (``colmap_dataset.to_uint8_image``, whose
-    module needs pycolmap)."""
-    arr = image.detach().cpu().numpy().transpose(1, 2, 0)
-    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def render_scene_files(
     folder: Path, args: argparse.Namespace, seed: int, trajectory: str, device: str
 ) -> None:
@@ -56,7 +49,7 @@ def render_scene_files(
     for i in range(args.views):
         k_i, pose_i = intrinsics[i : i + 1], poses[i : i + 1]
         view = render_views(scene, k_i, pose_i, height, width, supersample=args.supersample)
-        save_image(Image.fromarray(to_uint8(view.images[0])), partial / f"{i:05d}{suffix}")
+        save_image(Image.fromarray(to_uint8_image(view.images[0])), partial / f"{i:05d}{suffix}")
     partial.rename(folder)
 
 

@@ -28,19 +28,11 @@ from PIL import Image
 
 from speed3r_sfm.geometry import intrinsics_from_colmap, intrinsics_to_colmap
 
+from .images import to_uint8_image
+
 DEPTH_FILE = "depths.h5"
 # Models whose projection is a pinhole once their distortion parameters are zero.
 _PERSPECTIVE_MODELS = {"SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV"}
-
-
-def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 from a (3, H, W) or (H, W, 3) float image in [0, 1] (or uint8)."""
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
-        arr = arr.transpose(1, 2, 0)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return arr
 
 
 def _atomic_replace(tmp: Path, target: Path, overwrite: bool) -> None:

@@ -389,3 +389,13 @@ def _pad_white(tensor: torch.Tensor, height: int, width: int) -> tuple[torch.Ten
     top, left = pad_h // 2, pad_w // 2
     padded = F.pad(tensor, (left, pad_w - left, top, pad_h - top), value=1.0)
     return padded, (left, top)
+
+
+def to_uint8_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 from a (3, H, W) or (H, W, 3) float image in [0, 1] (or uint8)."""
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return arr
