@@ -219,7 +219,7 @@ def test_reference_frame_uses_its_own_special_tokens():
 
 
 def test_predict_returns_prediction_consistent_with_forward():
-    model = tiny_model(enable_track=False, cpu_bf16_heads=False)  # float32 heads, as forward
+    model = tiny_model(enable_track=False, cpu_bf16_heads=False, cpu_bf16_aggregator=False)  # as forward
     images = torch.rand(1, 2, 3, 28, 42)
     prediction = model.predict(images)
     with torch.no_grad():
@@ -236,7 +236,7 @@ def test_predict_returns_prediction_consistent_with_forward():
 
 
 def test_feature_tracker_tracks_points_of_any_view():
-    model = tiny_model(enable_point=False)
+    model = tiny_model(enable_point=False, cpu_bf16_aggregator=False)  # float32, as forward
     images = torch.rand(1, 4, 3, 56, 84)
     with torch.no_grad():
         own = model(images, query_points=QUERIES)

@@ -167,7 +167,7 @@ def test_bf16_heads_in_predict_on_cpus_with_native_bf16(monkeypatch):
     from speed3r_sfm.models.vggt import model as vggt_module
 
     images = torch.rand(1, 2, 3, 28, 42)
-    model = tiny_vggt(enable_track=False)
+    model = tiny_vggt(enable_track=False, cpu_bf16_aggregator=False)  # the heads alone
     with torch.no_grad():
         exact = model(images)
         fast = model(images, bf16_heads=True)
@@ -184,6 +184,35 @@ def test_bf16_heads_in_predict_on_cpus_with_native_bf16(monkeypatch):
     model.config.cpu_bf16_heads = True
     monkeypatch.setattr(vggt_module, "cpu_has_native_bf16", lambda: False)
     assert torch.equal(model.predict(images).depth, exact["depth"][..., 0])
+
+
+def test_bf16_aggregator_in_predict_on_cpus_with_native_bf16(monkeypatch):
+    from speed3r_sfm.attention import DenseAttention
+    from speed3r_sfm.models.vggt import model as vggt_module
+
+    images = torch.rand(1, 2, 3, 28, 42)
+    model = tiny_vggt(enable_track=False, cpu_bf16_heads=False)
+    seen: list[torch.dtype] = []
+    for module in model.aggregator.modules():
+        if isinstance(module, DenseAttention):
+            module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].dtype))
+    monkeypatch.setattr(vggt_module, "cpu_has_native_bf16", lambda: False)
+    exact = model.predict(images)
+    assert set(seen) == {torch.float32}
+    monkeypatch.setattr(vggt_module, "cpu_has_native_bf16", lambda: True)  # any CPU can run bf16 autocast
+    seen.clear()
+    fast = model.predict(images)
+    assert seen and set(seen) == {torch.bfloat16}  # frame and global attention got bf16 q, k, v
+    for key in ("depth", "depth_conf", "world_points", "cam_from_world", "intrinsics"):
+        a, b = getattr(exact, key), getattr(fast, key)
+        assert b.dtype == a.dtype == torch.float32, key
+        assert not torch.equal(a, b), key
+        torch.testing.assert_close(b, a, rtol=0.05, atol=0.02, msg=key)
+    model.config.cpu_bf16_aggregator = False
+    assert torch.equal(model.predict(images).depth, exact.depth)
+    model.config.cpu_bf16_aggregator = True
+    monkeypatch.setattr(vggt_module, "cpu_has_native_bf16", lambda: False)
+    assert torch.equal(model.predict(images).depth, exact.depth)
 
 
 def test_training_gradients_reach_every_parameter():

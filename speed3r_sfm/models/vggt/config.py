@@ -51,6 +51,11 @@ class VGGTConfig:
     two cores, depth within 0.05 % (median; 0.43 % at most) (``benchmarks/results/dpt_head_cpu.md``).
     ``forward`` (training, distillation) runs them as ``dense_heads_autocast`` says.
 
+    ``cpu_bf16_aggregator``: on such a CPU ``predict`` also runs the aggregator under bf16 autocast (linear
+    layers and attention as bf16 matmuls, ``DenseAttention``'s chunked CPU path; residual stream float32)
+    with a float32 model: the shipped default at 24 views took 1.3 instead of 2.5 s on two cores
+    (``benchmarks/results/cpu_bf16_aggregator.md``).
+
     ``descriptor_layer``: an aggregator layer whose patch tokens were trained to match across views
     (``speed3r_sfm.training.correspondence``); ``predict`` then exports them, L2-normalised, as
     ``extras["descriptors"]`` for the pipeline's token poses. None (official weights): nothing exported.
@@ -98,6 +103,7 @@ class VGGTConfig:
     compile_inference: bool = False
     dense_heads_autocast: bool = False
     cpu_bf16_heads: bool = True
+    cpu_bf16_aggregator: bool = True
     descriptor_layer: int | None = None
 
     def __post_init__(self) -> None:

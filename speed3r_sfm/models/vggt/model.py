@@ -123,13 +123,15 @@ class VGGT(nn.Module):
         return_attention: bool = False,
         with_track_features: bool = False,
         bf16_heads: bool = False,
+        bf16_aggregator: bool = False,
     ) -> dict[str, Any]:
         """images: (S, 3, H, W) or (B, S, 3, H, W) in [0, 1], H and W multiples of the patch size;
         query_points: optional (N, 2) or (B, N, 2) pixel (x, y) in frame 0, for the track head;
         ``with_track_features``: also return the track head's feature maps (``track_features``, see
         ``TrackHead.features``) to track points of any frame later (``TrackHead.track``). ``bf16_heads``: run
         the DPT heads' convolutions in bf16 whatever the caller's autocast (``predict`` on a CPU with native
-        bf16, see ``VGGTConfig.cpu_bf16_heads``).
+        bf16, see ``VGGTConfig.cpu_bf16_heads``); ``bf16_aggregator``: the aggregator under bf16 autocast on
+        the images' device (``VGGTConfig.cpu_bf16_aggregator``).
 
         Returns the official keys: ``pose_enc`` (B, S, 9) and ``pose_enc_list``, ``depth`` (B, S, H, W, 1),
         ``depth_conf`` (B, S, H, W), ``world_points`` (B, S, H, W, 3), ``world_points_conf`` (B, S, H, W),
@@ -142,9 +144,10 @@ class VGGT(nn.Module):
         with_tracks = query_points is not None and self.track_head is not None
         with_track_features = with_track_features and self.track_head is not None
         records: list | None = [] if return_attention else None
-        outputs, patch_start_idx = self.aggregator(
-            images, keep=self.layers_needed(with_tracks or with_track_features), records=records
-        )
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16_aggregator):
+            outputs, patch_start_idx = self.aggregator(
+                images, keep=self.layers_needed(with_tracks or with_track_features), records=records
+            )
         image_size = (images.shape[-2], images.shape[-1])
         chunk = self.config.frames_chunk_size
 
@@ -223,12 +226,16 @@ class VGGT(nn.Module):
             raise ValueError("predict() needs the depth head or the point head")
         height, width = self._check_images(images).shape[-2:]
         with_tracker = with_tracker and self.track_head is not None
-        bf16_heads = images.device.type == "cpu" and self.config.cpu_bf16_heads and cpu_has_native_bf16()
+        native_bf16 = images.device.type == "cpu" and cpu_has_native_bf16()
+        bf16_heads = native_bf16 and self.config.cpu_bf16_heads
+        float32 = self.aggregator.camera_token.dtype == torch.float32  # not a float64 reference model
+        bf16_aggregator = native_bf16 and self.config.cpu_bf16_aggregator and float32
         out = self.forward(
             images,
             return_attention=return_attention,
             with_track_features=with_tracker,
             bf16_heads=bf16_heads,
+            bf16_aggregator=bf16_aggregator,
         )
         pose_enc = out["pose_enc"].float()
         cam_from_world, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, (height, width))
