@@ -20,13 +20,14 @@ from speed3r_sfm.pipeline.bundle import (
     mean_reprojection_error,
     weakly_linked_images,
 )
+from speed3r_sfm.pipeline.colmap_model import keep_adjusted_cameras, triangulate_tracks
 from speed3r_sfm.pipeline.database import two_view_geometry
 from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
 from speed3r_sfm.pipeline.matching import Matches, keep_matches
 from speed3r_sfm.pipeline.records import summarize_records
 from speed3r_sfm.pipeline.refine import RefineOptions, build_pyramid, ncc_map, refine_pair
 from speed3r_sfm.pipeline.track_verification import check_with_tracks
-from speed3r_sfm.pipeline.tracks import build_tracks, connected_components
+from speed3r_sfm.pipeline.tracks import Tracks, build_tracks, connected_components
 
 
 def test_ncc_map_matches_a_brute_force_reference():
@@ -493,3 +494,71 @@ def test_keep_matches_carries_over_what_touches_the_views_and_is_missing():
     assert again.target_xy[:, 0].tolist() == [11.0, 60.0, 30.0, 40.0]
     assert len(keep_matches(earlier, [7], later)) == 2
     assert len(keep_matches(earlier, [2], _matches([]))) == 3
+
+
+def test_tracks_are_triangulated_at_given_poses_through_the_camera_model():
+    eyes = torch.tensor([[-1.0, -4.0, 0.5], [0.0, -4.2, 0.8], [1.0, -4.0, 0.4]], dtype=torch.float64)
+    poses = look_at(eyes, torch.zeros(3, 3, dtype=torch.float64)).numpy()
+    camera = pycolmap.Camera(
+        camera_id=1, model="SIMPLE_RADIAL", width=640, height=480, params=[500, 320, 240, 0.08]
+    )
+    rng = np.random.default_rng(3)
+    points = np.concatenate([rng.uniform(-1, 1, (20, 3)), [[0.0, 1e5, 0.0]]])  # the last one: at infinity
+    # tracks: views (0, 1, 2), (0, 2), (1, 2), ... in turn; 2D points of view v in the order they are seen
+    seen_by = [[(0, 1, 2), (0, 2), (1, 2)][t % 3] for t in range(len(points) - 1)] + [(0, 1)]
+    pixels: list[list[np.ndarray]] = [[], [], []]
+    obs_view, obs_point, starts = [], [], [0]
+    for point, views in zip(points, seen_by, strict=True):
+        for v in views:
+            cam = poses[v][:, :3] @ point + poses[v][:, 3]
+            obs_view.append(v)
+            obs_point.append(len(pixels[v]))
+            pixels[v].append(camera.img_from_cam(cam[None] / cam[2])[0])
+        starts.append(len(obs_view))
+    points2d = [np.array(p) for p in pixels]
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(camera)
+    for v, pose in enumerate(poses):
+        image = pycolmap.Image(name=f"{v}.png", keypoints=points2d[v], camera_id=1, image_id=v + 1)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pose))
+    tracks = Tracks(
+        [torch.from_numpy(p) for p in points2d],
+        [len(p) for p in points2d],
+        np.array(starts),
+        np.array(obs_view),
+        np.array(obs_point),
+    )
+    xyz, reliable = triangulate_tracks(rec, tracks, points2d, min_angle=1.5)
+    assert reliable.tolist() == [True] * 20 + [False]  # two rays 0.0 deg apart
+    np.testing.assert_allclose(xyz[:20], points[:20], atol=1e-8)  # distortion undone: exact
+    # without undoing the distortion (a pinhole of the same focal length) the points move
+    pinhole = pycolmap.Camera(
+        camera_id=1, model="SIMPLE_PINHOLE", width=640, height=480, params=[500, 320, 240]
+    )
+    rec.cameras[1] = pinhole
+    moved, _ = triangulate_tracks(rec, tracks, points2d, min_angle=1.5)
+    assert np.abs(moved[:20] - points[:20]).max() > 1e-3
+
+
+def test_adjusted_cameras_of_registered_images_are_kept():
+    def per_image_cameras(focal: float) -> pycolmap.Reconstruction:
+        rec = pycolmap.Reconstruction()
+        for i in range(2):
+            camera = pycolmap.Camera(
+                camera_id=i + 1, model="SIMPLE_RADIAL", width=64, height=48, params=[focal, 32, 24, 0.0]
+            )
+            rec.add_camera_with_trivial_rig(camera)
+            image = pycolmap.Image(
+                name=f"{i}.png", keypoints=np.zeros((0, 2)), camera_id=i + 1, image_id=i + 1
+            )
+            rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
+        return rec
+
+    adjusted = per_image_cameras(60.0)
+    adjusted.camera(1).params = [61.0, 32, 24, 0.02]
+    adjusted.camera(2).params = [75.0, 32, 24, -0.3]  # fitted to a handful of points, then de-registered
+    adjusted.deregister_frame(adjusted.image(2).frame_id)
+    rec = per_image_cameras(58.0)
+    keep_adjusted_cameras(rec, adjusted)
+    assert rec.camera(1).params.tolist() == [61.0, 32, 24, 0.02]
+    assert rec.camera(2).params.tolist() == [58.0, 32, 24, 0.0]

@@ -76,6 +76,14 @@ def view_camera(
     return camera
 
 
+def keep_adjusted_cameras(rec: pycolmap.Reconstruction, adjusted: pycolmap.Reconstruction) -> None:
+    """Set, in place, the parameters of every camera of ``rec`` that a registered image of ``adjusted`` uses
+    (same camera ids, as :func:`build_reconstruction` numbers them) to their adjusted values."""
+    for image_id in adjusted.reg_image_ids():
+        camera_id = adjusted.image(image_id).camera_id
+        rec.camera(camera_id).params = adjusted.camera(camera_id).params
+
+
 def points_in_original(views: Sequence[View], tracks: Tracks) -> list[np.ndarray]:
     """Every view's 2D points (keypoints, then match locations) in original pixels, COLMAP convention."""
     return [work_to_original(v, p).numpy() for v, p in zip(views, tracks.points, strict=True)]
@@ -134,6 +142,51 @@ def points_from_depth(
     padded[track, slot] = world
     xyz = padded.nanmedian(dim=1).values
     return xyz.numpy(), torch.isfinite(xyz).all(dim=1).numpy()
+
+
+def triangulate_tracks(
+    rec: pycolmap.Reconstruction, tracks: Tracks, points2d: Sequence[np.ndarray], min_angle: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """3D points of the tracks by linear (DLT) triangulation at the poses and cameras of ``rec`` (image
+    ``v + 1`` is view v), from every view's 2D points ``points2d`` in original pixels
+    (:func:`points_in_original`). Returns (T, 3) points and a mask of the tracks triangulated reliably: in
+    front of every camera that sees them, rays at least ``min_angle`` degrees apart."""
+    num_obs = tracks.obs_view.size
+    normalized = np.zeros((num_obs, 2))
+    world_to_cam = np.zeros((num_obs, 3, 4))
+    for view in np.unique(tracks.obs_view):
+        rows = np.nonzero(tracks.obs_view == view)[0]
+        image = rec.image(int(view) + 1)
+        pixels = np.asarray(points2d[int(view)], dtype=np.float64)[tracks.obs_point[rows]]
+        normalized[rows] = image.camera.cam_from_img(pixels)
+        world_to_cam[rows] = image.cam_from_world().matrix()
+    x = torch.from_numpy(normalized)
+    pose = torch.from_numpy(world_to_cam)
+    # each observation contributes rows x P3 - P1 and y P3 - P2 of A, with A X = 0; sum of their outer
+    # products per track, whose eigenvector of the smallest eigenvalue is X
+    rows_x = x[:, 0:1] * pose[:, 2] - pose[:, 0]
+    rows_y = x[:, 1:2] * pose[:, 2] - pose[:, 1]
+    normal = rows_x[:, :, None] * rows_x[:, None, :] + rows_y[:, :, None] * rows_y[:, None, :]
+    track = torch.from_numpy(tracks.track_of_observation())
+    system = torch.zeros(tracks.num_tracks, 4, 4, dtype=torch.float64).index_add_(0, track, normal)
+    homogeneous = torch.linalg.eigh(system).eigenvectors[:, :, 0]
+    xyz = homogeneous[:, :3] / homogeneous[:, 3:]
+    # checks: depth in every observing camera, widest ray angle (against the track's mean ray)
+    at = xyz[track]
+    depth = (pose[:, 2, :3] * at).sum(-1) + pose[:, 2, 3]
+    behind = torch.zeros(tracks.num_tracks, dtype=torch.float64).index_add_(0, track, (depth <= 0).double())
+    centres = -(pose[:, :, :3].transpose(1, 2) @ pose[:, :, 3:])[..., 0]
+    rays = torch.nn.functional.normalize(at - centres, dim=1)
+    mean = torch.nn.functional.normalize(
+        torch.zeros(tracks.num_tracks, 3, dtype=torch.float64).index_add_(0, track, rays), dim=1
+    )
+    angle = torch.rad2deg(torch.arccos((rays * mean[track]).sum(1).clamp(-1.0, 1.0)))
+    widest = torch.zeros(tracks.num_tracks, dtype=torch.float64).scatter_reduce_(
+        0, track, angle, "amax", include_self=False
+    )
+    # half the widest pair's angle lies on each side of the mean ray
+    reliable = torch.isfinite(xyz).all(dim=1) & (behind == 0) & (2 * widest >= min_angle)
+    return xyz.numpy(), reliable.numpy()
 
 
 def add_points(

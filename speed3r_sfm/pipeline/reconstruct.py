@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pycolmap
 import torch
 from tqdm.auto import tqdm
@@ -55,9 +56,11 @@ from .colmap_model import (
     CAMERA_MODELS,
     add_points,
     build_reconstruction,
+    keep_adjusted_cameras,
     points_from_depth,
     points_in_original,
     track_colors,
+    triangulate_tracks,
 )
 from .export import check_output, write_project
 from .frames import SceneGeometry
@@ -357,11 +360,15 @@ def _match_and_adjust(
     stages: _Stages | None = None,
     carried: tuple[Matches, list[int]] | None = None,
     matches: Matches | None = None,
+    from_adjusted: pycolmap.Reconstruction | None = None,
 ) -> _Adjusted:
     """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``feedforward``:
     the view pairs of the feed-forward pose tree and the cam_from_world they are checked against (the
     feed-forward poses; the rescue's for the views it re-posed); ``carried``: earlier matches kept
-    where they touch the given views (image ids); ``matches``: use these instead of matching (step 4)."""
+    where they touch the given views (image ids); ``matches``: use these instead of matching (step 4);
+    ``from_adjusted``: an adjusted reconstruction whose registered images' cameras are kept, and the 3D
+    points are triangulated at ``geometry``'s poses where that is well conditioned (else from depth, as
+    without it)."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
     if matches is None:
@@ -379,10 +386,15 @@ def _match_and_adjust(
     tracks = build_tracks(keypoints, matches, options.merge_radius)
     points2d = points_in_original(views, tracks)
     rec = build_reconstruction(views, geometry, points2d, camera_model, shared_camera)
+    if from_adjusted is not None:
+        keep_adjusted_cameras(rec, from_adjusted)
     pair_matches = tracks.pairwise_matches()
     graph = correspondence_graph([len(p) for p in points2d], pair_matches)
     manager = pycolmap.ObservationManager(rec, graph)
     xyz, valid = points_from_depth(views, geometry, tracks)
+    if from_adjusted is not None:
+        triangulated, reliable = triangulate_tracks(rec, tracks, points2d, options.bundle.min_tri_angle)
+        xyz, valid = np.where(reliable[:, None], triangulated, xyz), valid | reliable
     add_points(manager, tracks, xyz, valid, track_colors(views, tracks))
     manager.filter_observations_with_negative_depth()
     initial_error, initial_points = mean_reprojection_error(rec), rec.num_points3D()
@@ -479,8 +491,13 @@ def _readjust(
     """Steps 5-6 once more with the same matches, from the adjusted poses (depth rescaled to them) with every
     observation back; kept when it registers at least as many views. The first adjustment starts several
     degrees off and its filter drops the observations that disagree with where it then is, which can lock
-    in a wrong join of two groups of views (a hinge); from poses near the solution the right ones win."""
-    again = adjust(adjusted_geometry(adjusted.rec, views, geometry), matches=adjusted.matches)
+    in a wrong join of two groups of views (a hinge); from poses near the solution the right ones win. It
+    keeps the adjusted cameras and triangulates the points at the adjusted poses: from the model's intrinsics
+    and depth-unprojected points its solve took 30-51 Levenberg-Marquardt iterations, from these 20-31 on
+    four scenes (``benchmarks/results/readjust_start.md``)."""
+    again = adjust(
+        adjusted_geometry(adjusted.rec, views, geometry), matches=adjusted.matches, from_adjusted=adjusted.rec
+    )
     before, after = adjusted.rec.num_reg_images(), again.rec.num_reg_images()
     kept = after >= before
     entry = {

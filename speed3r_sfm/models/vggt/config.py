@@ -53,7 +53,7 @@ class VGGTConfig:
 
     ``cpu_bf16_aggregator``: on such a CPU ``predict`` also runs the aggregator under bf16 autocast (linear
     layers and attention as bf16 matmuls, ``DenseAttention``'s chunked CPU path; residual stream float32)
-    with a float32 model: the shipped default at 24 views took 1.3 instead of 2.5 s on two cores
+    with a float32 model: the shipped default at 24 views took 1.45 instead of 2.80 s on two cores
     (``benchmarks/results/cpu_bf16_aggregator.md``).
 
     ``descriptor_layer``: an aggregator layer whose patch tokens were trained to match across views
