@@ -93,6 +93,36 @@ def test_gather_path_in_many_chunks_matches_reference(grad):
     assert out.requires_grad == grad
 
 
+def test_gather_path_in_bf16_on_the_cpu_uses_bf16_matmuls(monkeypatch):
+    """CPU bf16 inference: masked scores and two bf16 matmuls per chunk, not SDPA; within bf16 rounding of
+    a float64 reference on the same (bf16-rounded) inputs."""
+    import speed3r_sfm.attention.sparse_gather as gather_module
+
+    layout = LAYOUTS[0]
+    config = _config(layout, backend="gather")
+    module = _module(config, random_gate=True)
+    q, k, v = (x.bfloat16().double() for x in _inputs(layout))
+    geom = BlockGeometry.from_layout(ViewLayout(*layout[:3]), config.block_size, config.query_block_size)
+    _, selection = reference_gsa(q, k, v, ViewLayout(*layout[:3]), config, module.gate)
+    ids, valid = kv_block_lists(geom, selection, config.include_own_view)
+    mask = reference_selection_mask(ViewLayout(*layout[:3]), 8, 16, selection.blocks, True)
+    scale = q.shape[-1] ** -0.5
+    logits = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(logits, -1) @ v
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called on the CPU bf16 inference path")
+
+    monkeypatch.setattr(gather_module.F, "scaled_dot_product_attention", no_sdpa)
+    q16, k16, v16 = q.bfloat16(), geom.relayout(k).bfloat16(), geom.relayout(v).bfloat16()
+    one_block = q.shape[0] * q.shape[1] * ids.shape[-1] * config.block_size * q.shape[-1]
+    with torch.no_grad():
+        out = gather_block_attention(q16, k16, v16, geom, ids, valid, scale, chunk_elements=5 * one_block)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    error = (out.double() - expected).abs()
+    assert error.max() < 3e-2 and error.mean() < 4e-3
+
+
 def test_training_free_output_is_the_selection_branch():
     layout = LAYOUTS[0]
     config = _config(layout, backend="gather")

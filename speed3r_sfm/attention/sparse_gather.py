@@ -2,11 +2,14 @@
 
 Exact and differentiable on any device. The gathered keys and values of each chunk of query blocks go through
 one fused SDPA call (on the CPU its flash kernel, with a boolean mask for block padding and unused list
-entries), so the logits are never materialised; the gathered copies grow with (query blocks x attended
-keys), which is why this is the CPU path and the GPU has FlexAttention.
+entries), so the logits are never materialised (CPU bf16 inference: two bf16 matmuls per chunk instead); the
+gathered copies grow with (query blocks x attended keys), which is why this is the CPU path and the GPU has
+FlexAttention.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +47,10 @@ def gather_block_attention(
     # Without autograd, two buffers serve every chunk: a fresh allocation of this size costs more in page
     # faults than the gather that fills it.
     reuse = not (torch.is_grad_enabled() and (k_rows.requires_grad or v_rows.requires_grad))
+    # CPU bf16 inference: two bf16 matmuls per chunk (see ``dense.chunked_bf16_attention``: the CPU SDPA
+    # kernel does not use the CPU's bf16 dot products); every query block lists its own view's key blocks,
+    # so no row of the mask is empty
+    bf16_matmuls = q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled()
     if reuse:
         key_buffer = k_rows.new_empty(b * h * min(chunk, t) * m, bs * d)
         value_buffer = torch.empty_like(key_buffer)
@@ -61,6 +68,10 @@ def gather_block_attention(
         keys, values = keys.view(b, h * c, m * bs, d), values.view(b, h * c, m * bs, d)
         ok = (token_ok[idx] & valid[:, :, t0:t1, :, None]).view(b, h * c, 1, m * bs)
         queries = q_blocks[:, :, t0:t1].reshape(b, h * c, qb, d)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=ok, scale=scale)
+        if bf16_matmuls:
+            scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale).masked_fill_(~ok, -math.inf)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)
+        else:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=ok, scale=scale)
         outs.append(out.view(b, h, c, qb, d))
     return torch.cat(outs, dim=2).view(b, h, t * qb, d)[:, :, :n]
