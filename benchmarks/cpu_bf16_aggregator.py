@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from speed3r_sfm.attention.dense import chunked_bf16_attention
-from speed3r_sfm.models.vggt.model import cpu_has_native_bf16
+from speed3r_sfm.models.cpu_features import cpu_has_native_bf16
 from speed3r_sfm.pipeline.backbone import load_backbone
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accuracy import machine_description  # benchmarks/accuracy.py (this script's folder)
 
-from speed3r_sfm.models.vggt.model import cpu_has_native_bf16
+from speed3r_sfm.models.cpu_features import cpu_has_native_bf16
 from speed3r_sfm.pipeline.backbone import load_backbone
 
 

@@ -69,7 +69,7 @@ def test_tiny_forward_shapes_and_consistency():
 
 
 def test_predict_converts_to_common_prediction():
-    model = tiny_model()
+    model = tiny_model(cpu_bf16=False)  # float32, as forward
     images = torch.rand(1, 3, 3, 28, 42)
     with torch.no_grad():
         out = model(images)
@@ -302,3 +302,30 @@ def test_pixel_limit_preprocessing_feeds_pi3():
     with torch.no_grad():
         out = tiny_model()(images)
     assert out["points"].shape == (1, 2, 378, 672, 3)
+
+
+def test_predict_runs_bf16_on_cpus_with_native_bf16(monkeypatch):
+    from speed3r_sfm.attention import DenseAttention
+    from speed3r_sfm.models.pi3 import model as pi3_module
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    images = torch.rand(1, 3, 3, 28, 42)
+    seen: list[torch.dtype] = []
+    for module in model.modules():
+        if isinstance(module, DenseAttention):
+            module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].dtype))
+    monkeypatch.setattr(pi3_module, "cpu_has_native_bf16", lambda: False)
+    exact = model.predict(images)
+    assert set(seen) == {torch.float32}
+    monkeypatch.setattr(pi3_module, "cpu_has_native_bf16", lambda: True)  # any CPU can run bf16 autocast
+    seen.clear()
+    fast = model.predict(images)
+    assert seen and set(seen) == {torch.bfloat16}
+    for key in ("depth", "world_points", "cam_from_world", "intrinsics"):
+        a, b = getattr(exact, key), getattr(fast, key)
+        assert b.dtype == a.dtype == torch.float32, key  # the heads stay float32
+        assert not torch.equal(a, b), key
+        torch.testing.assert_close(b, a, rtol=0.05, atol=0.05, msg=key)
+    model.config.cpu_bf16 = False
+    assert torch.equal(model.predict(images).depth, exact.depth)

@@ -24,6 +24,9 @@ class Pi3Config:
 
     Inference (no autograd) runs the blocks in place; the token-wise parts of the global blocks (norm,
     qkv, qk-norm, RoPE; output projection, MLP) run on ``global_chunk_tokens`` tokens at a time (None: all).
+
+    ``cpu_bf16``: ``predict`` on a CPU whose oneDNN runs bf16 natively (AVX512-BF16 or AMX) runs the encoder
+    and decoders under bf16 autocast (the heads stay float32), as VGGT's ``cpu_bf16_aggregator``.
     """
 
     encoder: DinoConfig = field(default_factory=_official_encoder)
@@ -40,6 +43,7 @@ class Pi3Config:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     gradient_checkpointing: bool = False
     global_chunk_tokens: int | None = 1 << 18
+    cpu_bf16: bool = True
 
     def __post_init__(self) -> None:
         if self.encoder.with_mask_token:

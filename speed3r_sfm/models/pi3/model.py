@@ -23,6 +23,7 @@ from ...attention import (
     reset_gsa_parameters,
 )
 from ..checkpoint import load_state_dict_checked, read_state_dict, resolve_checkpoint
+from ..cpu_features import cpu_has_native_bf16
 from ..intrinsics import intrinsics_from_local_points
 from ..layers.block import Block
 from ..layers.dinov2 import DinoVisionTransformer
@@ -215,8 +216,17 @@ class Pi3(nn.Module):
         - ``depth_conf`` and ``world_points_conf``: sigmoid of the confidence logits, in (0, 1) (the
           official demos keep pixels with confidence > 0.1).
         - ``extras``: ``local_points``, ``conf_logits`` and ``camera_to_world``.
+
+        On a CPU with native bf16 the encoder and decoders run under bf16 autocast (``Pi3Config.cpu_bf16``).
         """
-        out = self(images, return_attention=return_attention)
+        bf16 = (
+            images.device.type == "cpu"
+            and self.config.cpu_bf16
+            and self.image_mean.dtype == torch.float32  # not a float64 reference model
+            and cpu_has_native_bf16()
+        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = self(images, return_attention=return_attention)
         confidence = torch.sigmoid(out["conf"][..., 0])
         local_points = out["local_points"]
         intrinsics = intrinsics_from_local_points(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ from torch import nn
 
 from ...attention import AttentionConfig, is_gsa_parameter
 from ..checkpoint import load_state_dict_checked, read_state_dict, resolve_checkpoint
+from ..cpu_features import cpu_has_native_bf16
 from ..heads import CameraHead, DPTHead, FeatureTracker, TrackHead
 from ..prediction import Prediction
 from .aggregator import Aggregator
@@ -26,16 +26,6 @@ from .pose_encoding import pose_encoding_to_extrinsics_intrinsics
 
 HUB_REPO = "facebook/VGGT-1B"
 HUB_FILENAMES = ("model.safetensors", "model.pt")
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs oneDNN bf16 convolutions natively (AVX512-BF16 or AMX)."""
-    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:  # a build without oneDNN
-        return False
 
 
 class VGGT(nn.Module):
