@@ -19,9 +19,14 @@ class DenseAttention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: ViewLayout | None = None
     ) -> torch.Tensor:
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        if is_cpu_bf16_inference(q):
             return chunked_bf16_attention(q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
+
+
+def is_cpu_bf16_inference(q: torch.Tensor) -> bool:
+    """bf16 queries on the CPU without autograd: attention as bf16 matmuls (``chunked_bf16_attention``)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled()
 
 
 def chunked_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -30,8 +35,9 @@ def chunked_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
     On CPUs with native bf16 (AVX512-BF16, AMX) oneDNN's bf16 matmuls run about 4x the float32 rate, but
     the CPU kernel of ``scaled_dot_product_attention`` does not use them: at 8184 tokens, 2 heads of 64 on
-    two cores it took 0.23 s in float32 or bf16, this 0.09 s. The scores and probabilities are rounded to
-    bf16 (as bf16 flash attention on a GPU rounds the probabilities).
+    two cores it took 0.20-0.23 s in float32 or bf16, this 0.09-0.16 s
+    (``benchmarks/results/cpu_bf16_aggregator.md``). The scores and probabilities are rounded to bf16 (as
+    bf16 flash attention on a GPU rounds the probabilities).
     """
     *batch, tokens, dim = q.shape
     keys = k.shape[-2]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import BlockGeometry
+from .dense import is_cpu_bf16_inference
 
 
 def gather_block_attention(
@@ -50,7 +51,7 @@ def gather_block_attention(
     # CPU bf16 inference: two bf16 matmuls per chunk (see ``dense.chunked_bf16_attention``: the CPU SDPA
     # kernel does not use the CPU's bf16 dot products); every query block lists its own view's key blocks,
     # so no row of the mask is empty
-    bf16_matmuls = q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+    bf16_matmuls = is_cpu_bf16_inference(q)
     if reuse:
         key_buffer = k_rows.new_empty(b * h * min(chunk, t) * m, bs * d)
         value_buffer = torch.empty_like(key_buffer)
