@@ -16,6 +16,8 @@ import numpy as np
 import pycolmap
 import torch
 
+from speed3r_sfm.geometry import camera_centers
+
 from .frames import SceneGeometry, intrinsics_to_original, work_to_model, work_to_original
 from .inputs import InputError, View
 from .tracks import Tracks
@@ -175,8 +177,7 @@ def triangulate_tracks(
     at = xyz[track]
     depth = (pose[:, 2, :3] * at).sum(-1) + pose[:, 2, 3]
     behind = torch.zeros(tracks.num_tracks, dtype=torch.float64).index_add_(0, track, (depth <= 0).double())
-    centres = -(pose[:, :, :3].transpose(1, 2) @ pose[:, :, 3:])[..., 0]
-    rays = torch.nn.functional.normalize(at - centres, dim=1)
+    rays = torch.nn.functional.normalize(at - camera_centers(pose), dim=1)
     mean = torch.nn.functional.normalize(
         torch.zeros(tracks.num_tracks, 3, dtype=torch.float64).index_add_(0, track, rays), dim=1
     )
