@@ -14,9 +14,11 @@ from scipy.spatial.transform import Rotation
 from speed3r_sfm.geometry import look_at
 from speed3r_sfm.pipeline.bundle import (
     BundleOptions,
+    adjustable_images,
     bundle_adjust,
     contradicted_pairs,
     drop_weakly_linked_images,
+    gauge_anchor,
     mean_reprojection_error,
     weakly_linked_images,
 )
@@ -279,6 +281,75 @@ def test_bundle_adjustment_recovers_perturbed_poses():
     rel_est = estimated[:, :3] @ rec.image(1).cam_from_world().matrix()[:, :3].T
     angle = np.degrees(np.arccos(np.clip((np.trace(rel_true.T @ rel_est) - 1) / 2, -1, 1)))
     assert angle < 0.1
+
+
+def _relative_rotation_error_deg(rec, poses, a, b):
+    """Angle (degrees) between the adjusted and the true rotation of view ``a`` relative to view ``b``."""
+    true = poses[a][:, :3] @ poses[b][:, :3].T
+    rotation = [rec.image(view + 1).cam_from_world().rotation.matrix() for view in (a, b)]
+    estimated = rotation[0] @ rotation[1].T
+    return np.degrees(np.arccos(np.clip((np.trace(true.T @ estimated) - 1) / 2, -1, 1)))
+
+
+def test_bundle_adjustment_anchors_the_gauge_on_the_best_observed_image():
+    """Image 1 (COLMAP's default gauge camera: the lowest id) sees fewer points and starts 10 deg off: the
+    anchor is image 2, which keeps its pose, and the solve needs few iterations (34 anchored on image 1)."""
+    rec, poses, points, _ = _scene_reconstruction(num_points=300, noise_px=0.3, seed=1)
+    manager = pycolmap.ObservationManager(rec)
+    rng = np.random.default_rng(0)
+    for p in range(300):
+        images = (1, 2, 3, 4) if p < 200 else (2, 3, 4)
+        track = pycolmap.Track([pycolmap.TrackElement(i, p) for i in images])
+        manager.add_point3D(points[p] + rng.normal(0, 0.02, 3), track)
+    frame = rec.frames[rec.image(1).frame_id]
+    turn = Rotation.from_euler("y", 10, degrees=True).as_matrix()
+    start = frame.rig_from_world.matrix()
+    rotation, translation = turn @ start[:, :3], turn @ start[:, 3] + 0.05
+    frame.rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(rotation), translation)
+    assert adjustable_images(rec, 5) == [1, 2, 3, 4] and gauge_anchor(rec, [1, 2, 3, 4]) == 2
+    anchor_before = rec.image(2).cam_from_world().matrix()
+    summary = bundle_adjust(rec, BundleOptions(refine_focal_length=False), loss_scale=1.0)
+    assert summary is not None and summary.is_solution_usable()
+    steps = summary.ceres_summary.num_successful_steps + summary.ceres_summary.num_unsuccessful_steps
+    assert steps < 20
+    assert np.array_equal(rec.image(2).cam_from_world().matrix(), anchor_before)
+    assert _relative_rotation_error_deg(rec, poses, 0, 1) < 0.1
+
+
+def _adjust_with_tracks(image_sets):
+    """The 4-view scene with point p seen by the images ``image_sets[p]``, adjusted once; its true poses
+    and the poses of every image before the adjustment."""
+    rec, poses, points, _ = _scene_reconstruction(num_points=len(image_sets), noise_px=0.3, seed=1)
+    manager = pycolmap.ObservationManager(rec)
+    rng = np.random.default_rng(0)
+    for p, images in enumerate(image_sets):
+        track = pycolmap.Track([pycolmap.TrackElement(i, p) for i in images])
+        manager.add_point3D(points[p] + rng.normal(0, 0.02, 3), track)
+    before = {i: rec.image(i).cam_from_world().matrix() for i in rec.reg_image_ids()}
+    return rec, poses, before
+
+
+@pytest.mark.parametrize(
+    ("image_sets", "adjusted"),
+    [
+        ([(2, 3, 4)] * 297 + [(1, 2)] * 3, [2, 3, 4]),  # image 1 hangs on 3 points
+        ([(1, 2)] * 100 + [(3, 4)] * 200, [3, 4]),  # two groups no point links
+    ],
+)
+def test_bundle_adjustment_leaves_views_it_cannot_pose_alone(image_sets, adjusted):
+    """Views outside the main group (pairs sharing at least ``min_adjusted_link`` points) keep their poses
+    (the weak-view checks decide on them): they would leave the problem a free gauge."""
+    rec, _, before = _adjust_with_tracks(image_sets)
+    assert adjustable_images(rec, 5) == adjusted
+    assert adjustable_images(rec, 3) == [1, 2, 3, 4] or len(adjusted) == 2
+    summary = bundle_adjust(rec, BundleOptions(refine_focal_length=False), loss_scale=1.0)
+    assert summary is not None and summary.is_solution_usable()
+    for image_id in set(before) - set(adjusted):
+        assert np.array_equal(rec.image(image_id).cam_from_world().matrix(), before[image_id])
+    assert any(not np.array_equal(rec.image(i).cam_from_world().matrix(), before[i]) for i in adjusted)
+    rec.update_point_3d_errors()
+    seen_by_adjusted = [p.error for p in rec.points3D.values() if p.track.elements[0].image_id in adjusted]
+    assert np.mean(seen_by_adjusted) < 0.5  # 0.3 px noise
 
 
 def test_two_view_geometry_satisfies_the_epipolar_constraint():

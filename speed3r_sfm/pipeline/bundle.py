@@ -1,15 +1,17 @@
 """Bundle adjustment, filtering and re-triangulation with pycolmap.
 
-The adjustment runs in a normalised world frame: the first camera's frame, scaled to a median point depth
-of 1. COLMAP's two-camera gauge fixes the first camera and one translation coordinate of the second; in an
-arbitrary world frame (π³'s, or the oracle's random one) that coordinate can be mostly offset rather than
-baseline, which leaves the scale nearly free, and we observed the solver then collapse the scene behind
-the cameras, where COLMAP's reprojection cost is zero. The result is mapped back to the input world frame.
+The adjustment runs in a normalised world frame: the frame of the gauge anchor (the best-observed image),
+scaled to a median point depth of 1. COLMAP's two-camera gauge fixes that camera and one translation
+coordinate of a second; in an arbitrary world frame (π³'s, or the oracle's random one) that coordinate can
+be mostly offset rather than baseline, which leaves the scale nearly free, and we observed the solver then
+collapse the scene behind the cameras, where COLMAP's reprojection cost is zero. The result is mapped back
+to the input world frame.
 
 Before the first round, observations far off the median initial reprojection error and points with a
 too small triangulation angle are removed. Then rounds of: bundle adjustment of poses, 3D points and
 (optionally) intrinsics with a robust loss (``pycolmap.create_default_bundle_adjuster``; the gauge is
-fixed by two camera poses), ``ObservationManager.filter_all_points3D`` (reprojection error,
+fixed by two camera poses; only the main group of linked images is adjusted, :func:`adjustable_images`),
+``ObservationManager.filter_all_points3D`` (reprojection error,
 triangulation angle), and re-triangulation with pycolmap's ``IncrementalTriangulator`` over the
 correspondence graph of all matches (complete and merge tracks, triangulate observations left without a
 point). The first round keeps the intrinsics fixed and uses a wide loss scale, because the feed-forward
@@ -65,6 +67,11 @@ class BundleOptions:
     # stops a solve on a small relative cost decrease (COLMAP's 0: never); 1e-5 leaves the RRE after BA of
     # 18 held-out scenes within 0.01 deg of 1e-6 and takes 20-40 % less BA time
     function_tolerance: float = 1e-5
+    # bundle adjustment poses the largest group of registered images linked by pairs sharing at least this
+    # many 3D points; the others keep their poses (weakly linked views are decided on after the adjustment).
+    # A view with a handful of points, or a group joined to the rest by one or two, leaves the problem a free
+    # gauge: Ceres's Cholesky factorisation fails on it and the solve wanders (hard orbit 1000001)
+    min_adjusted_link: int = 5
     # pixels of the original images, as COLMAP's mapper (filtering and triangulation). In work pixels it let
     # 2-4 px observations of 13 MP images through: mean error 0.95-1.14 px instead of 0.80-0.88, and on one
     # sharp 13 MP scene ten views with a wrong feed-forward scale stayed joined to the rest by such
@@ -124,9 +131,9 @@ def correspondence_graph(
 def bundle_adjust(
     rec: pycolmap.Reconstruction, options: BundleOptions, loss_scale: float, refine_intrinsics: bool = True
 ) -> pycolmap.BundleAdjustmentSummary | None:
-    """One bundle adjustment of all registered images and their points; None if there is nothing to do.
-    With ``refine_intrinsics=False`` every camera is kept constant."""
-    image_ids = sorted(rec.reg_image_ids())
+    """One bundle adjustment of the :func:`adjustable_images` and their points; None if there is nothing to
+    do. With ``refine_intrinsics=False`` every camera is kept constant."""
+    image_ids = adjustable_images(rec, options.min_adjusted_link)
     if len(image_ids) < 2 or rec.num_points3D() == 0:
         return None
     ba = pycolmap.BundleAdjustmentOptions()
@@ -149,6 +156,8 @@ def bundle_adjust(
     if not refine_intrinsics:
         for camera_id in rec.cameras:
             config.set_constant_cam_intrinsics(camera_id)
+    # COLMAP's two-camera gauge starts from a constant pose when there is one: the best-observed image's
+    config.set_constant_rig_from_world_pose(rec.image(gauge_anchor(rec, image_ids)).frame_id)
     config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
     adjuster = pycolmap.create_default_bundle_adjuster(ba, config, rec)
     return adjuster.solve()
@@ -179,9 +188,25 @@ def retriangulate(
     return added
 
 
-def normalizing_transform(rec: pycolmap.Reconstruction) -> pycolmap.Sim3d:
-    """new_from_old: world := frame of the lowest-id registered image, scaled to a median point depth of 1."""
-    first = rec.image(min(rec.reg_image_ids()))
+def adjustable_images(rec: pycolmap.Reconstruction, min_link: int) -> list[int]:
+    """Sorted ids of the registered images in the largest group linked by pairs that share at least
+    ``min_link`` 3D points (:func:`weakly_linked_images`): the images bundle adjustment can pose."""
+    weak = set(weakly_linked_images(rec, min_link))
+    return [image_id for image_id in sorted(rec.reg_image_ids()) if image_id not in weak]
+
+
+def gauge_anchor(rec: pycolmap.Reconstruction, image_ids: list[int]) -> int:
+    """The image of ``image_ids`` with the most 3D points (ties: the lowest id), whose pose bundle adjustment
+    keeps. The solver moves the rest of the scene to the anchor's pose: an anchor whose pose disagrees with
+    its points (a weak view's) can stall it (50 iterations without converging, where another anchor takes
+    13-18 on the same toy problem)."""
+    return max(image_ids, key=lambda image_id: (rec.image(image_id).num_points3D, -image_id))
+
+
+def normalizing_transform(rec: pycolmap.Reconstruction, min_link: int = 0) -> pycolmap.Sim3d:
+    """new_from_old: world := frame of the :func:`gauge_anchor` of the :func:`adjustable_images` (with
+    ``min_link`` 0: of all registered images), scaled to a median point depth of 1."""
+    first = rec.image(gauge_anchor(rec, adjustable_images(rec, min_link)))
     cam_from_world = first.cam_from_world()
     depths = [(cam_from_world * p.xyz)[2] for p in rec.points3D.values()]
     median = float(np.median(np.abs(depths))) if depths else 1.0
@@ -203,7 +228,7 @@ def refine_reconstruction(
     """
     if rec.num_reg_images() < 2:
         return []
-    new_from_old = normalizing_transform(rec)
+    new_from_old = normalizing_transform(rec, options.min_adjusted_link)
     rec.transform(new_from_old)
     try:
         return _refine(rec, manager, triangulator, options, pixel_scale)
