@@ -490,6 +490,26 @@ def _top_per_group(group: torch.Tensor, score: torch.Tensor, k: int) -> torch.Te
     return order[rank < k].sort().values
 
 
+def _work_scales(views: list[View]) -> torch.Tensor:
+    """(S,) work pixels per model pixel of each view."""
+    return torch.tensor([max(work_pixels_per_model_pixel(v)) for v in views], dtype=torch.float64)
+
+
+def _wide_search(options: MatchOptions) -> RefineOptions:
+    """Refinement settings of the wide searches (correction samples, uncorrected pairs)."""
+    return dataclasses.replace(options.refine, level_radius=max(options.refine.level_radius, 16))
+
+
+def matching_pyramids(views: list[View], grays: list[torch.Tensor], options: MatchOptions) -> PyramidStack:
+    """The image pyramids photometric refinement searches, deep enough for the widest search radius."""
+    scale = float(_work_scales(views).max())
+    levels = max(
+        num_levels(options.correction_radius * scale, _wide_search(options).level_radius),
+        num_levels(options.search_radius * scale, options.refine.level_radius),
+    )
+    return PyramidStack.from_pyramids([build_pyramid(g, levels) for g in grays])
+
+
 def match_views(
     views: list[View],
     grays: list[torch.Tensor],
@@ -499,9 +519,12 @@ def match_views(
     thresholds: torch.Tensor,
     options: MatchOptions,
     tracker: Tracker | None = None,
+    pyramids: PyramidStack | None = None,
 ) -> Matches:
     """All verified and refined correspondences of the keypoints (see the module docstring); ``tracker``:
-    the backbone's track head (``Prediction.extras["tracker"]``), a second check of the refined matches."""
+    the backbone's track head (``Prediction.extras["tracker"]``), a second check of the refined matches;
+    ``pyramids``: :func:`matching_pyramids` of ``grays`` if already built (a run matches again when it
+    rescues views)."""
     candidates, stats = find_candidates(views, keypoints, geometry, summary, thresholds, options)
     m = len(candidates)
     stats["verified"] = m
@@ -518,13 +541,9 @@ def match_views(
             stats,
         )
     s = len(views)
-    scales = torch.tensor([max(work_pixels_per_model_pixel(v)) for v in views], dtype=torch.float64)
-    wide = dataclasses.replace(options.refine, level_radius=max(options.refine.level_radius, 16))
-    levels = max(
-        num_levels(options.correction_radius * float(scales.max()), wide.level_radius),
-        num_levels(options.search_radius * float(scales.max()), options.refine.level_radius),
-    )
-    stack = PyramidStack.from_pyramids([build_pyramid(g, levels) for g in grays])
+    scales = _work_scales(views)
+    wide = _wide_search(options)
+    stack = matching_pyramids(views, grays, options) if pyramids is None else pyramids
     first_keypoint = torch.tensor([0] + [kp.xy.shape[0] for kp in keypoints]).cumsum(0)
     keypoint = first_keypoint[candidates.source_view] + candidates.source_index
     keypoint_xy = torch.cat([kp.xy for kp in keypoints]).double()[keypoint]

@@ -66,8 +66,9 @@ from .export import check_output, write_project
 from .frames import SceneGeometry
 from .inputs import Preprocessing, find_images, load_views
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
-from .matching import Matches, MatchOptions, keep_matches, match_views
+from .matching import Matches, MatchOptions, keep_matches, match_views, matching_pyramids
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
+from .refine import PyramidStack
 from .report import build_report
 from .rescue import RescueOptions, adjusted_geometry, rescued_geometry
 from .sift_rescue import SiftFeatures
@@ -248,6 +249,7 @@ def run_pipeline(
             camera_model=camera_model,
             shared_camera=shared_camera,
             pixel_scale=pixel_scale,
+            pyramids={},  # built by the first pass, reused by the rescue's
         )
         # the poses the view pairs of the feed-forward pose tree are checked against (``contradicted_pairs``)
         reference = geometry.cam_from_world.clone()
@@ -361,6 +363,7 @@ def _match_and_adjust(
     carried: tuple[Matches, list[int]] | None = None,
     matches: Matches | None = None,
     from_adjusted: pycolmap.Reconstruction | None = None,
+    pyramids: dict[str, PyramidStack] | None = None,
 ) -> _Adjusted:
     """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``feedforward``:
     the view pairs of the feed-forward pose tree and the cam_from_world they are checked against (the
@@ -368,14 +371,25 @@ def _match_and_adjust(
     where they touch the given views (image ids); ``matches``: use these instead of matching (step 4);
     ``from_adjusted``: an adjusted reconstruction whose registered images' cameras are kept, and the 3D
     points are triangulated at ``geometry``'s poses where that is well conditioned (else from depth, as
-    without it)."""
+    without it); ``pyramids``: a cache for the refinement's image pyramids, kept between passes."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
     if matches is None:
         # 4. matches: GSA-selected views, verified by the predicted geometry, refined photometrically
         start("matching")
+        pyramids = {} if pyramids is None else pyramids
+        if "stack" not in pyramids:
+            pyramids["stack"] = matching_pyramids(views, grays, options.matching)
         matches = match_views(
-            views, grays, keypoints, geometry, summary, thresholds, options.matching, tracker
+            views,
+            grays,
+            keypoints,
+            geometry,
+            summary,
+            thresholds,
+            options.matching,
+            tracker,
+            pyramids["stack"],
         )
         if carried is not None:
             matches = keep_matches(carried[0], [image_id - 1 for image_id in carried[1]], matches)
