@@ -1,9 +1,15 @@
 """The SIFT fallback's helpers (the end-to-end rescue is in test_pipeline_end_to_end.py)."""
 
+from pathlib import Path
+
 import numpy as np
 import pycolmap
+import pytest
 
-from speed3r_sfm.pipeline.sift_rescue import nearest_registered, triangulated
+from speed3r_sfm.data.images import ImageTransform
+from speed3r_sfm.pipeline.colmap_log import colmap_log_level
+from speed3r_sfm.pipeline.inputs import View
+from speed3r_sfm.pipeline.sift_rescue import SiftFeatures, nearest_registered, triangulated
 
 
 def test_nearest_registered_follows_the_pose_tree_else_the_image_order():
@@ -38,3 +44,24 @@ def test_triangulated_points_are_kept_where_both_views_agree():
     xyz, kept = triangulated(rec, 0, 1, np.vstack([xy[0], far_xy[0]]), np.vstack([xy_b, far_xy[1]]), 4.0, 1.5)
     assert kept.tolist() == list(range(5, 40))
     assert np.abs(xyz - points[5:]).max() < 1e-6
+
+
+def test_sift_features_keep_colmap_quiet_and_restore_its_log_level(capfd):
+    """The extractor's INFO line stays out of the user's terminal; the caller's level comes back."""
+    rng = np.random.default_rng(0)
+    work = (rng.random((120, 160, 3)) * 255).astype(np.uint8)
+    transform = ImageTransform((160, 120), (160, 120), (0, 0), (0, 0), (160, 120))
+    view = View("a.png", Path("a.png"), (160, 120), work, transform)
+    previous = pycolmap.logging.minloglevel
+    pycolmap.logging.minloglevel = pycolmap.logging.INFO
+    try:
+        xy, descriptors = SiftFeatures([view], 160, 0.8)(0)
+        assert pycolmap.logging.minloglevel == int(pycolmap.logging.INFO)
+    finally:
+        pycolmap.logging.minloglevel = previous
+    assert len(xy) == len(descriptors) > 0
+    assert "Creating SIFT" not in capfd.readouterr().err
+    with pytest.raises(RuntimeError), colmap_log_level(pycolmap.logging.ERROR):
+        assert pycolmap.logging.minloglevel == int(pycolmap.logging.ERROR)
+        raise RuntimeError
+    assert pycolmap.logging.minloglevel == previous

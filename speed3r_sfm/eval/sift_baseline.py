@@ -18,6 +18,7 @@ from PIL import Image
 from speed3r_sfm.data.colmap_dataset import to_uint8_image
 from speed3r_sfm.data.synthetic import RenderedViews
 from speed3r_sfm.geometry import intrinsics_from_colmap
+from speed3r_sfm.pipeline.colmap_log import colmap_log_level
 
 from .evaluate import SceneResult, evaluate_reconstruction
 
@@ -76,8 +77,7 @@ def run_sift_baseline(
         mapping = pycolmap.IncrementalPipelineOptions(
             num_threads=num_threads, random_seed=seed, min_model_size=3
         )
-        previous_level, pycolmap.logging.minloglevel = pycolmap.logging.minloglevel, log_level
-        try:
+        with colmap_log_level(log_level):
             start = time.perf_counter()
             pycolmap.extract_features(
                 database, image_dir, image_names=names, camera_mode=mode, reader_options=reader,
@@ -88,8 +88,6 @@ def run_sift_baseline(
             (root / "sparse").mkdir(exist_ok=True)
             models = pycolmap.incremental_mapping(database, image_dir, root / "sparse", options=mapping)
             elapsed = time.perf_counter() - start
-        finally:
-            pycolmap.logging.minloglevel = previous_level
 
     poses = torch.full((s, 3, 4), math.nan, dtype=torch.float64)
     ks = torch.full((s, 3, 3), math.nan, dtype=torch.float64)

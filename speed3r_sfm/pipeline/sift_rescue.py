@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from kornia.feature import match_smnn
 
+from .colmap_log import colmap_log_level
 from .inputs import View
 from .pnp import absolute_pose
 
@@ -66,7 +67,8 @@ class SiftFeatures:
             if self.extractor is None:
                 options = pycolmap.FeatureExtractionOptions()
                 options.sift.first_octave = 0  # no upsampled first octave: 4x less work
-                self.extractor = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
+                with colmap_log_level():  # no "Creating SIFT CPU feature extractor" in the user's terminal
+                    self.extractor = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
             keypoints, descriptors = self.extractor.extract_from_uint8_array(pixels)
             xy = np.array([[k.x, k.y] for k in keypoints], dtype=np.float64).reshape(-1, 2)
             # COLMAP convention (pixel edges at integers) scales with the image size
