@@ -203,10 +203,10 @@ def gauge_anchor(rec: pycolmap.Reconstruction, image_ids: list[int]) -> int:
     return max(image_ids, key=lambda image_id: (rec.image(image_id).num_points3D, -image_id))
 
 
-def normalizing_transform(rec: pycolmap.Reconstruction, min_link: int = 0) -> pycolmap.Sim3d:
-    """new_from_old: world := frame of the :func:`gauge_anchor` of the :func:`adjustable_images` (with
-    ``min_link`` 0: of all registered images), scaled to a median point depth of 1."""
-    first = rec.image(gauge_anchor(rec, adjustable_images(rec, min_link)))
+def normalizing_transform(rec: pycolmap.Reconstruction) -> pycolmap.Sim3d:
+    """new_from_old: world := frame of the best-observed registered image (the :func:`gauge_anchor`, unless
+    it lies outside the main group), scaled to a median point depth of 1."""
+    first = rec.image(gauge_anchor(rec, sorted(rec.reg_image_ids())))
     cam_from_world = first.cam_from_world()
     depths = [(cam_from_world * p.xyz)[2] for p in rec.points3D.values()]
     median = float(np.median(np.abs(depths))) if depths else 1.0
@@ -228,7 +228,7 @@ def refine_reconstruction(
     """
     if rec.num_reg_images() < 2:
         return []
-    new_from_old = normalizing_transform(rec, options.min_adjusted_link)
+    new_from_old = normalizing_transform(rec)
     rec.transform(new_from_old)
     try:
         return _refine(rec, manager, triangulator, options, pixel_scale)
@@ -318,8 +318,8 @@ def weakly_linked_images(
                 point_rows.append(row)
                 image_cols.append(slot[element.image_id])
     # distinct (point, image) observations, sorted by point then image: each point's images form a run
-    seen = np.unique(np.array([point_rows, image_cols], dtype=np.int64).T.reshape(-1, 2), axis=0)
-    points, images = seen[:, 0], seen[:, 1]
+    seen = np.unique(np.asarray(point_rows, dtype=np.int64) * n + np.asarray(image_cols, dtype=np.int64))
+    points, images = seen // n, seen % n
     observations = np.bincount(images, minlength=n)
     longest = int(np.bincount(points).max()) if points.size else 0
     pair_codes = [np.zeros(0, dtype=np.int64)]
