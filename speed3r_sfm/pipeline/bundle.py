@@ -70,7 +70,8 @@ class BundleOptions:
     # bundle adjustment poses the largest group of registered images linked by pairs sharing at least this
     # many 3D points; the others keep their poses (weakly linked views are decided on after the adjustment).
     # A view with a handful of points, or a group joined to the rest by one or two, leaves the problem a free
-    # gauge: Ceres's Cholesky factorisation fails on it and the solve wanders (hard orbit 1000001)
+    # gauge: Ceres's Cholesky factorisation fails (dozens of logged failures per run on the hard orbit
+    # 1000001 at 2072x1568, none since; ba_gauge_anchor.md)
     min_adjusted_link: int = 5
     # pixels of the original images, as COLMAP's mapper (filtering and triangulation). In work pixels it let
     # 2-4 px observations of 13 MP images through: mean error 0.95-1.14 px instead of 0.80-0.88, and on one
@@ -197,9 +198,9 @@ def adjustable_images(rec: pycolmap.Reconstruction, min_link: int) -> list[int]:
 
 def gauge_anchor(rec: pycolmap.Reconstruction, image_ids: list[int]) -> int:
     """The image of ``image_ids`` with the most 3D points (ties: the lowest id), whose pose bundle adjustment
-    keeps. The solver moves the rest of the scene to the anchor's pose: an anchor whose pose disagrees with
-    its points (a weak view's) can stall it (50 iterations without converging, where another anchor takes
-    13-18 on the same toy problem)."""
+    keeps. The solver moves the rest of the scene to the anchor's pose, and an anchor whose pose disagrees
+    with its points (a weak view's) slows it down: a lowest-id view 10 deg off took 34 iterations as the
+    anchor and 12 with the best-observed view as the anchor (``tests/test_pipeline_units.py``)."""
     return max(image_ids, key=lambda image_id: (rec.image(image_id).num_points3D, -image_id))
 
 
