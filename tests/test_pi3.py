@@ -304,17 +304,13 @@ def test_pixel_limit_preprocessing_feeds_pi3():
     assert out["points"].shape == (1, 2, 378, 672, 3)
 
 
-def test_predict_runs_bf16_on_cpus_with_native_bf16(monkeypatch):
-    from speed3r_sfm.attention import DenseAttention
+def test_predict_runs_bf16_on_cpus_with_native_bf16(monkeypatch, attention_dtypes):
     from speed3r_sfm.models.pi3 import model as pi3_module
 
     torch.manual_seed(0)
     model = tiny_model()
     images = torch.rand(1, 3, 3, 28, 42)
-    seen: list[torch.dtype] = []
-    for module in model.modules():
-        if isinstance(module, DenseAttention):
-            module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].dtype))
+    seen = attention_dtypes(model)
     monkeypatch.setattr(pi3_module, "cpu_has_native_bf16", lambda: False)
     exact = model.predict(images)
     assert set(seen) == {torch.float32}

@@ -186,16 +186,12 @@ def test_bf16_heads_in_predict_on_cpus_with_native_bf16(monkeypatch):
     assert torch.equal(model.predict(images).depth, exact["depth"][..., 0])
 
 
-def test_bf16_aggregator_in_predict_on_cpus_with_native_bf16(monkeypatch):
-    from speed3r_sfm.attention import DenseAttention
+def test_bf16_aggregator_in_predict_on_cpus_with_native_bf16(monkeypatch, attention_dtypes):
     from speed3r_sfm.models.vggt import model as vggt_module
 
     images = torch.rand(1, 2, 3, 28, 42)
     model = tiny_vggt(enable_track=False, cpu_bf16_heads=False)
-    seen: list[torch.dtype] = []
-    for module in model.aggregator.modules():
-        if isinstance(module, DenseAttention):
-            module.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].dtype))
+    seen = attention_dtypes(model.aggregator)
     monkeypatch.setattr(vggt_module, "cpu_has_native_bf16", lambda: False)
     exact = model.predict(images)
     assert set(seen) == {torch.float32}
