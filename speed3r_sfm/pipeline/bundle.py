@@ -1,8 +1,8 @@
 """Bundle adjustment, filtering and re-triangulation with pycolmap.
 
-The adjustment runs in a normalised world frame: the frame of the gauge anchor (the best-observed image),
-scaled to a median point depth of 1. COLMAP's two-camera gauge fixes that camera and one translation
-coordinate of a second; in an arbitrary world frame (π³'s, or the oracle's random one) that coordinate can
+The adjustment runs in a normalised world frame: the frame of the lowest-id image it adjusts, scaled to a
+median point depth of 1. COLMAP's two-camera gauge fixes that camera and one translation coordinate of a
+second; in an arbitrary world frame (π³'s, or the oracle's random one) that coordinate can
 be mostly offset rather than baseline, which leaves the scale nearly free, and we observed the solver then
 collapse the scene behind the cameras, where COLMAP's reprojection cost is zero. The result is mapped back
 to the input world frame.
@@ -157,8 +157,6 @@ def bundle_adjust(
     if not refine_intrinsics:
         for camera_id in rec.cameras:
             config.set_constant_cam_intrinsics(camera_id)
-    # COLMAP's two-camera gauge starts from a constant pose when there is one: the best-observed image's
-    config.set_constant_rig_from_world_pose(rec.image(gauge_anchor(rec, image_ids)).frame_id)
     config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
     adjuster = pycolmap.create_default_bundle_adjuster(ba, config, rec)
     return adjuster.solve()
@@ -196,18 +194,10 @@ def adjustable_images(rec: pycolmap.Reconstruction, min_link: int) -> list[int]:
     return [image_id for image_id in sorted(rec.reg_image_ids()) if image_id not in weak]
 
 
-def gauge_anchor(rec: pycolmap.Reconstruction, image_ids: list[int]) -> int:
-    """The image of ``image_ids`` with the most 3D points (ties: the lowest id), whose pose bundle adjustment
-    keeps. The solver moves the rest of the scene to the anchor's pose, and an anchor whose pose disagrees
-    with its points (a weak view's) slows it down: a lowest-id view 10 deg off took 34 iterations as the
-    anchor and 12 with the best-observed view as the anchor (``tests/test_pipeline_units.py``)."""
-    return max(image_ids, key=lambda image_id: (rec.image(image_id).num_points3D, -image_id))
-
-
-def normalizing_transform(rec: pycolmap.Reconstruction) -> pycolmap.Sim3d:
-    """new_from_old: world := frame of the best-observed registered image (the :func:`gauge_anchor`, unless
-    it lies outside the main group), scaled to a median point depth of 1."""
-    first = rec.image(gauge_anchor(rec, sorted(rec.reg_image_ids())))
+def normalizing_transform(rec: pycolmap.Reconstruction, min_link: int = 0) -> pycolmap.Sim3d:
+    """new_from_old: world := frame of the lowest-id image of :func:`adjustable_images` (the camera COLMAP's
+    gauge fixes; with ``min_link`` 0 the lowest registered image), scaled to a median point depth of 1."""
+    first = rec.image(adjustable_images(rec, min_link)[0])
     cam_from_world = first.cam_from_world()
     depths = [(cam_from_world * p.xyz)[2] for p in rec.points3D.values()]
     median = float(np.median(np.abs(depths))) if depths else 1.0
@@ -229,7 +219,7 @@ def refine_reconstruction(
     """
     if rec.num_reg_images() < 2:
         return []
-    new_from_old = normalizing_transform(rec)
+    new_from_old = normalizing_transform(rec, options.min_adjusted_link)
     rec.transform(new_from_old)
     try:
         return _refine(rec, manager, triangulator, options, pixel_scale)
