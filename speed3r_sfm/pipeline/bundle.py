@@ -71,7 +71,7 @@ class BundleOptions:
     # many 3D points; the others keep their poses (weakly linked views are decided on after the adjustment).
     # A view with a handful of points, or a group joined to the rest by one or two, leaves the problem a free
     # gauge: Ceres's Cholesky factorisation fails (dozens of logged failures per run on the hard orbit
-    # 1000001 at 2072x1568, none since; ba_gauge_anchor.md). 0 adjusts every registered image
+    # 1000001 at 2072x1568, none since; ba_main_group.md). 0 adjusts every registered image
     min_adjusted_link: int = 5
     # pixels of the original images, as COLMAP's mapper (filtering and triangulation). In work pixels it let
     # 2-4 px observations of 13 MP images through: mean error 0.95-1.14 px instead of 0.80-0.88, and on one
