@@ -651,7 +651,9 @@ def test_sift_rescue_estimates_the_focal_length_of_a_view_with_its_own_camera(sc
     if shared_camera:
         assert all("focal_length" not in entry for entry in placed)
     else:
-        assert np.allclose([entry["focal_length"] for entry in placed], truth, rtol=0.02)
+        # PnP's start value (30 % off before it): 1.1-2.3 % low since bundle adjustment leaves the turned
+        # group out of the first pass (0.6-1.9 % before); the next pass brings the cameras within 1 % (below)
+        assert np.allclose([entry["focal_length"] for entry in placed], truth, rtol=0.03)
     cameras = [rec.cameras[rec.find_image_with_name(f"view_0{i}.png").camera_id] for i in (5, 6, 7)]
     assert np.allclose([camera.mean_focal_length() for camera in cameras], truth, rtol=0.01)
     assert _median_rre(_poses(rec, result.image_names), views.cam_from_world.double()) < 0.5
