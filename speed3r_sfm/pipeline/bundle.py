@@ -2,20 +2,20 @@
 
 The adjustment runs in a normalised world frame: the frame of the lowest-id image it adjusts, scaled to a
 median point depth of 1. COLMAP's two-camera gauge fixes that camera and one translation coordinate of a
-second; in an arbitrary world frame (π³'s, or the oracle's random one) that coordinate can
-be mostly offset rather than baseline, which leaves the scale nearly free, and we observed the solver then
-collapse the scene behind the cameras, where COLMAP's reprojection cost is zero. The result is mapped back
-to the input world frame.
+second; in an arbitrary world frame (π³'s, or the oracle's random one) that coordinate can be mostly offset
+rather than baseline, which leaves the scale nearly free, and we observed the solver then collapse the scene
+behind the cameras, where COLMAP's reprojection cost is zero. The result is mapped back to the input world
+frame.
 
 Before the first round, observations far off the median initial reprojection error and points with a
 too small triangulation angle are removed. Then rounds of: bundle adjustment of poses, 3D points and
 (optionally) intrinsics with a robust loss (``pycolmap.create_default_bundle_adjuster``; the gauge is
 fixed by two camera poses; only the main group of linked images is adjusted, :func:`adjustable_images`),
-``ObservationManager.filter_all_points3D`` (reprojection error,
-triangulation angle), and re-triangulation with pycolmap's ``IncrementalTriangulator`` over the
-correspondence graph of all matches (complete and merge tracks, triangulate observations left without a
-point). The first round keeps the intrinsics fixed and uses a wide loss scale, because the feed-forward
-poses start far from the optimum; later rounds refine the intrinsics and use ``loss_scale``.
+``ObservationManager.filter_all_points3D`` (reprojection error, triangulation angle), and re-triangulation
+with pycolmap's ``IncrementalTriangulator`` over the correspondence graph of all matches (complete and merge
+tracks, triangulate observations left without a point). The first round keeps the intrinsics fixed and uses
+a wide loss scale, because the feed-forward poses start far from the optimum; later rounds refine the
+intrinsics and use ``loss_scale``.
 
 Afterwards, views not linked to the main group of views by pairs that share at least ``min_shared_points``
 3D points are de-registered (:func:`drop_weakly_linked_images`): on held-out scenes every view hanging on
