@@ -5,6 +5,7 @@ shifted differences vs kornia, grouped nearest neighbours vs all distances)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,11 @@ from kornia.feature import gftt_response
 from kornia.filters import gaussian_blur2d, spatial_gradient
 
 from speed3r_sfm.pipeline.keypoints import shi_tomasi_response, sobel_gradients, window_max
-from speed3r_sfm.pipeline.matching import apply_displacement_fields, fit_displacement_fields
+from speed3r_sfm.pipeline.matching import (
+    apply_displacement_fields,
+    fit_displacement_fields,
+    weighted_least_squares,
+)
 from speed3r_sfm.pipeline.refine import (
     ImageAtlas,
     PyramidStack,
@@ -149,6 +154,49 @@ def test_batched_displacement_fits_equal_a_fit_per_pair():
             fast = apply_displacement_fields(query, torch.full((10,), g), centre, solution)
             assert torch.allclose(fast, reference(query), atol=1e-8)
     assert 0 < int(valid.sum()) < 40
+
+
+def _weighted_problems(groups: int = 30, rows: int = 80):
+    gen = torch.Generator().manual_seed(5)
+    xy = torch.rand(groups, rows, 2, generator=gen, dtype=torch.float64) * 600 - 300
+    design = torch.cat([xy, torch.ones(groups, rows, 1, dtype=torch.float64)], dim=-1)
+    target = torch.randn(groups, rows, 2, generator=gen, dtype=torch.float64) * 3
+    weight = (torch.rand(groups, rows, generator=gen) > 0.3).double()
+    weight[0] = 0.0  # no rows
+    design[1, :, 1] = 0.5 * design[1, :, 0] + 7.0  # collinear points: the affine fit is undetermined
+    return design, target, weight
+
+
+def test_weighted_least_squares_equals_numpy_lstsq_in_float64():
+    design, target, weight = _weighted_problems()
+    solution, solvable = weighted_least_squares(design, target, weight)
+    assert solvable.tolist() == [False, False] + [True] * (len(design) - 2)
+    assert torch.equal(solution[:2], torch.zeros(2, 3, 2, dtype=torch.float64))
+    for g in range(2, len(design)):
+        rows = weight[g] > 0
+        reference = np.linalg.lstsq(design[g][rows].numpy(), target[g][rows].numpy(), rcond=None)[0]
+        np.testing.assert_allclose(solution[g].numpy(), reference, rtol=0, atol=1e-12)
+
+
+def _at_offset(x: torch.Tensor, elements: int) -> torch.Tensor:
+    """A copy of ``x`` whose storage starts ``elements`` elements into a larger buffer (another alignment)."""
+    buffer = torch.empty(x.numel() + elements, dtype=x.dtype)
+    view = buffer[elements:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def test_weighted_least_squares_is_bitwise_reproducible():
+    """The same numbers give the same bits, call after call and at another address. MKL's batched lstsq
+    did not (1e-16 apart on most calls of this size), which the photometric refinement turned into other
+    matches from run to run."""
+    design, target, weight = _weighted_problems(groups=100, rows=100)
+    first, _ = weighted_least_squares(design, target, weight)
+    for _ in range(20):
+        assert torch.equal(weighted_least_squares(design, target, weight)[0], first)
+    for elements in range(1, 8):
+        moved = (_at_offset(x, elements) for x in (design, target, weight))
+        assert torch.equal(weighted_least_squares(*moved)[0], first), elements
 
 
 def test_separable_maxima_equal_max_pool2d():

@@ -502,10 +502,13 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
         attention="dense",
         track_verification=False,
         readjust=False,
+        deterministic=True,
     )
     out = capsys.readouterr().out
     assert code == 0 and "track head kept" not in out
     report = json.loads((tmp_path / "no_check" / "report.json").read_text())
+    assert first["options"]["bundle"]["num_threads"] == -1
+    assert report["options"]["bundle"]["num_threads"] == 1  # --deterministic
     assert report["counts"]["track_verification"]["ran"] is False
     assert report["readjustment"] == {"ran": False}
     code = pipeline_cli.reconstruct_command(str(scene_data["folder"]), str(tmp_path / "out"), quiet=True)
@@ -751,9 +754,9 @@ def test_filtering_thresholds_are_in_original_pixels_when_work_copies_are_smalle
 
 
 def test_runs_repeat_with_single_threaded_bundle_adjustment(scene_data):
-    """Two runs on the same images give the same points and, to the last bits (float sums that depend on
-    memory alignment), the same poses once Ceres runs on one thread; the re-triangulation's RANSAC has a
-    fixed seed (pycolmap's default, -1, draws a new one every run)."""
+    """Two runs on the same images give the same poses and points, bit for bit, once Ceres runs on one
+    thread: the re-triangulation's RANSAC has a fixed seed (pycolmap's default, -1, draws a new one every
+    run) and no least-squares fit goes through MKL's lstsq (its last bits differed from call to call)."""
     options = PipelineOptions()
     options.bundle.num_threads = 1
     assert triangulator_options(options.bundle).random_seed == 0
@@ -764,11 +767,11 @@ def test_runs_repeat_with_single_threaded_bundle_adjustment(scene_data):
     ]
     first, second = (run.reconstruction for run in runs)
     names = runs[0].image_names
-    assert torch.allclose(_poses(first, names), _poses(second, names), rtol=0.0, atol=1e-9)
+    assert torch.equal(_poses(first, names), _poses(second, names))
     assert first.num_points3D() == second.num_points3D() > 0
     assert first.compute_num_observations() == second.compute_num_observations()
     xyz = [np.stack([p.xyz for _, p in sorted(rec.points3D.items())]) for rec in (first, second)]
-    assert np.allclose(xyz[0], xyz[1], rtol=0.0, atol=1e-9)
+    assert np.array_equal(xyz[0], xyz[1])
 
 
 def _bend(rec: pycolmap.Reconstruction, image_ids: list[int], degrees: float) -> None:

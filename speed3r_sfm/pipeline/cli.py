@@ -35,6 +35,7 @@ def reconstruct_command(
     min_work_scale: float = 0.5,
     track_verification: bool = True,
     readjust: bool = True,
+    deterministic: bool = False,
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
     ordered: bool = True,
@@ -66,6 +67,9 @@ def reconstruct_command(
         readjust: after bundle adjustment, rebuild every observation at the adjusted poses and adjust once
             more (undoes wrong joins of groups of views the first adjustment locked in; about one more
             bundle adjustment of time).
+        deterministic: bundle adjustment on one thread, so that a run repeats bit for bit on the same
+            machine (multi-threaded solves differ in the last bits, which a poorly conditioned scene can
+            turn into other registered views); 0.3-0.5 s slower at 24 views.
         chunk_size: views per model pass for long sequences; chunks overlap and are aligned by robust Sim(3).
             Default: one pass on CPU, on CUDA as many views as fit in free GPU memory.
         chunk_overlap: views shared by consecutive chunks (default: a quarter of chunk_size).
@@ -87,7 +91,7 @@ def reconstruct_command(
     options = PipelineOptions(
         keypoints=KeypointOptions(max_keypoints=max_keypoints),
         matching=MatchOptions(track_verification=track_verification),
-        bundle=BundleOptions(readjust=readjust),
+        bundle=BundleOptions(readjust=readjust, num_threads=1 if deterministic else -1),
         max_image_size=max_image_size,
         min_work_scale=min_work_scale,
     )

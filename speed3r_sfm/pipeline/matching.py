@@ -363,7 +363,8 @@ def fit_displacement_fields(
 
     ``group``: (N,) group of each point in [0, num_groups). Iteratively reweighted: points off by more
     than max(2 px, 3 x the median residual of the inliers) are dropped, four times. Returns the centre
-    (G, 2) and solution (G, 3, 2) of each fit and (G,) whether at least ``min_inliers`` agree; the
+    (G, 2) and solution (G, 3, 2) of each fit and (G,) whether at least ``min_inliers`` agree (and the
+    points are not collinear); the
     corrected location of a point p of group g is ``p + [p - centre[g], 1] @ solution[g]`` (see
     :func:`apply_displacement_fields`). All groups are solved together as one padded batch.
     """
@@ -385,15 +386,57 @@ def fit_displacement_fields(
     solution = torch.zeros(num_groups, 3, 2, dtype=torch.float64)
     for _ in range(4):
         valid &= inliers.sum(dim=1) >= min_inliers
-        weight = (inliers & valid[:, None]).double()[..., None]  # outliers as zero rows
-        solution = torch.linalg.lstsq(design * weight, offset * weight).solution
-        residual = (design @ solution - offset).norm(dim=-1)  # (G, K)
+        weight = (inliers & valid[:, None]).double()  # outliers as zero rows
+        solution, solvable = weighted_least_squares(design, offset, weight)
+        valid &= solvable
+        residual = ((design[..., None] * solution[:, None]).sum(dim=2) - offset).norm(dim=-1)  # (G, K)
         ranked = torch.where(inliers, residual, torch.full_like(residual, math.inf)).sort(dim=1).values
         middle = torch.div(inliers.sum(dim=1) - 1, 2, rounding_mode="floor").clamp_min(0)  # lower median
         median = ranked.gather(1, middle[:, None])[:, 0]
         inliers = present & (residual <= (3.0 * median).clamp_min(2.0)[:, None])
     valid &= inliers.sum(dim=1) >= min_inliers
     return centre, solution, valid
+
+
+def weighted_least_squares(
+    design: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch, argmin_X sum_k w_k |design_k X - target_k|^2 for design (G, K, 3), target (G, K, C) and
+    weights (G, K): X (G, 3, C) float64 and (G,) whether it is determined (else X is zero: the weighted
+    design is rank-deficient).
+
+    The 3 x 3 normal equations are solved in closed form, with elementwise operations only: the result
+    does not depend on memory alignment or threads, as MKL's batched ``lstsq`` did (differences of 1e-15
+    that photometric refinement turned into different matches from run to run). Columns are scaled to unit
+    RMS first, which keeps the normal equations well conditioned for pixel coordinates."""
+    w = weight.double()[..., None]
+    scale = ((design.square() * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)).sqrt()  # (G, 3)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    a = design / scale[:, None]
+    normal = (a[..., :, None] * a[..., None, :] * w[..., None]).sum(dim=1)  # (G, 3, 3)
+    moment = (a[..., :, None] * target[..., None, :] * w[..., None]).sum(dim=1)  # (G, 3, C)
+    # adjugate of the symmetric 3 x 3 matrix, row by row (cofactors)
+    n = normal
+    cofactor = torch.stack(
+        [
+            n[:, 1, 1] * n[:, 2, 2] - n[:, 1, 2] * n[:, 2, 1],
+            n[:, 0, 2] * n[:, 2, 1] - n[:, 0, 1] * n[:, 2, 2],
+            n[:, 0, 1] * n[:, 1, 2] - n[:, 0, 2] * n[:, 1, 1],
+            n[:, 1, 2] * n[:, 2, 0] - n[:, 1, 0] * n[:, 2, 2],
+            n[:, 0, 0] * n[:, 2, 2] - n[:, 0, 2] * n[:, 2, 0],
+            n[:, 0, 2] * n[:, 1, 0] - n[:, 0, 0] * n[:, 1, 2],
+            n[:, 1, 0] * n[:, 2, 1] - n[:, 1, 1] * n[:, 2, 0],
+            n[:, 0, 1] * n[:, 2, 0] - n[:, 0, 0] * n[:, 2, 1],
+            n[:, 0, 0] * n[:, 1, 1] - n[:, 0, 1] * n[:, 1, 0],
+        ],
+        dim=-1,
+    ).reshape(-1, 3, 3)
+    det = (n[:, 0] * cofactor[:, :, 0]).sum(dim=-1)  # (G,)
+    trace = n.diagonal(dim1=1, dim2=2).sum(dim=-1)
+    solvable = det > 1e-12 * trace.clamp_min(1e-300) ** 3
+    inverse = cofactor / torch.where(solvable, det, torch.ones_like(det))[:, None, None]
+    solution = (inverse[..., :, :, None] * moment[:, None, :, :]).sum(dim=2) / scale[..., None]
+    return torch.where(solvable[:, None, None], solution, torch.zeros_like(solution)), solvable
 
 
 def apply_displacement_fields(

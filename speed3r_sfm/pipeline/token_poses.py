@@ -171,11 +171,17 @@ def _essential_alignment(
     if estimate is None:
         return None
     rotation, direction, inliers = estimate
-    rotated = src[inliers] @ rotation.T  # (n, 3)
-    design = torch.stack([rotated.reshape(-1), direction.repeat(len(rotated))], dim=-1)  # (3n, 2)
-    solution = torch.linalg.lstsq(design, dst[inliers].reshape(-1, 1)).solution[:, 0]
-    scale, length = solution[0], solution[1]
-    if not (torch.isfinite(solution).all() and scale > 0):
+    rotated = (src[inliers] @ rotation.T).reshape(-1)  # (3n,)
+    along = direction.repeat(inliers.sum())
+    target = dst[inliers].reshape(-1)
+    # the 2 x 2 normal equations in closed form: MKL's lstsq differs in the last bits from call to call
+    aa, ab, bb = rotated @ rotated, rotated @ along, along @ along
+    det = aa * bb - ab * ab
+    if not det > 1e-12 * aa * bb:
+        return None
+    scale = (bb * (rotated @ target) - ab * (along @ target)) / det
+    length = (aa * (along @ target) - ab * (rotated @ target)) / det
+    if not (torch.isfinite(scale) and torch.isfinite(length) and scale > 0):
         return None
     return scale, rotation, length * direction, inliers
 
