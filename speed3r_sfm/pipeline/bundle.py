@@ -90,7 +90,7 @@ class BundleOptions:
     max_link_disagreement: float = 10.0
     # Ceres threads (-1: all cores). Multi-threaded solves end in slightly different places from run to
     # run (the hard orbit 1000001 registered 21-24 of 24 views); with 1 a run repeats bit for bit on the
-    # same machine, for 0.3-0.5 s more at 24 views (CLI: --deterministic)
+    # same machine, for 0.16 s more at 24 views (CLI: --deterministic; reproducibility.md)
     num_threads: int = -1
     # after every pass, rebuild all observations at the adjusted poses and adjust once more (reconstruct.py).
     # With GSA it joined the two halves of the hinge on forward 1000001 at 2072x1568 in 6 of 7 runs
