@@ -364,9 +364,9 @@ def fit_displacement_fields(
     ``group``: (N,) group of each point in [0, num_groups). Iteratively reweighted: points off by more
     than max(2 px, 3 x the median residual of the inliers) are dropped, four times. Returns the centre
     (G, 2) and solution (G, 3, 2) of each fit and (G,) whether at least ``min_inliers`` agree (and the
-    points are not collinear); the
-    corrected location of a point p of group g is ``p + [p - centre[g], 1] @ solution[g]`` (see
-    :func:`apply_displacement_fields`). All groups are solved together as one padded batch.
+    points are not collinear); the corrected location of a point p of group g is
+    ``p + [p - centre[g], 1] @ solution[g]`` (see :func:`apply_displacement_fields`). All groups are
+    solved together as one padded batch.
     """
     count = torch.bincount(group, minlength=num_groups)
     width = max(int(count.max()) if count.numel() else 0, 1)

@@ -172,15 +172,15 @@ def _essential_alignment(
         return None
     rotation, direction, inliers = estimate
     rotated = (src[inliers] @ rotation.T).reshape(-1)  # (3n,)
-    along = direction.repeat(inliers.sum())
+    along = direction.repeat(int(inliers.sum()))
     target = dst[inliers].reshape(-1)
     # the 2 x 2 normal equations in closed form: MKL's lstsq differs in the last bits from call to call
     aa, ab, bb = rotated @ rotated, rotated @ along, along @ along
+    at, bt = rotated @ target, along @ target
     det = aa * bb - ab * ab
     if not det > 1e-12 * aa * bb:
         return None
-    scale = (bb * (rotated @ target) - ab * (along @ target)) / det
-    length = (aa * (along @ target) - ab * (rotated @ target)) / det
+    scale, length = (bb * at - ab * bt) / det, (aa * bt - ab * at) / det
     if not (torch.isfinite(scale) and torch.isfinite(length) and scale > 0):
         return None
     return scale, rotation, length * direction, inliers
