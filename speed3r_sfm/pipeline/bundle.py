@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,8 +199,9 @@ def normalizing_transform(rec: pycolmap.Reconstruction, min_link: int = 0) -> py
     gauge fixes; with ``min_link`` 0 the lowest registered image), scaled to a median point depth of 1."""
     first = rec.image(adjustable_images(rec, min_link)[0])
     cam_from_world = first.cam_from_world()
-    depths = [(cam_from_world * p.xyz)[2] for p in rec.points3D.values()]
-    median = float(np.median(np.abs(depths))) if depths else 1.0
+    xyz = np.array([p.xyz for p in rec.points3D.values()], dtype=np.float64).reshape(-1, 3)
+    depths = (cam_from_world * xyz)[:, 2] if len(xyz) else xyz[:, 2]
+    median = float(np.median(np.abs(depths))) if len(depths) else 1.0
     scale = 1.0 / median if np.isfinite(median) and median > 0 else 1.0
     return pycolmap.Sim3d(scale, cam_from_world.rotation, scale * cam_from_world.translation)
 
@@ -285,6 +286,18 @@ def _refine(
     return history
 
 
+def observations(rec: pycolmap.Reconstruction, image_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(point3D id, position of the image in ``image_ids``) of every observation of a 3D point by those
+    images, as two int64 arrays."""
+    point_ids, slots = [], []
+    for slot, image_id in enumerate(image_ids):
+        seen = [point.point3D_id for point in rec.image(image_id).get_observation_points2D()]
+        point_ids.append(np.asarray(seen, dtype=np.int64))
+        slots.append(np.full(len(seen), slot, dtype=np.int64))
+    empty = np.zeros(0, dtype=np.int64)
+    return np.concatenate([empty, *point_ids]), np.concatenate([empty, *slots])
+
+
 def weakly_linked_images(
     rec: pycolmap.Reconstruction,
     min_shared_points: int,
@@ -302,17 +315,12 @@ def weakly_linked_images(
         return []
     slot = {image_id: k for k, image_id in enumerate(image_ids)}
     n = len(image_ids)
-    point_rows, image_cols = [], []
-    for row, point in enumerate(rec.points3D.values()):
-        for element in point.track.elements:
-            if element.image_id in slot:
-                point_rows.append(row)
-                image_cols.append(slot[element.image_id])
+    point_ids, slots = observations(rec, image_ids)
     # distinct (point, image) observations, sorted by point then image: each point's images form a run
-    seen = np.unique(np.asarray(point_rows, dtype=np.int64) * n + np.asarray(image_cols, dtype=np.int64))
+    seen = np.unique(point_ids * n + slots)
     points, images = seen // n, seen % n
-    observations = np.bincount(images, minlength=n)
-    longest = int(np.bincount(points).max()) if points.size else 0
+    per_image = np.bincount(images, minlength=n)
+    longest = int(np.unique(points, return_counts=True)[1].max()) if points.size else 0
     pair_codes = [np.zeros(0, dtype=np.int64)]
     for gap in range(1, longest):  # image pairs (i < j) within each run, gap positions apart
         same = points[gap:] == points[:-gap]
@@ -326,7 +334,7 @@ def weakly_linked_images(
     a, b = linked // n, linked % n
     labels = connected_components(n, np.stack([a, b], axis=1))
     groups = {label: np.flatnonzero(labels == label) for label in np.unique(labels)}
-    main = max(groups, key=lambda label: (len(groups[label]), observations[groups[label]].sum()))
+    main = max(groups, key=lambda label: (len(groups[label]), per_image[groups[label]].sum()))
     return [image_ids[k] for k in range(n) if labels[k] != main]
 
 

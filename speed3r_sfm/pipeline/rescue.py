@@ -176,7 +176,7 @@ def rescued_geometry(
     if options.move_weak_group:
         _move_with_group(views, geometry, poses, placed, seen, pair_matches)
     # depth to the scale of the adjusted poses: matching lifts keypoints with it
-    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
+    points = {image_id - 1: seen for image_id, seen in observed_points(rec).items()}
     points.update({view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"})
     depth, ratios = rescaled_depth(views, geometry, poses, points)
     for view, ratio in ratios.items():
@@ -231,7 +231,7 @@ def adjusted_geometry(
     """``geometry`` with every registered view at its adjusted pose and its depth rescaled to the 3D points
     it sees (the others as they were)."""
     poses = registered_poses(rec, geometry)
-    points = {image_id - 1: observed_points(rec, image_id) for image_id in rec.reg_image_ids()}
+    points = {image_id - 1: seen for image_id, seen in observed_points(rec).items()}
     depth, _ = rescaled_depth(views, geometry, poses, points)
     return replace(geometry, cam_from_world=poses, depth=depth)
 
@@ -267,13 +267,20 @@ def _move_with_group(
         entry.update(how=f"with {views[anchor].name}")
 
 
-def observed_points(rec: pycolmap.Reconstruction, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 2) original pixels and (N, 3) 3D points of the observations of a registered image."""
-    image = rec.image(image_id)
-    pairs = [(p.xy, rec.points3D[p.point3D_id].xyz) for p in image.points2D if p.has_point3D()]
-    if not pairs:
-        return np.zeros((0, 2)), np.zeros((0, 3))
-    return np.stack([xy for xy, _ in pairs]), np.stack([xyz for _, xyz in pairs])
+def observed_points(rec: pycolmap.Reconstruction) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per registered image id, (N, 2) original pixels and (N, 3) 3D points of its observations."""
+    items = list(rec.points3D.items())
+    ids = np.fromiter((point3D_id for point3D_id, _ in items), dtype=np.int64, count=len(items))
+    xyz = np.array([point.xyz for _, point in items], dtype=np.float64).reshape(-1, 3)
+    order = np.argsort(ids)
+    ids, xyz = ids[order], xyz[order]
+    found = {}
+    for image_id in rec.reg_image_ids():
+        observed = rec.image(image_id).get_observation_points2D()
+        seen = np.fromiter((p.point3D_id for p in observed), dtype=np.int64, count=len(observed))
+        pixels = np.array([p.xy for p in observed], dtype=np.float64).reshape(-1, 2)
+        found[image_id] = pixels, xyz[np.searchsorted(ids, seen)]
+    return found
 
 
 def depth_ratio(
