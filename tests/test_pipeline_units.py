@@ -19,6 +19,7 @@ from speed3r_sfm.pipeline.bundle import (
     contradicted_pairs,
     drop_weakly_linked_images,
     mean_reprojection_error,
+    observations,
     weakly_linked_images,
 )
 from speed3r_sfm.pipeline.colmap_model import keep_adjusted_cameras, triangulate_tracks
@@ -27,6 +28,7 @@ from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
 from speed3r_sfm.pipeline.matching import Matches, keep_matches
 from speed3r_sfm.pipeline.records import summarize_records
 from speed3r_sfm.pipeline.refine import RefineOptions, build_pyramid, ncc_map, refine_pair
+from speed3r_sfm.pipeline.rescue import observed_points
 from speed3r_sfm.pipeline.track_verification import check_with_tracks
 from speed3r_sfm.pipeline.tracks import Tracks, build_tracks, connected_components
 
@@ -599,3 +601,33 @@ def test_adjusted_cameras_of_registered_images_are_kept():
     keep_adjusted_cameras(rec, adjusted)
     assert rec.camera(1).params.tolist() == [61.0, 32, 24, 0.02]
     assert rec.camera(2).params.tolist() == [58.0, 32, 24, 0.0]
+
+
+def test_bulk_observation_reads_match_the_tracks_and_points():
+    """``observations`` and ``rescue.observed_points`` (per image, one pass) against the tracks and the
+    points read one by one."""
+    rec, _, points, xy = _scene_reconstruction(num_points=60)
+    manager = pycolmap.ObservationManager(rec)
+    rng = np.random.default_rng(3)
+    for p in range(60):
+        images = sorted(rng.choice([1, 2, 3, 4], size=int(rng.integers(2, 5)), replace=False).tolist())
+        manager.add_point3D(points[p], pycolmap.Track([pycolmap.TrackElement(i, p) for i in images]))
+    image_ids = [4, 1, 3]  # not image 2, and not in id order
+    point_ids, slots = observations(rec, image_ids)
+    expected = sorted(
+        (point_id, image_ids.index(e.image_id))
+        for point_id, point in rec.points3D.items()
+        for e in point.track.elements
+        if e.image_id in image_ids
+    )
+    assert sorted(zip(point_ids.tolist(), slots.tolist(), strict=True)) == expected
+    seen = observed_points(rec)
+    assert sorted(seen) == [1, 2, 3, 4]
+    for image_id, (pixels, xyz) in seen.items():
+        # keypoint p of every image observes point p (``_scene_reconstruction``)
+        rows = sorted(
+            e.point2D_idx for q in rec.points3D.values() for e in q.track.elements if e.image_id == image_id
+        )
+        found = [int(np.flatnonzero((points == x).all(axis=1))[0]) for x in xyz]
+        assert sorted(found) == rows
+        assert np.array_equal(pixels, xy[image_id - 1][found])
