@@ -176,7 +176,7 @@ def rescued_geometry(
     if options.move_weak_group:
         _move_with_group(views, geometry, poses, placed, seen, pair_matches)
     # depth to the scale of the adjusted poses: matching lifts keypoints with it
-    points = {image_id - 1: seen for image_id, seen in observed_points(rec).items()}
+    points = {image_id - 1: observed for image_id, observed in observed_points(rec).items()}
     points.update({view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"})
     depth, ratios = rescaled_depth(views, geometry, poses, points)
     for view, ratio in ratios.items():
@@ -231,7 +231,7 @@ def adjusted_geometry(
     """``geometry`` with every registered view at its adjusted pose and its depth rescaled to the 3D points
     it sees (the others as they were)."""
     poses = registered_poses(rec, geometry)
-    points = {image_id - 1: seen for image_id, seen in observed_points(rec).items()}
+    points = {image_id - 1: observed for image_id, observed in observed_points(rec).items()}
     depth, _ = rescaled_depth(views, geometry, poses, points)
     return replace(geometry, cam_from_world=poses, depth=depth)
 
