@@ -71,8 +71,18 @@ def load_scene(seed: int, args: argparse.Namespace) -> RenderedViews:
         data = torch.load(cache)
         return RenderedViews(data["images"], data["depth"], data["K"], data["pose"])
     start = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the same scene; a GPU renders it faster
     views = render_scene(
-        seed, args.views, args.height, args.width, args.trajectory, supersample=args.supersample
+        seed,
+        args.views,
+        args.height,
+        args.width,
+        args.trajectory,
+        device=device,
+        supersample=args.supersample,
+    )
+    views = RenderedViews(
+        *(x.cpu() for x in (views.images, views.depth, views.intrinsics, views.cam_from_world))
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -397,7 +407,8 @@ def write(report: dict, out: Path) -> None:
         f"# The pycolmap pipeline on held-out synthetic scenes ({report['date']})",
         "",
         "Machine: " + ", ".join(f"{k}: {v}" for k, v in report["machine"].items()) + f"; load average "
-        f"before/after: {load} (other jobs shared the 2 cores; wall-clock timings are noisy).",
+        f"before/after: {load} (a load near or above the core count means other jobs shared the cores; "
+        "wall-clock timings are noisy).",
         "",
         f"Scenes: seeds {st['seeds']}, {st['trajectory']} trajectory, {st['views']} views at "
         f"{st['width']}x{st['height']} (supersample {st['supersample']}), {_size_note(st)}, as "
