@@ -34,6 +34,10 @@ RANSAC_TRIALS = 1000  # a pair has 100-200 matches with about half inliers: plen
 # below this many trials RANSAC may stop once it is confident (pycolmap's essential-matrix default, 1000,
 # made every pair run all 1000 trials: 0.8 of the 1.1 s of token poses at 24 views)
 RANSAC_MIN_TRIALS = 100
+# pairs aligned at once: a third of a pair's time holds the GIL (small torch ops), so more threads queue for
+# it. At 24 views: 0.46 s with 2 threads, 0.66 with 4, 1.4 with 16 on 2 cores; on a 16-core GPU host 0.72 s
+# with 2 and 1.5 s with 16 (token_poses_threads.md)
+POOL_WORKERS = 2
 
 
 @dataclass
@@ -353,7 +357,8 @@ def token_poses(
     alignments: list[PairAlignment] = []
     tried: set[tuple[int, int]] = set()
     neighbours = options.neighbours
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:  # pycolmap frees the GIL
+    workers = max(1, min(POOL_WORKERS, torch.get_num_threads()))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # pycolmap's estimators free the GIL
         while True:
             pairs = [pair for pair in candidate_pairs(descriptors, neighbours) if pair not in tried]
             tried.update(pairs)
