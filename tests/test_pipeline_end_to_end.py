@@ -423,14 +423,31 @@ def test_auto_attention_follows_the_model(tmp_path):
 
     from speed3r_sfm.attention import AttentionConfig
     from speed3r_sfm.models.vggt import VGGT, VGGTConfig
-    from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
+    from speed3r_sfm.pipeline.backbone import (
+        DEFAULT_WEIGHTS,
+        OFFICIAL_GSA_FROM_VIEWS,
+        gsa_threshold,
+        load_backbone,
+        official_attention,
+    )
 
     sidecar = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
     assert sidecar["pipeline_attention"] == "dense" and sidecar["gsa_guidance"] is False
     default = load_backbone("default", attention="auto", device="cpu")
     assert default.attention == "dense" and not default.guided
-    # "auto" runs GSA from gsa_from_views views per pass on
-    threshold = sidecar["gsa_from_views"]
+    # "auto" runs GSA from gsa_from_views views per pass on, a threshold per device type
+    threshold = gsa_threshold(sidecar, torch.device("cpu"))
+    assert threshold == sidecar["gsa_from_views"]["cpu"]
+    assert gsa_threshold(sidecar, torch.device("cuda")) > threshold  # dense is cheap on a GPU
+    assert gsa_threshold({"gsa_from_views": {"cpu": 7}}, torch.device("mps")) == 7
+    assert gsa_threshold({"gsa_from_views": 9}, torch.device("cuda")) == 9
+    assert gsa_threshold({}, torch.device("cpu")) is None
+    # official checkpoints: GSA, on CUDA from OFFICIAL_GSA_FROM_VIEWS views per pass (its compilation)
+    cuda_from = OFFICIAL_GSA_FROM_VIEWS["cuda"]
+    assert official_attention(cuda_from - 1, torch.device("cuda")) == "dense"
+    assert official_attention(cuda_from, torch.device("cuda")) == "gsa"
+    assert official_attention(None, torch.device("cuda")) == "gsa"
+    assert official_attention(2, torch.device("cpu")) == "gsa"
     assert load_backbone("default", "auto", "cpu", num_views=threshold - 1).attention == "dense"
     assert load_backbone("default", "auto", "cpu", num_views=threshold).attention == "gsa"
     assert load_backbone("default", "dense", "cpu", num_views=threshold).attention == "dense"

@@ -41,12 +41,18 @@ logger = logging.getLogger(__name__)
 
 AttentionKind = Literal["auto", "gsa", "dense"]
 """``"auto"``: what the model declares: exported weights their sidecar's ``pipeline_attention`` (else their
-stored attention; GSA from the sidecar's ``gsa_from_views`` views per pass on), a built module GSA if it has
-GSA blocks, official checkpoints GSA."""
+stored attention; GSA from the sidecar's ``gsa_from_views`` views per pass on, a number or one per device
+type), a built module GSA if it has GSA blocks, official checkpoints GSA (on CUDA from
+``OFFICIAL_GSA_FROM_VIEWS`` views per pass: :func:`official_attention`)."""
 ModelSpec = str | os.PathLike | nn.Module | Callable[[torch.Tensor], Prediction]
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
 KNOWN_HUB_IDS = {"facebook/VGGT-1B": "vggt", "yyfz233/Pi3": "pi3"}
+# Official checkpoints under attention="auto": GSA from this many views per pass on, per device type (others:
+# always). On CUDA GSA's FlexAttention compiles on its first call in a process: for the VGGT-1B shape on an
+# H200 18.0 s, then 2.5 s a call at 32 views, where dense takes 4.8-5.3 s (cuda_forward_first_call.md); at 500
+# views dense took 68.2 s and GSA 5.0 s on an H100 (vggt_profile.md). 256 lies between the two.
+OFFICIAL_GSA_FROM_VIEWS = {"cuda": 256}
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -95,7 +101,7 @@ def load_backbone(
         raise ValueError(f"attention must be 'auto', 'gsa' or 'dense', got {attention!r}")
     dev = resolve_device(device)
     if isinstance(model, str | os.PathLike):
-        module, name, attention = _load_checkpoint_model(model, attention, num_views)
+        module, name, attention = _load_checkpoint_model(model, attention, num_views, dev)
         model = module
     else:
         name = type(model).__name__
@@ -178,14 +184,17 @@ def _module_predict(
 
 
 def _load_checkpoint_model(
-    spec: str | os.PathLike, attention: AttentionKind, num_views: int | None = None
+    spec: str | os.PathLike,
+    attention: AttentionKind,
+    num_views: int | None = None,
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     text = os.fspath(spec)
     if text == "default" or _is_exported(text):
         path = DEFAULT_WEIGHTS if text == "default" else Path(text)
-        return _load_exported_model(path, attention, num_views)
-    if attention == "auto":  # official dense checkpoints: GSA is what makes them fast
-        attention = "gsa"
+        return _load_exported_model(path, attention, num_views, device)
+    if attention == "auto":
+        attention = official_attention(num_views, device or torch.device("cpu"))
     attention_config = AttentionConfig(kind=attention)
     family = KNOWN_HUB_IDS.get(text) or _family_of_checkpoint(text)
     if family == "vggt":
@@ -206,11 +215,14 @@ def _is_exported(spec: str) -> bool:
 
 
 def _load_exported_model(
-    path: Path, attention: AttentionKind, num_views: int | None = None
+    path: Path,
+    attention: AttentionKind,
+    num_views: int | None = None,
+    device: torch.device | None = None,
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     """Our own exported weights (the shipped default or a fine-tuned model), dense or GSA as asked; "auto"
     takes the sidecar's ``pipeline_attention``, else the stored attention, and GSA for ``num_views`` at or
-    above the sidecar's ``gsa_from_views``."""
+    above the sidecar's ``gsa_from_views`` for ``device`` (:func:`gsa_threshold`)."""
     if not path.is_file():
         raise ModelNotAvailableError(
             f"the default model weights are missing ({path}); reinstall speed3r-sfm, or pass model= a Hub id "
@@ -222,7 +234,7 @@ def _load_exported_model(
     stored = meta["config"].get("attention", {})
     if attention == "auto":
         attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
-        threshold = meta.get("gsa_from_views")
+        threshold = gsa_threshold(meta, device or torch.device("cpu"))
         if threshold is not None and num_views is not None and num_views >= threshold:
             attention = "gsa"
     wanted = AttentionConfig(kind="dense") if attention == "dense" else None
@@ -234,6 +246,25 @@ def _load_exported_model(
         module.preprocessing = Preprocessing(**meta["preprocessing"])
     module.gsa_guidance = bool(meta.get("gsa_guidance", True))
     return module, name, attention
+
+
+def official_attention(num_views: int | None, device: torch.device) -> Literal["gsa", "dense"]:
+    """What ``attention="auto"`` runs an official checkpoint with: GSA, what makes them fast, except for
+    passes of fewer than ``OFFICIAL_GSA_FROM_VIEWS`` views on a device that names a threshold there."""
+    threshold = OFFICIAL_GSA_FROM_VIEWS.get(device.type)
+    if threshold is not None and num_views is not None and num_views < threshold:
+        return "dense"
+    return "gsa"
+
+
+def gsa_threshold(meta: dict, device: torch.device) -> int | None:
+    """Views per pass from which ``attention="auto"`` runs an exported model with GSA on ``device``: the
+    sidecar's ``gsa_from_views``, one number or ``{device type: number}`` (a device type it does not name
+    takes the ``"cpu"`` entry); None: never by the view count."""
+    threshold = meta.get("gsa_from_views")
+    if isinstance(threshold, dict):
+        threshold = threshold.get(device.type, threshold.get("cpu"))
+    return None if threshold is None else int(threshold)
 
 
 def _family_of_checkpoint(spec: str) -> str:
