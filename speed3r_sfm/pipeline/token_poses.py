@@ -35,8 +35,8 @@ RANSAC_TRIALS = 1000  # a pair has 100-200 matches with about half inliers: plen
 # made every pair run all 1000 trials: 0.8 of the 1.1 s of token poses at 24 views)
 RANSAC_MIN_TRIALS = 100
 # pairs aligned at once: a third of a pair's time holds the GIL (small torch ops), so more threads queue for
-# it. At 24 views: 0.46 s with 2 threads, 0.66 with 4, 1.4 with 16 on 2 cores; on a 16-core GPU host 0.72 s
-# with 2 and 1.5 s with 16 (token_poses_threads.md)
+# it. Token poses at 24 views, 1 / 2 / 4 / 16 workers: 0.9 / 0.46 / 0.66 / 1.4 s on 2 cores,
+# 1.2 / 0.69 / 0.85 / 1.3 s on a 16-core GPU host (token_poses_threads.md)
 POOL_WORKERS = 2
 
 
