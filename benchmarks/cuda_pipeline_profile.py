@@ -17,11 +17,13 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,8 +65,30 @@ def forward(args: argparse.Namespace) -> dict:
     }
 
 
-def pipeline(args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def scene_images(args: argparse.Namespace) -> Iterator[str]:
+    """A temporary folder with the images of held-out scene ``args.seed`` (24 or ``args.views`` views at
+    518x392), rendered and cached as ``pipeline_synthetic.py`` does."""
     import pipeline_synthetic as harness
+
+    scene = argparse.Namespace(
+        cache=args.cache,
+        trajectory=args.trajectory,
+        views=args.views,
+        height=392,
+        width=518,
+        supersample=2,
+        render_scale=1,
+        upscale=1,
+        image_format="png",
+    )
+    views = harness.load_scene(args.seed, scene)
+    with tempfile.TemporaryDirectory() as folder:
+        harness.write_images(views, args.seed, Path(folder), scene)
+        yield folder
+
+
+def pipeline(args: argparse.Namespace) -> dict:
 
     # the module, not the function ``speed3r_sfm.pipeline.reconstruct`` that the package exports
     reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
@@ -87,21 +111,8 @@ def pipeline(args: argparse.Namespace) -> dict:
     reconstruct.apply_token_poses = timed("token poses", reconstruct.apply_token_poses)
     run_pipeline = reconstruct.run_pipeline
 
-    scene = argparse.Namespace(
-        cache=args.cache,
-        trajectory=args.trajectory,
-        views=args.views,
-        height=392,
-        width=518,
-        supersample=2,
-        render_scale=1,
-        upscale=1,
-        image_format="png",
-    )
-    views = harness.load_scene(args.seed, scene)
     runs = []
-    with tempfile.TemporaryDirectory() as folder:
-        harness.write_images(views, args.seed, Path(folder), scene)
+    with scene_images(args) as folder:
         for _ in range(args.repeats):
             start = time.perf_counter()
             result = run_pipeline(
@@ -128,8 +139,6 @@ def token_pose_workers(args: argparse.Namespace) -> dict:
     """Token poses of a held-out scene's prediction with thread pools of 1, 2, 4, ... workers."""
     import functools
 
-    import pipeline_synthetic as harness
-
     import speed3r_sfm.pipeline.token_poses as token_poses_module
 
     reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
@@ -141,20 +150,7 @@ def token_pose_workers(args: argparse.Namespace) -> dict:
         return solve(*a, **k)
 
     token_poses_module.token_poses = capture
-    scene = argparse.Namespace(
-        cache=args.cache,
-        trajectory=args.trajectory,
-        views=args.views,
-        height=392,
-        width=518,
-        supersample=2,
-        render_scale=1,
-        upscale=1,
-        image_format="png",
-    )
-    views = harness.load_scene(args.seed, scene)
-    with tempfile.TemporaryDirectory() as folder:
-        harness.write_images(views, args.seed, Path(folder), scene)
+    with scene_images(args) as folder:
         reconstruct.run_pipeline(
             folder, None, model="default", device=args.device, shared_camera=True, ba=False
         )
