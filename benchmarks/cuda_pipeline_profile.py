@@ -1,6 +1,6 @@
 """Where a pipeline run's time goes with the model on a CUDA GPU.
 
-Two measurements, each in a fresh process so that one-time costs (CUDA context, kernel compilation) show:
+Three measurements, each in a fresh process so that one-time costs (CUDA context, kernel compilation) show:
 
 - ``forward``: ``predict`` of the default model on random images (224x294), dense or GSA, the first call and
   the calls after it, synchronised;
@@ -89,7 +89,7 @@ def scene_images(args: argparse.Namespace) -> Iterator[str]:
 
 
 def pipeline(args: argparse.Namespace) -> dict:
-
+    """Per-stage timings of ``args.repeats`` runs in one process, the model stage split into its parts."""
     # the module, not the function ``speed3r_sfm.pipeline.reconstruct`` that the package exports
     reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
 
@@ -109,13 +109,12 @@ def pipeline(args: argparse.Namespace) -> dict:
 
     reconstruct._run_backbone = timed("backbone", reconstruct._run_backbone)
     reconstruct.apply_token_poses = timed("token poses", reconstruct.apply_token_poses)
-    run_pipeline = reconstruct.run_pipeline
 
     runs = []
     with scene_images(args) as folder:
         for _ in range(args.repeats):
             start = time.perf_counter()
-            result = run_pipeline(
+            result = reconstruct.run_pipeline(
                 folder,
                 None,
                 model="default",
@@ -137,8 +136,6 @@ def pipeline(args: argparse.Namespace) -> dict:
 
 def token_pose_workers(args: argparse.Namespace) -> dict:
     """Token poses of a held-out scene's prediction with thread pools of 1, 2, 4, ... workers."""
-    import functools
-
     import speed3r_sfm.pipeline.token_poses as token_poses_module
 
     reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
@@ -158,9 +155,7 @@ def token_pose_workers(args: argparse.Namespace) -> dict:
     pool = token_poses_module.ThreadPoolExecutor
     found = {}
     for workers in (1, 2, 4, 8, 16):
-        token_poses_module.ThreadPoolExecutor = functools.partial(
-            lambda max_workers, n: pool(max_workers=n), n=workers
-        )
+        token_poses_module.ThreadPoolExecutor = lambda max_workers, n=workers: pool(max_workers=n)
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()

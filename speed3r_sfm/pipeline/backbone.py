@@ -184,17 +184,14 @@ def _module_predict(
 
 
 def _load_checkpoint_model(
-    spec: str | os.PathLike,
-    attention: AttentionKind,
-    num_views: int | None = None,
-    device: torch.device | None = None,
+    spec: str | os.PathLike, attention: AttentionKind, num_views: int | None, device: torch.device
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     text = os.fspath(spec)
     if text == "default" or _is_exported(text):
         path = DEFAULT_WEIGHTS if text == "default" else Path(text)
         return _load_exported_model(path, attention, num_views, device)
     if attention == "auto":
-        attention = official_attention(num_views, device or torch.device("cpu"))
+        attention = official_attention(num_views, device)
     attention_config = AttentionConfig(kind=attention)
     family = KNOWN_HUB_IDS.get(text) or _family_of_checkpoint(text)
     if family == "vggt":
@@ -215,10 +212,7 @@ def _is_exported(spec: str) -> bool:
 
 
 def _load_exported_model(
-    path: Path,
-    attention: AttentionKind,
-    num_views: int | None = None,
-    device: torch.device | None = None,
+    path: Path, attention: AttentionKind, num_views: int | None, device: torch.device
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     """Our own exported weights (the shipped default or a fine-tuned model), dense or GSA as asked; "auto"
     takes the sidecar's ``pipeline_attention``, else the stored attention, and GSA for ``num_views`` at or
@@ -234,7 +228,7 @@ def _load_exported_model(
     stored = meta["config"].get("attention", {})
     if attention == "auto":
         attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
-        threshold = gsa_threshold(meta, device or torch.device("cpu"))
+        threshold = gsa_threshold(meta, device)
         if threshold is not None and num_views is not None and num_views >= threshold:
             attention = "gsa"
     wanted = AttentionConfig(kind="dense") if attention == "dense" else None
