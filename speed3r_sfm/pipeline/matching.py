@@ -248,11 +248,13 @@ def _project_and_check(views, geometry, points, j, options, thresholds=None):
     x0, y0, x1, y1 = views[j].transform.content_box
     inside = (uv[:, 0] >= x0) & (uv[:, 0] <= x1 - 1) & (uv[:, 1] >= y0) & (uv[:, 1] <= y1 - 1)
     ok = torch.isfinite(z) & (z > 0) & inside
-    depth_j = _nearest_depths(geometry, j, uv, options.affine_step)  # (N, 9)
-    relative = ((depth_j - z[:, None]).abs() / z.abs().clamp_min(1e-12)[:, None]).nan_to_num(nan=1e9)
-    ok &= relative.amin(dim=1) <= options.depth_tolerance
+    rows = ok.nonzero()[:, 0]  # the depth and confidence checks only where the point lands in view j
+    depth_j = _nearest_depths(geometry, j, uv[rows], options.affine_step)  # (M, 9)
+    relative = ((depth_j - z[rows, None]).abs() / z[rows].abs().clamp_min(1e-12)[:, None]).nan_to_num(nan=1e9)
+    keep = relative.amin(dim=1) <= options.depth_tolerance
     if thresholds is not None:
-        ok &= geometry.sample(geometry.confidence, j, uv).nan_to_num(nan=-1e30) >= thresholds[j]
+        keep &= geometry.sample(geometry.confidence, j, uv[rows]).nan_to_num(nan=-1e30) >= thresholds[j]
+    ok[rows] = keep
     return ok, uv, model_to_work(views[j], uv), z
 
 
