@@ -622,8 +622,9 @@ def test_bulk_observation_reads_match_the_tracks_and_points():
     )
     assert sorted(zip(point_ids.tolist(), slots.tolist(), strict=True)) == expected
     seen = observed_points(rec)
-    assert sorted(seen) == [1, 2, 3, 4]
-    for image_id, (pixels, xyz) in seen.items():
+    assert sorted(seen) == [0, 1, 2, 3]  # views: image id - 1
+    for view, (pixels, xyz) in seen.items():
+        image_id = view + 1
         # keypoint p of every image observes point p (``_scene_reconstruction``)
         rows = sorted(
             e.point2D_idx for q in rec.points3D.values() for e in q.track.elements if e.image_id == image_id

@@ -176,7 +176,7 @@ def rescued_geometry(
     if options.move_weak_group:
         _move_with_group(views, geometry, poses, placed, seen, pair_matches)
     # depth to the scale of the adjusted poses: matching lifts keypoints with it
-    points = {image_id - 1: observed for image_id, observed in observed_points(rec).items()}
+    points = observed_points(rec)
     points.update({view: seen[view] for view, entry in placed.items() if entry["how"] != "not re-posed"})
     depth, ratios = rescaled_depth(views, geometry, poses, points)
     for view, ratio in ratios.items():
@@ -231,7 +231,7 @@ def adjusted_geometry(
     """``geometry`` with every registered view at its adjusted pose and its depth rescaled to the 3D points
     it sees (the others as they were)."""
     poses = registered_poses(rec, geometry)
-    points = {image_id - 1: observed for image_id, observed in observed_points(rec).items()}
+    points = observed_points(rec)
     depth, _ = rescaled_depth(views, geometry, poses, points)
     return replace(geometry, cam_from_world=poses, depth=depth)
 
@@ -268,7 +268,7 @@ def _move_with_group(
 
 
 def observed_points(rec: pycolmap.Reconstruction) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per registered image id, (N, 2) original pixels and (N, 3) 3D points of its observations."""
+    """Per registered view (image id - 1), (N, 2) original pixels and (N, 3) 3D points of its observations."""
     items = list(rec.points3D.items())
     ids = np.fromiter((point3D_id for point3D_id, _ in items), dtype=np.int64, count=len(items))
     xyz = np.array([point.xyz for _, point in items], dtype=np.float64).reshape(-1, 3)
@@ -279,7 +279,7 @@ def observed_points(rec: pycolmap.Reconstruction) -> dict[int, tuple[np.ndarray,
         observed = rec.image(image_id).get_observation_points2D()
         seen = np.fromiter((p.point3D_id for p in observed), dtype=np.int64, count=len(observed))
         pixels = np.array([p.xy for p in observed], dtype=np.float64).reshape(-1, 2)
-        found[image_id] = pixels, xyz[np.searchsorted(ids, seen)]
+        found[image_id - 1] = pixels, xyz[np.searchsorted(ids, seen)]
     return found
 
 
