@@ -58,11 +58,29 @@ def forward(args: argparse.Namespace) -> dict:
         backbone.predict(images)
         torch.cuda.synchronize()
         calls.append(time.perf_counter() - start)
-    return {
+    found = {
         "calls_s": calls,
         "ran": backbone.attention,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
+    if args.kernels:
+        found["top_kernels"] = top_kernels(lambda: backbone.predict(images), args.kernels)
+    return found
+
+
+def top_kernels(call, count: int) -> list[dict]:
+    """The ``count`` CUDA kernels that took the most time in one more ``call()``, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    return [
+        {"name": e.key[:120], "calls": e.count, "self_ms": e.self_device_time_total / 1e3}
+        for e in events[:count]
+        if e.self_device_time_total > 0
+    ]
 
 
 @contextlib.contextmanager
@@ -174,6 +192,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help='forward: "default" or "vggt-1b-random"')
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", type=int, default=0, help="forward: list the N slowest CUDA kernels")
     parser.add_argument("--seed", type=int, default=1000000)
     parser.add_argument("--trajectory", default="forward")
     parser.add_argument("--device", default="cuda", help="pipeline: where the model runs")

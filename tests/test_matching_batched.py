@@ -109,6 +109,37 @@ def test_batched_refinement_equals_refining_each_pair_alone():
     assert (reason == 0).sum() > 50 and (reason != 0).sum() > 50
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_refinement_on_cuda_agrees_with_the_cpu():
+    """A stack built on the GPU refines there (one grid_sample and one convolution per level, no per-thread
+    split, larger chunks) and returns CPU tensors: the same reasons as the CPU and the same locations up to
+    float32 rounding."""
+    gen = torch.Generator().manual_seed(2)
+    sizes = [(200, 260), (180, 240), (200, 260)]
+    grays = [_image(h, w, gen) for h, w in sizes]
+    grays[2] = torch.roll(grays[0], shifts=(3, -2), dims=(0, 1))
+    n = 400
+    source = torch.randint(0, 3, (n,), generator=gen)
+    target = (source + 1 + torch.randint(0, 2, (n,), generator=gen)) % 3
+    size = torch.tensor([(w - 1.0, h - 1.0) for h, w in sizes], dtype=torch.float64)
+    x = torch.rand(n, 2, generator=gen, dtype=torch.float64) * size[source]
+    y = x + torch.randn(n, 2, generator=gen, dtype=torch.float64) * 3.0
+    affine = torch.eye(2, dtype=torch.float64) + 0.02 * torch.randn(n, 2, 2, generator=gen).double()
+    options = RefineOptions()
+    found = {}
+    for device in ("cpu", "cuda"):
+        stack = PyramidStack.from_pyramids([build_pyramid(g.to(device), 3) for g in grays])
+        assert stack.device.type == device
+        found[device] = refine_matches(stack, stack, source, target, x, y, affine, 12.0, options)
+    (xy, ncc, reason), (xy_gpu, ncc_gpu, reason_gpu) = found["cpu"], found["cuda"]
+    assert xy_gpu.device.type == "cpu" and reason_gpu.dtype == torch.long
+    assert (reason_gpu != reason).float().mean() < 0.02  # a score at a threshold may round either way
+    both = (reason == 0) & (reason_gpu == 0)
+    assert both.sum() > 50
+    assert torch.allclose(xy_gpu[both], xy[both], atol=1e-2)
+    assert torch.allclose(ncc_gpu[both], ncc[both], atol=1e-3)
+
+
 def _reference_field(predicted, found, min_inliers):
     """The per-pair fit: lstsq on the inliers, four reweighting rounds (points off by more than
     max(2, 3 x median residual) dropped)."""

@@ -545,14 +545,20 @@ def _wide_search(options: MatchOptions) -> RefineOptions:
     return dataclasses.replace(options.refine, level_radius=max(options.refine.level_radius, 16))
 
 
-def matching_pyramids(views: list[View], grays: list[torch.Tensor], options: MatchOptions) -> PyramidStack:
-    """The image pyramids photometric refinement searches, deep enough for the widest search radius."""
+def matching_pyramids(
+    views: list[View],
+    grays: list[torch.Tensor],
+    options: MatchOptions,
+    device: torch.device | str = "cpu",
+) -> PyramidStack:
+    """The image pyramids photometric refinement searches, deep enough for the widest search radius, on
+    ``device``: the refinement runs where they are."""
     scale = float(_work_scales(views).max())
     levels = max(
         num_levels(options.correction_radius * scale, _wide_search(options).level_radius),
         num_levels(options.search_radius * scale, options.refine.level_radius),
     )
-    return PyramidStack.from_pyramids([build_pyramid(g, levels) for g in grays])
+    return PyramidStack.from_pyramids([build_pyramid(g.to(device), levels) for g in grays])
 
 
 def match_views(

@@ -250,6 +250,8 @@ def run_pipeline(
             shared_camera=shared_camera,
             pixel_scale=pixel_scale,
             pyramids={},  # built by the first pass, reused by the rescue's
+            # photometric refinement on the model's GPU (it is the pipeline's costliest CPU stage)
+            device=backbone.device if backbone.device.type == "cuda" else None,
         )
         # the poses the view pairs of the feed-forward pose tree are checked against (``contradicted_pairs``)
         reference = geometry.cam_from_world.clone()
@@ -364,6 +366,7 @@ def _match_and_adjust(
     matches: Matches | None = None,
     from_adjusted: pycolmap.Reconstruction | None = None,
     pyramids: dict[str, PyramidStack] | None = None,
+    device: torch.device | None = None,
 ) -> _Adjusted:
     """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``feedforward``:
     the view pairs of the feed-forward pose tree and the cam_from_world they are checked against (the
@@ -371,7 +374,8 @@ def _match_and_adjust(
     where they touch the given views (image ids); ``matches``: use these instead of matching (step 4);
     ``from_adjusted``: an adjusted reconstruction whose registered images' cameras are kept, and the 3D
     points are triangulated at ``geometry``'s poses where that is well conditioned (else from depth, as
-    without it); ``pyramids``: a cache for the refinement's image pyramids, kept between passes."""
+    without it); ``pyramids``: a cache for the refinement's image pyramids, kept between passes;
+    ``device``: where the photometric refinement runs (the CPU if None)."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
     if matches is None:
@@ -379,7 +383,7 @@ def _match_and_adjust(
         start("matching")
         pyramids = {} if pyramids is None else pyramids
         if "stack" not in pyramids:
-            pyramids["stack"] = matching_pyramids(views, grays, options.matching)
+            pyramids["stack"] = matching_pyramids(views, grays, options.matching, device or "cpu")
         matches = match_views(
             views,
             grays,

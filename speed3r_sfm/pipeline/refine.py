@@ -11,7 +11,8 @@ a separable parabola through the NCC peak gives the sub-pixel offset.
 Everything is batched over matches, whatever their view pair: the pyramids of all views are packed level by
 level into one atlas image (:class:`PyramidStack`), so that one ``grid_sample`` call per level samples the
 patches of every match (coordinates clamped to each image's own border, as ``padding_mode="border"`` does
-for a single image), and one grouped convolution correlates them.
+for a single image), and one grouped convolution correlates them. The search runs on the stack's device:
+:meth:`PyramidStack.from_pyramids` of pyramids on a CUDA device refines there.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def _warped_grid(centre: torch.Tensor, affine: torch.Tensor, radius: int) -> tor
     """(M, n, n, 2) float32 points ``centre + affine @ v`` for the integer offsets v of an n = 2 radius + 1
     grid (row-major over v_y then v_x); ``centre`` (M, 2), ``affine`` (M, 2, 2)."""
     m, n = centre.shape[0], 2 * radius + 1
-    r = torch.arange(-radius, radius + 1, dtype=affine.dtype)
-    out = torch.empty(m, n, n, 2)
+    r = torch.arange(-radius, radius + 1, dtype=affine.dtype, device=affine.device)
+    out = torch.empty(m, n, n, 2, device=affine.device)
     for k in range(2):  # one coordinate plane at a time: contiguous broadcasts
         along_x = (centre[:, k, None] + affine[:, k, 0, None] * r).float()  # (M, n)
         along_y = (affine[:, k, 1, None] * r).float()
@@ -81,6 +82,10 @@ def _grid_sample(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     (``align_corners=True``, border padding). The CPU kernel parallelises over the batch only, so the
     points are split into one batch per thread, over the (expanded, not copied) image."""
     m, n = grid.shape[:2]
+    if image.device.type != "cpu":
+        points = grid.reshape(1, m * n, n, 2)
+        samples = F.grid_sample(image, points, mode="bilinear", padding_mode="border", align_corners=True)
+        return samples.reshape(m, n, n)
     batches = max(1, min(torch.get_num_threads(), m))
     whole = m - m % batches
     parts = []
@@ -103,19 +108,22 @@ class ImageAtlas:
     image: torch.Tensor  # (1, 1, H, W) float32
     origin: torch.Tensor  # (V, 2) float64 atlas pixel (x, y) of each image's top-left pixel
     size: torch.Tensor  # (V, 2) float32 (width, height) of each image; 1 x 1 for a missing level
+    # (all three on the device of the images)
 
     @classmethod
     def pack(cls, images: list[torch.Tensor | None]) -> ImageAtlas:
-        """Pack images (1, 1, h_v, w_v) (None: the view has no such level) into a grid of equal cells."""
+        """Pack images (1, 1, h_v, w_v) (None: the view has no such level; at least one is not) into a grid
+        of equal cells, on the images' device."""
         sizes = [(1, 1) if im is None else (im.shape[-1], im.shape[-2]) for im in images]
-        if len(images) == 1 and images[0] is not None:  # nothing to pack
-            origin = torch.zeros(1, 2, dtype=torch.float64)
-            return cls(images[0].float(), origin, torch.tensor(sizes, dtype=torch.float32))
+        device = next(im.device for im in images if im is not None)
+        size = torch.tensor(sizes, dtype=torch.float32, device=device)
+        if len(images) == 1:  # nothing to pack
+            return cls(images[0].float(), torch.zeros(1, 2, dtype=torch.float64, device=device), size)
         cell_w = max(w for w, _ in sizes) + 2
         cell_h = max(h for _, h in sizes) + 2
         columns = max(1, math.ceil(math.sqrt(len(images) * cell_h / cell_w)))
         rows = math.ceil(len(images) / columns)
-        atlas = torch.zeros(1, 1, rows * cell_h, columns * cell_w)
+        atlas = torch.zeros(1, 1, rows * cell_h, columns * cell_w, device=device)
         origin = torch.zeros(len(images), 2, dtype=torch.float64)
         for v, im in enumerate(images):
             row, column = divmod(v, columns)
@@ -124,7 +132,7 @@ class ImageAtlas:
             if im is not None:
                 w, h = sizes[v]
                 atlas[..., y : y + h + 2, x : x + w + 2] = F.pad(im.float(), (1, 1, 1, 1), mode="replicate")
-        return cls(atlas, origin, torch.tensor(sizes, dtype=torch.float32))
+        return cls(atlas, origin.to(device), size)
 
     def sample(
         self, view: torch.Tensor, centre: torch.Tensor, affine: torch.Tensor, radius: int
@@ -133,7 +141,9 @@ class ImageAtlas:
         for the integer offsets v of a (2 radius + 1)^2 grid; border values repeat outside each image."""
         m = centre.shape[0]
         h, w = self.image.shape[-2:]
-        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=torch.float64)
+        scale = torch.tensor(
+            [2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], dtype=torch.float64, device=centre.device
+        )
         origin = self.origin[view]
         # grid_sample's coordinates: [-1, 1] over the atlas (align_corners=True)
         grid = _warped_grid((centre + origin) * scale - 1.0, affine * scale[None, :, None], radius)
@@ -168,10 +178,15 @@ class PyramidStack:
 
     @classmethod
     def from_pyramids(cls, pyramids: list[list[torch.Tensor]]) -> PyramidStack:
-        """The stack of one pyramid per view (they may differ in size and depth)."""
+        """The stack of one pyramid per view (they may differ in size and depth), on their device."""
         count = max(len(p) for p in pyramids)
         levels = [ImageAtlas.pack([p[k] if k < len(p) else None for p in pyramids]) for k in range(count)]
-        return cls(levels, torch.tensor([len(p) - 1 for p in pyramids]))
+        depth = torch.tensor([len(p) - 1 for p in pyramids], device=pyramids[0][0].device)
+        return cls(levels, depth)
+
+    @property
+    def device(self) -> torch.device:
+        return self.levels[0].image.device
 
 
 def _box_sum(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -180,11 +195,11 @@ def _box_sum(x: torch.Tensor, size: int) -> torch.Tensor:
     m, n, _ = x.shape
     k = n - size + 1
     c = x.cumsum(1)
-    rows = torch.empty(m, k, n, dtype=x.dtype)
+    rows = torch.empty(m, k, n, dtype=x.dtype, device=x.device)
     rows[:, 0] = c[:, size - 1]
     torch.sub(c[:, size:], c[:, :-size], out=rows[:, 1:])
     c = rows.cumsum(2)
-    out = torch.empty(m, k, k, dtype=x.dtype)
+    out = torch.empty(m, k, k, dtype=x.dtype, device=x.device)
     out[:, :, 0] = c[:, :, size - 1]
     torch.sub(c[:, :, size:], c[:, :, :-size], out=out[:, :, 1:])
     return out
@@ -234,10 +249,10 @@ def _placements_inside(
     """(M, 2r+1, 2r+1) whether the patch (half-size ``half``) placed at ``centre + affine @ v`` (the
     points of :func:`_warped_grid`) lies inside images of ``size`` (M, 2) (width, height)."""
     m, n = centre.shape[0], 2 * r + 1
-    steps = torch.arange(-r, r + 1, dtype=affine.dtype)
+    steps = torch.arange(-r, r + 1, dtype=affine.dtype, device=affine.device)
     extent = (half * affine.abs().sum(dim=-1)).float()  # (M, 2)
     high = size - 1 - extent
-    inside = torch.ones(m, n, n, dtype=torch.bool)
+    inside = torch.ones(m, n, n, dtype=torch.bool, device=centre.device)
     for k in range(2):  # one coordinate at a time, as _warped_grid computes it
         along_x = (centre[:, k, None] + affine[:, k, 0, None] * steps).float()
         along_y = (affine[:, k, 1, None] * steps).float()
@@ -260,7 +275,7 @@ def _second_peak(scores: torch.Tensor, best_row: torch.Tensor, best_col: torch.T
     (best_row, best_col) and its 8 neighbours; -2 if there is none."""
     n = scores.shape[-1]
     peaks = (scores >= local_maximum(scores)) & (scores > -1.5)
-    span = torch.arange(n)
+    span = torch.arange(n, device=scores.device)
     near = ((span[None, :, None] - best_row[:, None, None]).abs() <= 1) & (
         (span[None, None, :] - best_col[:, None, None]).abs() <= 1
     )
@@ -312,17 +327,23 @@ def refine_matches(
     ``source_view``, ``target_view``: (M,) views of the stacks; ``x_source``, ``y_predicted``: (M, 2) level-0
     pixels; ``affine``: (M, 2, 2) d(target)/d(source); ``radius``: search radius in source pixels.
     Returns refined target pixels (M, 2) float64, NCC (M,) and a reason code (M,) int64 (0 = accepted,
-    see ``REASONS``).
+    see ``REASONS``), on the CPU; the search runs on the stacks' device.
     """
+    device = target.device
+    source_view, target_view = source_view.to(device), target_view.to(device)
+    x_source, y_predicted, affine = x_source.to(device), y_predicted.to(device), affine.to(device)
     m = x_source.shape[0]
-    out_xy = torch.zeros(m, 2, dtype=torch.float64)
-    out_ncc, out_reason = torch.zeros(m), torch.zeros(m, dtype=torch.long)
+    out_xy = torch.zeros(m, 2, dtype=torch.float64, device=device)
+    out_ncc = torch.zeros(m, device=device)
+    out_reason = torch.zeros(m, dtype=torch.long, device=device)
     wanted = num_levels(radius, options.level_radius)
     levels = torch.minimum(source.depth[source_view], target.depth[target_view]).clamp_max(wanted)
     for count in levels.unique().tolist():  # one group unless some pyramids are shorter
         group = (levels == count).nonzero()[:, 0]
         window = options.patch_size + 2 * _top_radius(radius, count, options)
-        chunk = max(1, min(options.chunk, WINDOW_BUDGET // window**2))  # windows stay in the cache
+        chunk = options.chunk
+        if device.type == "cpu":
+            chunk = max(1, min(chunk, WINDOW_BUDGET // window**2))  # windows stay in the cache
         for part in group.split(chunk):
             xy, ncc, reason = _refine_chunk(
                 source,
@@ -337,7 +358,7 @@ def refine_matches(
                 options,
             )
             out_xy[part], out_ncc[part], out_reason[part] = xy, ncc, reason
-    return out_xy, out_ncc, out_reason
+    return out_xy.cpu(), out_ncc.cpu(), out_reason.cpu()
 
 
 def refine_pair(
@@ -388,11 +409,12 @@ def _refine_chunk(
     levels: int,
     options: RefineOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    m = x.shape[0]
+    m, device = x.shape[0], x.device
     half = options.patch_size // 2
-    centre = torch.zeros(m, 2, dtype=torch.float64)  # current offset, source pixels of the current level
-    reason = torch.zeros(m, dtype=torch.long)
-    ncc_best = torch.full((m,), -2.0)
+    # current offset, source pixels of the current level
+    centre = torch.zeros(m, 2, dtype=torch.float64, device=device)
+    reason = torch.zeros(m, dtype=torch.long, device=device)
+    ncc_best = torch.full((m,), -2.0, device=device)
     for level in range(levels, -1, -1):
         act = (reason == 0).nonzero()[:, 0]  # only matches not rejected yet
         if act.numel() == 0:
@@ -406,7 +428,7 @@ def _refine_chunk(
         y_l = (y[act] + 0.5) / factor - 0.5
         a = affine[act]
         sv, tv = source_view[act], target_view[act]
-        identity = torch.eye(2, dtype=torch.float64).expand(act.numel(), 2, 2)
+        identity = torch.eye(2, dtype=torch.float64, device=device).expand(act.numel(), 2, 2)
         patch = source.levels[level].sample(sv, x_l, identity, half)  # (m', P, P)
         if level == 0:
             texture = patch.flatten(1).std(dim=1) >= options.min_texture
@@ -437,7 +459,7 @@ def _refine_chunk(
         if level > 0:
             centre[act] = 2.0 * (c + step)
             continue
-        rows = torch.arange(act.numel())
+        rows = torch.arange(act.numel(), device=device)
         row_c, col_c = best_row.clamp(1, 2 * r - 1), best_col.clamp(1, 2 * r - 1)
         sub_x = _parabola_peak(
             scores[rows, row_c, col_c - 1], scores[rows, row_c, col_c], scores[rows, row_c, col_c + 1]
@@ -447,7 +469,7 @@ def _refine_chunk(
         )
         centre[act] = c + step + torch.stack([sub_x, sub_y], -1).double()
     refined = y + (centre[:, None, :] * affine).sum(-1)
-    everyone = torch.arange(m)
+    everyone = torch.arange(m, device=device)
     _reject_at(reason, everyone, ncc_best < options.min_ncc, 5)
     _reject_at(reason, everyone, centre.norm(dim=1) > radius * 1.5 + options.fine_radius, 6)
     return refined, ncc_best, reason
