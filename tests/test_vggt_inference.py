@@ -211,6 +211,20 @@ def test_bf16_aggregator_in_predict_on_cpus_with_native_bf16(monkeypatch, attent
     assert torch.equal(model.predict(images).depth, exact.depth)
 
 
+def test_aggregator_keeps_the_callers_autocast(attention_dtypes):
+    """Without bf16_aggregator the aggregator runs under the caller's autocast (``predict``'s bf16 on CUDA,
+    a training step's), not in float32."""
+    model = tiny_vggt(enable_track=False)
+    seen = attention_dtypes(model.aggregator)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.rand(1, 2, 3, 28, 42))
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    with torch.no_grad():
+        model(torch.rand(1, 2, 3, 28, 42))
+    assert seen and set(seen) == {torch.float32}
+
+
 def test_training_gradients_reach_every_parameter():
     model = tiny_vggt(enable_track=False, enable_point=False, attention=GSA).train()
     out = model(torch.rand(1, 2, 3, 28, 28))

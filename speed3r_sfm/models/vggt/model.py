@@ -134,7 +134,14 @@ class VGGT(nn.Module):
         with_tracks = query_points is not None and self.track_head is not None
         with_track_features = with_track_features and self.track_head is not None
         records: list | None = [] if return_attention else None
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16_aggregator):
+        # without bf16_aggregator the caller's autocast, if any, stays in effect (autocast(enabled=False)
+        # would switch it off: the aggregator ran in float32 under predict's CUDA autocast)
+        aggregator_autocast = (
+            torch.autocast(images.device.type, dtype=torch.bfloat16)
+            if bf16_aggregator
+            else contextlib.nullcontext()
+        )
+        with aggregator_autocast:
             outputs, patch_start_idx = self.aggregator(
                 images, keep=self.layers_needed(with_tracks or with_track_features), records=records
             )
