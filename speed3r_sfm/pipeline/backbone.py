@@ -49,9 +49,9 @@ ModelSpec = str | os.PathLike | nn.Module | Callable[[torch.Tensor], Prediction]
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "default.safetensors"
 KNOWN_HUB_IDS = {"facebook/VGGT-1B": "vggt", "yyfz233/Pi3": "pi3"}
 # Official checkpoints under attention="auto": GSA from this many views per pass on, per device type (others:
-# always). On CUDA GSA's FlexAttention compiles on its first call in a process: for the VGGT-1B shape on an
-# H200 18.0 s, then 2.5 s a call at 32 views, where dense takes 4.8-5.3 s (cuda_forward_first_call.md); at 500
-# views dense took 68.2 s and GSA 5.0 s on an H100 (vggt_profile.md). 256 lies between the two.
+# always). On CUDA GSA's FlexAttention compiles on its first call in a process. VGGT-1B shape, bf16, H200,
+# first calls dense vs GSA: 1.3 vs 13.9 s at 32 views, 18.8 vs 18.7 s at 256 (then 17.9 vs 3.4 s a call):
+# they break even at 256 (cuda_forward_first_call.md).
 OFFICIAL_GSA_FROM_VIEWS = {"cuda": 256}
 
 
