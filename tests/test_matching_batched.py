@@ -140,6 +140,21 @@ def test_refinement_on_cuda_agrees_with_the_cpu():
     assert torch.allclose(ncc_gpu[both], ncc[both], atol=1e-3)
 
 
+def test_refinement_runs_on_the_gpu_only_where_its_pyramids_fit(monkeypatch):
+    from speed3r_sfm.pipeline import matching
+
+    grays = [torch.zeros(1500, 2000) for _ in range(100)]  # 300 M pixels: 1.6 GB of pyramids, twice packed
+    need = 2 * 300e6 * 4 * 4 / 3 + matching.REFINE_WORKSPACE_BYTES
+    monkeypatch.setattr(matching, "free_cuda_bytes", lambda device: int(2 * need) + 1)
+    assert matching.refinement_device("cuda", grays) == torch.device("cuda")
+    assert matching.refinement_device(torch.device("cuda", 1), grays) == torch.device("cuda", 1)
+    monkeypatch.setattr(matching, "free_cuda_bytes", lambda device: int(2 * need) - 1)
+    assert matching.refinement_device("cuda", grays) == torch.device("cpu")
+    assert matching.refinement_device("cuda", grays[:50]) == torch.device("cuda")
+    assert matching.refinement_device(None, grays) == torch.device("cpu")
+    assert matching.refinement_device("cpu", grays) == torch.device("cpu")
+
+
 def _reference_field(predicted, found, min_inliers):
     """The per-pair fit: lstsq on the inliers, four reweighting rounds (points off by more than
     max(2, 3 x median residual) dropped)."""

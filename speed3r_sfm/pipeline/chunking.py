@@ -27,6 +27,13 @@ def plan_chunks(num_views: int, chunk_size: int, overlap: int) -> list[list[int]
     return [list(range(s, s + chunk_size)) for s in starts]
 
 
+def free_cuda_bytes(device: torch.device) -> int:
+    """Free memory of CUDA ``device``: ``torch.cuda.mem_get_info`` plus what PyTorch's allocator holds in its
+    cache."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def default_chunk_size(
     device: torch.device | str,
     tokens_per_view: int,
@@ -49,9 +56,7 @@ def default_chunk_size(
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return CPU_DEFAULT_CHUNK_SIZE
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # PyTorch's cache
-    budget = fraction * free - fixed_bytes
+    budget = fraction * free_cuda_bytes(device) - fixed_bytes
     size = int(budget // max(1, tokens_per_view * bytes_per_token))
     return max(minimum, min(maximum, size))
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .chunking import free_cuda_bytes
 from .frames import SceneGeometry, model_to_work, work_pixels_per_model_pixel, work_to_model
 from .inputs import View
 from .keypoints import Keypoints
@@ -49,6 +50,10 @@ from .refine import REASONS, PyramidStack, RefineOptions, build_pyramid, num_lev
 from .track_verification import TrackCheck, Tracker, check_with_tracks
 
 logger = logging.getLogger(__name__)
+
+# GPU memory of one chunk of the refinement's search (16384 windows of up to 43 x 43 values, their sample
+# grid and the NCC temporaries: a few hundred MiB), rounded up
+REFINE_WORKSPACE_BYTES = 1 << 30
 
 
 @dataclass
@@ -543,6 +548,28 @@ def _work_scales(views: list[View]) -> torch.Tensor:
 def _wide_search(options: MatchOptions) -> RefineOptions:
     """Refinement settings of the wide searches (correction samples, uncorrected pairs)."""
     return dataclasses.replace(options.refine, level_radius=max(options.refine.level_radius, 16))
+
+
+def refinement_device(device: torch.device | str | None, grays: list[torch.Tensor]) -> torch.device:
+    """Where photometric refinement runs: ``device`` if it is a CUDA device with room for the image pyramids
+    of ``grays`` (:func:`matching_pyramids`, float32, twice while they are packed) and the search's
+    workspace within half its free memory, else the CPU."""
+    cpu = torch.device("cpu")
+    if device is None or torch.device(device).type != "cuda":
+        return cpu
+    device = torch.device(device)
+    pyramid_bytes = sum(g.numel() for g in grays) * 4 * 4 / 3
+    need = 2 * pyramid_bytes + REFINE_WORKSPACE_BYTES
+    free = free_cuda_bytes(device)
+    if need > 0.5 * free:
+        logger.info(
+            "photometric refinement on the CPU: the image pyramids need %.1f GiB, %s has %.1f GiB free",
+            need / 2**30,
+            device,
+            free / 2**30,
+        )
+        return cpu
+    return device
 
 
 def matching_pyramids(

@@ -66,7 +66,14 @@ from .export import check_output, write_project
 from .frames import SceneGeometry
 from .inputs import Preprocessing, find_images, load_views
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
-from .matching import Matches, MatchOptions, keep_matches, match_views, matching_pyramids
+from .matching import (
+    Matches,
+    MatchOptions,
+    keep_matches,
+    match_views,
+    matching_pyramids,
+    refinement_device,
+)
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .refine import PyramidStack
 from .report import build_report
@@ -375,7 +382,8 @@ def _match_and_adjust(
     ``from_adjusted``: an adjusted reconstruction whose registered images' cameras are kept, and the 3D
     points are triangulated at ``geometry``'s poses where that is well conditioned (else from depth, as
     without it); ``pyramids``: a cache for the refinement's image pyramids, kept between passes;
-    ``device``: where the photometric refinement runs (the CPU if None)."""
+    ``device``: where the photometric refinement runs if its image pyramids fit (:func:`refinement_device`;
+    the CPU if None)."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
     if matches is None:
@@ -383,7 +391,8 @@ def _match_and_adjust(
         start("matching")
         pyramids = {} if pyramids is None else pyramids
         if "stack" not in pyramids:
-            pyramids["stack"] = matching_pyramids(views, grays, options.matching, device or "cpu")
+            device = refinement_device(device, grays)
+            pyramids["stack"] = matching_pyramids(views, grays, options.matching, device)
         matches = match_views(
             views,
             grays,
