@@ -69,7 +69,8 @@ def reconstruct_command(
             bundle adjustment of time).
         deterministic: bundle adjustment on one thread, so that a run repeats bit for bit on the same
             machine (multi-threaded solves differ in the last bits, which a poorly conditioned scene can
-            turn into other registered views); about 0.16 s slower at 24 views.
+            turn into other registered views); about 0.16 s slower at 24 views. Checked on the CPU, not
+            with the model on CUDA.
         chunk_size: views per model pass for long sequences; chunks overlap and are aligned by robust Sim(3).
             Default: one pass on CPU, on CUDA as many views as fit in free GPU memory.
         chunk_overlap: views shared by consecutive chunks (default: a quarter of chunk_size).
