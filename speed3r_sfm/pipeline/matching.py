@@ -555,9 +555,9 @@ def refinement_device(device: torch.device | str | None, grays: list[torch.Tenso
     of ``grays`` (:func:`matching_pyramids`, float32, twice while they are packed) and the search's
     workspace within half its free memory, else the CPU."""
     cpu = torch.device("cpu")
-    if device is None or torch.device(device).type != "cuda":
+    device = cpu if device is None else torch.device(device)
+    if device.type != "cuda":
         return cpu
-    device = torch.device(device)
     pyramid_bytes = sum(g.numel() for g in grays) * 4 * 4 / 3
     need = 2 * pyramid_bytes + REFINE_WORKSPACE_BYTES
     free = free_cuda_bytes(device)

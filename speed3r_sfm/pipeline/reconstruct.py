@@ -257,8 +257,7 @@ def run_pipeline(
             shared_camera=shared_camera,
             pixel_scale=pixel_scale,
             pyramids={},  # built by the first pass, reused by the rescue's
-            # photometric refinement on the model's GPU (it is the pipeline's costliest CPU stage)
-            device=backbone.device if backbone.device.type == "cuda" else None,
+            device=backbone.device,  # photometric refinement on the model's GPU if it has one
         )
         # the poses the view pairs of the feed-forward pose tree are checked against (``contradicted_pairs``)
         reference = geometry.cam_from_world.clone()
