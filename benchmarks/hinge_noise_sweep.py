@@ -1,0 +1,144 @@
+"""How often pipeline settings join two groups of views at a wrong angle (a hinge) under tiny depth noise.
+
+For each held-out scene (24 views at 518x392, optionally written ``--upscale`` times larger): the shipped
+default model's prediction is computed once on the CPU; then, for noise seeds 0..N-1, its depth is multiplied
+by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the pipeline runs from it with each setting.
+Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...`` (BundleOptions / KeypointOptions fields).
+One JSON line per run: views registered, median relative rotation error after BA, share of pairs > 5 deg.
+
+    python benchmarks/hinge_noise_sweep.py --out sweep.jsonl --seeds 6 \\
+        "old:initial_loss_scale=8.0|confidence_quantile=0.2" "new:"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pipeline_synthetic as harness  # noqa: E402
+
+from speed3r_sfm.eval.evaluate import evaluate_reconstruction  # noqa: E402
+from speed3r_sfm.pipeline.bundle import BundleOptions  # noqa: E402
+from speed3r_sfm.pipeline.keypoints import KeypointOptions  # noqa: E402
+
+# the module, not the function ``speed3r_sfm.pipeline.reconstruct`` that the package exports
+reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
+
+
+def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions]:
+    """``NAME:bundle_key=value;...|keypoints_key=value;...`` -> (name, options)."""
+    name, _, spec = text.partition(":")
+    bundle_spec, _, keypoint_spec = spec.partition("|")
+
+    def fields(spec: str, cls: type) -> dict:
+        out = {}
+        for item in filter(None, spec.split(";")):
+            key, value = item.split("=")
+            kind = type(getattr(cls(), key))
+            out[key] = value == "True" if kind is bool else kind(value)
+        return out
+
+    bundle = BundleOptions(**fields(bundle_spec, BundleOptions))
+    keypoints = KeypointOptions(**fields(keypoint_spec, KeypointOptions))
+    return name, reconstruct.PipelineOptions(bundle=bundle, keypoints=keypoints)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("settings", nargs="+")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, default=6, help="noise seeds per scene (0: no noise)")
+    parser.add_argument("--sigma", type=float, default=5e-4, help="relative depth noise")
+    parser.add_argument("--upscale", type=int, default=1)
+    parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    settings = [parse_setting(text) for text in args.settings]
+    run_backbone = reconstruct._run_backbone
+    for trajectory in ("forward", "orbit"):
+        for seed in (1000000, 1000001, 1000002):
+            scene = argparse.Namespace(
+                cache=args.cache, trajectory=trajectory, views=24, height=392, width=518, supersample=2,
+                render_scale=1, upscale=args.upscale, image_format="png",
+            )  # fmt: skip
+            views = harness.load_scene(seed, scene)
+            with tempfile.TemporaryDirectory() as folder:
+                harness.write_images(views, seed, Path(folder), scene)
+                base, _, _ = run_backbone_once(run_backbone, folder)
+                for noise_seed in range(args.seeds):
+                    prediction = perturbed(base, args.sigma, noise_seed)
+                    reconstruct._run_backbone = lambda *a, p=prediction, **k: (p, None, None)
+                    for name, options in settings:
+                        row = evaluate(folder, views, options)
+                        scene_name = f"{trajectory}{seed}_up{args.upscale}"
+                        row.update(scene=scene_name, noise_seed=noise_seed, setting=name)
+                        print(json.dumps(row), flush=True)
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                reconstruct._run_backbone = run_backbone
+
+
+def run_backbone_once(run_backbone, folder: str):
+    """The model's output for the images in ``folder`` (one pipeline run, the backbone call kept)."""
+    kept = {}
+
+    def keep(*a, **k):
+        kept["out"] = run_backbone(*a, **k)
+        return kept["out"]
+
+    reconstruct._run_backbone = keep
+    reconstruct.run_pipeline(folder, None, model="default", device="cpu", shared_camera=True)
+    reconstruct._run_backbone = run_backbone
+    return kept["out"]
+
+
+def perturbed(prediction, sigma: float, noise_seed: int):
+    """``prediction`` with its depth multiplied by (1 + sigma N(0, 1)); seed 0 leaves it as it is."""
+    if noise_seed == 0:
+        return prediction
+    generator = torch.Generator().manual_seed(noise_seed)
+    noise = torch.randn(prediction.depth.shape, generator=generator)
+    return reconstruct.replace(prediction, depth=prediction.depth * (1 + sigma * noise))
+
+
+def evaluate(folder: str, views, options) -> dict:
+    start = time.perf_counter()
+    result = reconstruct.run_pipeline(
+        folder, None, model="default", device="cpu", shared_camera=True, options=options
+    )
+    wall = time.perf_counter() - start
+    rec = result.reconstruction
+    registered, poses = [], []
+    for name in result.image_names:
+        image = rec.find_image_with_name(name)
+        registered.append(bool(image.has_pose))
+        poses.append(
+            torch.from_numpy(image.cam_from_world().matrix())
+            if image.has_pose
+            else torch.full((3, 4), math.nan, dtype=torch.float64)
+        )
+    _, rre, _ = evaluate_reconstruction(views, torch.stack(poses), torch.tensor(registered))
+    return {
+        "registered": sum(registered),
+        "median_rre": harness.finite_median(rre),
+        "pairs_over_5": harness.share_over(rre, 5.0),
+        "points": rec.num_points3D(),
+        "wall_s": wall,
+    }
+
+
+if __name__ == "__main__":
+    main()
