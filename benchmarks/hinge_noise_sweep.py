@@ -16,7 +16,6 @@ import argparse
 import importlib
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -120,22 +119,13 @@ def evaluate(folder: str, views, options) -> dict:
         folder, None, model="default", device="cpu", shared_camera=True, options=options
     )
     wall = time.perf_counter() - start
-    rec = result.reconstruction
-    registered, poses = [], []
-    for name in result.image_names:
-        image = rec.find_image_with_name(name)
-        registered.append(bool(image.has_pose))
-        poses.append(
-            torch.from_numpy(image.cam_from_world().matrix())
-            if image.has_pose
-            else torch.full((3, 4), math.nan, dtype=torch.float64)
-        )
-    _, rre, _ = evaluate_reconstruction(views, torch.stack(poses), torch.tensor(registered))
+    registered, poses = harness.registered_poses(result)
+    _, rre, _ = evaluate_reconstruction(views, poses, registered)
     return {
-        "registered": sum(registered),
+        "registered": int(registered.sum()),
         "median_rre": harness.finite_median(rre),
         "pairs_over_5": harness.share_over(rre, 5.0),
-        "points": rec.num_points3D(),
+        "points": result.reconstruction.num_points3D(),
         "wall_s": wall,
     }
 

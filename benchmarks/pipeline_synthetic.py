@@ -173,6 +173,23 @@ def finite_median(errors: torch.Tensor) -> float:
     return float(finite.median()) if finite.numel() else math.nan
 
 
+def registered_poses(result) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S,) bool: which views of a ``run_pipeline`` result are registered; (S, 3, 4) float64 their
+    cam_from_world (NaN where not registered)."""
+    rec = result.reconstruction
+    images = [rec.find_image_with_name(name) for name in result.image_names]
+    registered = torch.tensor([image.has_pose for image in images])
+    poses = torch.stack(
+        [
+            torch.from_numpy(image.cam_from_world().matrix())
+            if image.has_pose
+            else torch.full((3, 4), math.nan)
+            for image in images
+        ]
+    ).double()
+    return registered, poses
+
+
 def evaluate_pipeline(
     method: str, views: RenderedViews, folder: Path, args: argparse.Namespace, seed: int
 ) -> dict:
@@ -191,16 +208,7 @@ def evaluate_pipeline(
     )
     wall = time.perf_counter() - start
     rec = result.reconstruction
-    names = result.image_names
-    registered = torch.tensor([rec.find_image_with_name(n).has_pose for n in names])
-    poses = torch.stack(
-        [
-            torch.from_numpy(rec.find_image_with_name(n).cam_from_world().matrix())
-            if ok
-            else torch.full((3, 4), math.nan)
-            for n, ok in zip(names, registered.tolist(), strict=True)
-        ]
-    ).double()
+    registered, poses = registered_poses(result)
     points = (
         torch.from_numpy(np.stack([p.xyz for p in rec.points3D.values()])) if rec.num_points3D() else None
     )
