@@ -3,7 +3,8 @@
 For each held-out scene (24 views at 518x392, optionally written ``--upscale`` times larger): the shipped
 default model's prediction is computed once on the CPU; then, for noise seeds 0..N-1, its depth is multiplied
 by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the pipeline runs from it with each setting.
-Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...`` (BundleOptions / KeypointOptions fields).
+Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...`` (BundleOptions /
+KeypointOptions / MatchOptions fields; trailing sections may be left out).
 One JSON line per run: views registered, median relative rotation error after BA, share of pairs > 5 deg.
 
     python benchmarks/hinge_noise_sweep.py --out sweep.jsonl --seeds 6 \\
@@ -30,15 +31,17 @@ import pipeline_synthetic as harness  # noqa: E402
 from speed3r_sfm.eval.evaluate import evaluate_reconstruction  # noqa: E402
 from speed3r_sfm.pipeline.bundle import BundleOptions  # noqa: E402
 from speed3r_sfm.pipeline.keypoints import KeypointOptions  # noqa: E402
+from speed3r_sfm.pipeline.matching import MatchOptions  # noqa: E402
 
 # the module, not the function ``speed3r_sfm.pipeline.reconstruct`` that the package exports
 reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
 
 
 def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions]:
-    """``NAME:bundle_key=value;...|keypoints_key=value;...`` -> (name, options)."""
+    """``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...`` -> (name, options)."""
     name, _, spec = text.partition(":")
-    bundle_spec, _, keypoint_spec = spec.partition("|")
+    bundle_spec, _, rest = spec.partition("|")
+    keypoint_spec, _, match_spec = rest.partition("|")
 
     def fields(spec: str, cls: type) -> dict:
         out = {}
@@ -50,7 +53,8 @@ def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions]:
 
     bundle = BundleOptions(**fields(bundle_spec, BundleOptions))
     keypoints = KeypointOptions(**fields(keypoint_spec, KeypointOptions))
-    return name, reconstruct.PipelineOptions(bundle=bundle, keypoints=keypoints)
+    matching = MatchOptions(**fields(match_spec, MatchOptions))
+    return name, reconstruct.PipelineOptions(bundle=bundle, keypoints=keypoints, matching=matching)
 
 
 def main() -> None:
@@ -63,12 +67,17 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=5e-4, help="relative depth noise")
     parser.add_argument("--upscale", type=int, default=1)
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
+    parser.add_argument(
+        "--scenes", nargs="+", default=None, help="only these scenes, e.g. orbit1000001 (default: all six)"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     settings = [parse_setting(text) for text in args.settings]
     run_backbone = reconstruct._run_backbone
     for trajectory in ("forward", "orbit"):
         for seed in (1000000, 1000001, 1000002):
+            if args.scenes is not None and f"{trajectory}{seed}" not in args.scenes:
+                continue
             scene = argparse.Namespace(
                 cache=args.cache, trajectory=trajectory, views=24, height=392, width=518, supersample=2,
                 render_scale=1, upscale=args.upscale, image_format="png",
