@@ -67,8 +67,8 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=5e-4, help="relative depth noise")
     parser.add_argument("--upscale", type=int, default=1)
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
-    parser.add_argument(
-        "--scenes", nargs="+", default=None, help="only these scenes, e.g. orbit1000001 (default: all six)"
+    parser.add_argument(  # one scene per flag: a list option would swallow the settings after it
+        "--scene", dest="scenes", action="append", help="only this scene, e.g. orbit1000001 (repeatable)"
     )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
