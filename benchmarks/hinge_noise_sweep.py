@@ -33,6 +33,13 @@ from speed3r_sfm.pipeline.bundle import BundleOptions  # noqa: E402
 from speed3r_sfm.pipeline.keypoints import KeypointOptions  # noqa: E402
 from speed3r_sfm.pipeline.matching import MatchOptions  # noqa: E402
 
+# the held-out scenes of the pipeline tables, by name
+SCENES = {
+    f"{trajectory}{seed}": (trajectory, seed)
+    for trajectory in ("forward", "orbit")
+    for seed in (1000000, 1000001, 1000002)
+}
+
 # the module, not the function ``speed3r_sfm.pipeline.reconstruct`` that the package exports
 reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
 
@@ -68,35 +75,33 @@ def main() -> None:
     parser.add_argument("--upscale", type=int, default=1)
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
     parser.add_argument(  # one scene per flag: a list option would swallow the settings after it
-        "--scene", dest="scenes", action="append", help="only this scene, e.g. orbit1000001 (repeatable)"
+        "--scene", dest="scenes", action="append", choices=SCENES, help="only this scene (repeatable)"
     )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     settings = [parse_setting(text) for text in args.settings]
     run_backbone = reconstruct._run_backbone
-    for trajectory in ("forward", "orbit"):
-        for seed in (1000000, 1000001, 1000002):
-            if args.scenes is not None and f"{trajectory}{seed}" not in args.scenes:
-                continue
-            scene = argparse.Namespace(
-                cache=args.cache, trajectory=trajectory, views=24, height=392, width=518, supersample=2,
-                render_scale=1, upscale=args.upscale, image_format="png",
-            )  # fmt: skip
-            views = harness.load_scene(seed, scene)
-            with tempfile.TemporaryDirectory() as folder:
-                harness.write_images(views, seed, Path(folder), scene)
-                base, _, _ = run_backbone_once(run_backbone, folder)
-                for noise_seed in range(args.seeds):
-                    prediction = perturbed(base, args.sigma, noise_seed)
-                    reconstruct._run_backbone = lambda *a, p=prediction, **k: (p, None, None)
-                    for name, options in settings:
-                        row = evaluate(folder, views, options)
-                        scene_name = f"{trajectory}{seed}_up{args.upscale}"
-                        row.update(scene=scene_name, noise_seed=noise_seed, setting=name)
-                        print(json.dumps(row), flush=True)
-                        with args.out.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                reconstruct._run_backbone = run_backbone
+    for scene_name, (trajectory, seed) in SCENES.items():
+        if args.scenes is not None and scene_name not in args.scenes:
+            continue
+        scene = argparse.Namespace(
+            cache=args.cache, trajectory=trajectory, views=24, height=392, width=518, supersample=2,
+            render_scale=1, upscale=args.upscale, image_format="png",
+        )  # fmt: skip
+        views = harness.load_scene(seed, scene)
+        with tempfile.TemporaryDirectory() as folder:
+            harness.write_images(views, seed, Path(folder), scene)
+            base, _, _ = run_backbone_once(run_backbone, folder)
+            for noise_seed in range(args.seeds):
+                prediction = perturbed(base, args.sigma, noise_seed)
+                reconstruct._run_backbone = lambda *a, p=prediction, **k: (p, None, None)
+                for name, options in settings:
+                    row = evaluate(folder, views, options)
+                    row.update(scene=f"{scene_name}_up{args.upscale}", noise_seed=noise_seed, setting=name)
+                    print(json.dumps(row), flush=True)
+                    with args.out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+            reconstruct._run_backbone = run_backbone
 
 
 def run_backbone_once(run_backbone, folder: str):
