@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -80,10 +81,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     settings = [parse_setting(text) for text in args.settings]
-    run_backbone = reconstruct._run_backbone
     for scene_name, (trajectory, seed) in SCENES.items():
         if args.scenes is not None and scene_name not in args.scenes:
             continue
+        label = f"{scene_name}_up{args.upscale}"
         scene = argparse.Namespace(
             cache=args.cache, trajectory=trajectory, views=24, height=392, width=518, supersample=2,
             render_scale=1, upscale=args.upscale, image_format="png",
@@ -91,31 +92,35 @@ def main() -> None:
         views = harness.load_scene(seed, scene)
         with tempfile.TemporaryDirectory() as folder:
             harness.write_images(views, seed, Path(folder), scene)
-            base, _, _ = run_backbone_once(run_backbone, folder)
+            base, _, _ = run_backbone_once(folder)
             for noise_seed in range(args.seeds):
                 prediction = perturbed(base, args.sigma, noise_seed)
-                reconstruct._run_backbone = lambda *a, p=prediction, **k: (p, None, None)
-                for name, options in settings:
-                    row = evaluate(folder, views, options)
-                    row.update(scene=f"{scene_name}_up{args.upscale}", noise_seed=noise_seed, setting=name)
-                    print(json.dumps(row), flush=True)
-                    with args.out.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-            reconstruct._run_backbone = run_backbone
+                with mock.patch.object(reconstruct, "_run_backbone", returning(prediction)):
+                    for name, options in settings:
+                        row = evaluate(folder, views, options)
+                        row.update(scene=label, noise_seed=noise_seed, setting=name)
+                        print(json.dumps(row), flush=True)
+                        with args.out.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
 
 
-def run_backbone_once(run_backbone, folder: str):
+def run_backbone_once(folder: str):
     """The model's output for the images in ``folder`` (one pipeline run, the backbone call kept)."""
     kept = {}
+    run_backbone = reconstruct._run_backbone
 
     def keep(*a, **k):
         kept["out"] = run_backbone(*a, **k)
         return kept["out"]
 
-    reconstruct._run_backbone = keep
-    reconstruct.run_pipeline(folder, None, model="default", device="cpu", shared_camera=True)
-    reconstruct._run_backbone = run_backbone
+    with mock.patch.object(reconstruct, "_run_backbone", keep):
+        reconstruct.run_pipeline(folder, None, model="default", device="cpu", shared_camera=True)
     return kept["out"]
+
+
+def returning(prediction):
+    """A stand-in for the pipeline's backbone call that returns ``prediction``."""
+    return lambda *args, **kwargs: (prediction, None, None)
 
 
 def perturbed(prediction, sigma: float, noise_seed: int):
