@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 2
+
+
+def test_fit_entry_point_passes_its_arguments_without_lightning_warning(monkeypatch, capsys):
+    """``speed3r-sfm fit ...`` hands LightningCLI the command line's own arguments: no "args and sys.argv"
+    warning, and the options reach the parser (here ``--print_config`` prints the config and exits)."""
+    from speed3r_sfm import cli
+
+    monkeypatch.setattr(sys, "argv", ["speed3r-sfm", "fit", "--seed_everything", "7", "--print_config"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["seed_everything"] == 7
+    assert not [w for w in caught if "args parameter" in str(w.message)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Any
 
 from ._lightning import PACKAGE
@@ -24,14 +25,18 @@ def fit_main(argv: list[str] | None = None) -> Any:
     if args and args[0] == "fit":
         args = args[1:]
     LightningCLI = importlib.import_module(f"{PACKAGE}.cli").LightningCLI
-    return LightningCLI(
-        ReconstructionModule,
-        ReconstructionDataModule,
-        subclass_mode_model=False,
-        subclass_mode_data=False,
-        save_config_kwargs={"overwrite": True},
-        args=["fit", *args],
-    )
+    with warnings.catch_warnings():
+        # the arguments are the command line's own (less the entry point's "fit"); LightningCLI warns
+        # whenever both sys.argv and ``args`` are set
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
+        return LightningCLI(
+            ReconstructionModule,
+            ReconstructionDataModule,
+            subclass_mode_model=False,
+            subclass_mode_data=False,
+            save_config_kwargs={"overwrite": True},
+            args=["fit", *args],
+        )
 
 
 if __name__ == "__main__":
