@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import pycolmap
 import pytest
@@ -43,3 +46,15 @@ def test_demo_reconstructs_and_scores_a_scene_with_the_default_model(tmp_path):
         scores = summary["scores"][stage]
         assert 0.0 <= scores["auc30"] <= 1.0 and scores["registered"] <= 6
     assert (tmp_path / "demo" / "reconstruction" / "sparse" / "0" / "images.bin").is_file()
+
+
+def test_reconstruct_logs_a_skipped_file_on_its_own_line_above_the_progress_bar(tmp_path):
+    """The skip warning goes through tqdm (``logging_redirect_tqdm``), not into the middle of the bar."""
+    scene = tmp_path / "scene"
+    main(["synthetic", str(scene), "--views", "3", "--height", "112", "--width", "154"])
+    (scene / "images" / "notes.jpg").write_text("not an image")
+    command = [sys.executable, "-m", "speed3r_sfm.cli", "reconstruct", str(scene / "images"), "-o"]
+    run = subprocess.run([*command, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    lines = re.split(r"[\r\n]", run.stderr)
+    warning = [line for line in lines if "notes.jpg" in line]
+    assert warning and all(line.startswith("WARNING: skipped") for line in warning), run.stderr

@@ -7,9 +7,12 @@ code (0 on success, 1 when the input or the output folder is unusable, with the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import Literal
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backbone import ModelNotAvailableError
 from .bundle import BundleOptions
@@ -96,24 +99,27 @@ def reconstruct_command(
         max_image_size=max_image_size,
         min_work_scale=min_work_scale,
     )
+    # log lines (skipped inputs, unregistered views) go through tqdm.write, above the progress bar
+    redirect = contextlib.nullcontext() if quiet else logging_redirect_tqdm()
     try:
-        result = run_pipeline(
-            image_dir,
-            output,
-            model=model,
-            attention=attention,
-            device=device,
-            ba=ba,
-            camera_model=camera_model,
-            shared_camera=shared_camera,
-            overwrite=overwrite,
-            options=options,
-            progress=not quiet,
-            chunk_size=chunk_size,
-            chunk_overlap=chunk_overlap,
-            ordered=ordered,
-            chunk_h5=chunk_h5,
-        )
+        with redirect:
+            result = run_pipeline(
+                image_dir,
+                output,
+                model=model,
+                attention=attention,
+                device=device,
+                ba=ba,
+                camera_model=camera_model,
+                shared_camera=shared_camera,
+                overwrite=overwrite,
+                options=options,
+                progress=not quiet,
+                chunk_size=chunk_size,
+                chunk_overlap=chunk_overlap,
+                ordered=ordered,
+                chunk_h5=chunk_h5,
+            )
     except (InputError, OutputExistsError, ModelNotAvailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
