@@ -841,3 +841,21 @@ def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, mon
     else:
         assert matched == [True] and entry == {"ran": False}
         assert float(rre.max()) > 6.0
+
+
+@pytest.mark.parametrize("ba", [True, False])
+def test_progress_bar_total_is_known_from_the_start(scene_data, tmp_path, monkeypatch, ba):
+    """The bar's total counts every stage that will run (the readjustment too), so it never grows."""
+    bars = []
+
+    class RecordingBar(pipeline_reconstruct.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.first_total = self.total
+            bars.append(self)
+
+    monkeypatch.setattr(pipeline_reconstruct, "tqdm", RecordingBar)
+    oracle = _oracle(scene_data)
+    run_pipeline(scene_data["folder"], tmp_path / "o", model=oracle, attention="dense", ba=ba, progress=True)
+    (bar,) = bars
+    assert bar.n == bar.total == bar.first_total == 7 + ba

@@ -197,7 +197,8 @@ def run_pipeline(
     check_chunk_arguments(chunk_size, chunk_overlap)
     if output_dir is not None:
         check_output(output_dir, overwrite)  # fail before any work
-    stages = _Stages(len(STAGES) - (output_dir is None), progress)
+    readjusting = ba and options.bundle.readjust  # a stage known in advance (the rescue is not)
+    stages = _Stages(len(STAGES) - (output_dir is None) + readjusting, progress)
     try:
         # 1. images
         stages.start("reading images")
@@ -273,8 +274,8 @@ def run_pipeline(
             stages.done("rescue")
             contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
         readjustment: dict[str, Any] = {"ran": False}
-        if ba and options.bundle.readjust and adjusted.rec.num_reg_images() >= 2:
-            stages.add_stage("adjusting again from the adjusted poses")
+        if readjusting and adjusted.rec.num_reg_images() >= 2:
+            stages.start("adjusting again from the adjusted poses")
             again = partial(adjust, feedforward=(reference, tree_edges), options=_readjust_options(options))
             adjusted, readjustment = _readjust(adjusted, geometry, again, views)
             contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
