@@ -227,8 +227,11 @@ def test_predict_returns_prediction_consistent_with_forward():
     assert isinstance(prediction, Prediction)
     cam_from_world, intrinsics = pose_encoding_to_extrinsics_intrinsics(out["pose_enc"], (28, 42))
     torch.testing.assert_close(prediction.cam_from_world, cam_from_world)
-    torch.testing.assert_close(prediction.intrinsics, intrinsics)
-    assert prediction.intrinsics[0, 0, 0, 2] == 21 and prediction.intrinsics[0, 0, 1, 2] == 14
+    # the focal lengths are upstream's; the principal point is the image centre in the Prediction's
+    # integer-centre convention, ((W - 1)/2, (H - 1)/2) as pi3's (upstream's (W/2, H/2) is half a pixel off)
+    torch.testing.assert_close(prediction.intrinsics[..., :2, :2], intrinsics[..., :2, :2])
+    principal_point = prediction.intrinsics[..., :2, 2]
+    assert (principal_point == torch.tensor([20.5, 13.5])).all()
     assert prediction.depth.shape == (1, 2, 28, 42) and prediction.world_points.shape == (1, 2, 28, 42, 3)
     torch.testing.assert_close(prediction.depth, out["depth"][..., 0])
     torch.testing.assert_close(prediction.world_points_conf, out["world_points_conf"])

@@ -15,7 +15,8 @@ class Prediction:
     All tensors have a leading batch dimension B.
     - ``cam_from_world``: (B, S, 3, 4) OpenCV camera-from-world [R|t] (x right, y down, z forward).
     - ``intrinsics``: (B, S, 3, 3) pinhole K in pixels of the model input (pixel centres at integer + 0.5
-      convention is NOT applied: pixel (u, v) has its centre at (u, v), as in VGGT).
+      convention is NOT applied: pixel (u, v) has its centre at (u, v), so the image centre is
+      ((W - 1)/2, (H - 1)/2)).
     - ``depth``, ``depth_conf``: (B, S, H, W); confidences are "higher is better" (any positive scale).
     - ``world_points``, ``world_points_conf``: (B, S, H, W, 3) and (B, S, H, W).
     - ``attention``: optional exports of sparse global attention (token-block importance, selected blocks).

@@ -19,6 +19,7 @@ from ...attention import AttentionConfig, is_gsa_parameter
 from ..checkpoint import load_state_dict_checked, read_state_dict, resolve_checkpoint
 from ..cpu_features import cpu_has_native_bf16
 from ..heads import CameraHead, DPTHead, FeatureTracker, TrackHead
+from ..intrinsics import image_center
 from ..prediction import Prediction
 from .aggregator import Aggregator
 from .config import VGGTConfig
@@ -236,6 +237,9 @@ class VGGT(nn.Module):
         )
         pose_enc = out["pose_enc"].float()
         cam_from_world, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, (height, width))
+        # upstream's principal point (W/2, H/2) is the image centre with pixel centres at integer + 0.5;
+        # a Prediction's pixel centres are at integers, where the centre is ((W - 1)/2, (H - 1)/2)
+        intrinsics[..., 0, 2], intrinsics[..., 1, 2] = image_center(height, width)
         if self.depth_head is not None:
             depth, depth_conf = out["depth"][..., 0], out["depth_conf"]
         else:
