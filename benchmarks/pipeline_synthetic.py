@@ -128,6 +128,18 @@ def image_scale(args: argparse.Namespace) -> int:
     return args.upscale * args.render_scale
 
 
+def known_camera_params(views: RenderedViews, args: argparse.Namespace) -> str | None:
+    """``--known-intrinsics``: the renders' K in the written images' pixels as SIMPLE_RADIAL parameters
+    (COLMAP's pixel centres, no distortion); None otherwise."""
+    if not args.known_intrinsics:
+        return None
+    _, _, h, w = views.images.shape
+    k = image_scale(args)
+    scaled = resize_intrinsics(views.intrinsics[0].double(), (h, w), (h * k, w * k))
+    focal = 0.5 * float(scaled[0, 0] + scaled[1, 1])
+    return f"{focal:.10g},{float(scaled[0, 2]) + 0.5:.10g},{float(scaled[1, 2]) + 0.5:.10g},0"
+
+
 def build_model(method: str, views: RenderedViews, args: argparse.Namespace, seed: int):
     """(model, attention) for a method name."""
     s, _, h, w = views.images.shape
@@ -204,6 +216,7 @@ def evaluate_pipeline(
         attention=attention,
         device=args.device,
         shared_camera=args.camera == "shared",
+        camera_params=known_camera_params(views, args),
         preprocessing=preprocessing,
     )
     wall = time.perf_counter() - start
@@ -252,14 +265,24 @@ def _attention_note(report: dict) -> str:
 
 def _input_note(settings: dict) -> str:
     width = settings.get("model_width")
-    return f" Model input: {width} px wide (crop mode; `--model-width`)." if width else ""
+    note = f" Model input: {width} px wide (crop mode; `--model-width`)." if width else ""
+    if settings.get("known_intrinsics"):
+        note += (
+            " Intrinsics known (`--known-intrinsics`): the renders' K given to both methods "
+            "(`camera_params`; COLMAP's `--ImageReader.camera_params`) and held fixed in bundle adjustment."
+        )
+    return note
 
 
 def evaluate_sift(views: RenderedViews, folder: Path, args: argparse.Namespace, seed: int) -> dict:
     images = torch.stack(
         [torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()) for p in sorted(folder.iterdir())]
     )
-    sfm = run_sift_baseline(images.permute(0, 3, 1, 2).float() / 255.0, num_threads=args.sift_threads)
+    sfm = run_sift_baseline(
+        images.permute(0, 3, 1, 2).float() / 255.0,
+        num_threads=args.sift_threads,
+        camera_params=known_camera_params(views, args),
+    )
     metrics, rre, rte = evaluate_reconstruction(views, sfm.cam_from_world, sfm.registered, points=sfm.points)
     finite = torch.isfinite(rre)
     return {
@@ -515,6 +538,11 @@ def main() -> None:
         default=None,
         help="checkpoint methods: the model's input width in crop mode, a multiple of 14 (default: the "
         "model's own; the default model: 294)",
+    )
+    parser.add_argument(
+        "--known-intrinsics",
+        action="store_true",
+        help="give both methods the renders' intrinsics (camera_params), held fixed in bundle adjustment",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sift-threads", type=int, default=-1)

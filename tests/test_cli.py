@@ -58,3 +58,22 @@ def test_reconstruct_logs_a_skipped_file_on_its_own_line_above_the_progress_bar(
     lines = re.split(r"[\r\n]", run.stderr)
     warning = [line for line in lines if "notes.jpg" in line]
     assert warning and all(line.startswith("WARNING: skipped") for line in warning), run.stderr
+
+
+def test_reconstruct_takes_known_intrinsics_as_colmap_does(tmp_path, capsys):
+    """``--camera_params`` in COLMAP's format: the project's cameras carry them; malformed ones are an
+    error that names the camera model's parameters, before any output."""
+    scene = tmp_path / "scene"
+    main(["synthetic", str(scene), "--views", "6", "--height", "224", "--width", "294"])
+    (truth,) = pycolmap.Reconstruction(scene / "sparse" / "0").cameras.values()
+    text = ",".join(f"{p:.10g}" for p in truth.params)
+    command = ["reconstruct", str(scene / "images"), "--camera_model", truth.model.name, "--quiet", "true"]
+    main([*command, "-o", str(tmp_path / "out"), "--camera_params", text])  # exits only on an error
+    cameras = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").cameras.values()
+    assert len(cameras) == 6
+    assert all(c.params.tolist() == pytest.approx(truth.params.tolist(), rel=1e-9) for c in cameras)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "-o", str(tmp_path / "bad"), "--camera_params", "270,147,112"])
+    assert exit_info.value.code == 1
+    assert "PINHOLE takes 4 finite numbers, fx, fy, cx, cy" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

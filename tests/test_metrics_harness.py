@@ -70,6 +70,13 @@ def test_sift_baseline_registers_a_short_video():
     result = evaluate_sift_baseline(views)
     assert result.metrics["RRA@5"] > 0.7 and result.metrics["ATE"] < 0.1
     assert math.isnan(result.metrics["AbsRel"]), "SfM gives no depth maps"
+    # known intrinsics (COLMAP's pixel centres): the mapper keeps them
+    k = views.intrinsics[0].double()
+    params = f"{float(k[0, 0])},{float(k[0, 2]) + 0.5},{float(k[1, 2]) + 0.5},0"
+    known = run_sift_baseline(views.images, camera_params=params)
+    assert known.registered.sum() >= 10
+    registered_k = known.intrinsics[known.registered]
+    assert torch.allclose(registered_k, k.to(registered_k.dtype).expand_as(registered_k), atol=1e-4)
 
 
 def _load_benchmark():

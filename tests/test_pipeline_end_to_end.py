@@ -28,7 +28,7 @@ from speed3r_sfm.pipeline import matching as pipeline_matching
 from speed3r_sfm.pipeline.backbone import Backbone, ModelNotAvailableError, load_backbone
 from speed3r_sfm.pipeline.bundle import triangulator_options
 from speed3r_sfm.pipeline.export import OutputExistsError
-from speed3r_sfm.pipeline.inputs import Preprocessing
+from speed3r_sfm.pipeline.inputs import InputError, Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import PipelineOptions, reconstruct, run_pipeline
 
@@ -859,3 +859,52 @@ def test_progress_bar_total_is_known_from_the_start(scene_data, tmp_path, monkey
     run_pipeline(scene_data["folder"], tmp_path / "o", model=oracle, attention="dense", ba=ba, progress=True)
     (bar,) = bars
     assert bar.n == bar.total == bar.first_total == 7 + ba
+
+
+def _colmap_params(k: torch.Tensor) -> list[float]:
+    """PINHOLE parameters of an integer-centre K (COLMAP's pixel centres are at +0.5)."""
+    return [float(k[0, 0]), float(k[1, 1]), float(k[0, 2]) + 0.5, float(k[1, 2]) + 0.5]
+
+
+def test_known_intrinsics_replace_the_predicted_ones_and_stay_fixed(scene_data, tmp_path):
+    """``camera_params`` (as COLMAP's --ImageReader.camera_params): the cameras carry exactly the given
+    intrinsics, bundle adjustment keeps them, and poses come out right although the model's focal length is
+    15 % off."""
+    views = scene_data["views"]
+    params = _colmap_params(views.intrinsics[0].double())
+    wrong = views.intrinsics.clone()
+    wrong[:, 0, 0] *= 1.15
+    wrong[:, 1, 1] *= 1.15
+    oracle = _oracle(scene_data, intrinsics=wrong)
+    text = ",".join(f"{p:.10g}" for p in params)
+    result = run_pipeline(
+        scene_data["folder"], tmp_path / "out", model=oracle, camera_model="PINHOLE", camera_params=text
+    )
+    rec = result.reconstruction
+    assert rec.num_reg_images() == VIEWS and rec.num_cameras() == VIEWS
+    assert all(camera.has_prior_focal_length for camera in rec.cameras.values())
+    for camera in pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").cameras.values():
+        assert np.allclose(camera.params, params, rtol=1e-9)
+    with pycolmap.Database.open(tmp_path / "out" / "database.db") as db:  # COLMAP's mapper trusts them
+        assert all(camera.has_prior_focal_length for camera in db.read_all_cameras())
+    assert result.report["camera_params"] == pytest.approx(params, rel=1e-9)
+    gt = views.cam_from_world.double()
+    assert _median_rre(_poses(rec, result.image_names), gt) <= 0.5
+    # without them the cameras start from the model's focal length and bundle adjustment refines it
+    free = run_pipeline(scene_data["folder"], None, model=oracle, camera_model="PINHOLE").reconstruction
+    assert not any(np.allclose(c.params, params, rtol=1e-6) for c in free.cameras.values())
+
+
+def test_known_intrinsics_are_checked_before_any_work(scene_data, tmp_path):
+    oracle = _oracle(scene_data)
+    with pytest.raises(ValueError, match=r"SIMPLE_RADIAL takes 4 finite numbers, f, cx, cy, k"):
+        run_pipeline(scene_data["folder"], tmp_path / "out", model=oracle, camera_params="200,112,84")
+    assert not (tmp_path / "out").exists()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, path in enumerate(sorted(scene_data["folder"].iterdir())[:3]):
+        image = Image.open(path)
+        (image.resize((WIDTH * 2, HEIGHT * 2)) if i == 0 else image).save(mixed / path.name)
+    with pytest.raises(InputError, match="camera_params .* one size"):
+        run_pipeline(mixed, tmp_path / "out", model=oracle, camera_params="200,112,84,0")
+    assert not (tmp_path / "out").exists()

@@ -3,6 +3,9 @@ GSA record reduction, keypoint allocation, database geometry."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pycolmap
 import pytest
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from scipy.spatial.transform import Rotation
 
+from speed3r_sfm.data.images import ImageTransform
 from speed3r_sfm.geometry import look_at
 from speed3r_sfm.pipeline.bundle import (
     BundleOptions,
@@ -24,11 +28,13 @@ from speed3r_sfm.pipeline.bundle import (
 )
 from speed3r_sfm.pipeline.colmap_model import keep_adjusted_cameras, triangulate_tracks
 from speed3r_sfm.pipeline.database import two_view_geometry
+from speed3r_sfm.pipeline.frames import intrinsics_to_model, intrinsics_to_original
+from speed3r_sfm.pipeline.inputs import View
 from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
 from speed3r_sfm.pipeline.matching import Matches, keep_matches
 from speed3r_sfm.pipeline.records import summarize_records
 from speed3r_sfm.pipeline.refine import RefineOptions, build_pyramid, ncc_map, refine_pair
-from speed3r_sfm.pipeline.rescue import observed_points
+from speed3r_sfm.pipeline.rescue import observed_points, pnp_camera
 from speed3r_sfm.pipeline.track_verification import check_with_tracks
 from speed3r_sfm.pipeline.tracks import Tracks, build_tracks, connected_components
 
@@ -632,3 +638,49 @@ def test_bulk_observation_reads_match_the_tracks_and_points():
         found = [int(np.flatnonzero((points == x).all(axis=1))[0]) for x in xyz]
         assert sorted(found) == rows
         assert np.array_equal(pixels, xy[image_id - 1][found])
+
+
+def _view(transform: ImageTransform) -> View:
+    width, height = transform.original_size
+    return View("a.png", Path("a.png"), (width, height), np.zeros((height, width, 3), np.uint8), transform)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        ImageTransform((640, 480), (294, 220), (0, 3), (0, 0), (294, 214)),  # resize, crop
+        ImageTransform((480, 640), (168, 224), (0, 0), (63, 0), (294, 224)),  # resize, pad
+    ],
+)
+def test_known_intrinsics_map_to_the_model_input_and_back(transform):
+    view = _view(transform)
+    k = torch.tensor([[512.3, 0.7, 321.4], [0.0, 498.1, 236.9], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    model_k = intrinsics_to_model(view, k)
+    assert torch.allclose(intrinsics_to_original(view, model_k), k, atol=1e-12)
+    # a point projects to the same place either way (model pixels are integer-centred)
+    point = torch.tensor([0.3, -0.2, 2.5], dtype=torch.float64)
+    original_xy = (k @ point)[:2] / point[2]
+    model_xy = (model_k @ point)[:2] / point[2]
+    expected = transform.from_original(original_xy, "colmap") - 0.5
+    assert torch.allclose(model_xy, expected, atol=1e-9)
+
+
+def test_rescue_poses_a_view_of_known_intrinsics_with_its_own_camera():
+    """``pnp_camera``: a camera of known intrinsics (``has_prior_focal_length``) is used as it is, distortion
+    included; a camera bundle adjustment fitted is rebuilt from the model's intrinsics."""
+    transform = ImageTransform((64, 48), (64, 48), (0, 0), (0, 0), (64, 48))
+    views = [_view(transform), _view(transform)]
+    rec = pycolmap.Reconstruction()
+    for i, prior in enumerate([True, False]):
+        camera = pycolmap.Camera(
+            camera_id=i + 1, model="OPENCV", width=64, height=48, params=[70, 71, 32, 24, -0.1, 0.01, 0, 0]
+        )
+        camera.has_prior_focal_length = prior
+        rec.add_camera_with_trivial_rig(camera)
+        image = pycolmap.Image(name=f"{i}.png", keypoints=np.zeros((0, 2)), camera_id=i + 1, image_id=i + 1)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
+    model_k = torch.tensor([[60.0, 0, 31.5], [0, 60.0, 23.5], [0, 0, 1]], dtype=torch.float64)
+    geometry = SimpleNamespace(intrinsics=model_k.expand(2, 3, 3))
+    known, fitted = (pnp_camera(rec, views, geometry, view) for view in range(2))
+    assert known.params.tolist() == [70, 71, 32, 24, -0.1, 0.01, 0, 0]
+    assert fitted.params.tolist() == [60, 60, 32, 24, 0, 0, 0, 0]

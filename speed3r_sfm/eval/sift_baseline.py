@@ -47,6 +47,7 @@ def run_sift_baseline(
     num_threads: int = -1,
     seed: int = 0,
     log_level: int = 2,
+    camera_params: str | None = None,
 ) -> SfmResult:
     """Reconstruct views (S, 3, H, W) in [0, 1] with COLMAP defaults and unknown intrinsics.
 
@@ -54,7 +55,8 @@ def run_sift_baseline(
     ``camera_model`` is COLMAP's default; the other options are COLMAP's defaults too, except that models
     of 3+ images are kept (COLMAP drops models under 10 images, which would fail every small test).
     Files go to ``workdir`` (a temporary folder if None). COLMAP logs at ``log_level`` and above
-    (0 info, 1 warning, 2 error) while it runs.
+    (0 info, 1 warning, 2 error) while it runs. ``camera_params``: known intrinsics
+    (``--ImageReader.camera_params``), then held fixed by the mapper's bundle adjustments.
     """
     s = images.shape[0]
     scratch = (
@@ -77,6 +79,10 @@ def run_sift_baseline(
         mapping = pycolmap.IncrementalPipelineOptions(
             num_threads=num_threads, random_seed=seed, min_model_size=3
         )
+        if camera_params is not None:
+            reader.camera_params = camera_params
+            mapping.ba_refine_focal_length = False
+            mapping.ba_refine_extra_params = False
         with colmap_log_level(log_level):
             start = time.perf_counter()
             pycolmap.extract_features(

@@ -141,7 +141,8 @@ def bundle_adjust(
     rec: pycolmap.Reconstruction, options: BundleOptions, loss_scale: float, refine_intrinsics: bool = True
 ) -> pycolmap.BundleAdjustmentSummary | None:
     """One bundle adjustment of the :func:`adjustable_images` and their points; None if there is nothing to
-    do. With ``refine_intrinsics=False`` every camera is kept constant."""
+    do. With ``refine_intrinsics=False`` every camera is kept constant, else those of known intrinsics
+    (``has_prior_focal_length``: ``run_pipeline``'s ``camera_params``)."""
     image_ids = adjustable_images(rec, options.min_adjusted_link)
     if len(image_ids) < 2 or rec.num_points3D() == 0:
         return None
@@ -162,8 +163,8 @@ def bundle_adjust(
     config = pycolmap.BundleAdjustmentConfig()
     for image_id in image_ids:
         config.add_image(image_id)
-    if not refine_intrinsics:
-        for camera_id in rec.cameras:
+    for camera_id, camera in rec.cameras.items():
+        if not refine_intrinsics or camera.has_prior_focal_length:
             config.set_constant_cam_intrinsics(camera_id)
     config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
     adjuster = pycolmap.create_default_bundle_adjuster(ba, config, rec)

@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backbone import ModelNotAvailableError
 from .bundle import BundleOptions
+from .colmap_model import parse_camera_params
 from .export import OutputExistsError
 from .inputs import InputError
 from .keypoints import KeypointOptions
@@ -32,6 +33,7 @@ def reconstruct_command(
     ba: bool = True,
     camera_model: Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"] = "SIMPLE_RADIAL",
     shared_camera: bool = False,
+    camera_params: str | None = None,
     overwrite: bool = False,
     max_keypoints: int = 1024,
     max_image_size: int = 1600,
@@ -59,6 +61,9 @@ def reconstruct_command(
         ba: run bundle adjustment.
         camera_model: COLMAP camera model; distortion starts at zero and is refined by bundle adjustment.
         shared_camera: one camera for all images (they must have the same size).
+        camera_params: known intrinsics of every image, as COLMAP's --ImageReader.camera_params: the
+            camera model's parameters in original pixels, comma-separated ("f,cx,cy,k" for SIMPLE_RADIAL,
+            "fx,fy,cx,cy" for PINHOLE); held fixed by bundle adjustment; images of one size.
         overwrite: replace OUT if it exists.
         max_keypoints: keypoints per image.
         max_image_size: long side of the copies used for keypoints and matching (bigger images are read
@@ -87,6 +92,8 @@ def reconstruct_command(
         return 1
     try:
         check_chunk_arguments(chunk_size, chunk_overlap)
+        if camera_params is not None:
+            parse_camera_params(camera_model, camera_params)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -112,6 +119,7 @@ def reconstruct_command(
                 ba=ba,
                 camera_model=camera_model,
                 shared_camera=shared_camera,
+                camera_params=camera_params,
                 overwrite=overwrite,
                 options=options,
                 progress=not quiet,

@@ -10,6 +10,7 @@ depth of their observations.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,27 +42,73 @@ def camera_params(model: str, k: np.ndarray) -> list[float]:
     return params[model]
 
 
+def parse_camera_params(camera_model: str, params: str | Sequence[float]) -> list[float]:
+    """Known intrinsics in COLMAP's parameter order of ``camera_model`` (a list, or a string as COLMAP's
+    ``--ImageReader.camera_params`` takes it, ``"f,cx,cy,k"``) -> floats; ValueError naming the order."""
+    if camera_model not in CAMERA_MODELS:
+        raise ValueError(f"unsupported camera model {camera_model!r}; choose one of {CAMERA_MODELS}")
+    expected = pycolmap.Camera(model=camera_model, width=1, height=1).params_info
+    count = len(expected.split(","))
+    items = params.split(",") if isinstance(params, str) else list(params)
+    try:
+        values = [float(v) for v in items]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != count or not np.isfinite(values).all():
+        raise ValueError(
+            f"camera_params {params!r}: {camera_model} takes {count} finite numbers, {expected} (pixels of "
+            "the original images); give those, or the camera_model they are for"
+        )
+    camera = pycolmap.Camera(model=camera_model, width=1, height=1, params=values)
+    if min(camera.focal_length_x, camera.focal_length_y) <= 0:
+        raise ValueError(f"camera_params {params!r}: the focal length must be positive")
+    return values
+
+
+def known_camera(camera_model: str, params: Sequence[float], views: Sequence[View]) -> pycolmap.Camera:
+    """The camera of known intrinsics ``params`` (:func:`parse_camera_params`) for images of one size."""
+    _check_one_size(views, "camera_params (known intrinsics)", "give them for images of one size only")
+    width, height = views[0].original_size
+    camera = pycolmap.Camera(model=camera_model, width=width, height=height, params=list(params))
+    camera.has_prior_focal_length = True
+    return camera
+
+
+def _check_one_size(views: Sequence[View], what: str, fix: str) -> None:
+    sizes = {v.original_size for v in views}
+    if len(sizes) > 1:
+        listing = ", ".join(f"{v.name}: {v.original_size[0]}x{v.original_size[1]}" for v in views[:6])
+        raise InputError(f"{what} needs images of one size, got {len(sizes)} sizes ({listing}, ...); {fix}")
+
+
 def make_cameras(
-    views: Sequence[View], geometry: SceneGeometry, camera_model: str, shared_camera: bool
+    views: Sequence[View],
+    geometry: SceneGeometry,
+    camera_model: str,
+    shared_camera: bool,
+    calibration: pycolmap.Camera | None = None,
 ) -> tuple[list[pycolmap.Camera], list[int]]:
-    """COLMAP cameras and the camera id of every view (one per view, or one shared by all)."""
+    """COLMAP cameras and the camera id of every view (one per view, or one shared by all): copies of
+    ``calibration`` if the intrinsics are known, else the predicted ones with zero distortion."""
+    ids = [1] * len(views) if shared_camera else [i + 1 for i in range(len(views))]
+    if calibration is not None:
+        cameras = [copy.copy(calibration) for _ in sorted(set(ids))]
+        for camera_id, camera in enumerate(cameras, start=1):
+            camera.camera_id = camera_id
+        return cameras, ids
     ks = [intrinsics_to_original(v, geometry.intrinsics[i]).numpy() for i, v in enumerate(views)]
     if shared_camera:
-        sizes = {v.original_size for v in views}
-        if len(sizes) > 1:
-            listing = ", ".join(f"{v.name}: {v.original_size[0]}x{v.original_size[1]}" for v in views[:6])
-            raise InputError(
-                f"shared_camera=True needs images of one size, got {len(sizes)} sizes ({listing}, ...); "
-                "use shared_camera=False (one camera per image) or resize the images"
-            )
+        _check_one_size(
+            views, "shared_camera=True", "use shared_camera=False (one camera per image) or resize the images"
+        )
         k = np.mean(np.stack(ks), axis=0)
         width, height = views[0].original_size
         camera = pycolmap.Camera(
             camera_id=1, model=camera_model, width=width, height=height, params=camera_params(camera_model, k)
         )
-        return [camera], [1] * len(views)
+        return [camera], ids
     cameras = [view_camera(v, ks[i], camera_model, camera_id=i + 1) for i, v in enumerate(views)]
-    return cameras, [i + 1 for i in range(len(views))]
+    return cameras, ids
 
 
 def view_camera(
@@ -97,11 +144,12 @@ def build_reconstruction(
     points2d: Sequence[np.ndarray],
     camera_model: str = "SIMPLE_RADIAL",
     shared_camera: bool = False,
+    calibration: pycolmap.Camera | None = None,
 ) -> pycolmap.Reconstruction:
-    """A Reconstruction with cameras, rigs, frames and posed images (image_id = view index + 1), no 3D
-    points yet."""
+    """A Reconstruction with cameras (:func:`make_cameras`), rigs, frames and posed images (image_id = view
+    index + 1), no 3D points yet."""
     rec = pycolmap.Reconstruction()
-    cameras, camera_ids = make_cameras(views, geometry, camera_model, shared_camera)
+    cameras, camera_ids = make_cameras(views, geometry, camera_model, shared_camera, calibration)
     for camera in cameras:
         rec.add_camera_with_trivial_rig(camera)
     poses = geometry.cam_from_world.numpy()

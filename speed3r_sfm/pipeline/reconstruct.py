@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -57,13 +57,15 @@ from .colmap_model import (
     add_points,
     build_reconstruction,
     keep_adjusted_cameras,
+    known_camera,
+    parse_camera_params,
     points_from_depth,
     points_in_original,
     track_colors,
     triangulate_tracks,
 )
 from .export import check_output, write_project
-from .frames import SceneGeometry
+from .frames import SceneGeometry, intrinsics_to_model
 from .inputs import Preprocessing, find_images, load_views
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .matching import (
@@ -128,6 +130,7 @@ def reconstruct(
     ba: bool = True,
     camera_model: str = "SIMPLE_RADIAL",
     shared_camera: bool = False,
+    camera_params: str | Sequence[float] | None = None,
     overwrite: bool = False,
     preprocessing: Preprocessing | None = None,
     options: PipelineOptions | None = None,
@@ -145,11 +148,14 @@ def reconstruct(
     keypoints, view pairs from the predicted geometry) or "auto" (the model's own choice: GSA for official
     checkpoints, dense for the shipped default, whose selection is untrained and does not guide);
     ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS`` (distortion starts at zero and is
-    refined in BA); ``shared_camera``: one camera for all images (they
-    must have one size). Long sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on
-    CUDA as many as fit in free memory), consecutive chunks sharing ``chunk_overlap`` views (None: a
-    quarter of the chunk); ``ordered=False`` groups an unordered collection into chunks by the similarity
-    of the backbone's own tokens; ``chunk_h5`` stores each chunk's output so that an interrupted run
+    refined in BA); ``shared_camera``: one camera for all images (they must have one size);
+    ``camera_params``: known intrinsics of every image, in ``camera_model``'s COLMAP parameter order and
+    original pixels (a list or ``"f,cx,cy,k"``, as COLMAP's ``--ImageReader.camera_params``; the images
+    must have one size), used instead of the predicted ones and held fixed by bundle adjustment. Long
+    sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on CUDA as many as fit in
+    free memory), consecutive chunks sharing ``chunk_overlap`` views (None: a quarter of the chunk);
+    ``ordered=False`` groups an unordered collection into chunks by the similarity of the backbone's own
+    tokens; ``chunk_h5`` stores each chunk's output so that an interrupted run
     resumes. See :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction.
     """
     return run_pipeline(
@@ -161,6 +167,7 @@ def reconstruct(
         ba=ba,
         camera_model=camera_model,
         shared_camera=shared_camera,
+        camera_params=camera_params,
         overwrite=overwrite,
         preprocessing=preprocessing,
         options=options,
@@ -181,6 +188,7 @@ def run_pipeline(
     ba: bool = True,
     camera_model: str = "SIMPLE_RADIAL",
     shared_camera: bool = False,
+    camera_params: str | Sequence[float] | None = None,
     overwrite: bool = False,
     preprocessing: Preprocessing | None = None,
     options: PipelineOptions | None = None,
@@ -194,6 +202,7 @@ def run_pipeline(
     options = options or PipelineOptions()
     if camera_model not in CAMERA_MODELS:
         raise ValueError(f"unsupported camera model {camera_model!r}; choose one of {CAMERA_MODELS}")
+    known_params = None if camera_params is None else parse_camera_params(camera_model, camera_params)
     check_chunk_arguments(chunk_size, chunk_overlap)
     if output_dir is not None:
         check_output(output_dir, overwrite)  # fail before any work
@@ -209,6 +218,7 @@ def run_pipeline(
         views, model_images, skipped = load_views(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
+        calibration = None if known_params is None else known_camera(camera_model, known_params, views)
         grays = [v.gray() for v in views]
         # original pixels per work pixel: losses are in work pixels, COLMAP's thresholds in original ones
         pixel_scale = max(o / w for v in views for o, w in zip(v.original_size, v.work_size, strict=True))
@@ -225,6 +235,9 @@ def run_pipeline(
         )
         geometry = SceneGeometry.from_prediction(prediction)
         _check_prediction(geometry, model_images)
+        if calibration is not None:
+            k = torch.from_numpy(calibration.calibration_matrix())
+            geometry.intrinsics = torch.stack([intrinsics_to_model(v, k) for v in views])
         head_poses = geometry.cam_from_world.clone()
         pose_source = apply_token_poses(geometry, prediction, options.token_poses)
         tracker = prediction.extras.get("tracker")
@@ -256,6 +269,7 @@ def run_pipeline(
             ba=ba,
             camera_model=camera_model,
             shared_camera=shared_camera,
+            calibration=calibration,
             pixel_scale=pixel_scale,
             pyramids={},  # built by the first pass, reused by the rescue's
             device=backbone.device,  # photometric refinement on the model's GPU if it has one
@@ -311,6 +325,7 @@ def run_pipeline(
             settings={
                 "camera_model": camera_model,
                 "shared_camera": shared_camera,
+                "camera_params": known_params,
                 "bundle_adjustment": ba,
                 "options": asdict(options),
                 "chunking": chunking,
@@ -366,6 +381,7 @@ def _match_and_adjust(
     ba: bool,
     camera_model: str,
     shared_camera: bool,
+    calibration: pycolmap.Camera | None,
     pixel_scale: float,
     feedforward: tuple[torch.Tensor, list],
     stages: _Stages | None = None,
@@ -412,7 +428,7 @@ def _match_and_adjust(
     start("tracks")
     tracks = build_tracks(keypoints, matches, options.merge_radius)
     points2d = points_in_original(views, tracks)
-    rec = build_reconstruction(views, geometry, points2d, camera_model, shared_camera)
+    rec = build_reconstruction(views, geometry, points2d, camera_model, shared_camera, calibration)
     if from_adjusted is not None:
         keep_adjusted_cameras(rec, from_adjusted)
     pair_matches = tracks.pairwise_matches()

@@ -136,8 +136,9 @@ def rescued_geometry(
     }
     placed: dict[int, dict] = {}
 
-    def estimates_focal(view: int) -> bool:
-        return options.estimate_focal and has_own_camera(rec, view + 1)
+    def estimates_focal(view: int) -> bool:  # as COLMAP's mapper: not for a camera of known intrinsics
+        camera = rec.cameras[rec.image(view + 1).camera_id]
+        return options.estimate_focal and has_own_camera(rec, view + 1) and not camera.has_prior_focal_length
 
     def place(view: int, pose: pycolmap.Rigid3d, camera: pycolmap.Camera, how: str, inliers: int) -> None:
         poses[view] = pose_matrix(pose)
@@ -191,9 +192,10 @@ def pnp_camera(
     """The camera a de-registered ``view`` is re-posed with: a shared camera as the registered views refined
     it; a camera of the view's own as the model predicted it (zero distortion), as the next pass rebuilds
     it. Bundle adjustment fitted that one to the handful of points that left the view weakly linked: on a
-    held-out orbit, focal lengths 10-40 % off and radial distortion down to -1.04."""
+    held-out orbit, focal lengths 10-40 % off and radial distortion down to -1.04. A camera of known
+    intrinsics (``has_prior_focal_length``; bundle adjustment holds them) is used as it is."""
     camera = rec.cameras[rec.image(view + 1).camera_id]
-    if not has_own_camera(rec, view + 1):
+    if not has_own_camera(rec, view + 1) or camera.has_prior_focal_length:
         return camera
     k = intrinsics_to_original(views[view], geometry.intrinsics[view]).numpy()
     return view_camera(views[view], k, camera.model.name)
