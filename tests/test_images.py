@@ -215,6 +215,7 @@ def test_intrinsics_to_original_projects_consistently():
         in_model = (points @ k_model.T)[:, :2] / points[:, 2:]
         in_original = (points @ k_original.T)[:, :2] / points[:, 2:]
         torch.testing.assert_close(transform.to_original(in_model, convention), in_original)
+        torch.testing.assert_close(transform.intrinsics_from_original(k_original, convention), k_model)
     colmap = transform.intrinsics_to_original(k_model)
     torch.testing.assert_close(colmap[:2, 2], torch.tensor([500.0, 375.0], dtype=torch.float64))
 

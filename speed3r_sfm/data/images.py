@@ -238,6 +238,19 @@ class ImageTransform:
         out[..., :2, 2] = self.to_original(intrinsics[..., :2, 2].to(torch.float64), convention)
         return out.to(intrinsics.dtype)
 
+    def intrinsics_from_original(
+        self, intrinsics: torch.Tensor, convention: Convention = "colmap"
+    ) -> torch.Tensor:
+        """(..., 3, 3) pinhole K of the original image → K of the model-input image (same convention);
+        the inverse of :meth:`intrinsics_to_original`."""
+        scale, _ = self._affine()
+        out = intrinsics.to(torch.float64).clone()
+        out[..., 0, 0] *= scale[0]
+        out[..., 1, 1] *= scale[1]
+        out[..., 0, 1] *= scale[0]
+        out[..., :2, 2] = self.from_original(intrinsics[..., :2, 2].to(torch.float64), convention)
+        return out.to(intrinsics.dtype)
+
 
 def _centre_shift(convention: Convention) -> float:
     """Offset that turns ``convention`` coordinates into COLMAP ones."""

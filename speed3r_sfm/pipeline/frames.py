@@ -61,13 +61,9 @@ def intrinsics_to_original(view: View, intrinsics: torch.Tensor) -> torch.Tensor
 def intrinsics_to_model(view: View, intrinsics: torch.Tensor) -> torch.Tensor:
     """(3, 3) K of the original image in COLMAP's convention -> K of the model input (integer centres);
     the inverse of :func:`intrinsics_to_original`."""
-    sx, sy = view.transform.scale
     k = intrinsics.to(torch.float64).clone()
-    k[0, 0] *= sx
-    k[0, 1] *= sx
-    k[1, 1] *= sy
-    k[:2, 2] = view.transform.from_original(k[:2, 2], "colmap") - 0.5
-    return k
+    k[..., :2, 2] -= 0.5  # COLMAP's pixel centres -> integer ones
+    return view.transform.intrinsics_from_original(k, "integer")
 
 
 def work_pixels_per_model_pixel(view: View) -> tuple[float, float]:

@@ -30,14 +30,7 @@ from .inputs import Preprocessing
 
 def model_intrinsics(transform: ImageTransform, intrinsics: torch.Tensor) -> torch.Tensor:
     """K (3, 3) of an original image (integer centres) -> K of its model input (integer centres)."""
-    sx, sy = transform.scale
-    out = intrinsics.double().clone()
-    out[0, 0] *= sx
-    out[0, 1] *= sx
-    out[1, 1] *= sy
-    centre = transform.from_original(intrinsics[:2, 2].double() + 0.5, "colmap") - 0.5
-    out[:2, 2] = centre
-    return out
+    return transform.intrinsics_from_original(intrinsics.double(), "integer")
 
 
 def render_depth(
