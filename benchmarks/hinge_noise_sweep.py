@@ -1,8 +1,9 @@
 """How often pipeline settings join two groups of views at a wrong angle (a hinge) under tiny depth noise.
 
-For each held-out scene (24 views at 518x392, optionally written ``--upscale`` times larger): the shipped
-default model's prediction is computed once on the CPU; then, for noise seeds 0..N-1, its depth is multiplied
-by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the pipeline runs from it with each setting.
+For each held-out scene (24 views at 518x392, or ``--views``; optionally written ``--upscale`` times larger):
+the shipped default model's prediction is computed once on the CPU; then, for noise seeds 0..N-1, its depth is
+multiplied by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the pipeline runs from it with each
+setting.
 Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...`` (BundleOptions /
 KeypointOptions / MatchOptions fields; trailing sections may be left out).
 One JSON line per run: views registered, median relative rotation error after BA, share of pairs > 5 deg.
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=6, help="noise seeds per scene (0: no noise)")
     parser.add_argument("--sigma", type=float, default=5e-4, help="relative depth noise")
     parser.add_argument("--upscale", type=int, default=1)
+    parser.add_argument(
+        "--views", type=int, default=24, help="views per scene (attention: the default's auto)"
+    )
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
     parser.add_argument(  # one scene per flag: a list option would swallow the settings after it
         "--scene", dest="scenes", action="append", choices=SCENES, help="only this scene (repeatable)"
@@ -84,9 +88,9 @@ def main() -> None:
     for scene_name, (trajectory, seed) in SCENES.items():
         if args.scenes is not None and scene_name not in args.scenes:
             continue
-        label = f"{scene_name}_up{args.upscale}"
+        label = f"{scene_name}_up{args.upscale}" + ("" if args.views == 24 else f"_{args.views}v")
         scene = argparse.Namespace(
-            cache=args.cache, trajectory=trajectory, views=24, height=392, width=518, supersample=2,
+            cache=args.cache, trajectory=trajectory, views=args.views, height=392, width=518, supersample=2,
             render_scale=1, upscale=args.upscale, image_format="png",
         )  # fmt: skip
         views = harness.load_scene(seed, scene)

@@ -21,9 +21,11 @@ from speed3r_sfm.pipeline.bundle import (
     adjustable_images,
     bundle_adjust,
     contradicted_pairs,
+    correspondence_graph,
     drop_weakly_linked_images,
     mean_reprojection_error,
     observations,
+    refine_reconstruction,
     weakly_linked_images,
 )
 from speed3r_sfm.pipeline.colmap_model import keep_adjusted_cameras, triangulate_tracks
@@ -288,6 +290,50 @@ def test_bundle_adjustment_recovers_perturbed_poses():
     rel_est = estimated[:, :3] @ rec.image(1).cam_from_world().matrix()[:, :3].T
     angle = np.degrees(np.arccos(np.clip((np.trace(rel_true.T @ rel_est) - 1) / 2, -1, 1)))
     assert angle < 0.1
+
+
+def _perturbed_scene(seed: int = 1):
+    """The 4-view scene, 300 points seen by every view, 0.3 px noise; points moved by 2 cm and the last view
+    by 2.6 deg and 17 cm: (reconstruction, observation manager, triangulator, true poses)."""
+    rec, poses, points, _ = _scene_reconstruction(num_points=300, noise_px=0.3, seed=seed)
+    manager = pycolmap.ObservationManager(rec)
+    for p in range(len(points)):
+        track = pycolmap.Track([pycolmap.TrackElement(i + 1, p) for i in range(4)])
+        manager.add_point3D(points[p] + np.random.default_rng(p).normal(0, 0.02, 3), track)
+    frame = rec.frames[4]
+    nudge = pycolmap.Rigid3d(pycolmap.Rotation3d(np.array([0.0, 0.04, 0.02])), np.full(3, 0.1))
+    frame.rig_from_world = nudge * frame.rig_from_world
+    pairs = {(a, b): np.stack([np.arange(300)] * 2, axis=1) for a in range(4) for b in range(a + 1, 4)}
+    triangulator = pycolmap.IncrementalTriangulator(correspondence_graph([300] * 4, pairs), rec, manager)
+    return rec, manager, triangulator, poses
+
+
+def _relative_rotation_error_deg(rec: pycolmap.Reconstruction, poses: np.ndarray, i: int, j: int) -> float:
+    """Angle between the adjusted and the true rotation of view j relative to view i (0-based)."""
+    est_i, est_j = (rec.image(k + 1).cam_from_world().matrix()[:, :3] for k in (i, j))
+    rel_est, rel_true = est_j @ est_i.T, poses[j][:, :3] @ poses[i][:, :3].T
+    return float(np.degrees(np.arccos(np.clip((np.trace(rel_true.T @ rel_est) - 1) / 2, -1, 1))))
+
+
+def test_polish_solve_continues_a_solve_that_stopped_early():
+    """``BundleOptions.polish``: after the last round's filtering one more solve of the same problem; a solve
+    cut short (here by ``max_iterations``, in the pipeline by ``function_tolerance``) is carried on, and the
+    round's stats record it."""
+    results = {}
+    for polish in (False, True):
+        rec, manager, triangulator, poses = _perturbed_scene()
+        options = BundleOptions(rounds=1, refine_focal_length=False, max_iterations=1, polish=polish)
+        history = refine_reconstruction(rec, manager, triangulator, options)
+        angle = _relative_rotation_error_deg(rec, poses, 0, 3)
+        results[polish] = (history[-1], mean_reprojection_error(rec), angle)
+    plain, error_plain, angle_plain = results[False]
+    polished, error_polished, angle_polished = results[True]
+    assert plain["polish"] is None
+    assert polished["polish"]["termination"] in ("CONVERGENCE", "NO_CONVERGENCE")
+    assert polished["polish"]["filtered_observations"] >= 0
+    assert error_polished < error_plain - 0.03  # 0.33 -> 0.27 px (0.3 px noise)
+    assert angle_polished < 0.5 * angle_plain and angle_polished < 0.05  # 0.11 -> 0.03 deg
+    assert polished["mean_reprojection_error_px"] == pytest.approx(error_polished)
 
 
 def _adjust_with_tracks(image_sets):
