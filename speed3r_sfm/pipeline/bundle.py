@@ -16,7 +16,9 @@ with pycolmap's ``IncrementalTriangulator`` over the correspondence graph of all
 tracks, triangulate observations left without a point). The first round keeps the intrinsics fixed,
 because the feed-forward poses start far from the optimum, and uses ``initial_loss_scale`` (the 8 px used
 before let two groups of views that share few points settle at a wrong angle more often:
-hinge_forward1000001.md); later rounds refine the intrinsics and use ``loss_scale``.
+hinge_forward1000001.md); later rounds refine the intrinsics and use ``loss_scale``. The last round ends with
+one more solve and filtering (``polish``): a solve that stops at the function tolerance can leave a slow
+correction half done.
 
 Afterwards, views not linked to the main group of views by pairs that share at least ``min_shared_points``
 3D points are de-registered (:func:`drop_weakly_linked_images`): on held-out scenes every view hanging on
