@@ -15,6 +15,7 @@ from kornia.filters import gaussian_blur2d
 from scipy.spatial.transform import Rotation
 
 from speed3r_sfm.data.images import ImageTransform
+from speed3r_sfm.eval.metrics import rotation_angle_deg
 from speed3r_sfm.geometry import look_at
 from speed3r_sfm.pipeline.bundle import (
     BundleOptions,
@@ -312,7 +313,7 @@ def _relative_rotation_error_deg(rec: pycolmap.Reconstruction, poses: np.ndarray
     """Angle between the adjusted and the true rotation of view j relative to view i (0-based)."""
     est_i, est_j = (rec.image(k + 1).cam_from_world().matrix()[:, :3] for k in (i, j))
     rel_est, rel_true = est_j @ est_i.T, poses[j][:, :3] @ poses[i][:, :3].T
-    return float(np.degrees(np.arccos(np.clip((np.trace(rel_true.T @ rel_est) - 1) / 2, -1, 1))))
+    return float(rotation_angle_deg(torch.from_numpy(rel_est), torch.from_numpy(rel_true)))
 
 
 def test_polish_solve_continues_a_solve_that_stopped_early():

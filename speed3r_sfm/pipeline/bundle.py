@@ -113,7 +113,7 @@ class BundleOptions:
     # 15 held-out scene/size combos off the hard orbit 24/24 with no pair > 5 deg either way, the hard orbit
     # 23/23/19 views instead of 24/23/14 (it varies from run to run; hinge_and_robustness_experiments.md)
     readjust_rounds: int = 1
-    # after the last round's filtering, solve once more (same loss, intrinsics refined) and filter again.
+    # after the last round's filtering, solve once more (that round's loss and intrinsics) and filter again.
     # A solve stops at ``function_tolerance`` while a slow, low-gradient correction is still under way: on
     # forward 1000001 at 96 views (GSA) the last solve left views 55-78 joined 5 deg off (38 % of pairs
     # off); a new solve of the filtered problem joins them in a few iterations (polish_solve.md)
@@ -282,22 +282,21 @@ def _refine(
             )
             break
         filtered = manager.filter_all_points3D(options.max_reproj_error, options.min_tri_angle)
-        error_after_filter = mean_reprojection_error(rec)
-        added = 0
-        if round_index < options.rounds - 1:
-            added = retriangulate(rec, triangulator, options)
         polished = None
         if options.polish and round_index == options.rounds - 1:
             polished = _polish(rec, manager, options, scale * pixel_scale, refine_intrinsics)
             if polished is not None:
                 filtered += polished["filtered_observations"]
-                error_after_filter = mean_reprojection_error(rec)
+        error_after_filter = mean_reprojection_error(rec)
+        added = 0
+        if round_index < options.rounds - 1:
+            added = retriangulate(rec, triangulator, options)
         history.append(
             {
                 "round": round_index,
                 "loss_scale_px": scale * pixel_scale,
                 "solution_usable": bool(summary.is_solution_usable()),
-                "termination": str(summary.termination_type).rsplit(".", 1)[-1],
+                "termination": _termination(summary),
                 "mean_reprojection_error_px": error_after_filter,
                 "filtered_observations": int(filtered),
                 "retriangulated_observations": int(added),
@@ -322,10 +321,12 @@ def _polish(
     if summary is None:
         return None
     filtered = manager.filter_all_points3D(options.max_reproj_error, options.min_tri_angle)
-    return {
-        "termination": str(summary.termination_type).rsplit(".", 1)[-1],
-        "filtered_observations": int(filtered),
-    }
+    return {"termination": _termination(summary), "filtered_observations": int(filtered)}
+
+
+def _termination(summary: pycolmap.BundleAdjustmentSummary) -> str:
+    """Ceres's termination type by name ("CONVERGENCE", "NO_CONVERGENCE", ...)."""
+    return str(summary.termination_type).rsplit(".", 1)[-1]
 
 
 def observations(rec: pycolmap.Reconstruction, image_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
