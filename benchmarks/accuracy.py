@@ -63,11 +63,26 @@ def load_factory(spec: str) -> Callable[[], Callable]:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" elsewhere): the same VM size lands on different hosts,
+    and their speeds differ (the default model's dense 24-view forward: 2.75 s on an "AMD EPYC" host on
+    2026-12-04, 1.75 s on the host of the tables of 2026-12-03)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def machine_description(load_average: bool = True) -> dict[str, str]:
     """Platform, CPU, Python/torch versions and GPU name for a results file (shared by the benchmarks)."""
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model_name(),
         "cpu_count": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "python": sys.version.split()[0],

@@ -31,7 +31,7 @@ from speed3r_sfm.pipeline.bundle import (
 )
 from speed3r_sfm.pipeline.colmap_model import keep_adjusted_cameras, triangulate_tracks
 from speed3r_sfm.pipeline.database import two_view_geometry
-from speed3r_sfm.pipeline.frames import intrinsics_to_model, intrinsics_to_original
+from speed3r_sfm.pipeline.frames import intrinsics_to_original
 from speed3r_sfm.pipeline.inputs import View
 from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
 from speed3r_sfm.pipeline.matching import Matches, keep_matches
@@ -699,10 +699,12 @@ def _view(transform: ImageTransform) -> View:
         ImageTransform((480, 640), (168, 224), (0, 0), (63, 0), (294, 224)),  # resize, pad
     ],
 )
-def test_known_intrinsics_map_to_the_model_input_and_back(transform):
+def test_model_intrinsics_map_to_the_original_image_and_back(transform):
     view = _view(transform)
     k = torch.tensor([[512.3, 0.7, 321.4], [0.0, 498.1, 236.9], [0.0, 0.0, 1.0]], dtype=torch.float64)
-    model_k = intrinsics_to_model(view, k)
+    colmap_to_integer = k.clone()
+    colmap_to_integer[:2, 2] -= 0.5
+    model_k = view.transform.intrinsics_from_original(colmap_to_integer, "integer")
     assert torch.allclose(intrinsics_to_original(view, model_k), k, atol=1e-12)
     # a point projects to the same place either way (model pixels are integer-centred)
     point = torch.tensor([0.3, -0.2, 2.5], dtype=torch.float64)

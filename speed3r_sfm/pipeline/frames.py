@@ -58,14 +58,6 @@ def intrinsics_to_original(view: View, intrinsics: torch.Tensor) -> torch.Tensor
     return k
 
 
-def intrinsics_to_model(view: View, intrinsics: torch.Tensor) -> torch.Tensor:
-    """(3, 3) K of the original image in COLMAP's convention -> K of the model input (integer centres);
-    the inverse of :func:`intrinsics_to_original`."""
-    k = intrinsics.to(torch.float64).clone()
-    k[..., :2, 2] -= 0.5  # COLMAP's pixel centres -> integer ones
-    return view.transform.intrinsics_from_original(k, "integer")
-
-
 def work_pixels_per_model_pixel(view: View) -> tuple[float, float]:
     """(sx, sy): how many work pixels one model pixel spans."""
     tx, ty = view.transform.scale

@@ -65,7 +65,7 @@ from .colmap_model import (
     triangulate_tracks,
 )
 from .export import check_output, write_project
-from .frames import SceneGeometry, intrinsics_to_model
+from .frames import SceneGeometry
 from .inputs import Preprocessing, find_images, load_views
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .matching import (
@@ -151,7 +151,8 @@ def reconstruct(
     refined in BA); ``shared_camera``: one camera for all images (they must have one size);
     ``camera_params``: known intrinsics of every image, in ``camera_model``'s COLMAP parameter order and
     original pixels (a list or ``"f,cx,cy,k"``, as COLMAP's ``--ImageReader.camera_params``; the images
-    must have one size), used instead of the predicted ones and held fixed by bundle adjustment. Long
+    must have one size): the COLMAP cameras carry them and bundle adjustment holds them fixed; token poses
+    and matching keep the predicted intrinsics, which the predicted depth is consistent with. Long
     sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on CUDA as many as fit in
     free memory), consecutive chunks sharing ``chunk_overlap`` views (None: a quarter of the chunk);
     ``ordered=False`` groups an unordered collection into chunks by the similarity of the backbone's own
@@ -235,9 +236,6 @@ def run_pipeline(
         )
         geometry = SceneGeometry.from_prediction(prediction)
         _check_prediction(geometry, model_images)
-        if calibration is not None:
-            k = torch.from_numpy(calibration.calibration_matrix())
-            geometry.intrinsics = torch.stack([intrinsics_to_model(v, k) for v in views])
         head_poses = geometry.cam_from_world.clone()
         pose_source = apply_token_poses(geometry, prediction, options.token_poses)
         tracker = prediction.extras.get("tracker")
