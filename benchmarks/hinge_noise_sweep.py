@@ -4,8 +4,9 @@ For each held-out scene (24 views at 518x392, or ``--views``; optionally written
 the shipped default model's prediction is computed once on the CPU; then, for noise seeds 0..N-1, its depth is
 multiplied by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the pipeline runs from it with each
 setting.
-Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...`` (BundleOptions /
-KeypointOptions / MatchOptions fields; trailing sections may be left out).
+Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...|known_intrinsics``
+(BundleOptions / KeypointOptions / MatchOptions fields; a last section ``known_intrinsics`` gives the renders'
+intrinsics as ``camera_params``; trailing sections may be left out).
 One JSON line per run: views registered, median relative rotation error after BA, share of pairs > 5 deg.
 
     python benchmarks/hinge_noise_sweep.py --out sweep.jsonl --seeds 6 \\
@@ -46,11 +47,15 @@ SCENES = {
 reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
 
 
-def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions]:
-    """``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...`` -> (name, options)."""
+def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions, bool]:
+    """``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...|known_intrinsics`` -> (name,
+    options, whether to give the renders' intrinsics)."""
     name, _, spec = text.partition(":")
     bundle_spec, _, rest = spec.partition("|")
-    keypoint_spec, _, match_spec = rest.partition("|")
+    keypoint_spec, _, rest = rest.partition("|")
+    match_spec, _, run_spec = rest.partition("|")
+    if run_spec not in ("", "known_intrinsics"):
+        raise SystemExit(f"setting {text!r}: the last section may only be 'known_intrinsics'")
 
     def fields(spec: str, cls: type) -> dict:
         out = {}
@@ -63,7 +68,8 @@ def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions]:
     bundle = BundleOptions(**fields(bundle_spec, BundleOptions))
     keypoints = KeypointOptions(**fields(keypoint_spec, KeypointOptions))
     matching = MatchOptions(**fields(match_spec, MatchOptions))
-    return name, reconstruct.PipelineOptions(bundle=bundle, keypoints=keypoints, matching=matching)
+    options = reconstruct.PipelineOptions(bundle=bundle, keypoints=keypoints, matching=matching)
+    return name, options, run_spec == "known_intrinsics"
 
 
 def main() -> None:
@@ -91,17 +97,18 @@ def main() -> None:
         label = f"{scene_name}_up{args.upscale}" + ("" if args.views == 24 else f"_{args.views}v")
         scene = argparse.Namespace(
             cache=args.cache, trajectory=trajectory, views=args.views, height=392, width=518, supersample=2,
-            render_scale=1, upscale=args.upscale, image_format="png",
+            render_scale=1, upscale=args.upscale, image_format="png", known_intrinsics=True,
         )  # fmt: skip
         views = harness.load_scene(seed, scene)
+        known = harness.known_camera_params(views, scene)
         with tempfile.TemporaryDirectory() as folder:
             harness.write_images(views, seed, Path(folder), scene)
             base, _, _ = run_backbone_once(folder)
             for noise_seed in range(args.seeds):
                 prediction = perturbed(base, args.sigma, noise_seed)
                 with mock.patch.object(reconstruct, "_run_backbone", returning(prediction)):
-                    for name, options in settings:
-                        row = evaluate(folder, views, options)
+                    for name, options, with_known in settings:
+                        row = evaluate(folder, views, options, known if with_known else None)
                         row.update(scene=label, noise_seed=noise_seed, setting=name)
                         print(json.dumps(row), flush=True)
                         with args.out.open("a") as f:
@@ -136,10 +143,16 @@ def perturbed(prediction, sigma: float, noise_seed: int):
     return reconstruct.replace(prediction, depth=prediction.depth * (1 + sigma * noise))
 
 
-def evaluate(folder: str, views, options) -> dict:
+def evaluate(folder: str, views, options, camera_params: str | None = None) -> dict:
     start = time.perf_counter()
     result = reconstruct.run_pipeline(
-        folder, None, model="default", device="cpu", shared_camera=True, options=options
+        folder,
+        None,
+        model="default",
+        device="cpu",
+        shared_camera=True,
+        options=options,
+        camera_params=camera_params,
     )
     wall = time.perf_counter() - start
     registered, poses = harness.registered_poses(result)
