@@ -48,7 +48,8 @@ from speed3r_sfm.eval.sift_baseline import run_sift_baseline
 from speed3r_sfm.geometry import resize_intrinsics
 from speed3r_sfm.pipeline.inputs import Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
-from speed3r_sfm.pipeline.reconstruct import run_pipeline
+from speed3r_sfm.pipeline.reconstruct import PipelineOptions, run_pipeline
+from speed3r_sfm.pipeline.self_calibration import SelfCalibrationOptions
 
 DATE = datetime.date.today().isoformat()
 
@@ -65,7 +66,10 @@ def machine() -> dict[str, str]:
 
 
 def load_scene(seed: int, args: argparse.Namespace) -> RenderedViews:
-    name = f"scene{seed}_{args.trajectory}_{args.views}v_{args.height}x{args.width}_ss{args.supersample}.pt"
+    fov = getattr(args, "fov", None)
+    fov_tag = "" if fov is None else f"_fov{fov:g}"
+    size = f"{args.views}v_{args.height}x{args.width}_ss{args.supersample}"
+    name = f"scene{seed}_{args.trajectory}_{size}{fov_tag}.pt"
     cache = Path(args.cache) / name
     if cache.exists():
         data = torch.load(cache)
@@ -79,6 +83,7 @@ def load_scene(seed: int, args: argparse.Namespace) -> RenderedViews:
         args.width,
         args.trajectory,
         device=device,
+        fov_x_deg=fov,
         supersample=args.supersample,
     )
     views = RenderedViews(
@@ -208,6 +213,9 @@ def evaluate_pipeline(
     model, attention = build_model(method, views, args, seed)
     width = getattr(args, "model_width", None)
     preprocessing = Preprocessing("crop", width) if width and isinstance(model, str) else None
+    options = PipelineOptions(
+        self_calibration=SelfCalibrationOptions(enabled=not getattr(args, "no_self_calibration", False))
+    )
     start = time.perf_counter()
     result = run_pipeline(
         folder,
@@ -218,6 +226,7 @@ def evaluate_pipeline(
         shared_camera=args.camera == "shared",
         camera_params=known_camera_params(views, args),
         preprocessing=preprocessing,
+        options=options,
     )
     wall = time.perf_counter() - start
     rec = result.reconstruction
@@ -249,6 +258,10 @@ def evaluate_pipeline(
         "gsa": report["gsa_records"],
         "attention": report["attention"],
         "gsa_guidance": report["gsa_guidance"],
+        "self_calibration": report.get("self_calibration"),
+        "focal_length_true": float(views.intrinsics[0, 0, 0]) * image_scale(args),
+        "focal_length_model": (report.get("self_calibration") or {}).get("model_focal_length"),
+        "focal_length_ba": [float(c.mean_focal_length()) for c in rec.cameras.values()],
     }
 
 
@@ -266,6 +279,13 @@ def _attention_note(report: dict) -> str:
 def _input_note(settings: dict) -> str:
     width = settings.get("model_width")
     note = f" Model input: {width} px wide (crop mode; `--model-width`)." if width else ""
+    if settings.get("fov") is not None:
+        note += f" Field of view: {settings['fov']:g} deg horizontal for every scene (`--fov`)."
+    if settings.get("no_self_calibration"):
+        note += (
+            " Self-calibration off (`--no-self-calibration`): bundle adjustment starts at the model's "
+            "focal length."
+        )
     if settings.get("known_intrinsics"):
         note += (
             " Intrinsics known (`--known-intrinsics`): the renders' K given to both methods "
@@ -544,6 +564,14 @@ def main() -> None:
         action="store_true",
         help="give both methods the renders' intrinsics (camera_params), held fixed in bundle adjustment",
     )
+    parser.add_argument(
+        "--fov", type=float, default=None, help="horizontal field of view of every scene (default: its own)"
+    )
+    parser.add_argument(
+        "--no-self-calibration",
+        action="store_true",
+        help="our pipeline starts bundle adjustment at the model's focal length (SelfCalibrationOptions)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sift-threads", type=int, default=-1)
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
@@ -551,6 +579,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.upscale > 1 and args.render_scale > 1:
         parser.error("--upscale and --render-scale exclude each other")
+    if args.fov is not None and args.render_scale > 1:
+        parser.error("--fov works with the cached renders only (not --render-scale)")
     run(args)
 
 

@@ -314,11 +314,14 @@ def make_cameras(
     width: int,
     trajectory: str = "orbit",
     seed: int | None = None,
+    fov_x_deg: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Intrinsics (S, 3, 3) and OpenCV cam_from_world (S, 3, 4), float32 on CPU, for a trajectory of
-    the scene (``seed`` defaults to the scene's). All views share the scene's field of view."""
+    the scene (``seed`` defaults to the scene's). All views share the scene's horizontal field of view, or
+    ``fov_x_deg`` if given."""
     pose = sample_trajectory(scene.layout, trajectory, num_views, scene.seed if seed is None else seed)
-    k = intrinsics_from_fov(scene.fov_x_deg, height, width).expand(num_views, 3, 3).clone()
+    fov = scene.fov_x_deg if fov_x_deg is None else fov_x_deg
+    k = intrinsics_from_fov(fov, height, width).expand(num_views, 3, 3).clone()
     return k, pose.float()
 
 
@@ -451,11 +454,13 @@ def render_scene(
     width: int,
     trajectory: str = "orbit",
     device: torch.device | str = "cpu",
+    fov_x_deg: float | None = None,
     **render_kwargs,
 ) -> RenderedViews:
-    """``make_scene(seed)`` rendered along a ``trajectory`` (one of ``TRAJECTORIES``) of ``num_views``."""
+    """``make_scene(seed)`` rendered along a ``trajectory`` (one of ``TRAJECTORIES``) of ``num_views``, with
+    the scene's field of view or ``fov_x_deg``."""
     scene = make_scene(seed)
-    k, pose = make_cameras(scene, num_views, height, width, trajectory)
+    k, pose = make_cameras(scene, num_views, height, width, trajectory, fov_x_deg=fov_x_deg)
     return render_views(scene, k, pose, height, width, device=device, **render_kwargs)
 
 
