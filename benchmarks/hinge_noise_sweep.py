@@ -4,10 +4,9 @@ For each held-out scene (24 views at 518x392, or ``--views``; optionally written
 the shipped default model's prediction is computed once on the CPU; then, for noise seeds 0..N-1, its depth is
 multiplied by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the pipeline runs from it with each
 setting.
-Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...|flag;...``
-(BundleOptions / KeypointOptions / MatchOptions fields; flags of the last section: ``known_intrinsics``
-gives the renders' intrinsics as ``camera_params``, ``no_self_calibration`` starts bundle adjustment at the
-model's focal length (``SelfCalibrationOptions.enabled=False``); trailing sections may be left out).
+Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...|known_intrinsics``
+(BundleOptions / KeypointOptions / MatchOptions fields; a last section ``known_intrinsics`` gives the renders'
+intrinsics as ``camera_params``; trailing sections may be left out).
 One JSON line per run: views registered, median relative rotation error after BA, share of pairs > 5 deg.
 
     python benchmarks/hinge_noise_sweep.py --out sweep.jsonl --seeds 6 \\
@@ -36,7 +35,6 @@ from speed3r_sfm.eval.evaluate import evaluate_reconstruction  # noqa: E402
 from speed3r_sfm.pipeline.bundle import BundleOptions  # noqa: E402
 from speed3r_sfm.pipeline.keypoints import KeypointOptions  # noqa: E402
 from speed3r_sfm.pipeline.matching import MatchOptions  # noqa: E402
-from speed3r_sfm.pipeline.self_calibration import SelfCalibrationOptions  # noqa: E402
 
 # the held-out scenes of the pipeline tables, by name
 SCENES = {
@@ -49,19 +47,15 @@ SCENES = {
 reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
 
 
-RUN_FLAGS = {"known_intrinsics", "no_self_calibration"}
-
-
 def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions, bool]:
-    """``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...|flag;...`` -> (name, options,
-    whether to give the renders' intrinsics)."""
+    """``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...|known_intrinsics`` -> (name,
+    options, whether to give the renders' intrinsics)."""
     name, _, spec = text.partition(":")
     bundle_spec, _, rest = spec.partition("|")
     keypoint_spec, _, rest = rest.partition("|")
     match_spec, _, run_spec = rest.partition("|")
-    flags = set(filter(None, run_spec.split(";")))
-    if flags - RUN_FLAGS:
-        raise SystemExit(f"setting {text!r}: the last section's flags are {sorted(RUN_FLAGS)}")
+    if run_spec not in ("", "known_intrinsics"):
+        raise SystemExit(f"setting {text!r}: the last section may only be 'known_intrinsics'")
 
     def fields(spec: str, cls: type) -> dict:
         out = {}
@@ -74,11 +68,8 @@ def parse_setting(text: str) -> tuple[str, reconstruct.PipelineOptions, bool]:
     bundle = BundleOptions(**fields(bundle_spec, BundleOptions))
     keypoints = KeypointOptions(**fields(keypoint_spec, KeypointOptions))
     matching = MatchOptions(**fields(match_spec, MatchOptions))
-    self_calibration = SelfCalibrationOptions(enabled="no_self_calibration" not in flags)
-    options = reconstruct.PipelineOptions(
-        bundle=bundle, keypoints=keypoints, matching=matching, self_calibration=self_calibration
-    )
-    return name, options, "known_intrinsics" in flags
+    options = reconstruct.PipelineOptions(bundle=bundle, keypoints=keypoints, matching=matching)
+    return name, options, run_spec == "known_intrinsics"
 
 
 def main() -> None:
@@ -172,8 +163,6 @@ def evaluate(folder: str, views, options, camera_params: str | None = None) -> d
         "pairs_over_5": harness.share_over(rre, 5.0),
         "points": result.reconstruction.num_points3D(),
         "wall_s": wall,
-        "focal_length": [round(float(c.params[0]), 2) for c in result.reconstruction.cameras.values()][:1],
-        "self_calibration": result.report.get("self_calibration"),
     }
 
 

@@ -48,8 +48,7 @@ from speed3r_sfm.eval.sift_baseline import run_sift_baseline
 from speed3r_sfm.geometry import resize_intrinsics
 from speed3r_sfm.pipeline.inputs import Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
-from speed3r_sfm.pipeline.reconstruct import PipelineOptions, run_pipeline
-from speed3r_sfm.pipeline.self_calibration import SelfCalibrationOptions
+from speed3r_sfm.pipeline.reconstruct import run_pipeline
 
 DATE = datetime.date.today().isoformat()
 
@@ -213,9 +212,6 @@ def evaluate_pipeline(
     model, attention = build_model(method, views, args, seed)
     width = getattr(args, "model_width", None)
     preprocessing = Preprocessing("crop", width) if width and isinstance(model, str) else None
-    options = PipelineOptions(
-        self_calibration=SelfCalibrationOptions(enabled=not getattr(args, "no_self_calibration", False))
-    )
     start = time.perf_counter()
     result = run_pipeline(
         folder,
@@ -226,7 +222,6 @@ def evaluate_pipeline(
         shared_camera=args.camera == "shared",
         camera_params=known_camera_params(views, args),
         preprocessing=preprocessing,
-        options=options,
     )
     wall = time.perf_counter() - start
     rec = result.reconstruction
@@ -258,9 +253,7 @@ def evaluate_pipeline(
         "gsa": report["gsa_records"],
         "attention": report["attention"],
         "gsa_guidance": report["gsa_guidance"],
-        "self_calibration": report.get("self_calibration"),
         "focal_length_true": float(views.intrinsics[0, 0, 0]) * image_scale(args),
-        "focal_length_model": (report.get("self_calibration") or {}).get("model_focal_length"),
         "focal_length_ba": [float(c.mean_focal_length()) for c in rec.cameras.values()],
     }
 
@@ -281,11 +274,6 @@ def _input_note(settings: dict) -> str:
     note = f" Model input: {width} px wide (crop mode; `--model-width`)." if width else ""
     if settings.get("fov") is not None:
         note += f" Field of view: {settings['fov']:g} deg horizontal for every scene (`--fov`)."
-    if settings.get("no_self_calibration"):
-        note += (
-            " Self-calibration off (`--no-self-calibration`): bundle adjustment starts at the model's "
-            "focal length."
-        )
     if settings.get("known_intrinsics"):
         note += (
             " Intrinsics known (`--known-intrinsics`): the renders' K given to both methods "
@@ -566,11 +554,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--fov", type=float, default=None, help="horizontal field of view of every scene (default: its own)"
-    )
-    parser.add_argument(
-        "--no-self-calibration",
-        action="store_true",
-        help="our pipeline starts bundle adjustment at the model's focal length (SelfCalibrationOptions)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sift-threads", type=int, default=-1)

@@ -31,7 +31,6 @@ from speed3r_sfm.pipeline.export import OutputExistsError
 from speed3r_sfm.pipeline.inputs import InputError, Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import PipelineOptions, reconstruct, run_pipeline
-from speed3r_sfm.pipeline.self_calibration import SelfCalibrationOptions
 
 # the module, not the function of the same name that speed3r_sfm.pipeline exports
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
@@ -945,44 +944,3 @@ def test_known_intrinsics_are_checked_before_any_work(scene_data, tmp_path):
     with pytest.raises(InputError, match="camera_params .* one size"):
         run_pipeline(mixed, tmp_path / "out", model=oracle, camera_params="200,112,84,0")
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_bundle_adjustment_starts_at_the_focal_length_the_matches_support(scene_data, monkeypatch, enabled):
-    """Without known intrinsics, the cameras enter bundle adjustment (whose first round holds them fixed)
-    at the focal length self-calibrated from the matches (``self_calibration.py``), not the model's, here
-    12 % low; with ``SelfCalibrationOptions.enabled=False`` at the model's."""
-    views = scene_data["views"]
-    true_focal = float(views.intrinsics[0, 0, 0])
-    predicted = views.intrinsics.clone()
-    predicted[:, :2, :2] *= 0.88
-    started_at = []
-    refine = pipeline_reconstruct.refine_reconstruction
-
-    def spy(rec, *args, **kwargs):
-        started_at.append([camera.focal_length for camera in rec.cameras.values()])
-        return refine(rec, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline_reconstruct, "refine_reconstruction", spy)
-    options = PipelineOptions(self_calibration=SelfCalibrationOptions(enabled=enabled))
-    result = run_pipeline(
-        scene_data["folder"],
-        None,
-        model=_oracle(scene_data, intrinsics=predicted),
-        shared_camera=True,
-        options=options,
-    )
-    estimate = result.report["self_calibration"]
-    if enabled:
-        assert estimate["used"], estimate["why"]
-        assert started_at[0][0] == pytest.approx(true_focal, rel=0.02)
-        assert estimate["scale"] == pytest.approx(1 / 0.88, rel=0.02)
-        assert estimate["focal_length"] == pytest.approx(started_at[0][0], rel=1e-9)
-    else:
-        assert not estimate["used"] and "disabled" in estimate["why"]
-        assert started_at[0][0] == pytest.approx(0.88 * true_focal, rel=1e-6)
-    assert estimate["model_focal_length"] == pytest.approx(0.88 * true_focal, rel=1e-6)
-    assert started_at[1][0] == pytest.approx(true_focal, rel=0.02)  # the readjustment: adjusted camera
-    assert result.reconstruction.cameras[1].focal_length == pytest.approx(true_focal, rel=0.01)
-    gt = views.cam_from_world.double()
-    assert _median_rre(_poses(result.reconstruction, result.image_names), gt) <= 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -176,3 +177,12 @@ def test_every_surface_has_its_own_material():
     pairwise = (colours[:, None] - colours[None]).abs().amax(-1)
     off_diagonal = ~torch.eye(colours.shape[0], dtype=torch.bool)
     assert pairwise[off_diagonal].min() > 1e-3
+
+
+def test_cameras_take_the_scene_field_of_view_unless_one_is_given():
+    scene = make_scene(11)
+    k, pose = make_cameras(scene, 4, 48, 64, "forward")
+    narrow, same_pose = make_cameras(scene, 4, 48, 64, "forward", fov_x_deg=35.0)
+    assert k[0, 0, 0].item() == pytest.approx(32.0 / math.tan(math.radians(scene.fov_x_deg) / 2), rel=1e-6)
+    assert narrow[:, 0, 0] == pytest.approx([32.0 / math.tan(math.radians(17.5))] * 4, rel=1e-6)
+    assert torch.equal(narrow[:, :2, 2], k[:, :2, 2]) and torch.equal(same_pose, pose)

@@ -80,7 +80,6 @@ from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .refine import PyramidStack
 from .report import build_report
 from .rescue import RescueOptions, adjusted_geometry, rescued_geometry
-from .self_calibration import SelfCalibrationOptions, estimate_focal_scale, scale_focal_lengths
 from .sift_rescue import SiftFeatures
 from .token_poses import TokenPoseOptions, apply_token_poses
 from .tracks import Tracks, build_tracks
@@ -101,7 +100,6 @@ class PipelineOptions:
     bundle: BundleOptions = field(default_factory=BundleOptions)
     token_poses: TokenPoseOptions = field(default_factory=TokenPoseOptions)
     rescue: RescueOptions = field(default_factory=RescueOptions)
-    self_calibration: SelfCalibrationOptions = field(default_factory=SelfCalibrationOptions)
     merge_radius: float = 1.0  # work pixels: match locations this close to a keypoint reuse it
     max_image_size: int = 1600  # long side of the work copies (keypoints, refinement)...
     # ...but at least this fraction of the original's: 0.45 px of sub-pixel error on the work copy stays
@@ -278,7 +276,6 @@ def run_pipeline(
         reference = geometry.cam_from_world.clone()
         tree_edges = pose_source.get("tree_edges", [])
         adjusted = adjust(geometry, feedforward=(reference, tree_edges), stages=stages)
-        self_calibration = adjusted.self_calibration
         contradicted = {(i - 1, j - 1) for i, j in adjusted.distrusted}  # view pairs, in any pass
         rescue: dict[str, Any] = {"rounds": []}
         if adjusted.dropped and options.rescue.enabled:
@@ -334,7 +331,6 @@ def run_pipeline(
                 "unregistered_images": unregistered,
                 "rescue": rescue,
                 "readjustment": readjustment,
-                "self_calibration": self_calibration,
             },
             initial_error=adjusted.initial_error,
             initial_points=adjusted.initial_points,
@@ -368,7 +364,6 @@ class _Adjusted:
     ba_rounds: list[dict]
     dropped: list[int]  # image ids de-registered as weakly linked
     distrusted: list[tuple[int, int]]  # image-id pairs whose link contradicted the feed-forward poses
-    self_calibration: dict | None  # the focal-length estimate from the matches (None: not run)
 
 
 def _match_and_adjust(
@@ -435,10 +430,6 @@ def _match_and_adjust(
     if from_adjusted is not None:
         keep_adjusted_cameras(rec, from_adjusted)
     pair_matches = tracks.pairwise_matches()
-    self_calibration = None
-    if ba and calibration is None and from_adjusted is None:
-        # bundle adjustment's first round holds the focal length fixed: start it at what the matches say
-        self_calibration = _self_calibrate(rec, points2d, pair_matches, options.self_calibration, pixel_scale)
     graph = correspondence_graph([len(p) for p in points2d], pair_matches)
     manager = pycolmap.ObservationManager(rec, graph)
     xyz, valid = points_from_depth(views, geometry, tracks)
@@ -477,29 +468,7 @@ def _match_and_adjust(
         ba_rounds,
         dropped,
         distrusted,
-        self_calibration,
     )
-
-
-def _self_calibrate(
-    rec: pycolmap.Reconstruction,
-    points2d: list[np.ndarray],
-    pair_matches: dict,
-    options: SelfCalibrationOptions,
-    pixel_scale: float,
-) -> dict[str, Any]:
-    """Scale the cameras' focal lengths, in place, to the matches' estimate (``self_calibration.py``) where
-    it is trustworthy; the report entry (mean focal length before and after, in original pixels)."""
-    model_focal = float(np.mean([c.mean_focal_length() for c in rec.cameras.values()]))
-    if not options.enabled:
-        entry = {"used": False, "why": "disabled (SelfCalibrationOptions.enabled)"}
-    else:
-        estimate = estimate_focal_scale(rec, points2d, pair_matches, options, pixel_scale)
-        if estimate.used:
-            scale_focal_lengths(rec, estimate.scale)
-        entry = estimate.as_dict()
-    focal = float(np.mean([c.mean_focal_length() for c in rec.cameras.values()]))
-    return {**entry, "model_focal_length": model_focal, "focal_length": focal}
 
 
 def _rescue_weak_views(
@@ -547,7 +516,6 @@ def _rescue_weak_views(
                 "registered_before": before,
                 "registered_after": after,
                 "contradicted_links": [[i - 1, j - 1] for i, j in again.distrusted],
-                "self_calibration": again.self_calibration,
             }
         )
         if after <= before:
