@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pycolmap
 import pytest
 
 from speed3r_sfm.cli import main
+from speed3r_sfm.pipeline import cli as pipeline_cli
 
 
 def test_synthetic_writes_a_colmap_dataset(tmp_path):
@@ -77,3 +81,34 @@ def test_reconstruct_takes_known_intrinsics_as_colmap_does(tmp_path, capsys):
     assert exit_info.value.code == 1
     assert "PINHOLE takes 4 finite numbers, fx, fy, cx, cy" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def _readme_commands(subcommand: str) -> list[list[str]]:
+    """The README's ``speed3r-sfm SUBCOMMAND ...`` example lines, as argument lists (comments dropped)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [
+        line.split("  #")[0] for line in readme.splitlines() if line.startswith(f"speed3r-sfm {subcommand} ")
+    ]
+    return [shlex.split(line)[1:] for line in lines]
+
+
+def test_readme_reconstruct_examples_parse(monkeypatch):
+    """Every ``speed3r-sfm reconstruct`` line of the README parses (jsonargparse's bool options take a
+    value: ``--shared_camera true``)."""
+    seen = []
+    real = pipeline_cli.reconstruct_command
+
+    @functools.wraps(real)
+    def record(*args, **kwargs):
+        seen.append(kwargs or args)
+        return 0
+
+    monkeypatch.setattr(pipeline_cli, "reconstruct_command", record)
+    commands = _readme_commands("reconstruct")
+    assert len(commands) >= 6
+    for argv in commands:
+        main(argv)
+    assert len(seen) == len(commands)
+    flags = [call for call in seen if isinstance(call, dict)]
+    assert any(call.get("shared_camera") is True for call in flags)
+    assert any(call.get("undistort") is True for call in flags)

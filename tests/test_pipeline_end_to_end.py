@@ -520,9 +520,12 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
         track_verification=False,
         readjust=False,
         deterministic=True,
+        undistort=True,
     )
     out = capsys.readouterr().out
     assert code == 0 and "track head kept" not in out
+    assert f"undistorted: 8 images, PINHOLE cameras in {tmp_path / 'no_check' / 'undistorted'}" in out
+    assert "undistorted" not in first
     report = json.loads((tmp_path / "no_check" / "report.json").read_text())
     assert first["options"]["bundle"]["num_threads"] == -1
     assert report["options"]["bundle"]["num_threads"] == 1  # --deterministic
@@ -944,3 +947,36 @@ def test_known_intrinsics_are_checked_before_any_work(scene_data, tmp_path):
     with pytest.raises(InputError, match="camera_params .* one size"):
         run_pipeline(mixed, tmp_path / "out", model=oracle, camera_params="200,112,84,0")
     assert not (tmp_path / "out").exists()
+
+
+def test_undistort_writes_the_splatting_layout_beside_the_project(scene_data, tmp_path):
+    """``undistort=True``: OUT/undistorted has every registered image (undistorted) and PINHOLE cameras with
+    the project's poses in sparse/0, the folder 3DGS / gsplat / nerfstudio read."""
+    output = tmp_path / "out"
+    result = run_pipeline(scene_data["folder"], output, model=_oracle(scene_data), undistort=True)
+    project = pycolmap.Reconstruction(output / "sparse" / "0")
+    undistorted = pycolmap.Reconstruction(output / "undistorted" / "sparse" / "0")
+    assert {c.model.name for c in undistorted.cameras.values()} == {"PINHOLE"}
+    names = sorted(project.images[i].name for i in project.reg_image_ids())
+    assert sorted(p.name for p in (output / "undistorted" / "images").iterdir()) == names
+    for name in names:
+        before, after = project.find_image_with_name(name), undistorted.find_image_with_name(name)
+        assert np.allclose(before.cam_from_world().matrix(), after.cam_from_world().matrix(), atol=1e-12)
+        with Image.open(output / "undistorted" / "images" / name) as image:
+            assert image.size == (after.camera.width, after.camera.height)
+    assert undistorted.num_points3D() == project.num_points3D()
+    entry = result.report["undistorted"]
+    assert entry["images"] == len(names) and entry["path"] == "undistorted"
+    assert json.loads((output / "report.json").read_text())["undistorted"]["images"] == len(names)
+    with pytest.raises(ValueError, match="output_dir"):
+        run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), undistort=True)
+
+
+def test_a_failing_undistortion_leaves_no_project(scene_data, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("undistorter crashed (simulated)")
+
+    monkeypatch.setattr(pycolmap, "undistort_images", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data), undistort=True)
+    assert list(tmp_path.iterdir()) == []

@@ -45,6 +45,7 @@ def reconstruct_command(
     chunk_overlap: int | None = None,
     ordered: bool = True,
     chunk_h5: str | None = None,
+    undistort: bool = False,
     quiet: bool = False,
 ) -> int:
     """Reconstruct the images in IMAGE_DIR into the COLMAP project OUT.
@@ -85,6 +86,8 @@ def reconstruct_command(
         ordered: the images are a sequence in file-name order (video); false: an unordered collection,
             grouped into chunks by the similarity of the model's own tokens.
         chunk_h5: HDF5 file keeping each chunk's output; a re-run with the same file resumes.
+        undistort: also write OUT/undistorted: undistorted images and PINHOLE cameras (images/,
+            sparse/0/), the folder Gaussian-splatting and NeRF tools (3DGS, gsplat, nerfstudio) read.
         quiet: no progress bar or summary.
     """
     if output is None:
@@ -127,6 +130,7 @@ def reconstruct_command(
                 chunk_overlap=chunk_overlap,
                 ordered=ordered,
                 chunk_h5=chunk_h5,
+                undistort=undistort,
             )
     except (InputError, OutputExistsError, ModelNotAvailableError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -176,6 +180,12 @@ def summary_text(result: PipelineResult) -> str:
         lines.append(f"  not registered: {entry['name']} ({entry['why']})")
     if result.output_dir is not None:
         lines.append(f"  written to {result.output_dir}")
+    undistorted = r.get("undistorted")
+    if undistorted:
+        lines.append(
+            f"  undistorted: {undistorted['images']} images, {'/'.join(undistorted['camera_models'])} "
+            f"cameras in {result.output_dir / undistorted['path']} (images/, sparse/0/)"
+        )
     return "\n".join(lines)
 
 

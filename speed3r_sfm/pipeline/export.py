@@ -6,6 +6,8 @@ Layout::
     OUT/database.db                                          keypoints, matches, two-view geometries
     OUT/points.ply                                           the 3D points (after bundle adjustment)
     OUT/report.json                                          timings, counts, reprojection errors
+    OUT/undistorted/{images,sparse/0}                        with ``undistort``: undistorted images and
+                                                             PINHOLE cameras (``undistort.py``)
 
 An existing OUT is refused unless ``overwrite``; then the old folder is moved aside, the new one moved
 in, and the old one deleted. A failure at any point removes the temporary folder and leaves OUT as it was.
@@ -25,6 +27,7 @@ import numpy as np
 import pycolmap
 
 from .database import write_database
+from .undistort import write_undistorted
 
 
 class OutputExistsError(FileExistsError):
@@ -104,8 +107,10 @@ def write_project(
     pair_matches: dict[tuple[int, int], np.ndarray],
     report: dict,
     overwrite: bool = False,
+    undistort_sources: dict[str, tuple[Path, int]] | None = None,
 ) -> Path:
-    """Write the project folder (module docstring) atomically; returns its path."""
+    """Write the project folder (module docstring) atomically; returns its path. ``undistort_sources``
+    (per image name, its file and EXIF orientation): also write ``undistorted/``."""
     output = check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -118,6 +123,8 @@ def write_project(
             write_database(staged / "database.db", rec, keypoints, pair_matches)
         )
         rec.export_PLY(staged / "points.ply")
+        if undistort_sources is not None:
+            report["undistorted"] = write_undistorted(staged / "undistorted", sparse, undistort_sources)
         write_report(staged / "report.json", report)
         replace_folder(staged, output, overwrite)
     except BaseException:

@@ -139,6 +139,7 @@ def reconstruct(
     chunk_overlap: int | None = None,
     ordered: bool = True,
     chunk_h5: str | os.PathLike | None = None,
+    undistort: bool = False,
 ) -> pycolmap.Reconstruction:
     """Reconstruct the images of ``image_dir``; writes a COLMAP project to ``output_dir`` if given.
 
@@ -157,7 +158,9 @@ def reconstruct(
     free memory), consecutive chunks sharing ``chunk_overlap`` views (None: a quarter of the chunk);
     ``ordered=False`` groups an unordered collection into chunks by the similarity of the backbone's own
     tokens; ``chunk_h5`` stores each chunk's output so that an interrupted run
-    resumes. See :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction.
+    resumes. ``undistort``: also write ``output_dir/undistorted`` (undistorted images and PINHOLE cameras
+    in ``images/`` and ``sparse/0/``, what Gaussian-splatting and NeRF tools read). See
+    :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction.
     """
     return run_pipeline(
         image_dir,
@@ -177,6 +180,7 @@ def reconstruct(
         chunk_overlap=chunk_overlap,
         ordered=ordered,
         chunk_h5=chunk_h5,
+        undistort=undistort,
     ).reconstruction
 
 
@@ -198,6 +202,7 @@ def run_pipeline(
     chunk_overlap: int | None = None,
     ordered: bool = True,
     chunk_h5: str | os.PathLike | None = None,
+    undistort: bool = False,
 ) -> PipelineResult:
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
     options = options or PipelineOptions()
@@ -205,6 +210,8 @@ def run_pipeline(
         raise ValueError(f"unsupported camera model {camera_model!r}; choose one of {CAMERA_MODELS}")
     known_params = None if camera_params is None else parse_camera_params(camera_model, camera_params)
     check_chunk_arguments(chunk_size, chunk_overlap)
+    if undistort and output_dir is None:
+        raise ValueError("undistort=True writes output_dir/undistorted: give an output_dir")
     if output_dir is not None:
         check_output(output_dir, overwrite)  # fail before any work
     readjusting = ba and options.bundle.readjust  # a stage known in advance (the rescue is not)
@@ -342,7 +349,8 @@ def run_pipeline(
         output = None
         if output_dir is not None:
             stages.start("writing")
-            output = write_project(output_dir, rec, points2d, pair_matches, report, overwrite)
+            sources = {v.name: (v.path, v.exif_orientation) for v in views} if undistort else None
+            output = write_project(output_dir, rec, points2d, pair_matches, report, overwrite, sources)
             stages.done("write")
     finally:
         stages.close()

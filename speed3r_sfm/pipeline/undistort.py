@@ -1,0 +1,85 @@
+"""Undistorted images and PINHOLE cameras for Gaussian splatting and NeRF tools (``--undistort``).
+
+3D Gaussian splatting, gsplat and nerfstudio read a folder with ``images/`` and ``sparse/0/`` whose cameras
+are undistorted pinholes; the project's cameras have distortion (SIMPLE_RADIAL by default). COLMAP's image
+undistorter (``pycolmap.undistort_images``) resamples the registered images and writes the matching
+reconstruction; its output is rearranged into that layout::
+
+    OUT/undistorted/images/...           undistorted images, same names as the originals
+    OUT/undistorted/sparse/0/*.bin       PINHOLE cameras, the same poses and 3D points
+
+COLMAP reads the stored pixels and ignores EXIF orientation, while the project's coordinates are those of
+the upright image: rotated images are given to it as upright copies (JPEG at quality 95).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pycolmap
+from PIL import Image, ImageOps
+
+JPEG_QUALITY = 95  # upright copies of EXIF-rotated JPEGs
+
+
+def _stage_upright_inputs(folder: Path, sources: Mapping[str, tuple[Path, int]], names: list[str]) -> None:
+    """``folder`` holds every image of ``names`` under its name: a link to the original, or an upright copy
+    where its EXIF orientation is not 1."""
+    for name in names:
+        path, orientation = sources[name]
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if orientation == 1:
+            os.symlink(Path(path).resolve(), target)
+            continue
+        with Image.open(path) as image:
+            upright = ImageOps.exif_transpose(image)
+        jpeg = target.suffix.lower() in (".jpg", ".jpeg")
+        upright.save(target, **({"quality": JPEG_QUALITY} if jpeg else {}))
+
+
+def write_undistorted(
+    folder: str | os.PathLike,
+    sparse: str | os.PathLike,
+    sources: Mapping[str, tuple[Path, int]],
+    num_threads: int = -1,
+) -> dict:
+    """Undistort the registered images of the reconstruction in ``sparse`` into ``folder`` (a new folder;
+    module docstring); ``sources``: per image name, its file and EXIF orientation. Returns the report
+    entry (counts, camera models, time)."""
+    start = time.perf_counter()
+    folder, sparse = Path(folder), Path(sparse)
+    rec = pycolmap.Reconstruction(sparse)
+    names = sorted(rec.images[i].name for i in rec.reg_image_ids())
+    if not names:
+        raise ValueError("no registered image to undistort")
+    inputs = folder.parent / f".{folder.name}-inputs"
+    inputs.mkdir()
+    try:
+        _stage_upright_inputs(inputs, sources, names)
+        pycolmap.undistort_images(folder, sparse, inputs, num_threads=num_threads)
+    finally:
+        shutil.rmtree(inputs, ignore_errors=True)
+    written = sorted(p.relative_to(folder / "images").as_posix() for p in (folder / "images").rglob("*"))
+    missing = sorted(set(names) - set(written))
+    if missing:
+        raise RuntimeError(f"COLMAP's undistorter wrote no image for {missing[:3]} ({len(missing)} in all)")
+    # COLMAP's layout for its own MVS (sparse/*.bin, stereo/, scripts) -> the splatting tools' sparse/0
+    model = folder / "sparse" / "0"
+    model.mkdir()
+    for path in (folder / "sparse").glob("*.bin"):
+        path.rename(model / path.name)
+    shutil.rmtree(folder / "stereo", ignore_errors=True)
+    for script in folder.glob("run-colmap-*.sh"):
+        script.unlink()
+    undistorted = pycolmap.Reconstruction(model)
+    return {
+        "path": "undistorted",
+        "images": undistorted.num_reg_images(),
+        "camera_models": sorted({c.model.name for c in undistorted.cameras.values()}),
+        "time_s": time.perf_counter() - start,
+    }

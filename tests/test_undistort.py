@@ -1,0 +1,95 @@
+"""Undistorted images and PINHOLE cameras for splatting / NeRF tools (``undistort.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pycolmap
+import pytest
+from PIL import Image
+
+from speed3r_sfm.pipeline.undistort import write_undistorted
+
+WIDTH, HEIGHT = 96, 72
+
+
+def _pattern(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A smooth intensity of normalised (undistorted) camera coordinates."""
+    return 128 + 90 * np.sin(7 * x) * np.cos(5 * y)
+
+
+def _project(tmp_path, k: float = 0.12) -> tuple[pycolmap.Reconstruction, np.ndarray]:
+    """One SIMPLE_RADIAL camera with strong distortion and one image whose pixel (u, v) shows
+    ``_pattern`` at the undistorted camera coordinates of its centre (COLMAP: centres at +0.5)."""
+    camera = pycolmap.Camera(
+        camera_id=1, model="SIMPLE_RADIAL", width=WIDTH, height=HEIGHT, params=[80.0, 48.0, 36.0, k]
+    )
+    u, v = np.meshgrid(np.arange(WIDTH) + 0.5, np.arange(HEIGHT) + 0.5)
+    rays = camera.cam_from_img(np.stack([u.ravel(), v.ravel()], axis=1))
+    image = _pattern(rays[:, 0], rays[:, 1]).reshape(HEIGHT, WIDTH)
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(camera)
+    rec.add_image_with_trivial_frame(
+        pycolmap.Image(name="view.png", camera_id=1, image_id=1), pycolmap.Rigid3d()
+    )
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    rec.write(sparse)
+    return rec, np.round(image).astype(np.uint8)
+
+
+def _expected(camera: pycolmap.Camera) -> np.ndarray:
+    u, v = np.meshgrid(np.arange(camera.width) + 0.5, np.arange(camera.height) + 0.5)
+    fx, fy, cx, cy = camera.params
+    return _pattern((u - cx) / fx, (v - cy) / fy)
+
+
+def test_undistorted_image_shows_the_scene_through_the_pinhole_camera(tmp_path):
+    _, image = _project(tmp_path)
+    Image.fromarray(image).save(tmp_path / "view.png")
+    entry = write_undistorted(
+        tmp_path / "undistorted", tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)}
+    )
+    assert entry["images"] == 1 and entry["camera_models"] == ["PINHOLE"]
+    out = tmp_path / "undistorted"
+    assert sorted(p.name for p in out.iterdir()) == ["images", "sparse"]  # no MVS workspace left
+    rec = pycolmap.Reconstruction(out / "sparse" / "0")
+    camera = rec.cameras[1]
+    got = np.asarray(Image.open(out / "images" / "view.png").convert("L"), dtype=np.float64)
+    assert got.shape == (camera.height, camera.width)
+    inner = (slice(2, -2), slice(2, -2))
+    error = np.abs(got - _expected(camera))[inner]
+    assert np.median(error) < 0.6 and error.max() < 2.5  # bilinear resampling, 8-bit rounding
+    # the distorted image read as if it were a pinhole is clearly off: the check can fail
+    h, w = min(got.shape[0], HEIGHT), min(got.shape[1], WIDTH)
+    raw = np.abs(image[:h, :w].astype(np.float64) - _expected(camera)[:h, :w])
+    assert np.median(raw[2:-2, 2:-2]) > 5 * np.median(error)
+
+
+def test_exif_rotated_images_are_undistorted_upright(tmp_path):
+    """COLMAP reads stored pixels; an image stored rotated with an EXIF orientation is given to it
+    upright, as the project's coordinates are."""
+    _, image = _project(tmp_path)
+    upright = Image.fromarray(image)
+    upright.save(tmp_path / "upright.png")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # EXIF 6: rotate 270 (90 clockwise) to show
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "stored.png", exif=exif.tobytes())
+    first = write_undistorted(
+        tmp_path / "a", tmp_path / "sparse", {"view.png": (tmp_path / "upright.png", 1)}
+    )
+    second = write_undistorted(
+        tmp_path / "b", tmp_path / "sparse", {"view.png": (tmp_path / "stored.png", 6)}
+    )
+    assert first["images"] == second["images"] == 1
+    a = np.asarray(Image.open(tmp_path / "a" / "images" / "view.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / "images" / "view.png"))
+    assert np.array_equal(a, b)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # inputs removed
+
+
+def test_a_missing_image_is_an_error(tmp_path):
+    _project(tmp_path)
+    (tmp_path / "other.png").write_bytes(b"not an image")
+    with pytest.raises(RuntimeError, match="no image for"):
+        write_undistorted(tmp_path / "out", tmp_path / "sparse", {"view.png": (tmp_path / "other.png", 1)})
