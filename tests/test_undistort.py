@@ -93,3 +93,15 @@ def test_a_missing_image_is_an_error(tmp_path):
     (tmp_path / "other.png").write_bytes(b"not an image")
     with pytest.raises(RuntimeError, match="no image for"):
         write_undistorted(tmp_path / "out", tmp_path / "sparse", {"view.png": (tmp_path / "other.png", 1)})
+
+
+def test_images_are_copied_where_links_cannot_be_made(tmp_path, monkeypatch):
+    _, image = _project(tmp_path)
+    Image.fromarray(image).save(tmp_path / "view.png")
+
+    def no_links(*args, **kwargs):
+        raise OSError("operation not permitted (simulated)")
+
+    monkeypatch.setattr("speed3r_sfm.pipeline.undistort.os.symlink", no_links)
+    entry = write_undistorted(tmp_path / "out", tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)})
+    assert entry["images"] == 1 and (tmp_path / "out" / "images" / "view.png").is_file()

@@ -34,7 +34,10 @@ def _stage_upright_inputs(folder: Path, sources: Mapping[str, tuple[Path, int]],
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if orientation == 1:
-            os.symlink(Path(path).resolve(), target)
+            try:
+                os.symlink(Path(path).resolve(), target)
+            except OSError:  # a file system without symbolic links
+                shutil.copyfile(path, target)
             continue
         with Image.open(path) as image:
             upright = ImageOps.exif_transpose(image)
