@@ -980,3 +980,52 @@ def test_a_failing_undistortion_leaves_no_project(scene_data, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="simulated"):
         run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data), undistort=True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("second_registers_more", [True, False])
+def test_views_left_unregistered_get_a_pass_with_the_adjusted_camera_held_fixed(
+    scene_data, monkeypatch, second_registers_more
+):
+    """When views stay unregistered with one predicted camera for all, steps 4-6, the rescue and the
+    readjustment run again from the feed-forward poses with the first pass's matches and its adjusted camera
+    held fixed (``fixed_camera_pass``); kept only if it registers more views. The first pass's loss of a
+    view is simulated."""
+    real = pipeline_reconstruct._adjust_rescue_readjust
+    calls = []
+
+    def spy(adjust, **kwargs):
+        result = real(adjust, **kwargs)
+        calls.append((adjust, kwargs, result))
+        if len(calls) == 1 or not second_registers_more:
+            rec = result.adjusted.rec
+            rec.deregister_frame(rec.image(VIEWS).frame_id)
+            result.adjusted.dropped = [VIEWS]
+        return result
+
+    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", spy)
+    result = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), shared_camera=True)
+    assert len(calls) == 2
+    (_, _, first), (adjust, kwargs, second) = calls
+    camera = adjust.keywords["calibration"]
+    assert camera.has_prior_focal_length
+    assert np.allclose(camera.params, first.adjusted.rec.cameras[1].params, rtol=1e-12)
+    assert kwargs["matches"] is first.first_matches  # no second matching
+    entry = result.report["fixed_camera_pass"]
+    assert entry["ran"] and entry["registered_before"] == VIEWS - 1
+    if second_registers_more:
+        assert entry["kept"] and entry["registered_after"] == VIEWS
+        assert result.reconstruction.num_reg_images() == VIEWS
+        assert result.reconstruction.cameras[1].has_prior_focal_length
+        assert result.report["unregistered_images"] == []
+    else:
+        assert not entry["kept"] and result.reconstruction is first.adjusted.rec
+        assert [e["name"] for e in result.report["unregistered_images"]] == [result.image_names[VIEWS - 1]]
+    # off, or one camera per image (they may be different cameras): one pass
+    options = PipelineOptions()
+    options.bundle.fixed_camera_pass = False
+    for shared, settings in ((True, options), (False, None)):
+        calls.clear()
+        off = run_pipeline(
+            scene_data["folder"], None, model=_oracle(scene_data), shared_camera=shared, options=settings
+        )
+        assert len(calls) == 1 and off.report["fixed_camera_pass"] == {"ran": False}

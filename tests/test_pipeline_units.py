@@ -29,7 +29,11 @@ from speed3r_sfm.pipeline.bundle import (
     refine_reconstruction,
     weakly_linked_images,
 )
-from speed3r_sfm.pipeline.colmap_model import keep_adjusted_cameras, triangulate_tracks
+from speed3r_sfm.pipeline.colmap_model import (
+    adjusted_shared_camera,
+    keep_adjusted_cameras,
+    triangulate_tracks,
+)
 from speed3r_sfm.pipeline.database import two_view_geometry
 from speed3r_sfm.pipeline.frames import intrinsics_to_original
 from speed3r_sfm.pipeline.inputs import View
@@ -733,3 +737,25 @@ def test_rescue_poses_a_view_of_known_intrinsics_with_its_own_camera():
     known, fitted = (pnp_camera(rec, views, geometry, view) for view in range(2))
     assert known.params.tolist() == [70, 71, 32, 24, -0.1, 0.01, 0, 0]
     assert fitted.params.tolist() == [60, 60, 32, 24, 0, 0, 0, 0]
+
+
+def test_adjusted_shared_camera_is_the_median_of_the_registered_cameras():
+    transform = ImageTransform((640, 480), (294, 220), (0, 3), (0, 0), (294, 214))
+    views = [_view(transform) for _ in range(4)]
+    rec = pycolmap.Reconstruction()
+    for i, f in enumerate([400.0, 410.0, 430.0, 900.0]):
+        camera = pycolmap.Camera(
+            camera_id=i + 1, model="SIMPLE_RADIAL", width=640, height=480, params=[f, 320, 240, 0.01 * i]
+        )
+        rec.add_camera_with_trivial_rig(camera)
+        image = pycolmap.Image(name=f"{i}.png", camera_id=i + 1, image_id=i + 1)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d())
+    rec.deregister_frame(rec.image(4).frame_id)  # its camera (900 px) does not count
+    camera = adjusted_shared_camera(rec, views, "SIMPLE_RADIAL")
+    assert camera.has_prior_focal_length and (camera.width, camera.height) == (640, 480)
+    assert list(camera.params) == pytest.approx([410.0, 320.0, 240.0, 0.01])
+    for image_id in (2, 3):
+        rec.deregister_frame(rec.image(image_id).frame_id)
+    assert adjusted_shared_camera(rec, views, "SIMPLE_RADIAL") is None  # one registered image
+    other = ImageTransform((480, 640), (168, 224), (0, 0), (63, 0), (294, 224))
+    assert adjusted_shared_camera(pycolmap.Reconstruction(), [*views, _view(other)], "SIMPLE_RADIAL") is None

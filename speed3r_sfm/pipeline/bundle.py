@@ -98,6 +98,12 @@ class BundleOptions:
     # adjustments of such pairs were within 8.1 deg on the 13 diagnosed scenes where the pair was the only
     # link; pairs inside cycles (corrections of 11-28 deg) keep their groups linked either way.
     max_link_disagreement: float = 10.0
+    # one camera for all views (shared_camera), predicted intrinsics, and views still unregistered after the
+    # rescue and the readjustment: steps 5-6, the rescue and the readjustment once more from the feed-forward
+    # poses with the same matches and the adjusted camera held fixed, kept if it registers more views. The
+    # first round holds the model's focal length, 4.6 % low on the hard orbit 1000001, where it locks a few
+    # weak views in at a wrong pose in some runs (fixed_camera_pass.md)
+    fixed_camera_pass: bool = True
     # Ceres threads (-1: all cores). Multi-threaded solves end in slightly different places from run to
     # run (the hard orbit 1000001 registered 21-24 of 24 views); with 1 a run repeats bit for bit on the
     # same machine, for 0.16 s more at 24 views (CLI: --deterministic; reproducibility.md)

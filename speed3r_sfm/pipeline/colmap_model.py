@@ -74,6 +74,18 @@ def known_camera(camera_model: str, params: Sequence[float], views: Sequence[Vie
     return camera
 
 
+def adjusted_shared_camera(
+    rec: pycolmap.Reconstruction, views: Sequence[View], camera_model: str
+) -> pycolmap.Camera | None:
+    """One camera for every view, held fixed as known intrinsics are: the median parameters of the
+    registered images' adjusted cameras; None if the views differ in size or fewer than two are
+    registered."""
+    if len({v.original_size for v in views}) > 1 or rec.num_reg_images() < 2:
+        return None
+    params = np.median([rec.image(i).camera.params for i in rec.reg_image_ids()], axis=0)
+    return known_camera(camera_model, params.tolist(), views)
+
+
 def _check_one_size(views: Sequence[View], what: str, fix: str) -> None:
     sizes = {v.original_size for v in views}
     if len(sizes) > 1:

@@ -55,6 +55,7 @@ from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
 from .colmap_model import (
     CAMERA_MODELS,
     add_points,
+    adjusted_shared_camera,
     build_reconstruction,
     keep_adjusted_cameras,
     known_camera,
@@ -279,26 +280,38 @@ def run_pipeline(
             pyramids={},  # built by the first pass, reused by the rescue's
             device=backbone.device,  # photometric refinement on the model's GPU if it has one
         )
-        # the poses the view pairs of the feed-forward pose tree are checked against (``contradicted_pairs``)
-        reference = geometry.cam_from_world.clone()
         tree_edges = pose_source.get("tree_edges", [])
-        adjusted = adjust(geometry, feedforward=(reference, tree_edges), stages=stages)
-        contradicted = {(i - 1, j - 1) for i, j in adjusted.distrusted}  # view pairs, in any pass
-        rescue: dict[str, Any] = {"rounds": []}
-        if adjusted.dropped and options.rescue.enabled:
-            stages.add_stage("rescuing weakly linked views")
-            adjusted, rescue, reference = _rescue_weak_views(
-                adjusted, geometry, adjust, views, options.rescue, pixel_scale, tree_edges, reference
-            )
-            stages.done("rescue")
-            contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
-        readjustment: dict[str, Any] = {"ran": False}
-        if readjusting and adjusted.rec.num_reg_images() >= 2:
-            stages.start("adjusting again from the adjusted poses")
-            again = partial(adjust, feedforward=(reference, tree_edges), options=_readjust_options(options))
-            adjusted, readjustment = _readjust(adjusted, geometry, again, views)
-            contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
-            stages.done("readjustment")
+        passes = partial(
+            _adjust_rescue_readjust,
+            geometry=geometry,
+            views=views,
+            options=options,
+            pixel_scale=pixel_scale,
+            tree_edges=tree_edges,
+            readjusting=readjusting,
+        )
+        chosen = passes(adjust, stages=stages)
+        fixed_camera_pass: dict[str, Any] = {"ran": False}
+        camera = None
+        fixed_pass = ba and shared_camera and calibration is None and options.bundle.fixed_camera_pass
+        if fixed_pass and chosen.adjusted.dropped:
+            camera = adjusted_shared_camera(chosen.adjusted.rec, views, camera_model)
+        if camera is not None:  # 4-6 again, the adjusted camera held fixed (BundleOptions.fixed_camera_pass)
+            stages.add_stage("adjusting again with the adjusted camera held fixed")
+            second = passes(partial(adjust, calibration=camera), matches=chosen.first_matches)
+            before, after = chosen.adjusted.rec.num_reg_images(), second.adjusted.rec.num_reg_images()
+            fixed_camera_pass = {
+                "ran": True,
+                "camera_params": list(camera.params),
+                "registered_before": before,
+                "registered_after": after,
+                "kept": after > before,
+            }
+            if after > before:
+                chosen = second
+            stages.done("fixed-camera pass")
+        adjusted, rescue, readjustment = chosen.adjusted, chosen.rescue, chosen.readjustment
+        contradicted = chosen.contradicted
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
@@ -338,6 +351,7 @@ def run_pipeline(
                 "unregistered_images": unregistered,
                 "rescue": rescue,
                 "readjustment": readjustment,
+                "fixed_camera_pass": fixed_camera_pass,
             },
             initial_error=adjusted.initial_error,
             initial_points=adjusted.initial_points,
@@ -477,6 +491,58 @@ def _match_and_adjust(
         dropped,
         distrusted,
     )
+
+
+@dataclass
+class _Pass:
+    """Steps 4-6, the rescue and the readjustment of one calibration (:func:`_adjust_rescue_readjust`)."""
+
+    adjusted: _Adjusted
+    rescue: dict[str, Any]
+    readjustment: dict[str, Any]
+    contradicted: set[tuple[int, int]]  # view pairs whose link contradicted the feed-forward poses, any pass
+    first_matches: Matches  # the matches of its first adjustment
+
+
+def _adjust_rescue_readjust(
+    adjust: Callable[..., _Adjusted],
+    *,
+    geometry: SceneGeometry,
+    views: list,
+    options: PipelineOptions,
+    pixel_scale: float,
+    tree_edges: list,
+    readjusting: bool,
+    stages: _Stages | None = None,
+    matches: Matches | None = None,
+) -> _Pass:
+    """Steps 4-6 (``adjust``; with ``matches`` instead of matching), then the rescue of weakly linked views
+    and the readjustment; ``stages``: time them (or None)."""
+    # the poses the view pairs of the feed-forward pose tree are checked against (``contradicted_pairs``)
+    reference = geometry.cam_from_world.clone()
+    adjusted = adjust(geometry, feedforward=(reference, tree_edges), stages=stages, matches=matches)
+    first_matches = adjusted.matches
+    contradicted = {(i - 1, j - 1) for i, j in adjusted.distrusted}
+    rescue: dict[str, Any] = {"rounds": []}
+    if adjusted.dropped and options.rescue.enabled:
+        if stages:
+            stages.add_stage("rescuing weakly linked views")
+        adjusted, rescue, reference = _rescue_weak_views(
+            adjusted, geometry, adjust, views, options.rescue, pixel_scale, tree_edges, reference
+        )
+        if stages:
+            stages.done("rescue")
+        contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
+    readjustment: dict[str, Any] = {"ran": False}
+    if readjusting and adjusted.rec.num_reg_images() >= 2:
+        if stages:
+            stages.start("adjusting again from the adjusted poses")
+        again = partial(adjust, feedforward=(reference, tree_edges), options=_readjust_options(options))
+        adjusted, readjustment = _readjust(adjusted, geometry, again, views)
+        contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
+        if stages:
+            stages.done("readjustment")
+    return _Pass(adjusted, rescue, readjustment, contradicted, first_matches)
 
 
 def _rescue_weak_views(
