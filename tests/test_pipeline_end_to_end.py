@@ -1017,6 +1017,8 @@ def test_views_left_unregistered_get_a_pass_with_the_adjusted_camera_held_fixed(
         assert result.reconstruction.num_reg_images() == VIEWS
         assert result.reconstruction.cameras[1].has_prior_focal_length
         assert result.report["unregistered_images"] == []
+        summary = pipeline_cli.summary_text(result)
+        assert f"camera held fixed: {VIEWS - 1} -> {VIEWS} registered images" in summary
     else:
         assert not entry["kept"] and result.reconstruction is first.adjusted.rec
         assert [e["name"] for e in result.report["unregistered_images"]] == [result.image_names[VIEWS - 1]]

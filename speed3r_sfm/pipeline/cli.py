@@ -176,6 +176,12 @@ def summary_text(result: PipelineResult) -> str:
             f"  weakly linked views re-posed and matched again: {kept[0]['registered_before']} -> "
             f"{kept[-1]['registered_after']} registered images"
         )
+    fixed = r.get("fixed_camera_pass", {})
+    if fixed.get("kept"):
+        lines.append(
+            f"  adjusted again with the adjusted camera held fixed: {fixed['registered_before']} -> "
+            f"{fixed['registered_after']} registered images"
+        )
     for entry in r.get("unregistered_images", []):
         lines.append(f"  not registered: {entry['name']} ({entry['why']})")
     if result.output_dir is not None:
