@@ -7,13 +7,16 @@
     speed3r-sfm view OUT [--port 8080]                       # viser viewer of a project (extra "viz")
     speed3r-sfm export OUT [-o points.glb|points.ply]        # points and cameras as GLB, or points as PLY
 
-Argument parsing is jsonargparse's (as LightningCLI): every option of the called function is a flag.
+Argument parsing is jsonargparse's (as LightningCLI): every option of the called function is a flag; a
+yes/no option given without a value (``--shared_camera``) means ``true``.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from argparse import RawDescriptionHelpFormatter
+from collections.abc import Callable
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,14 +32,17 @@ def main(argv: list[str] | None = None) -> None:
     from .pipeline.cli import reconstruct_command
     from .viz import export_command, view_command
 
+    commands = {
+        "reconstruct": reconstruct_command,
+        "synthetic": synthetic_command,
+        "demo": demo_command,
+        "view": view_command,
+        "export": export_command,
+    }
+    if args and args[0] in commands:
+        args = with_bool_values(args, commands[args[0]])
     result = auto_cli(
-        {
-            "reconstruct": reconstruct_command,
-            "synthetic": synthetic_command,
-            "demo": demo_command,
-            "view": view_command,
-            "export": export_command,
-        },
+        commands,
         args=args,
         as_positional=True,
         description=__doc__,
@@ -44,6 +50,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     if isinstance(result, int) and result:
         sys.exit(result)
+
+
+def with_bool_values(args: list[str], command: Callable) -> list[str]:
+    """``args`` with ``true`` after every yes/no option of ``command`` that is given without a value (the
+    last argument, or followed by another option): jsonargparse's bool options take one."""
+    parameters = inspect.signature(command).parameters.values()
+    flags = {f"--{p.name}" for p in parameters if p.annotation in (bool, "bool")}
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("true")
+    return out
 
 
 if __name__ == "__main__":

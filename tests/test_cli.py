@@ -112,3 +112,19 @@ def test_readme_reconstruct_examples_parse(monkeypatch):
     flags = [call for call in seen if isinstance(call, dict)]
     assert any(call.get("shared_camera") is True for call in flags)
     assert any(call.get("undistort") is True for call in flags)
+
+
+def test_yes_no_options_given_without_a_value_mean_true(monkeypatch):
+    seen = []
+    real = pipeline_cli.reconstruct_command
+
+    @functools.wraps(real)
+    def record(*args, **kwargs):
+        seen.append(kwargs)
+        return 0
+
+    monkeypatch.setattr(pipeline_cli, "reconstruct_command", record)
+    main(["reconstruct", "images", "-o", "out", "--shared_camera", "--undistort", "--readjust", "false"])
+    main(["reconstruct", "images", "-o", "out", "--deterministic"])
+    assert seen[0]["shared_camera"] is True and seen[0]["undistort"] is True and seen[0]["readjust"] is False
+    assert seen[1]["deterministic"] is True and seen[1]["shared_camera"] is False
