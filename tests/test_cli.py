@@ -92,39 +92,34 @@ def _readme_commands(subcommand: str) -> list[list[str]]:
     return [shlex.split(line)[1:] for line in lines]
 
 
-def test_readme_reconstruct_examples_parse(monkeypatch):
-    """Every ``speed3r-sfm reconstruct`` line of the README parses (jsonargparse's bool options take a
-    value: ``--shared_camera true``)."""
-    seen = []
-    real = pipeline_cli.reconstruct_command
+@pytest.fixture
+def reconstruct_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every ``reconstruct`` call the CLI makes; nothing is reconstructed."""
+    seen: list[dict] = []
 
-    @functools.wraps(real)
-    def record(*args, **kwargs):
-        seen.append(kwargs or args)
-        return 0
-
-    monkeypatch.setattr(pipeline_cli, "reconstruct_command", record)
-    commands = _readme_commands("reconstruct")
-    assert len(commands) >= 6
-    for argv in commands:
-        main(argv)
-    assert len(seen) == len(commands)
-    flags = [call for call in seen if isinstance(call, dict)]
-    assert any(call.get("shared_camera") is True for call in flags)
-    assert any(call.get("undistort") is True for call in flags)
-
-
-def test_yes_no_options_given_without_a_value_mean_true(monkeypatch):
-    seen = []
-    real = pipeline_cli.reconstruct_command
-
-    @functools.wraps(real)
-    def record(*args, **kwargs):
+    @functools.wraps(pipeline_cli.reconstruct_command)
+    def record(**kwargs):
         seen.append(kwargs)
         return 0
 
     monkeypatch.setattr(pipeline_cli, "reconstruct_command", record)
+    return seen
+
+
+def test_readme_reconstruct_examples_parse(reconstruct_calls):
+    """Every ``speed3r-sfm reconstruct`` line of the README parses."""
+    commands = _readme_commands("reconstruct")
+    assert len(commands) >= 6
+    for argv in commands:
+        main(argv)
+    assert len(reconstruct_calls) == len(commands)
+    assert any(call["shared_camera"] is True for call in reconstruct_calls)
+    assert any(call["undistort"] is True for call in reconstruct_calls)
+
+
+def test_yes_no_options_given_without_a_value_mean_true(reconstruct_calls):
     main(["reconstruct", "images", "-o", "out", "--shared_camera", "--undistort", "--readjust", "false"])
     main(["reconstruct", "images", "-o", "out", "--deterministic"])
-    assert seen[0]["shared_camera"] is True and seen[0]["undistort"] is True and seen[0]["readjust"] is False
-    assert seen[1]["deterministic"] is True and seen[1]["shared_camera"] is False
+    first, second = reconstruct_calls
+    assert first["shared_camera"] is True and first["undistort"] is True and first["readjust"] is False
+    assert second["deterministic"] is True and second["shared_camera"] is False
