@@ -44,10 +44,10 @@ def _expected(camera: pycolmap.Camera) -> np.ndarray:
 
 
 def test_undistorted_image_shows_the_scene_through_the_pinhole_camera(tmp_path):
-    _, image = _project(tmp_path)
+    rec, image = _project(tmp_path)
     Image.fromarray(image).save(tmp_path / "view.png")
     entry = write_undistorted(
-        tmp_path / "undistorted", tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)}
+        tmp_path / "undistorted", rec, tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)}
     )
     assert entry["images"] == 1 and entry["camera_models"] == ["PINHOLE"]
     out = tmp_path / "undistorted"
@@ -68,7 +68,7 @@ def test_undistorted_image_shows_the_scene_through_the_pinhole_camera(tmp_path):
 def test_exif_rotated_images_are_undistorted_upright(tmp_path):
     """COLMAP reads stored pixels; an image stored rotated with an EXIF orientation is given to it
     upright, as the project's coordinates are."""
-    _, image = _project(tmp_path)
+    rec, image = _project(tmp_path)
     upright = Image.fromarray(image)
     upright.save(tmp_path / "upright.png")
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # EXIF 6: rotate 270 (90 clockwise) to show
@@ -76,10 +76,10 @@ def test_exif_rotated_images_are_undistorted_upright(tmp_path):
     exif[0x0112] = 6
     stored.save(tmp_path / "stored.png", exif=exif.tobytes())
     first = write_undistorted(
-        tmp_path / "a", tmp_path / "sparse", {"view.png": (tmp_path / "upright.png", 1)}
+        tmp_path / "a", rec, tmp_path / "sparse", {"view.png": (tmp_path / "upright.png", 1)}
     )
     second = write_undistorted(
-        tmp_path / "b", tmp_path / "sparse", {"view.png": (tmp_path / "stored.png", 6)}
+        tmp_path / "b", rec, tmp_path / "sparse", {"view.png": (tmp_path / "stored.png", 6)}
     )
     assert first["images"] == second["images"] == 1
     a = np.asarray(Image.open(tmp_path / "a" / "images" / "view.png"))
@@ -89,19 +89,23 @@ def test_exif_rotated_images_are_undistorted_upright(tmp_path):
 
 
 def test_a_missing_image_is_an_error(tmp_path):
-    _project(tmp_path)
+    rec, _ = _project(tmp_path)
     (tmp_path / "other.png").write_bytes(b"not an image")
     with pytest.raises(RuntimeError, match="no image for"):
-        write_undistorted(tmp_path / "out", tmp_path / "sparse", {"view.png": (tmp_path / "other.png", 1)})
+        write_undistorted(
+            tmp_path / "out", rec, tmp_path / "sparse", {"view.png": (tmp_path / "other.png", 1)}
+        )
 
 
 def test_images_are_copied_where_links_cannot_be_made(tmp_path, monkeypatch):
-    _, image = _project(tmp_path)
+    rec, image = _project(tmp_path)
     Image.fromarray(image).save(tmp_path / "view.png")
 
     def no_links(*args, **kwargs):
         raise OSError("operation not permitted (simulated)")
 
     monkeypatch.setattr("speed3r_sfm.pipeline.undistort.os.symlink", no_links)
-    entry = write_undistorted(tmp_path / "out", tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)})
+    entry = write_undistorted(
+        tmp_path / "out", rec, tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)}
+    )
     assert entry["images"] == 1 and (tmp_path / "out" / "images" / "view.png").is_file()

@@ -124,7 +124,7 @@ def write_project(
         )
         rec.export_PLY(staged / "points.ply")
         if undistort_sources is not None:
-            report["undistorted"] = write_undistorted(staged / "undistorted", sparse, undistort_sources)
+            report["undistorted"] = write_undistorted(staged / "undistorted", rec, sparse, undistort_sources)
         write_report(staged / "report.json", report)
         replace_folder(staged, output, overwrite)
     except BaseException:

@@ -47,16 +47,16 @@ def _stage_upright_inputs(folder: Path, sources: Mapping[str, tuple[Path, int]],
 
 def write_undistorted(
     folder: str | os.PathLike,
+    rec: pycolmap.Reconstruction,
     sparse: str | os.PathLike,
     sources: Mapping[str, tuple[Path, int]],
     num_threads: int = -1,
 ) -> dict:
-    """Undistort the registered images of the reconstruction in ``sparse`` into ``folder`` (a new folder;
+    """Undistort the registered images of ``rec``, written to ``sparse``, into ``folder`` (a new folder;
     module docstring); ``sources``: per image name, its file and EXIF orientation. Returns the report
     entry (counts, camera models, time)."""
     start = time.perf_counter()
-    folder, sparse = Path(folder), Path(sparse)
-    rec = pycolmap.Reconstruction(sparse)
+    folder = Path(folder)
     names = sorted(rec.images[i].name for i in rec.reg_image_ids())
     if not names:
         raise ValueError("no registered image to undistort")
