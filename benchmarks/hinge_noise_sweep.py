@@ -1,9 +1,9 @@
 """How often pipeline settings join two groups of views at a wrong angle (a hinge) under tiny depth noise.
 
 For each held-out scene (24 views at 518x392, or ``--views``; optionally written ``--upscale`` times larger):
-the shipped default model's prediction is computed once on the CPU; then, for noise seeds 0..N-1, its depth is
-multiplied by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the pipeline runs from it with each
-setting.
+the prediction of the model (``--model``; the shipped default) is computed once on the CPU; then, for noise
+seeds 0..N-1, its depth is multiplied by (1 + sigma N(0, 1)) (seed 0: unperturbed) and the rest of the
+pipeline runs from it with each setting.
 Settings are ``NAME:bundle_key=value;...|keypoints_key=value;...|match_key=value;...|known_intrinsics``
 (BundleOptions / KeypointOptions / MatchOptions fields; a last section ``known_intrinsics`` gives the renders'
 intrinsics as ``camera_params``; trailing sections may be left out).
@@ -85,6 +85,7 @@ def main() -> None:
         "--views", type=int, default=24, help="views per scene (attention: the default's auto)"
     )
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
+    parser.add_argument("--model", default="default", help="what reconstruct(model=...) accepts")
     parser.add_argument(  # one scene per flag: a list option would swallow the settings after it
         "--scene", dest="scenes", action="append", choices=SCENES, help="only this scene (repeatable)"
     )
@@ -103,19 +104,19 @@ def main() -> None:
         known = harness.known_camera_params(views, scene)
         with tempfile.TemporaryDirectory() as folder:
             harness.write_images(views, seed, Path(folder), scene)
-            base, _, _ = run_backbone_once(folder)
+            base, _, _ = run_backbone_once(folder, args.model)
             for noise_seed in range(args.seeds):
                 prediction = perturbed(base, args.sigma, noise_seed)
                 with mock.patch.object(reconstruct, "_run_backbone", returning(prediction)):
                     for name, options, with_known in settings:
-                        row = evaluate(folder, views, options, known if with_known else None)
+                        row = evaluate(folder, views, options, known if with_known else None, args.model)
                         row.update(scene=label, noise_seed=noise_seed, setting=name)
                         print(json.dumps(row), flush=True)
                         with args.out.open("a") as f:
                             f.write(json.dumps(row) + "\n")
 
 
-def run_backbone_once(folder: str):
+def run_backbone_once(folder: str, model: str = "default"):
     """The model's output for the images in ``folder`` (one pipeline run, the backbone call kept)."""
     kept = {}
     run_backbone = reconstruct._run_backbone
@@ -125,7 +126,7 @@ def run_backbone_once(folder: str):
         return kept["out"]
 
     with mock.patch.object(reconstruct, "_run_backbone", keep):
-        reconstruct.run_pipeline(folder, None, model="default", device="cpu", shared_camera=True)
+        reconstruct.run_pipeline(folder, None, model=model, device="cpu", shared_camera=True)
     return kept["out"]
 
 
@@ -143,12 +144,12 @@ def perturbed(prediction, sigma: float, noise_seed: int):
     return reconstruct.replace(prediction, depth=prediction.depth * (1 + sigma * noise))
 
 
-def evaluate(folder: str, views, options, camera_params: str | None = None) -> dict:
+def evaluate(folder: str, views, options, camera_params: str | None = None, model: str = "default") -> dict:
     start = time.perf_counter()
     result = reconstruct.run_pipeline(
         folder,
         None,
-        model="default",
+        model=model,
         device="cpu",
         shared_camera=True,
         options=options,
