@@ -222,6 +222,8 @@ def evaluate_pipeline(
         shared_camera=args.camera == "shared",
         camera_params=known_camera_params(views, args),
         preprocessing=preprocessing,
+        chunk_size=getattr(args, "chunk_size", None),
+        chunk_overlap=getattr(args, "chunk_overlap", None),
     )
     wall = time.perf_counter() - start
     rec = result.reconstruction
@@ -274,6 +276,12 @@ def _input_note(settings: dict) -> str:
     note = f" Model input: {width} px wide (crop mode; `--model-width`)." if width else ""
     if settings.get("fov") is not None:
         note += f" Field of view: {settings['fov']:g} deg horizontal for every scene (`--fov`)."
+    if settings.get("chunk_size"):
+        overlap = settings.get("chunk_overlap") or max(1, settings["chunk_size"] // 4)
+        note += (
+            f" Chunked inference (`--chunk-size`): ordered chunks of {settings['chunk_size']} views, "
+            f"overlap {overlap}, composed by Sim(3)."
+        )
     if settings.get("known_intrinsics"):
         note += (
             " Intrinsics known (`--known-intrinsics`): the renders' K given to both methods "
@@ -555,6 +563,13 @@ def main() -> None:
     parser.add_argument(
         "--fov", type=float, default=None, help="horizontal field of view of every scene (default: its own)"
     )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="model methods: run the backbone in chunks of this many views",
+    )
+    parser.add_argument("--chunk-overlap", type=int, default=None, help="views shared by consecutive chunks")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sift-threads", type=int, default=-1)
     parser.add_argument("--cache", default="outputs/pipeline_bench_cache")

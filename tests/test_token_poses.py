@@ -21,6 +21,7 @@ from speed3r_sfm.pipeline.token_poses import (
     compose_tree,
     mutual_matches,
     patch_camera_points,
+    posed_by_tokens,
     reprojection_errors,
     token_poses,
 )
@@ -352,3 +353,37 @@ def test_default_model_pipeline_uses_token_poses_and_bundle_adjusts_to_a_degree(
     )
     report = json.loads((tmp_path / "demo" / "reconstruction" / "report.json").read_text())
     assert report["poses"]["source"] == "tokens"
+
+
+def test_posed_by_tokens_rewrites_poses_depth_and_world_points_consistently(scene, oracle):
+    model = BackboneSpec(name="vggt", preset="tiny", overrides={"descriptor_layer": 1}).build().eval()
+    prediction = model.predict(scene.images[None].float())
+    prediction.extras["descriptors"] = oracle[None].half()
+    prediction.depth = scene.depth[None].float() * 2.0
+    prediction.depth_conf = torch.ones_like(prediction.depth)
+    prediction.intrinsics = scene.intrinsics[None].float()
+    options = TokenPoseOptions(rotation_from="sim3")
+    posed, report = posed_by_tokens(prediction, options)
+    geometry = SceneGeometry.from_prediction(prediction)
+    assert apply_token_poses(geometry, prediction, options)["tree_edges"] == report["tree_edges"]
+    assert torch.allclose(posed.cam_from_world[0].double(), geometry.cam_from_world, atol=1e-6)
+    assert torch.allclose(posed.depth[0], geometry.depth)
+    assert torch.equal(posed.world_points_conf, prediction.depth_conf)
+    # world points: X = R^T (d K^-1 [u, v, 1] - t), in float64, at a few pixels of every view
+    gen = torch.Generator().manual_seed(0)
+    h, w = posed.depth.shape[-2:]
+    for view in range(posed.num_views):
+        u, v = torch.randint(0, w, (20,), generator=gen), torch.randint(0, h, (20,), generator=gen)
+        d = posed.depth[0, view, v, u].double()
+        k = posed.intrinsics[0, view].double()
+        rays = torch.linalg.solve(
+            k, torch.stack([u.double(), v.double(), torch.ones(20, dtype=torch.float64)])
+        )
+        pose = posed.cam_from_world[0, view].double()
+        expected = (pose[:, :3].T @ (rays * d - pose[:, 3:])).T
+        assert torch.allclose(
+            posed.world_points[0, view, v, u].double(), expected, atol=1e-4 * expected.abs().max()
+        )
+    del prediction.extras["descriptors"]
+    same, none = posed_by_tokens(prediction, options)
+    assert same is prediction and none["source"] == "camera head"

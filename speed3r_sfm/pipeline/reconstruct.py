@@ -8,7 +8,7 @@ Read top to bottom, :func:`run_pipeline` does:
    sequences (``chunk_size``), once per overlapping chunk of views composed into one frame by robust Sim(3)
    (``chunked.py``), with the records of each chunk merged into one summary (``records.py``); a model
    that exports match descriptors (the shipped default) gets its poses from them and its depth instead of
-   from its camera head (token poses, ``token_poses.py``; single pass only);
+   from its camera head (token poses, ``token_poses.py``; in chunks, per chunk before composing);
 3. detect keypoints in the most-selected token blocks of each view (``keypoints.py``);
 4. match them in the views their query blocks selected, verify with the predicted geometry (and the
    track head, when the model has one: ``track_verification.py``) and refine photometrically
@@ -82,7 +82,7 @@ from .refine import PyramidStack
 from .report import build_report
 from .rescue import RescueOptions, adjusted_geometry, rescued_geometry
 from .sift_rescue import SiftFeatures
-from .token_poses import TokenPoseOptions, apply_token_poses
+from .token_poses import TokenPoseOptions, apply_token_poses, posed_by_tokens
 from .tracks import Tracks, build_tracks
 from .view_features import thumbnail_descriptors, token_descriptors, token_encoder
 
@@ -241,6 +241,7 @@ def run_pipeline(
             [v.name for v in views],
             _ChunkOptions(chunk_size, chunk_overlap, ordered, chunk_h5),
             with_tracker=options.matching.track_verification,
+            token_poses=options.token_poses,
         )
         geometry = SceneGeometry.from_prediction(prediction)
         _check_prediction(geometry, model_images)
@@ -674,9 +675,11 @@ def _run_backbone(
     names: list[str],
     chunk: _ChunkOptions,
     with_tracker: bool = False,
+    token_poses: TokenPoseOptions | None = None,
 ) -> tuple[Prediction, AttentionSummary | None, dict[str, Any] | None]:
     """The prediction of all views, their GSA summary (None without records) and the chunk plan for the
-    report (None for a single pass)."""
+    report (None for a single pass). In chunks, each chunk is posed by ``token_poses`` (if enabled and the
+    model exports descriptors) before the chunks are composed; a single pass is posed by the caller."""
     size = _chunk_size(chunk.size, backbone, model_images)
     if size is None or size >= len(names):
         if chunk.h5 is not None:
@@ -688,7 +691,7 @@ def _run_backbone(
     overlap = chunk.overlap if chunk.overlap is not None else max(1, size // 4)
     if overlap >= size:
         raise ValueError(f"chunk_overlap ({overlap}) must be smaller than the chunk size ({size})")
-    return _predict_in_chunks(backbone, model_images, names, size, overlap, chunk)
+    return _predict_in_chunks(backbone, model_images, names, size, overlap, chunk, token_poses)
 
 
 def _chunk_plan(
@@ -722,6 +725,7 @@ def _predict_in_chunks(
     size: int,
     overlap: int,
     chunk: _ChunkOptions,
+    token_poses: TokenPoseOptions | None = None,
 ) -> tuple[Prediction, AttentionSummary | None, dict[str, Any]]:
     """The composed prediction of overlapping chunks, the merged GSA summary (or None) and the chunk plan
     for the report. Only one chunk of images is on the device at a time."""
@@ -731,8 +735,18 @@ def _predict_in_chunks(
     logger.info(
         "%d views in %d chunks of %d (overlap %d, %s)", len(names), len(chunks), size, overlap, grouping
     )
+    pose_reports: list[dict] = []  # one per chunk computed, in order
+
+    def predict(images: torch.Tensor) -> Prediction:
+        prediction = backbone.predict(images)
+        if token_poses is None or not token_poses.enabled:
+            return prediction
+        prediction, report = posed_by_tokens(prediction, token_poses)
+        pose_reports.append(report)
+        return prediction
+
     prediction = predict_chunked(
-        backbone.predict,
+        predict,
         lambda idx: model_images[idx].to(backbone.device),
         size,
         overlap,
@@ -744,6 +758,8 @@ def _predict_in_chunks(
         view_names=names,
     )
     extras = prediction.extras
+    if pose_reports:
+        extras["chunk_token_poses"] = dict(zip(extras["computed_chunks"], pose_reports, strict=True))
     summary = None
     if backbone.guided:
         summary = merge_chunk_summaries(extras["chunk_attention"], chunks, len(names))

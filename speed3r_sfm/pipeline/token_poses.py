@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pycolmap
 import torch
 
-from ..geometry import patch_centres
+from ..geometry import depth_to_world_points, patch_centres
+from ..models.prediction import Prediction
 from .chunking import robust_sim3
+from .frames import SceneGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -405,7 +407,7 @@ def apply_token_poses(geometry, prediction, options: TokenPoseOptions) -> dict:
     if not options.enabled:
         return {"source": "camera head", "why": "token poses disabled"}
     if "chunk_sim3" in prediction.extras:
-        return {"source": "camera head", "why": "chunked inference: token poses run within one pass"}
+        return chunked_pose_report(prediction.extras)
     if descriptors is None:
         return {"source": "camera head", "why": "the model exports no match descriptors"}
     if geometry.num_views < 2:
@@ -424,3 +426,53 @@ def apply_token_poses(geometry, prediction, options: TokenPoseOptions) -> dict:
     geometry.cam_from_world = poses.cam_from_world
     geometry.depth = geometry.depth * poses.depth_scale.to(geometry.depth.dtype)[:, None, None]
     return {"source": "tokens", **poses.report()}
+
+
+def posed_by_tokens(prediction: Prediction, options: TokenPoseOptions) -> tuple[Prediction, dict]:
+    """One pass's ``prediction`` (B = 1) with token poses in place of the camera head's (depth rescaled to
+    view 0's scale, world points unprojected from it) and :func:`apply_token_poses`'s report entry;
+    ``prediction`` as it is where that keeps the camera head. Chunked inference applies it to each chunk
+    before the chunks are aligned, so that they are composed from token poses too."""
+    geometry = SceneGeometry.from_prediction(prediction)
+    report = apply_token_poses(geometry, prediction, options)
+    if report["source"] != "tokens":
+        return prediction, report
+    depth = geometry.depth[None].to(prediction.depth)
+    cam_from_world = geometry.cam_from_world[None].to(prediction.cam_from_world)
+    points = depth_to_world_points(depth, prediction.intrinsics.to(depth), cam_from_world.to(depth))
+    posed = replace(
+        prediction,
+        cam_from_world=cam_from_world,
+        depth=depth,
+        world_points=points.to(prediction.world_points),
+        world_points_conf=prediction.depth_conf,
+    )
+    return posed, report
+
+
+def chunked_pose_report(extras: dict) -> dict:
+    """The report entry of a chunked prediction (``predict_chunked``'s ``extras``, with the
+    :func:`posed_by_tokens` report of each chunk computed in this run in ``chunk_token_poses``, keyed by
+    chunk index): where the poses come from, per chunk, and the token-pose tree edges in global views."""
+    per_chunk = extras.get("chunk_token_poses")
+    if per_chunk is None:
+        return {"source": "camera head", "why": "chunked inference without token poses per chunk"}
+    plan = extras["chunks"]
+    edges = {
+        tuple(sorted((plan[k][i], plan[k][j])))
+        for k, report in per_chunk.items()
+        if report["source"] == "tokens"
+        for i, j in report["tree_edges"]
+    }
+    computed = {report["source"] for report in per_chunk.values()}
+    source = "camera head"
+    if "tokens" in computed:
+        source = "tokens" if computed == {"tokens"} else "tokens and camera head"
+    return {
+        "source": source,
+        "why": "token poses within each chunk, chunks composed by Sim(3)",
+        "chunk_sources": [
+            per_chunk[k]["source"] if k in per_chunk else "stored in the chunk file" for k in range(len(plan))
+        ],
+        "tree_edges": [list(edge) for edge in sorted(edges)],
+    }
