@@ -23,6 +23,8 @@ from pathlib import Path
 import pycolmap
 from PIL import Image, ImageOps
 
+from .colmap_log import colmap_log_level
+
 JPEG_QUALITY = 95  # upright copies of EXIF-rotated JPEGs
 
 
@@ -64,7 +66,8 @@ def write_undistorted(
     inputs.mkdir()
     try:
         _stage_upright_inputs(inputs, sources, names)
-        pycolmap.undistort_images(folder, sparse, inputs, num_threads=num_threads)
+        with colmap_log_level():  # no per-image "Undistorting image [k/N]" lines in the user's terminal
+            pycolmap.undistort_images(folder, sparse, inputs, num_threads=num_threads)
     finally:
         shutil.rmtree(inputs, ignore_errors=True)
     written = sorted(p.relative_to(folder / "images").as_posix() for p in (folder / "images").rglob("*"))
