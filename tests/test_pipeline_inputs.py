@@ -34,6 +34,11 @@ def test_missing_and_empty_folders_name_the_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(InputError, match=f"no images in {tmp_path}"):
         find_images(tmp_path)
+    (tmp_path / "cam0").mkdir()
+    _image(tmp_path / "cam0" / "0001.png", 64, 48)
+    _image(tmp_path / "cam0" / "0002.png", 64, 48)
+    with pytest.raises(InputError, match=r"subfolders hold images: .*cam0 \(2\): pass one of them"):
+        find_images(tmp_path)
 
 
 def test_one_image_is_an_error(tmp_path):

@@ -100,9 +100,28 @@ def find_images(image_dir: str | os.PathLike, recursive: bool = False) -> list[P
     try:
         return list_images(folder, recursive=recursive)
     except FileNotFoundError as error:
-        raise InputError(
+        message = (
             f"no images in {folder}: expected files with one of the extensions {', '.join(IMAGE_EXTENSIONS)}"
-        ) from error
+        )
+        if not recursive:
+            message += _images_in_subfolders(folder)
+        raise InputError(message) from error
+
+
+def _images_in_subfolders(folder: Path) -> str:
+    """A hint naming the subfolders of ``folder`` that hold images (only the folder itself is read)."""
+    try:
+        nested = list_images(folder, recursive=True)
+    except FileNotFoundError:
+        return ""
+    counts: dict[Path, int] = {}
+    for path in nested:
+        counts[path.parent] = counts.get(path.parent, 0) + 1
+    shown = ", ".join(f"{sub} ({n})" for sub, n in sorted(counts.items())[:3])
+    more = f" and {len(counts) - 3} more" if len(counts) > 3 else ""
+    return (
+        f"; only the folder itself is read, and its subfolders hold images: {shown}{more}: pass one of them"
+    )
 
 
 def _work_copy(image: Image.Image, original_size: tuple[int, int], long_side: int) -> Image.Image:
