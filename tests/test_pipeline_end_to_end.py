@@ -245,6 +245,17 @@ def test_existing_output_is_refused_before_any_work(scene_data, tmp_path):
     assert oracle.calls == 0 and (output / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize("where", ["the image folder", "its parent"])
+def test_output_that_holds_the_images_is_refused_even_with_overwrite(scene_data, where):
+    folder = scene_data["folder"]
+    before = sorted(p.name for p in folder.iterdir())
+    output = folder if where == "the image folder" else folder.parent
+    oracle = _oracle(scene_data)
+    with pytest.raises(OutputExistsError, match="holds the input images"):
+        reconstruct(folder, output, model=oracle, overwrite=True)
+    assert oracle.calls == 0 and sorted(p.name for p in folder.iterdir()) == before
+
+
 def test_a_failure_while_writing_leaves_no_project_and_no_debris(scene_data, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full (simulated)")

@@ -34,9 +34,19 @@ class OutputExistsError(FileExistsError):
     """The output folder exists and overwriting was not asked for."""
 
 
-def check_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early (before any computation) if ``output`` cannot be written."""
+def check_output(
+    output: str | os.PathLike, overwrite: bool, image_dir: str | os.PathLike | None = None
+) -> Path:
+    """Fail early (before any computation) if ``output`` cannot be written, or if writing it would replace
+    ``image_dir``, the folder of the input images (``output`` is that folder or holds it)."""
     output = Path(output)
+    if image_dir is not None:
+        images = Path(image_dir).resolve()
+        if output.resolve() == images or output.resolve() in images.parents:
+            raise OutputExistsError(
+                f"output {output} holds the input images ({image_dir}): the project would replace them; "
+                "choose a folder outside it (a new subfolder of the image folder is fine)"
+            )
     if output.exists() and not overwrite:
         raise OutputExistsError(
             f"output {output} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)"

@@ -214,7 +214,7 @@ def run_pipeline(
     if undistort and output_dir is None:
         raise ValueError("undistort=True writes output_dir/undistorted: give an output_dir")
     if output_dir is not None:
-        check_output(output_dir, overwrite)  # fail before any work
+        check_output(output_dir, overwrite, image_dir)  # fail before any work
     readjusting = ba and options.bundle.readjust  # a stage known in advance (the rescue is not)
     stages = _Stages(len(STAGES) - (output_dir is None) + readjusting, progress)
     try:
