@@ -270,12 +270,25 @@ def test_bad_chunk_arguments_fail_before_any_work(scene, tmp_path, capsys):
         (dict(chunk_size=1), "at least 2"),
         (dict(chunk_overlap=0), "at least 1"),
         (dict(chunk_size=4, chunk_overlap=4), "smaller than chunk_size"),
+        (dict(chunk_size=6, chunk_h5=tmp_path / "out" / "chunks.h5"), "lies in the output folder"),
+        (dict(chunk_size=6, chunk_h5=tmp_path), "is a folder"),
     ):
         with pytest.raises(ValueError, match=message):
             run_pipeline(folder, tmp_path / "out", model=oracle, **kwargs)
     assert oracle.calls == [] and not (tmp_path / "out").exists()
     code = pipeline_cli.reconstruct_command(str(folder), str(tmp_path / "out"), chunk_size=1, quiet=True)
     assert code == 1 and "chunk_size must be at least 2" in capsys.readouterr().err
+    code = pipeline_cli.reconstruct_command(
+        str(folder), str(tmp_path / "out"), chunk_size=6, chunk_h5=str(tmp_path / "out" / "c.h5"), quiet=True
+    )
+    assert code == 1 and "keep the chunk file outside it" in capsys.readouterr().err
+
+
+def test_the_chunk_file_folder_is_created(scene, tmp_path):
+    folder = scene["root"] / "ordered"
+    h5 = tmp_path / "new" / "deeper" / "chunks.h5"
+    result = run_pipeline(folder, None, model=ChunkOracle(scene, folder), chunk_size=CHUNK, chunk_h5=h5)
+    assert h5.is_file() and result.report["chunking"]["computed_chunks"] == [0, 1, 2]
 
 
 def test_automatic_chunk_size_uses_free_gpu_memory(monkeypatch):

@@ -94,7 +94,7 @@ def reconstruct_command(
         print("error: give the output project folder with -o OUT", file=sys.stderr)
         return 1
     try:
-        check_chunk_arguments(chunk_size, chunk_overlap)
+        check_chunk_arguments(chunk_size, chunk_overlap, chunk_h5, output)
         if camera_params is not None:
             parse_camera_params(camera_model, camera_params)
     except ValueError as error:

@@ -210,7 +210,7 @@ def run_pipeline(
     if camera_model not in CAMERA_MODELS:
         raise ValueError(f"unsupported camera model {camera_model!r}; choose one of {CAMERA_MODELS}")
     known_params = None if camera_params is None else parse_camera_params(camera_model, camera_params)
-    check_chunk_arguments(chunk_size, chunk_overlap)
+    check_chunk_arguments(chunk_size, chunk_overlap, chunk_h5, output_dir)
     if undistort and output_dir is None:
         raise ValueError("undistort=True writes output_dir/undistorted: give an output_dir")
     if output_dir is not None:
@@ -635,8 +635,24 @@ def _readjust_options(options: PipelineOptions) -> PipelineOptions:
     )
 
 
-def check_chunk_arguments(chunk_size: int | None, chunk_overlap: int | None) -> None:
-    """Raise ValueError, saying why, for a chunk size or overlap that cannot work."""
+def check_chunk_arguments(
+    chunk_size: int | None,
+    chunk_overlap: int | None,
+    chunk_h5: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> None:
+    """Raise ValueError, saying why, for a chunk size, overlap or chunk file that cannot work."""
+    if chunk_h5 is not None:
+        h5 = Path(chunk_h5).resolve()
+        if h5.is_dir():
+            raise ValueError(
+                f"chunk_h5 {chunk_h5} is a folder; give a file path, e.g. {Path(chunk_h5) / 'chunks.h5'}"
+            )
+        if output_dir is not None and Path(output_dir).resolve() in h5.parents:
+            raise ValueError(
+                f"chunk_h5 {chunk_h5} lies in the output folder {output_dir}, which is written anew when the "
+                "project is done: keep the chunk file outside it"
+            )
     if chunk_size is not None and chunk_size < 2:
         raise ValueError(
             f"chunk_size must be at least 2 (chunks share views to be aligned), got {chunk_size}"
@@ -735,6 +751,8 @@ def _predict_in_chunks(
     logger.info(
         "%d views in %d chunks of %d (overlap %d, %s)", len(names), len(chunks), size, overlap, grouping
     )
+    if chunk.h5 is not None:
+        Path(chunk.h5).parent.mkdir(parents=True, exist_ok=True)
     pose_reports: list[dict] = []  # one per chunk computed, in order
 
     def predict(images: torch.Tensor) -> Prediction:
