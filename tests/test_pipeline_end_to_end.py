@@ -551,6 +551,21 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
     assert not os.path.exists(tmp_path / "out2")
 
 
+def test_cli_reports_a_missing_checkpoint_or_device_cleanly(scene_data, tmp_path, capsys):
+    folder, out = str(scene_data["folder"]), str(tmp_path / "out")
+    missing = tmp_path / "nowhere" / "model.pt"
+    code = pipeline_cli.reconstruct_command(folder, out, model=str(missing), quiet=True)
+    assert code == 1 and f"checkpoint file {missing} does not exist" in capsys.readouterr().err
+    code = pipeline_cli.reconstruct_command(folder, out, device="gpu", quiet=True)
+    assert code == 1 and "unknown device 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        code = pipeline_cli.reconstruct_command(folder, out, device="cuda", quiet=True)
+        assert code == 1 and "CUDA is not available here" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            reconstruct(scene_data["folder"], None, model=_oracle(scene_data), device="cuda:0")
+    assert not os.path.exists(out)
+
+
 def test_matching_time_limit_skips_pairs_with_a_warning(scene_data, caplog):
     from speed3r_sfm.pipeline import MatchOptions, PipelineOptions
 

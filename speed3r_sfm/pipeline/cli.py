@@ -14,7 +14,7 @@ from typing import Literal
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .backbone import ModelNotAvailableError
+from .backbone import ModelNotAvailableError, resolve_device
 from .bundle import BundleOptions
 from .colmap_model import parse_camera_params
 from .export import OutputExistsError
@@ -95,6 +95,7 @@ def reconstruct_command(
         return 1
     try:
         check_chunk_arguments(chunk_size, chunk_overlap, chunk_h5, output)
+        resolve_device(device)
         if camera_params is not None:
             parse_camera_params(camera_model, camera_params)
     except ValueError as error:
@@ -132,7 +133,7 @@ def reconstruct_command(
                 chunk_h5=chunk_h5,
                 undistort=undistort,
             )
-    except (InputError, OutputExistsError, ModelNotAvailableError) as error:
+    except (InputError, OutputExistsError, ModelNotAvailableError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not quiet:
