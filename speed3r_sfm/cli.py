@@ -41,13 +41,19 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args and args[0] in commands:
         args = with_bool_values(args, commands[args[0]])
-    result = auto_cli(
-        commands,
-        args=args,
-        as_positional=True,
-        description=__doc__,
-        formatter_class=RawDescriptionHelpFormatter,
-    )
+    from .pipeline.backbone import DeviceNotAvailableError, ModelNotAvailableError
+
+    try:
+        result = auto_cli(
+            commands,
+            args=args,
+            as_positional=True,
+            description=__doc__,
+            formatter_class=RawDescriptionHelpFormatter,
+        )
+    except (DeviceNotAvailableError, ModelNotAvailableError) as error:  # what the user can fix: no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     if isinstance(result, int) and result:
         sys.exit(result)
 

@@ -101,9 +101,11 @@ def demo_command(
         shared_camera: one camera for all views (the rendered views share their intrinsics).
         overwrite: replace earlier demo outputs.
     """
+    from .pipeline.backbone import resolve_device
     from .pipeline.cli import summary_text
     from .pipeline.reconstruct import run_pipeline
 
+    resolve_device(device)  # before rendering: a device that is not there fails at once
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     gt = render_scene(seed, views, height, width, trajectory=trajectory)

@@ -17,6 +17,7 @@ from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from PIL import Image
 
 from speed3r_sfm.attention import AttentionConfig
+from speed3r_sfm.cli import main
 from speed3r_sfm.data.colmap_dataset import to_uint8_image
 from speed3r_sfm.data.synthetic import make_cameras, make_scene, render_views
 from speed3r_sfm.eval.metrics import relative_pose_errors
@@ -25,7 +26,12 @@ from speed3r_sfm.models.vggt import VGGT, VGGTConfig
 from speed3r_sfm.pipeline import cli as pipeline_cli
 from speed3r_sfm.pipeline import export as pipeline_export
 from speed3r_sfm.pipeline import matching as pipeline_matching
-from speed3r_sfm.pipeline.backbone import Backbone, ModelNotAvailableError, load_backbone
+from speed3r_sfm.pipeline.backbone import (
+    Backbone,
+    DeviceNotAvailableError,
+    ModelNotAvailableError,
+    load_backbone,
+)
 from speed3r_sfm.pipeline.bundle import triangulator_options
 from speed3r_sfm.pipeline.export import OutputExistsError
 from speed3r_sfm.pipeline.inputs import InputError, Preprocessing
@@ -561,8 +567,12 @@ def test_cli_reports_a_missing_checkpoint_or_device_cleanly(scene_data, tmp_path
     if not torch.cuda.is_available():
         code = pipeline_cli.reconstruct_command(folder, out, device="cuda", quiet=True)
         assert code == 1 and "CUDA is not available here" in capsys.readouterr().err
-        with pytest.raises(ValueError, match="CUDA is not available here"):
+        with pytest.raises(DeviceNotAvailableError, match="CUDA is not available here"):
             reconstruct(scene_data["folder"], None, model=_oracle(scene_data), device="cuda:0")
+        with pytest.raises(SystemExit) as exit_:  # the top-level CLI, e.g. the demo: no traceback either
+            main(["demo", "--output", str(tmp_path / "demo"), "--device", "cuda"])
+        assert exit_.value.code == 1 and "CUDA is not available here" in capsys.readouterr().err
+        assert not (tmp_path / "demo").exists()  # checked before the scene is rendered
     assert not os.path.exists(out)
 
 

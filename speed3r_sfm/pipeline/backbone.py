@@ -81,23 +81,30 @@ class Backbone:
         return self.attention == "gsa" and self.gsa_guidance
 
 
+class DeviceNotAvailableError(ValueError):
+    """The device asked for is not there (or not a device)."""
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA if available, else CPU; raises ValueError, saying why, for a device that is not
-    there (an unknown name, CUDA without a GPU or a CUDA build of torch, a GPU index out of range)."""
+    """``"auto"`` -> CUDA if available, else CPU; raises :class:`DeviceNotAvailableError`, saying why, for
+    a device that is not there (an unknown name, CUDA without a GPU or a CUDA build of torch, a GPU index
+    out of range)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'") from error
+        message = f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        raise DeviceNotAvailableError(message) from error
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise DeviceNotAvailableError(
                 f"device {device!r}: CUDA is not available here (no GPU, or a CPU build of torch "
                 f"{torch.__version__}); use device 'cpu' or 'auto'"
             )
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+            count = torch.cuda.device_count()
+            raise DeviceNotAvailableError(f"device {device!r}: only {count} CUDA device(s) here")
     return resolved
 
 
