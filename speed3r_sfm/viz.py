@@ -278,10 +278,20 @@ def export_command(
     Args:
         project: project folder (OUT of ``speed3r-sfm reconstruct``) or a COLMAP model folder.
         output: file to write (.ply or .glb); -o for short. Default: PROJECT/points.glb.
-        format: "ply", "glb" or "auto" (from the output suffix, GLB when none).
+        format: "ply", "glb" or "auto" (from the output suffix: .ply or .glb).
     """
     output_path = Path(output) if output else Path(project) / "points.glb"
-    kind = format if format != "auto" else ("ply" if output_path.suffix.lower() == ".ply" else "glb")
+    kind = format
+    if format == "auto":
+        suffix = output_path.suffix.lower()
+        if suffix not in (".ply", ".glb"):
+            print(
+                f"error: cannot tell the format of {output_path} from its suffix: name it .ply or .glb, "
+                "or pass --format ply|glb",
+                file=sys.stderr,
+            )
+            return 1
+        kind = suffix[1:]
     try:
         written = export_ply(project, output_path) if kind == "ply" else export_glb(project, output_path)
     except (FileNotFoundError, MissingDependencyError) as error:

@@ -79,6 +79,15 @@ def test_export_ply_and_glb(project, tmp_path):
     assert len(scene.geometry) == 5  # the points and 4 camera frusta
 
 
+def test_export_refuses_a_suffix_it_cannot_read_as_a_format(project, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(project), "-o", str(tmp_path / "points.xyz")])
+    assert exit_info.value.code == 1 and "name it .ply or .glb" in capsys.readouterr().err
+    assert not (tmp_path / "points.xyz").exists()
+    main(["export", str(project), "-o", str(tmp_path / "points.xyz"), "--format", "ply"])
+    assert (tmp_path / "points.xyz").read_bytes().startswith(b"ply")
+
+
 def test_missing_dependency_says_what_to_install(monkeypatch, project, capsys):
     monkeypatch.setitem(sys.modules, "viser", None)  # import viser -> ImportError
     with pytest.raises(viz.MissingDependencyError, match=r"speed3r-sfm\[viz\]"):
