@@ -1,6 +1,6 @@
 """The shipped default chunked on CUDA (token poses per chunk) against one pass, on two held-out scenes.
 
-    python benchmarks/chunked_token_poses_cuda.py OUT.jsonl     # a CUDA machine; see chunked_token_poses.md
+    python benchmarks/chunked_token_poses_cuda.py OUT.jsonl [DEVICE]    # DEVICE: cuda (default) or cpu
 
 Each setting runs twice (the first call of the process warms up); one JSON line per run.
 """
@@ -25,18 +25,18 @@ SCENES = (("forward", 1000001), ("orbit", 1000000))
 CHUNKS = (None, 12, None, 12)  # one pass, chunks of 12, and both again
 
 
-def scene_settings(trajectory: str) -> argparse.Namespace:
-    """The harness's settings for a 24-view scene at 518x392 rendered on the GPU."""
+def scene_settings(trajectory: str, device: str) -> argparse.Namespace:
+    """The harness's settings for a 24-view scene at 518x392."""
     return argparse.Namespace(
         views=24, height=392, width=518, supersample=2, upscale=1, render_scale=1, image_format="png",
-        trajectory=trajectory, cache="/tmp/cache", fov=None, known_intrinsics=False, device="cuda",
+        trajectory=trajectory, cache="/tmp/cache", fov=None, known_intrinsics=False, device=device,
         camera="shared",
     )  # fmt: skip
 
 
-def run(folder: Path, views, chunk: int | None) -> dict:
+def run(folder: Path, views, chunk: int | None, device: str) -> dict:
     start = time.perf_counter()
-    result = run_pipeline(folder, None, model="default", device="cuda", shared_camera=True, chunk_size=chunk)
+    result = run_pipeline(folder, None, model="default", device=device, shared_camera=True, chunk_size=chunk)
     wall = time.perf_counter() - start
     registered, poses = ps.registered_poses(result)
     _, feedforward, _ = evaluate_reconstruction(views, result.feedforward_cam_from_world)
@@ -55,16 +55,17 @@ def run(folder: Path, views, chunk: int | None) -> dict:
 
 
 def main() -> None:
+    device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
     rows = []
     for trajectory, seed in SCENES:
-        settings = scene_settings(trajectory)
+        settings = scene_settings(trajectory, device)
         views = ps.load_scene(seed, settings)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "images"
             folder.mkdir()
             ps.write_images(views, seed, folder, settings)
             for chunk in CHUNKS:
-                row = {"scene": f"{trajectory}{seed}", **run(folder, views, chunk)}
+                row = {"scene": f"{trajectory}{seed}", **run(folder, views, chunk, device)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     Path(sys.argv[1]).write_text("".join(json.dumps(row) + "\n" for row in rows))
