@@ -119,7 +119,7 @@ class PipelineResult:
     image_names: list[str]
     feedforward_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the poses BA started from (model frame)
     head_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the camera head's poses (same as above unless
-    # token poses replaced them, see report["poses"])
+    # token poses replaced them, see report["poses"]; in chunks, token-posed chunks are composed as they are)
 
 
 def reconstruct(
