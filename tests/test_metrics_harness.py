@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,6 @@ from speed3r_sfm.data.synthetic import render_scene
 from speed3r_sfm.eval.evaluate import evaluate_predictor, evaluate_reconstruction, oracle_predictor, summarize
 from speed3r_sfm.eval.sift_baseline import evaluate_sift_baseline, run_sift_baseline
 from speed3r_sfm.models.prediction import Prediction
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +75,8 @@ def test_sift_baseline_registers_a_short_video():
     assert torch.allclose(registered_k, k.to(registered_k.dtype).expand_as(registered_k), atol=1e-4)
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", ROOT / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_benchmark_cli_writes_markdown_and_json(tmp_path):
-    bench = _load_benchmark()
+def test_benchmark_cli_writes_markdown_and_json(tmp_path, load_benchmark):
+    bench = load_benchmark("accuracy")
     args = ["--methods", "oracle", "test_metrics_harness:noisy_factory", "--seeds", "5", "6"]
     args += ["--views", "4", "--height", "24", "--width", "32", "--supersample", "1", "--device", "cpu"]
     report = bench.main(args + ["--out", str(tmp_path), "--tag", "tiny"])

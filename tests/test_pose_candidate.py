@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,18 +13,12 @@ from speed3r_sfm.training.backbone import BackboneSpec, export_weights, read_wei
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("pose_candidate", ROOT / "benchmarks" / "pose_candidate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_candidate_keeps_the_weights_and_takes_the_shipped_pipeline_keys(tmp_path):
+def test_candidate_keeps_the_weights_and_takes_the_shipped_pipeline_keys(tmp_path, load_benchmark):
     torch.manual_seed(0)
     spec = BackboneSpec(name="vggt", preset="small")
     source = export_weights(spec.build(), spec, tmp_path / "pose_dense.safetensors", "float16")
-    target = _script().write_candidate(source, tmp_path / "cand" / "model.safetensors", width=224)
+    write_candidate = load_benchmark("pose_candidate").write_candidate
+    target = write_candidate(source, tmp_path / "cand" / "model.safetensors", width=224)
 
     meta = json.loads(sidecar(target).read_text())
     shipped = json.loads((ROOT / "speed3r_sfm" / "weights" / "default.json").read_text())

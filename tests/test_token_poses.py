@@ -311,13 +311,20 @@ def test_vggt_exports_descriptors_only_when_configured(scene):
         BackboneSpec(name="vggt", preset="tiny", overrides={"descriptor_layer": 99}).build()
 
 
-def test_apply_token_poses_replaces_head_poses_and_rescales_depth(scene, oracle):
+def _oracle_prediction(scene, oracle):
+    """A tiny VGGT's prediction with the oracle's descriptors, the true depth doubled, confident, and the
+    true intrinsics: its camera head is untrained, its token poses are right."""
     model = BackboneSpec(name="vggt", preset="tiny", overrides={"descriptor_layer": 1}).build().eval()
     prediction = model.predict(scene.images[None].float())
     prediction.extras["descriptors"] = oracle[None].half()
     prediction.depth = scene.depth[None].float() * 2.0
     prediction.depth_conf = torch.ones_like(prediction.depth)
     prediction.intrinsics = scene.intrinsics[None].float()
+    return prediction
+
+
+def test_apply_token_poses_replaces_head_poses_and_rescales_depth(scene, oracle):
+    prediction = _oracle_prediction(scene, oracle)
     geometry = SceneGeometry.from_prediction(prediction)
     report = apply_token_poses(geometry, prediction, TokenPoseOptions(rotation_from="sim3"))
     assert report["source"] == "tokens" and len(report["tree_edges"]) == 4
@@ -356,12 +363,7 @@ def test_default_model_pipeline_uses_token_poses_and_bundle_adjusts_to_a_degree(
 
 
 def test_posed_by_tokens_rewrites_poses_depth_and_world_points_consistently(scene, oracle):
-    model = BackboneSpec(name="vggt", preset="tiny", overrides={"descriptor_layer": 1}).build().eval()
-    prediction = model.predict(scene.images[None].float())
-    prediction.extras["descriptors"] = oracle[None].half()
-    prediction.depth = scene.depth[None].float() * 2.0
-    prediction.depth_conf = torch.ones_like(prediction.depth)
-    prediction.intrinsics = scene.intrinsics[None].float()
+    prediction = _oracle_prediction(scene, oracle)
     options = TokenPoseOptions(rotation_from="sim3")
     posed, report = posed_by_tokens(prediction, options)
     geometry = SceneGeometry.from_prediction(prediction)
