@@ -18,6 +18,7 @@ from speed3r_sfm.pipeline.token_poses import (
     align_pair,
     apply_token_poses,
     candidate_pairs,
+    chunked_pose_report,
     compose_tree,
     mutual_matches,
     patch_camera_points,
@@ -389,3 +390,23 @@ def test_posed_by_tokens_rewrites_poses_depth_and_world_points_consistently(scen
     del prediction.extras["descriptors"]
     same, none = posed_by_tokens(prediction, options)
     assert same is prediction and none["source"] == "camera head"
+
+
+def test_chunked_pose_report_maps_chunk_edges_to_global_views():
+    extras = {
+        "chunk_sim3": [],
+        "chunks": [[0, 1, 2], [2, 3, 4], [4, 5, 6]],
+        "chunk_token_poses": {
+            0: {"source": "tokens", "tree_edges": [[0, 1], [2, 1]]},
+            1: {"source": "camera head", "why": "views not connected by descriptor matches"},
+        },  # chunk 2 was read back from the chunk file
+    }
+    report = chunked_pose_report(extras)
+    assert report["source"] == "tokens and camera head"
+    assert report["chunk_sources"] == ["tokens", "camera head", "stored in the chunk file"]
+    assert report["tree_edges"] == [[0, 1], [1, 2]]
+    extras["chunk_token_poses"][1] = {"source": "tokens", "tree_edges": [[1, 0], [2, 1]]}  # views 3-2, 4-3
+    assert chunked_pose_report(extras)["tree_edges"] == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert chunked_pose_report(extras)["source"] == "tokens"
+    del extras["chunk_token_poses"]
+    assert chunked_pose_report(extras)["source"] == "camera head"
