@@ -236,6 +236,7 @@ def test_shared_camera_and_no_bundle_adjustment(scene_data, tmp_path):
     rec = result.reconstruction
     assert rec.num_cameras() == 1 and rec.cameras[1].model_name == "SIMPLE_PINHOLE"
     assert result.report["bundle_adjustment"] is False and result.report["ba_rounds"] == []
+    assert "filtering" in result.report["timings_s"] and "bundle adjustment" not in result.report["timings_s"]
     assert rec.num_points3D() > 100 and result.report["reprojection_error_px"]["final"] < 2.0
     # without BA the poses are the (here exact) predicted ones
     assert torch.allclose(_poses(rec, result.image_names), result.feedforward_cam_from_world, atol=1e-9)

@@ -464,8 +464,9 @@ def _match_and_adjust(
     initial_error, initial_points = mean_reprojection_error(rec), rec.num_points3D()
     done("tracks")
 
-    # 6. bundle adjustment, filtering, re-triangulation
-    start("bundle adjustment")
+    # 6. bundle adjustment, filtering, re-triangulation (without BA: filtering at the feed-forward poses)
+    stage = "bundle adjustment" if ba else "filtering"
+    start(stage)
     ba_rounds: list[dict] = []
     if ba:
         triangulator = pycolmap.IncrementalTriangulator(graph, rec, manager)
@@ -479,7 +480,7 @@ def _match_and_adjust(
         poses, tree_pairs = feedforward
         distrusted = contradicted_pairs(rec, poses, tree_pairs, options.bundle.max_link_disagreement)
         dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points, distrusted)
-    done("bundle adjustment")
+    done(stage)
     return _Adjusted(
         rec,
         matches,
