@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pycolmap
@@ -558,13 +559,20 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
     assert not os.path.exists(tmp_path / "out2")
 
 
-def test_cli_reports_a_missing_checkpoint_or_device_cleanly(scene_data, tmp_path, capsys):
+def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_data, tmp_path, capsys):
     folder, out = str(scene_data["folder"]), str(tmp_path / "out")
     missing = tmp_path / "nowhere" / "model.pt"
     code = pipeline_cli.reconstruct_command(folder, out, model=str(missing), quiet=True)
     assert code == 1 and f"checkpoint file {missing} does not exist" in capsys.readouterr().err
     code = pipeline_cli.reconstruct_command(folder, out, device="gpu", quiet=True)
     assert code == 1 and "unknown device 'gpu'" in capsys.readouterr().err
+    for option, message in (
+        (dict(max_keypoints=0), "max_keypoints must be at least 1"),
+        (dict(max_image_size=0), "max_image_size must be a positive"),
+        (dict(min_work_scale=2.0), r"min_work_scale must lie in \[0, 1\]"),
+    ):
+        assert pipeline_cli.reconstruct_command(folder, out, quiet=True, **option) == 1
+        assert re.search(message, capsys.readouterr().err)
     if not torch.cuda.is_available():
         code = pipeline_cli.reconstruct_command(folder, out, device="cuda", quiet=True)
         assert code == 1 and "CUDA is not available here" in capsys.readouterr().err

@@ -98,18 +98,18 @@ def reconstruct_command(
         resolve_device(device)
         if camera_params is not None:
             parse_camera_params(camera_model, camera_params)
+        options = PipelineOptions(
+            keypoints=KeypointOptions(max_keypoints=max_keypoints),
+            matching=MatchOptions(track_verification=track_verification),
+            bundle=BundleOptions(readjust=readjust, num_threads=1 if deterministic else -1),
+            max_image_size=max_image_size,
+            min_work_scale=min_work_scale,
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    options = PipelineOptions(
-        keypoints=KeypointOptions(max_keypoints=max_keypoints),
-        matching=MatchOptions(track_verification=track_verification),
-        bundle=BundleOptions(readjust=readjust, num_threads=1 if deterministic else -1),
-        max_image_size=max_image_size,
-        min_work_scale=min_work_scale,
-    )
     # log lines (skipped inputs, unregistered views) go through tqdm.write, above the progress bar
     redirect = contextlib.nullcontext() if quiet else logging_redirect_tqdm()
     try:

@@ -38,6 +38,10 @@ class KeypointOptions:
     border: int = 8  # work pixels kept free at the image border
     min_response: float = 1e-6
 
+    def __post_init__(self) -> None:
+        if self.max_keypoints < 1:
+            raise ValueError(f"max_keypoints must be at least 1 per image, got {self.max_keypoints}")
+
 
 @dataclass
 class Keypoints:

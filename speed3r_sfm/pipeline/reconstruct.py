@@ -108,6 +108,12 @@ class PipelineOptions:
     min_work_scale: float = 0.5
     no_ba_max_reproj_error: float = 16.0  # work pixels, point filter when ba=False
 
+    def __post_init__(self) -> None:
+        if self.max_image_size < 1:
+            raise ValueError(f"max_image_size must be a positive number of pixels, got {self.max_image_size}")
+        if not 0.0 <= self.min_work_scale <= 1.0:
+            raise ValueError(f"min_work_scale must lie in [0, 1], got {self.min_work_scale}")
+
 
 @dataclass
 class PipelineResult:
