@@ -191,9 +191,11 @@ def load_colmap_dataset(
         cam = rec.cameras[im.camera_id]
         free = cam.model_name in _PERSPECTIVE_MODELS and cam.is_undistorted()
         if require_pinhole and not free:
+            params = ", ".join(f"{float(p):.6g}" for p in cam.params)
             raise ValueError(
-                f"{model_dir}: image {im.name!r} uses camera model {cam.model_name} with distortion "
-                f"{list(cam.params)}; run `colmap image_undistorter` first or pass require_pinhole=False"
+                f"{model_dir}: image {im.name!r} uses camera model {cam.model_name} (parameters [{params}]); "
+                "undistort first (`colmap image_undistorter`, or `speed3r-sfm reconstruct ... --undistort "
+                "true` and its OUT/undistorted) or pass require_pinhole=False"
             )
         image_path = root / image_dir / im.name
         if not image_path.exists():
