@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import h5py
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from speed3r_sfm.data.synthetic import RenderedViews, render_scene
 from speed3r_sfm.eval.evaluate import oracle_predictor
 from speed3r_sfm.eval.metrics import absolute_trajectory_error
 from speed3r_sfm.geometry import apply_sim3, camera_centers, umeyama_sim3
-from speed3r_sfm.pipeline.chunked import load_view_maps, predict_chunked, stored_plan
+from speed3r_sfm.pipeline.chunked import ChunkFileError, load_view_maps, predict_chunked, stored_plan
 from speed3r_sfm.pipeline.chunking import (
     default_chunk_size,
     group_views_by_similarity,
@@ -257,7 +258,11 @@ def test_resume_with_another_plan_is_refused(trajectory, tmp_path):
     predict = _chunk_oracle(gt, [], 0.0, 0.0, point_noise=0.0)
     h5 = tmp_path / "chunks.h5"
     predict_chunked(predict, gt.images[:30], chunk_size=12, overlap=4, h5_path=h5)
-    with pytest.raises(ValueError, match="other views"):
+    with pytest.raises(ChunkFileError, match="another plan"):
+        predict_chunked(predict, gt.images[:30], chunk_size=10, overlap=4, h5_path=h5)
+    with h5py.File(h5, "a") as file:  # a file that does not record its plan: each chunk's views are checked
+        del file.attrs["plan"]
+    with pytest.raises(ChunkFileError, match="other views"):
         predict_chunked(predict, gt.images[:30], chunk_size=10, overlap=4, h5_path=h5)
 
 

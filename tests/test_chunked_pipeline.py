@@ -20,6 +20,7 @@ from speed3r_sfm.models.pi3 import Pi3, Pi3Config
 from speed3r_sfm.models.vggt import VGGT, VGGTConfig
 from speed3r_sfm.pipeline import cli as pipeline_cli
 from speed3r_sfm.pipeline.backbone import Backbone
+from speed3r_sfm.pipeline.chunked import ChunkFileError
 from speed3r_sfm.pipeline.chunking import group_views_by_similarity, plan_chunks
 from speed3r_sfm.pipeline.inputs import Preprocessing, find_images, load_views
 from speed3r_sfm.pipeline.oracle import SceneOracle, ideal_records
@@ -160,6 +161,10 @@ def test_chunked_gsa_records_guide_matching_and_the_chunk_file_resumes(scene, tm
     # The file belongs to these images: other images are refused.
     with pytest.raises(ValueError, match="other images"):
         run_pipeline(scene["root"] / "shuffled", None, **kwargs)
+    # ... and to this chunk plan: another chunk size is refused before any chunk is computed
+    with pytest.raises(ChunkFileError, match="another plan"):
+        run_pipeline(folder, None, **(kwargs | dict(chunk_size=CHUNK - 1)))
+    assert len(oracle.calls) == calls
 
 
 def _summary(views: RenderedViews, idx: list[int]):

@@ -77,6 +77,10 @@ def _write_chunk(
     file.flush()
 
 
+class ChunkFileError(ValueError):
+    """The chunk file was written for other images or another chunk plan."""
+
+
 def _complete_chunk(file: h5py.File | None, k: int, indices: Sequence[int]) -> bool:
     if file is None or _chunk_name(k) not in file:
         return False
@@ -84,7 +88,7 @@ def _complete_chunk(file: h5py.File | None, k: int, indices: Sequence[int]) -> b
     if not group.attrs.get("complete", False):
         return False
     if not np.array_equal(group["indices"][()], np.asarray(indices, dtype=np.int64)):
-        raise ValueError(f"{file.filename}: chunk {k} holds other views than planned; use a new h5 file")
+        raise ChunkFileError(f"{file.filename}: chunk {k} holds other views than planned; use a new h5 file")
     return True
 
 
@@ -167,9 +171,15 @@ def _bind_file(file: h5py.File, plan: list[list[int]], view_names: Sequence[str]
         names = json.dumps(list(view_names))
         stored = file.attrs.get("view_names")
         if stored is not None and stored != names:
-            raise ValueError(f"{file.filename} holds chunks of other images; use a new h5 file")
+            raise ChunkFileError(f"{file.filename} holds chunks of other images; use a new h5 file")
         file.attrs["view_names"] = names
-    if "plan" not in file.attrs:
+    stored_plan = file.attrs.get("plan")
+    if stored_plan is not None and json.loads(stored_plan) != json.loads(json.dumps(plan)):
+        raise ChunkFileError(
+            f"{file.filename} holds chunks of another plan (chunk size, overlap or grouping): use a new h5 "
+            "file, or the settings it was written with"
+        )
+    if stored_plan is None:
         file.attrs["plan"] = json.dumps(plan)
 
 

@@ -16,12 +16,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .backbone import ModelNotAvailableError, resolve_device
 from .bundle import BundleOptions
+from .chunked import ChunkFileError
 from .colmap_model import parse_camera_params
 from .export import OutputExistsError
 from .inputs import InputError
 from .keypoints import KeypointOptions
 from .matching import MatchOptions
 from .reconstruct import PipelineOptions, PipelineResult, check_chunk_arguments, run_pipeline
+
+# what a user can fix (bad input, an existing output, a missing model or chunk file): one line, no traceback
+USER_ERRORS = (InputError, OutputExistsError, ModelNotAvailableError, ChunkFileError, FileNotFoundError)
 
 
 def reconstruct_command(
@@ -133,7 +137,13 @@ def reconstruct_command(
                 chunk_h5=chunk_h5,
                 undistort=undistort,
             )
-    except (InputError, OutputExistsError, ModelNotAvailableError, FileNotFoundError) as error:
+    except (
+        InputError,
+        OutputExistsError,
+        ModelNotAvailableError,
+        ChunkFileError,
+        FileNotFoundError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not quiet:
