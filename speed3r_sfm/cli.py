@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             description=__doc__,
             formatter_class=RawDescriptionHelpFormatter,
         )
-    except (DeviceNotAvailableError, ModelNotAvailableError) as error:  # what the user can fix: no traceback
+    except (DeviceNotAvailableError, ModelNotAvailableError, FileExistsError) as error:  # the user can fix it
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     if isinstance(result, int) and result:

@@ -34,6 +34,8 @@ def synthetic_command(
         trajectory: camera path.
         overwrite: replace an existing folder.
     """
+    if Path(output).exists() and not overwrite:  # before rendering
+        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite true) to replace it")
     gt = render_scene(seed, views, height, width, trajectory=trajectory)
     path = write_colmap_dataset(
         output, gt.images, gt.intrinsics, gt.cam_from_world, depth=gt.depth, overwrite=overwrite

@@ -25,6 +25,14 @@ def test_synthetic_writes_a_colmap_dataset(tmp_path):
     assert (out / "depths.h5").is_file()
 
 
+def test_synthetic_refuses_an_existing_folder_before_rendering(tmp_path, capsys, monkeypatch):
+    (tmp_path / "scene").mkdir()
+    monkeypatch.setattr("speed3r_sfm.demo.render_scene", lambda *a, **k: pytest.fail("rendered"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synthetic", str(tmp_path / "scene"), "--views", "3"])
+    assert exit_info.value.code == 1 and "--overwrite true" in capsys.readouterr().err
+
+
 def test_reconstruct_of_an_empty_folder_exits_with_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
