@@ -388,8 +388,13 @@ def test_posed_by_tokens_rewrites_poses_depth_and_world_points_consistently(scen
             posed.world_points[0, view, v, u].double(), expected, atol=1e-4 * expected.abs().max()
         )
     del prediction.extras["descriptors"]
-    same, none = posed_by_tokens(prediction, options)
-    assert same is prediction and none["source"] == "camera head"
+    with pytest.MonkeyPatch.context() as patch:  # an official model's chunk: its maps are not copied
+        patch.setattr(SceneGeometry, "from_prediction", lambda _: pytest.fail("maps copied"))
+        same, none = posed_by_tokens(prediction, options)
+    assert same is prediction and none == {
+        "source": "camera head",
+        "why": "the model exports no match descriptors",
+    }
 
 
 def test_chunked_pose_report_maps_chunk_edges_to_global_views():
@@ -408,5 +413,11 @@ def test_chunked_pose_report_maps_chunk_edges_to_global_views():
     extras["chunk_token_poses"][1] = {"source": "tokens", "tree_edges": [[1, 0], [2, 1]]}  # views 3-2, 4-3
     assert chunked_pose_report(extras)["tree_edges"] == [[0, 1], [1, 2], [2, 3], [3, 4]]
     assert chunked_pose_report(extras)["source"] == "tokens"
+    no_descriptors = {"source": "camera head", "why": "the model exports no match descriptors"}
+    extras["chunk_token_poses"] = {0: no_descriptors, 1: no_descriptors, 2: no_descriptors}
+    assert {k: v for k, v in chunked_pose_report(extras).items() if k != "chunk_sources"} == {
+        **no_descriptors,
+        "tree_edges": [],
+    }
     del extras["chunk_token_poses"]
     assert chunked_pose_report(extras)["source"] == "camera head"

@@ -403,17 +403,13 @@ def apply_token_poses(geometry, prediction, options: TokenPoseOptions) -> dict:
     """Replace the camera head's poses of ``geometry`` (a :class:`~.frames.SceneGeometry`) by token poses,
     rescaling each view's depth to view 0's scale, when ``prediction`` carries descriptors and ``options``
     allow; returns the report entry (``source``: "tokens" or "camera head", and why)."""
-    descriptors = prediction.extras.get("descriptors")
-    if not options.enabled:
-        return {"source": "camera head", "why": "token poses disabled"}
-    if "chunk_sim3" in prediction.extras:
+    if options.enabled and "chunk_sim3" in prediction.extras:
         return chunked_pose_report(prediction.extras)
-    if descriptors is None:
-        return {"source": "camera head", "why": "the model exports no match descriptors"}
-    if geometry.num_views < 2:
-        return {"source": "camera head", "why": "one view"}
+    why = _camera_head_reason(prediction, options)
+    if why is not None:
+        return {"source": "camera head", "why": why}
     poses = token_poses(
-        descriptors[0].cpu(),
+        prediction.extras["descriptors"][0].cpu(),
         geometry.depth,
         geometry.confidence,
         geometry.intrinsics,
@@ -428,11 +424,25 @@ def apply_token_poses(geometry, prediction, options: TokenPoseOptions) -> dict:
     return {"source": "tokens", **poses.report()}
 
 
+def _camera_head_reason(prediction: Prediction, options: TokenPoseOptions) -> str | None:
+    """Why token poses cannot replace the camera head's for this prediction (None: they can be tried)."""
+    if not options.enabled:
+        return "token poses disabled"
+    if prediction.extras.get("descriptors") is None:
+        return "the model exports no match descriptors"
+    if prediction.num_views < 2:
+        return "one view"
+    return None
+
+
 def posed_by_tokens(prediction: Prediction, options: TokenPoseOptions) -> tuple[Prediction, dict]:
     """One pass's ``prediction`` (B = 1) with token poses in place of the camera head's (depth rescaled to
     view 0's scale, world points unprojected from it) and :func:`apply_token_poses`'s report entry;
     ``prediction`` as it is where that keeps the camera head. Chunked inference applies it to each chunk
     before the chunks are aligned, so that they are composed from token poses too."""
+    why = _camera_head_reason(prediction, options)
+    if why is not None:  # no copy of the maps to the CPU (a chunk of an official model)
+        return prediction, {"source": "camera head", "why": why}
     geometry = SceneGeometry.from_prediction(prediction)
     report = apply_token_poses(geometry, prediction, options)
     if report["source"] != "tokens":
@@ -465,12 +475,13 @@ def chunked_pose_report(extras: dict) -> dict:
         for i, j in report["tree_edges"]
     }
     computed = {report["source"] for report in per_chunk.values()}
-    source = "camera head"
+    source, why = "camera head", "; ".join(sorted({r["why"] for r in per_chunk.values() if "why" in r}))
     if "tokens" in computed:
         source = "tokens" if computed == {"tokens"} else "tokens and camera head"
+        why = "token poses within each chunk, chunks composed by Sim(3)"
     return {
         "source": source,
-        "why": "token poses within each chunk, chunks composed by Sim(3)",
+        "why": why,
         "chunk_sources": [
             per_chunk[k]["source"] if k in per_chunk else "stored in the chunk file" for k in range(len(plan))
         ],
