@@ -137,13 +137,7 @@ def reconstruct_command(
                 chunk_h5=chunk_h5,
                 undistort=undistort,
             )
-    except (
-        InputError,
-        OutputExistsError,
-        ModelNotAvailableError,
-        ChunkFileError,
-        FileNotFoundError,
-    ) as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not quiet:

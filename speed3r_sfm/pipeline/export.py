@@ -41,8 +41,7 @@ def check_output(
     ``image_dir``, the folder of the input images (``output`` is that folder or holds it)."""
     output = Path(output)
     if image_dir is not None:
-        images = Path(image_dir).resolve()
-        if output.resolve() == images or output.resolve() in images.parents:
+        if Path(image_dir).resolve().is_relative_to(output.resolve()):
             raise OutputExistsError(
                 f"output {output} holds the input images ({image_dir}): the project would replace them; "
                 "choose a folder outside it (a new subfolder of the image folder is fine)"

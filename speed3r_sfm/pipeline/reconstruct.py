@@ -655,7 +655,7 @@ def check_chunk_arguments(
             raise ValueError(
                 f"chunk_h5 {chunk_h5} is a folder; give a file path, e.g. {Path(chunk_h5) / 'chunks.h5'}"
             )
-        if output_dir is not None and Path(output_dir).resolve() in h5.parents:
+        if output_dir is not None and h5.is_relative_to(Path(output_dir).resolve()):
             raise ValueError(
                 f"chunk_h5 {chunk_h5} lies in the output folder {output_dir}, which is written anew when the "
                 "project is done: keep the chunk file outside it"
@@ -764,7 +764,7 @@ def _predict_in_chunks(
 
     def predict(images: torch.Tensor) -> Prediction:
         prediction = backbone.predict(images)
-        if token_poses is None or not token_poses.enabled:
+        if token_poses is None:
             return prediction
         prediction, report = posed_by_tokens(prediction, token_poses)
         pose_reports.append(report)
