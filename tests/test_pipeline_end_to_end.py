@@ -264,6 +264,57 @@ def test_output_that_holds_the_images_is_refused_even_with_overwrite(scene_data,
     assert oracle.calls == 0 and sorted(p.name for p in folder.iterdir()) == before
 
 
+def test_images_in_subfolders_keep_their_relative_names(scene_data, tmp_path, capsys):
+    """``recursive`` and ``image_list`` (the CLI's text file): COLMAP names are paths relative to the
+    folder, in the undistorted copy too; an output inside a folder read recursively is refused."""
+    folder = tmp_path / "images"
+    names = []
+    for i, path in enumerate(sorted(scene_data["folder"].iterdir())):
+        name = f"cam{i // 4}/{path.name}"  # natural order of the relative paths = the views' order
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(path.read_bytes())
+        names.append(name)
+    oracle = _oracle(scene_data, rotation_noise_deg=0.0, translation_noise=0.0)
+    with pytest.raises(OutputExistsError, match="lies inside the image folder"):
+        reconstruct(folder, folder / "out", model=oracle, recursive=True)
+    assert oracle.calls == 0
+    result = run_pipeline(
+        folder, tmp_path / "out", model=oracle, attention="dense", recursive=True, undistort=True
+    )
+    rec = result.reconstruction
+    assert result.image_names == names and rec.num_reg_images() == VIEWS
+    assert sorted(image.name for image in rec.images.values()) == names
+    undistorted = pycolmap.Reconstruction(tmp_path / "out" / "undistorted" / "sparse" / "0")
+    for image in undistorted.images.values():
+        assert (tmp_path / "out" / "undistorted" / "images" / image.name).is_file()
+    # a text file naming the views of cam1 only, as the CLI takes it
+    listing = tmp_path / "cam1.txt"
+    listing.write_text("\n".join(names[4:]) + "\n")
+    oracle_views = scene_data["views"]
+    oracle = SceneOracle(
+        oracle_views.intrinsics[4:],
+        oracle_views.cam_from_world[4:],
+        [(WIDTH, HEIGHT)] * 4,
+        preprocessing=Preprocessing("crop", WIDTH),
+        depth=list(oracle_views.depth[4:]),
+    )
+    backbone = Backbone(oracle, oracle.preprocessing, "oracle", torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline_reconstruct, "load_backbone", lambda *args, **kwargs: backbone)
+        code = pipeline_cli.reconstruct_command(
+            str(folder), str(tmp_path / "cam1"), attention="dense", image_list=str(listing), quiet=True
+        )
+        assert code == 0
+        rec = pycolmap.Reconstruction(tmp_path / "cam1" / "sparse" / "0")
+        assert sorted(image.name for image in rec.images.values()) == names[4:]
+        listing.write_text("cam1/missing.png\n")
+        code = pipeline_cli.reconstruct_command(
+            str(folder), str(tmp_path / "bad"), image_list=str(listing), quiet=True
+        )
+    assert code == 1 and "cam1/missing.png" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_failure_while_writing_leaves_no_project_and_no_debris(scene_data, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full (simulated)")

@@ -20,7 +20,7 @@ from speed3r_sfm.pipeline.frames import (
     work_to_model,
     work_to_original,
 )
-from speed3r_sfm.pipeline.inputs import InputError, Preprocessing, find_images, load_views
+from speed3r_sfm.pipeline.inputs import InputError, Preprocessing, find_images, load_views, select_images
 
 
 def _image(path, width, height, seed=0):
@@ -37,8 +37,55 @@ def test_missing_and_empty_folders_name_the_folder(tmp_path):
     (tmp_path / "cam0").mkdir()
     _image(tmp_path / "cam0" / "0001.png", 64, 48)
     _image(tmp_path / "cam0" / "0002.png", 64, 48)
-    with pytest.raises(InputError, match=r"subfolders hold images: .*cam0 \(2\): pass one of them"):
+    with pytest.raises(
+        InputError, match=r"subfolders hold images: .*cam0 \(2\): pass one of them.*--recursive"
+    ):
         find_images(tmp_path)
+
+
+def test_recursive_listing_and_image_lists_in_their_order(tmp_path):
+    for i, sub in enumerate(("cam1", "cam0")):
+        (tmp_path / sub).mkdir()
+        for j, name in enumerate(("2.png", "10.png")):
+            _image(tmp_path / sub / name, 64, 48, seed=2 * i + j)
+    _image(tmp_path / "top.png", 64, 48, seed=9)
+    names = [p.relative_to(tmp_path).as_posix() for p in select_images(tmp_path, recursive=True)]
+    assert names == ["cam0/2.png", "cam0/10.png", "cam1/2.png", "cam1/10.png", "top.png"]
+    assert [p.name for p in select_images(tmp_path)] == ["top.png"]
+    listed = ["cam1/10.png", "top.png", "cam0/2.png"]
+    assert select_images(tmp_path, listed) == [tmp_path / n for n in listed]
+    text = tmp_path.parent / "list.txt"
+    text.write_text("# chosen views\n  cam1/10.png\n\ntop.png\n./cam0/2.png\n")
+    assert select_images(tmp_path, text) == [tmp_path / n for n in listed]
+    views, _, _ = load_views(select_images(tmp_path, text), tmp_path, Preprocessing("crop", 56))
+    assert [v.name for v in views] == listed  # COLMAP names: relative paths
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (
+            ["a.png", "gone.png", "cam0/b.png"],
+            r"image_list: 2 of 3 listed images are not files in .*: gone.png, cam0/b.png",
+        ),
+        (["a.png", "./a.png"], "names a.png twice"),
+        (["../a.png"], "not a path inside the image folder"),
+        ([], "names no image"),
+    ],
+)
+def test_bad_image_lists_name_the_entry(tmp_path, entries, message):
+    _image(tmp_path / "a.png", 64, 48)
+    with pytest.raises(InputError, match=message):
+        select_images(tmp_path, entries)
+
+
+def test_missing_image_list_file_is_named(tmp_path):
+    _image(tmp_path / "a.png", 64, 48)
+    with pytest.raises(InputError, match=r"image list .*nope.txt does not exist"):
+        select_images(tmp_path, tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(InputError, match=r"image list .*empty.txt names no image"):
+        select_images(tmp_path, tmp_path / "empty.txt")
 
 
 def test_one_image_is_an_error(tmp_path):

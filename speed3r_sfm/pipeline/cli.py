@@ -50,6 +50,8 @@ def reconstruct_command(
     ordered: bool = True,
     chunk_h5: str | None = None,
     undistort: bool = False,
+    image_list: str | None = None,
+    recursive: bool = False,
     quiet: bool = False,
 ) -> int:
     """Reconstruct the images in IMAGE_DIR into the COLMAP project OUT.
@@ -92,6 +94,10 @@ def reconstruct_command(
         chunk_h5: HDF5 file keeping each chunk's output; a re-run with the same file resumes.
         undistort: also write OUT/undistorted: undistorted images and PINHOLE cameras (images/,
             sparse/0/), the folder Gaussian-splatting and NeRF tools (3DGS, gsplat, nerfstudio) read.
+        image_list: text file naming the images to use, one per line, relative to IMAGE_DIR (as COLMAP's
+            --ImageReader.image_list_path; subfolders allowed, "#" comments), in that order.
+        recursive: read the images of IMAGE_DIR's subfolders too (names "sub/img.jpg"); OUT must then lie
+            outside IMAGE_DIR.
         quiet: no progress bar or summary.
     """
     if output is None:
@@ -136,6 +142,8 @@ def reconstruct_command(
                 ordered=ordered,
                 chunk_h5=chunk_h5,
                 undistort=undistort,
+                image_list=image_list,
+                recursive=recursive,
             )
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

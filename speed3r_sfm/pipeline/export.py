@@ -35,16 +35,30 @@ class OutputExistsError(FileExistsError):
 
 
 def check_output(
-    output: str | os.PathLike, overwrite: bool, image_dir: str | os.PathLike | None = None
+    output: str | os.PathLike,
+    overwrite: bool,
+    image_dir: str | os.PathLike | None = None,
+    reads_subfolders: bool = False,
 ) -> Path:
     """Fail early (before any computation) if ``output`` cannot be written, or if writing it would replace
-    ``image_dir``, the folder of the input images (``output`` is that folder or holds it)."""
+    ``image_dir``, the folder of the input images (``output`` is that folder or holds it), or, when the
+    images are read from ``image_dir``'s subfolders too, if ``output`` lies inside it (its images would be
+    read as input)."""
     output = Path(output)
     if image_dir is not None:
         if Path(image_dir).resolve().is_relative_to(output.resolve()):
             raise OutputExistsError(
                 f"output {output} holds the input images ({image_dir}): the project would replace them; "
-                "choose a folder outside it (a new subfolder of the image folder is fine)"
+                + (
+                    "choose a folder outside it"
+                    if reads_subfolders
+                    else "choose a folder outside it (a new subfolder of the image folder is fine)"
+                )
+            )
+        if reads_subfolders and output.resolve().is_relative_to(Path(image_dir).resolve()):
+            raise OutputExistsError(
+                f"output {output} lies inside the image folder {image_dir}, whose subfolders are read "
+                "(recursive): its images would be read as input next time; choose a folder outside it"
             )
     if output.exists() and not overwrite:
         raise OutputExistsError(

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,73 @@ def _images_in_subfolders(folder: Path) -> str:
     shown = ", ".join(f"{sub} ({n})" for sub, n in sorted(counts.items())[:3])
     more = f" and {len(counts) - 3} more" if len(counts) > 3 else ""
     return (
-        f"; only the folder itself is read, and its subfolders hold images: {shown}{more}: pass one of them"
+        f"; only the folder itself is read, and its subfolders hold images: {shown}{more}: pass one of them, "
+        "or read the subfolders too with recursive=True (CLI: --recursive true)"
     )
+
+
+ImageList = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def select_images(
+    image_dir: str | os.PathLike, image_list: ImageList | None = None, recursive: bool = False
+) -> list[Path]:
+    """The images to reconstruct: those named by ``image_list`` (names relative to ``image_dir``, in the
+    list's order; a sequence of names or the path of a text file with one name per line, as COLMAP's
+    ``image_list_path``: blank lines and ``#`` comments are ignored), else every image of ``image_dir``
+    (and of its subfolders if ``recursive``) in natural order. Raises :class:`InputError` naming the list
+    or the folder when an entry is missing, repeated or outside the folder."""
+    if image_list is None:
+        return find_images(image_dir, recursive=recursive)
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        raise InputError(
+            f"image folder {folder} does not exist (or is not a folder); pass a folder of images"
+        )
+    names, source = _read_image_list(image_list)
+    if not names:
+        raise InputError(f"{source} names no image; give at least 2 image names relative to {folder}")
+    paths, seen, missing = [], set(), []
+    for name in names:
+        relative = Path(name)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise InputError(
+                f"{source}: {name!r} is not a path inside the image folder {folder}; "
+                "give names relative to it (as COLMAP names images), without '..'"
+            )
+        key = relative.as_posix()
+        if key in seen:
+            raise InputError(f"{source} names {key} twice; list every image once")
+        seen.add(key)
+        path = folder / relative
+        if not path.is_file():
+            missing.append(key)
+        paths.append(path)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise InputError(
+            f"{source}: {len(missing)} of {len(names)} listed images are not files in {folder}: {shown}; "
+            "names are relative to the image folder"
+        )
+    return paths
+
+
+def _read_image_list(image_list: ImageList) -> tuple[list[str], str]:
+    """(names, how to call the list in messages) of a list of names or of a text file of names."""
+    if isinstance(image_list, (str, os.PathLike)):
+        path = Path(image_list)
+        if not path.is_file():
+            raise InputError(
+                f"image list {path} does not exist (or is not a file); pass a text file with one image "
+                "name per line, relative to the image folder"
+            )
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"cannot read the image list {path} ({error}); it must be UTF-8 text") from error
+        names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return names, f"image list {path}"
+    return [Path(name).as_posix() for name in image_list], "image_list"
 
 
 def _work_copy(image: Image.Image, original_size: tuple[int, int], long_side: int) -> Image.Image:

@@ -67,7 +67,7 @@ from .colmap_model import (
 )
 from .export import check_output, write_project
 from .frames import SceneGeometry
-from .inputs import Preprocessing, find_images, load_views
+from .inputs import ImageList, Preprocessing, load_views, select_images
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .matching import (
     Matches,
@@ -147,6 +147,8 @@ def reconstruct(
     ordered: bool = True,
     chunk_h5: str | os.PathLike | None = None,
     undistort: bool = False,
+    image_list: ImageList | None = None,
+    recursive: bool = False,
 ) -> pycolmap.Reconstruction:
     """Reconstruct the images of ``image_dir``; writes a COLMAP project to ``output_dir`` if given.
 
@@ -166,7 +168,10 @@ def reconstruct(
     ``ordered=False`` groups an unordered collection into chunks by the similarity of the backbone's own
     tokens; ``chunk_h5`` stores each chunk's output so that an interrupted run
     resumes. ``undistort``: also write ``output_dir/undistorted`` (undistorted images and PINHOLE cameras
-    in ``images/`` and ``sparse/0/``, what Gaussian-splatting and NeRF tools read). See
+    in ``images/`` and ``sparse/0/``, what Gaussian-splatting and NeRF tools read). The images: every
+    image file of ``image_dir`` (``recursive``: and of its subfolders), or ``image_list``, names relative to
+    ``image_dir`` in the order given (a list, or a text file with one name per line as COLMAP's
+    ``image_list_path``); COLMAP names the images by those relative paths. See
     :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction.
     """
     return run_pipeline(
@@ -188,6 +193,8 @@ def reconstruct(
         ordered=ordered,
         chunk_h5=chunk_h5,
         undistort=undistort,
+        image_list=image_list,
+        recursive=recursive,
     ).reconstruction
 
 
@@ -210,6 +217,8 @@ def run_pipeline(
     ordered: bool = True,
     chunk_h5: str | os.PathLike | None = None,
     undistort: bool = False,
+    image_list: ImageList | None = None,
+    recursive: bool = False,
 ) -> PipelineResult:
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
     options = options or PipelineOptions()
@@ -220,13 +229,13 @@ def run_pipeline(
     if undistort and output_dir is None:
         raise ValueError("undistort=True writes output_dir/undistorted: give an output_dir")
     if output_dir is not None:
-        check_output(output_dir, overwrite, image_dir)  # fail before any work
+        check_output(output_dir, overwrite, image_dir, reads_subfolders=recursive)  # before any work
     readjusting = ba and options.bundle.readjust  # a stage known in advance (the rescue is not)
     stages = _Stages(len(STAGES) - (output_dir is None) + readjusting, progress)
     try:
         # 1. images
         stages.start("reading images")
-        paths = find_images(image_dir)
+        paths = select_images(image_dir, image_list, recursive)
         per_pass = len(paths) if chunk_size is None else min(len(paths), chunk_size)
         backbone = load_backbone(model, attention, device, preprocessing, num_views=per_pass)
         attention = backbone.attention  # "auto" resolved
