@@ -17,7 +17,7 @@ def _pattern(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 128 + 90 * np.sin(7 * x) * np.cos(5 * y)
 
 
-def _project(tmp_path, k: float = 0.12) -> tuple[pycolmap.Reconstruction, np.ndarray]:
+def _project(tmp_path, k: float = 0.12, name: str = "view.png") -> tuple[pycolmap.Reconstruction, np.ndarray]:
     """One SIMPLE_RADIAL camera with strong distortion and one image whose pixel (u, v) shows
     ``_pattern`` at the undistorted camera coordinates of its centre (COLMAP: centres at +0.5)."""
     camera = pycolmap.Camera(
@@ -28,9 +28,7 @@ def _project(tmp_path, k: float = 0.12) -> tuple[pycolmap.Reconstruction, np.nda
     image = _pattern(rays[:, 0], rays[:, 1]).reshape(HEIGHT, WIDTH)
     rec = pycolmap.Reconstruction()
     rec.add_camera_with_trivial_rig(camera)
-    rec.add_image_with_trivial_frame(
-        pycolmap.Image(name="view.png", camera_id=1, image_id=1), pycolmap.Rigid3d()
-    )
+    rec.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=1, image_id=1), pycolmap.Rigid3d())
     sparse = tmp_path / "sparse"
     sparse.mkdir()
     rec.write(sparse)
@@ -110,3 +108,45 @@ def test_images_are_copied_where_links_cannot_be_made(tmp_path, monkeypatch):
         tmp_path / "out", rec, tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)}
     )
     assert entry["images"] == 1 and (tmp_path / "out" / "images" / "view.png").is_file()
+
+
+def test_webp_goes_through_as_png_and_comes_back_as_webp(tmp_path):
+    """COLMAP's image library reads and writes no WebP: the undistorter gets a PNG copy, the output is a
+    lossless WebP under the original name, resampled as the PNG path resamples it."""
+    rec, image = _project(tmp_path, name="sub/view.webp")
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(image).save(tmp_path / "sub" / "view.webp", lossless=True)
+    Image.fromarray(image).save(tmp_path / "view.png")
+    entry = write_undistorted(
+        tmp_path / "out", rec, tmp_path / "sparse", {"sub/view.webp": (tmp_path / "sub" / "view.webp", 1)}
+    )
+    assert entry["images"] == 1 and entry["camera_models"] == ["PINHOLE"]
+    out = tmp_path / "out"
+    assert [p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.*")] == [
+        "sub/view.webp"
+    ]
+    undistorted = pycolmap.Reconstruction(out / "sparse" / "0")
+    assert [im.name for im in undistorted.images.values()] == ["sub/view.webp"]
+    with Image.open(out / "images" / "sub" / "view.webp") as webp:
+        assert webp.format == "WEBP"
+        got = np.asarray(webp.convert("L"))
+    (tmp_path / "png").mkdir()
+    rec_png, _ = _project(tmp_path / "png")
+    source = {"view.png": (tmp_path / "view.png", 1)}
+    write_undistorted(tmp_path / "ref", rec_png, tmp_path / "png" / "sparse", source)
+    reference = np.asarray(Image.open(tmp_path / "ref" / "images" / "view.png").convert("L"))
+    assert np.array_equal(got, reference)
+
+
+def test_cameras_without_distortion_come_out_as_pinholes(tmp_path):
+    """COLMAP passes a camera with zero distortion through unchanged (here SIMPLE_RADIAL, k = 0); the
+    splatting tools take pinholes only."""
+    rec, image = _project(tmp_path, k=0.0)
+    Image.fromarray(image).save(tmp_path / "view.png")
+    entry = write_undistorted(
+        tmp_path / "out", rec, tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)}
+    )
+    assert entry["camera_models"] == ["PINHOLE"]
+    camera = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").cameras[1]
+    assert camera.model.name == "PINHOLE"
+    np.testing.assert_allclose(camera.params, [80.0, 80.0, 48.0, 36.0])

@@ -9,7 +9,10 @@ reconstruction; its output is rearranged into that layout::
     OUT/undistorted/sparse/0/*.bin       PINHOLE cameras, the same poses and 3D points
 
 COLMAP reads the stored pixels and ignores EXIF orientation, while the project's coordinates are those of
-the upright image: rotated images are given to it as upright copies (JPEG at quality 95).
+the upright image: rotated images are given to it as upright copies (JPEG at quality 95). Formats its image
+library cannot read or write (WebP) go through it as PNG copies and come back in their own format
+(lossless). Cameras without distortion, which COLMAP passes through unchanged, are written as PINHOLE, so
+that every camera of ``sparse/0`` is a pinhole, as the splatting tools require.
 """
 
 from __future__ import annotations
@@ -26,16 +29,22 @@ from PIL import Image, ImageOps
 from .colmap_log import colmap_log_level
 
 JPEG_QUALITY = 95  # upright copies of EXIF-rotated JPEGs
+COLMAP_UNSUPPORTED = (".webp",)  # suffixes COLMAP's image library (OpenImageIO here) neither reads nor writes
+
+
+def staged_name(name: str) -> str:
+    """The name COLMAP's undistorter sees for image ``name``: a PNG copy's for unsupported formats."""
+    return f"{name}.png" if Path(name).suffix.lower() in COLMAP_UNSUPPORTED else name
 
 
 def _stage_upright_inputs(folder: Path, sources: Mapping[str, tuple[Path, int]], names: list[str]) -> None:
-    """``folder`` holds every image of ``names`` under its name: a link to the original, or an upright copy
-    where its EXIF orientation is not 1."""
+    """``folder`` holds every image of ``names`` under its :func:`staged_name`: a link to the original, or an
+    upright copy where its EXIF orientation is not 1 (a PNG copy for unsupported formats)."""
     for name in names:
         path, orientation = sources[name]
-        target = folder / name
+        target = folder / staged_name(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if orientation == 1:
+        if orientation == 1 and target.name == Path(name).name:
             try:
                 os.symlink(Path(path).resolve(), target)
             except OSError:  # a file system without symbolic links
@@ -62,15 +71,30 @@ def write_undistorted(
     names = sorted(rec.images[i].name for i in rec.reg_image_ids())
     if not names:
         raise ValueError("no registered image to undistort")
-    inputs = folder.parent / f".{folder.name}-inputs"
-    inputs.mkdir()
+    renamed = {staged_name(n): n for n in names if staged_name(n) != n}
+    work = folder.parent / f".{folder.name}-inputs"
+    inputs = work / "images"
+    inputs.mkdir(parents=True)
     try:
         _stage_upright_inputs(inputs, sources, names)
+        if renamed:  # the model as COLMAP sees it: the PNG copies' names
+            staged = pycolmap.Reconstruction(rec)
+            for image in staged.images.values():
+                image.name = staged_name(image.name)
+            sparse = work / "sparse"
+            sparse.mkdir()
+            staged.write(sparse)
         with colmap_log_level():  # no per-image "Undistorting image [k/N]" lines in the user's terminal
             pycolmap.undistort_images(folder, sparse, inputs, num_threads=num_threads)
     finally:
-        shutil.rmtree(inputs, ignore_errors=True)
-    written = sorted(p.relative_to(folder / "images").as_posix() for p in (folder / "images").rglob("*"))
+        shutil.rmtree(work, ignore_errors=True)
+    images = folder / "images"
+    for png, name in renamed.items():  # back to the original format and name
+        if (images / png).is_file():
+            with Image.open(images / png) as image:
+                image.save(images / name, lossless=True)
+            (images / png).unlink()
+    written = sorted(p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file())
     missing = sorted(set(names) - set(written))
     if missing:
         raise RuntimeError(f"COLMAP's undistorter wrote no image for {missing[:3]} ({len(missing)} in all)")
@@ -83,9 +107,26 @@ def write_undistorted(
     for script in folder.glob("run-colmap-*.sh"):
         script.unlink()
     undistorted = pycolmap.Reconstruction(model)
+    for image in undistorted.images.values():
+        image.name = renamed.get(image.name, image.name)
+    for camera in undistorted.cameras.values():
+        as_pinhole(camera)
+    undistorted.write(model)
+    used = {undistorted.image(i).camera_id for i in undistorted.reg_image_ids()}
     return {
         "path": "undistorted",
         "images": undistorted.num_reg_images(),
-        "camera_models": sorted({c.model.name for c in undistorted.cameras.values()}),
+        "camera_models": sorted({undistorted.camera(c).model.name for c in used}),
         "time_s": time.perf_counter() - start,
     }
+
+
+def as_pinhole(camera: pycolmap.Camera) -> None:
+    """Make ``camera`` a PINHOLE camera, in place, if its distortion parameters are all zero (the same
+    projection)."""
+    if camera.model.name == "PINHOLE" or any(camera.params[i] != 0.0 for i in camera.extra_params_idxs()):
+        return
+    fx, fy = camera.focal_length_x, camera.focal_length_y
+    cx, cy = camera.principal_point_x, camera.principal_point_y
+    camera.model = pycolmap.CameraModelId.PINHOLE
+    camera.params = [fx, fy, cx, cy]
