@@ -34,7 +34,7 @@ from speed3r_sfm.pipeline.backbone import (
     load_backbone,
 )
 from speed3r_sfm.pipeline.bundle import triangulator_options
-from speed3r_sfm.pipeline.export import OutputExistsError
+from speed3r_sfm.pipeline.export import OutputExistsError, OutputPathError
 from speed3r_sfm.pipeline.inputs import InputError, Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import PipelineOptions, reconstruct, run_pipeline
@@ -315,6 +315,41 @@ def test_images_in_subfolders_keep_their_relative_names(scene_data, tmp_path, ca
     assert not (tmp_path / "bad").exists()
 
 
+def test_overwrite_replaces_projects_only_and_never_the_current_folder(scene_data, tmp_path, monkeypatch):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    oracle = _oracle(scene_data)
+    with pytest.raises(OutputExistsError, match="is not a project"):
+        reconstruct(scene_data["folder"], precious, model=oracle, overwrite=True)
+    project = tmp_path / "project"
+    (project / "sparse").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    with pytest.raises(OutputExistsError, match="is the current folder"):
+        reconstruct(scene_data["folder"], ".", model=oracle, overwrite=True)
+    assert oracle.calls == 0 and (precious / "thesis.txt").read_text() == "years of work"
+    # an empty folder made beforehand is used as it is, named relative to the current folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    result = run_pipeline(scene_data["folder"], "empty", model=_oracle(scene_data), attention="dense")
+    assert result.output_dir == tmp_path / "empty" and (tmp_path / "empty" / "report.json").is_file()
+
+
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(scene_data, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    oracle = _oracle(scene_data)
+    with pytest.raises(OutputPathError, match="afile is a file, not a folder"):
+        reconstruct(scene_data["folder"], tmp_path / "afile" / "out", model=oracle)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(pipeline_export.tempfile, "mkdtemp", read_only)
+    with pytest.raises(OutputPathError, match=r"no folder can be made in .* \(Operation not permitted\)"):
+        reconstruct(scene_data["folder"], tmp_path / "new" / "out", model=oracle)
+    assert oracle.calls == 0 and not (tmp_path / "new").exists()
+
+
 def test_a_failure_while_writing_leaves_no_project_and_no_debris(scene_data, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full (simulated)")
@@ -335,6 +370,7 @@ def test_a_failure_while_writing_leaves_no_project_and_no_debris(scene_data, tmp
 def test_overwrite_replaces_the_project(scene_data, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
+    (output / "report.json").write_text("{}")  # a project (of an earlier run)
     (output / "stale.txt").write_text("old")
     reconstruct(scene_data["folder"], output, model=_oracle(scene_data), attention="dense", overwrite=True)
     assert not (output / "stale.txt").exists() and (output / "report.json").exists()

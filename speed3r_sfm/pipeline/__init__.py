@@ -4,7 +4,7 @@ the command-line entry point is :func:`speed3r_sfm.pipeline.cli.reconstruct_comm
 
 from .backbone import Backbone, ModelNotAvailableError, load_backbone
 from .bundle import BundleOptions
-from .export import OutputExistsError
+from .export import OutputExistsError, OutputPathError
 from .inputs import InputError, Preprocessing
 from .keypoints import KeypointOptions
 from .matching import MatchOptions
@@ -19,6 +19,7 @@ __all__ = [
     "MatchOptions",
     "ModelNotAvailableError",
     "OutputExistsError",
+    "OutputPathError",
     "PipelineOptions",
     "PipelineResult",
     "Preprocessing",

@@ -18,14 +18,21 @@ from .backbone import ModelNotAvailableError, resolve_device
 from .bundle import BundleOptions
 from .chunked import ChunkFileError
 from .colmap_model import parse_camera_params
-from .export import OutputExistsError
+from .export import OutputExistsError, OutputPathError
 from .inputs import InputError
 from .keypoints import KeypointOptions
 from .matching import MatchOptions
 from .reconstruct import PipelineOptions, PipelineResult, check_chunk_arguments, run_pipeline
 
 # what a user can fix (bad input, an existing output, a missing model or chunk file): one line, no traceback
-USER_ERRORS = (InputError, OutputExistsError, ModelNotAvailableError, ChunkFileError, FileNotFoundError)
+USER_ERRORS = (
+    InputError,
+    OutputExistsError,
+    OutputPathError,
+    ModelNotAvailableError,
+    ChunkFileError,
+    FileNotFoundError,
+)
 
 
 def reconstruct_command(
@@ -71,7 +78,8 @@ def reconstruct_command(
         camera_params: known intrinsics of every image, as COLMAP's --ImageReader.camera_params: the
             camera model's parameters in original pixels, comma-separated ("f,cx,cy,k" for SIMPLE_RADIAL,
             "fx,fy,cx,cy" for PINHOLE); held fixed by bundle adjustment; images of one size.
-        overwrite: replace OUT if it exists.
+        overwrite: replace OUT if it holds a project (report.json, sparse/ or database.db); an empty OUT is
+            used without it, any other existing OUT is refused.
         max_keypoints: keypoints per image.
         max_image_size: long side of the copies used for keypoints and matching (bigger images are read
             downscaled; observations are still in original pixels).

@@ -31,7 +31,15 @@ from .undistort import write_undistorted
 
 
 class OutputExistsError(FileExistsError):
-    """The output folder exists and overwriting was not asked for."""
+    """The output folder exists and overwriting was not asked for (or it is not a project to replace)."""
+
+
+class OutputPathError(OSError):
+    """The output folder cannot be created where it was asked for (a file in the way, no permission)."""
+
+
+# what marks a folder as a project that ``overwrite`` may replace
+PROJECT_ENTRIES = ("report.json", "sparse", "database.db")
 
 
 def check_output(
@@ -43,8 +51,10 @@ def check_output(
     """Fail early (before any computation) if ``output`` cannot be written, or if writing it would replace
     ``image_dir``, the folder of the input images (``output`` is that folder or holds it), or, when the
     images are read from ``image_dir``'s subfolders too, if ``output`` lies inside it (its images would be
-    read as input)."""
-    output = Path(output)
+    read as input). An existing empty folder is used; a non-empty one is replaced only with ``overwrite``
+    and only if it holds a project (:data:`PROJECT_ENTRIES`), never the current folder or one holding it.
+    Returns ``output`` as an absolute path."""
+    output = Path(os.path.abspath(output))
     if image_dir is not None:
         if Path(image_dir).resolve().is_relative_to(output.resolve()):
             raise OutputExistsError(
@@ -60,15 +70,52 @@ def check_output(
                 f"output {output} lies inside the image folder {image_dir}, whose subfolders are read "
                 "(recursive): its images would be read as input next time; choose a folder outside it"
             )
-    if output.exists() and not overwrite:
-        raise OutputExistsError(
-            f"output {output} already exists; choose another folder or pass overwrite=True (CLI: --overwrite)"
-        )
     if output.exists() and not output.is_dir():
         raise OutputExistsError(
             f"output {output} exists and is not a folder; remove it or choose another path"
         )
+    if output.is_dir() and _current_folder().is_relative_to(output.resolve()):
+        raise OutputExistsError(
+            f"output {output} is the current folder or holds it: the project would replace the folder "
+            "you are working in; choose another folder"
+        )
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(
+                f"output {output} already exists; choose another folder or pass overwrite=True "
+                "(CLI: --overwrite true)"
+            )
+        if not any((output / entry).exists() for entry in PROJECT_ENTRIES):
+            raise OutputExistsError(
+                f"output {output} is not a project (none of {', '.join(PROJECT_ENTRIES)}): overwrite only "
+                "replaces a project folder; empty it yourself or choose another folder"
+            )
+    _check_writable(output)
     return output
+
+
+def _current_folder() -> Path:
+    try:
+        return Path.cwd().resolve()
+    except FileNotFoundError:  # the current folder was deleted
+        return Path("/nonexistent-current-folder")
+
+
+def _check_writable(output: Path) -> None:
+    """Raise :class:`OutputPathError` unless ``output``'s nearest existing ancestor is a folder in which a
+    folder can be created (the project is staged next to ``output``)."""
+    ancestor = output.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"cannot create the output {output}: {ancestor} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=ancestor))
+    except OSError as error:
+        raise OutputPathError(
+            f"cannot create the output {output}: no folder can be made in {ancestor} ({error.strerror}); "
+            "choose a writable location"
+        ) from error
 
 
 def _json_default(value: Any) -> Any:
@@ -107,8 +154,11 @@ def _umask() -> int:
 
 
 def replace_folder(staged: Path, output: Path, overwrite: bool) -> None:
-    """Move the finished ``staged`` folder to ``output``; an old ``output`` is deleted only afterwards."""
-    if output.exists():
+    """Move the finished ``staged`` folder to ``output``; an old ``output`` is deleted only afterwards (an
+    empty one is replaced at once)."""
+    if output.is_dir() and not any(output.iterdir()):
+        os.replace(staged, output)  # renaming onto an empty folder replaces it
+    elif output.exists():
         if not overwrite:
             raise OutputExistsError(f"output {output} appeared while reconstructing; it was not replaced")
         trash = output.with_name(f".{output.name}.old-{os.getpid()}")

@@ -229,7 +229,7 @@ def run_pipeline(
     if undistort and output_dir is None:
         raise ValueError("undistort=True writes output_dir/undistorted: give an output_dir")
     if output_dir is not None:
-        check_output(output_dir, overwrite, image_dir, reads_subfolders=recursive)  # before any work
+        output_dir = check_output(output_dir, overwrite, image_dir, recursive)  # before any work
     readjusting = ba and options.bundle.readjust  # a stage known in advance (the rescue is not)
     stages = _Stages(len(STAGES) - (output_dir is None) + readjusting, progress)
     try:
