@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 
 import pycolmap
 import pytest
@@ -158,9 +159,21 @@ def test_chunked_gsa_records_guide_matching_and_the_chunk_file_resumes(scene, tm
     assert len(oracle.calls) == calls and again.report["chunking"]["computed_chunks"] == []
     assert again.report["gsa_records"] == records
     assert again.report["counts"]["refined_matches"] == first.report["counts"]["refined_matches"]
-    # The file belongs to these images: other images are refused.
+    # The file belongs to these images: other images are refused, by name and by pixels
     with pytest.raises(ValueError, match="other images"):
         run_pipeline(scene["root"] / "shuffled", None, **kwargs)
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    with Image.open(changed / "view_03.png") as image:
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(changed / "view_03.png")
+    with pytest.raises(ChunkFileError, match="other pixels for image view_03.png"):
+        run_pipeline(changed, None, **kwargs)
+    # ... and to this model
+    other = ChunkOracle(scene, folder, records="ideal")
+    other.name = "another oracle"
+    with pytest.raises(ChunkFileError, match="another model"):
+        run_pipeline(folder, None, **(kwargs | dict(model=other)))
+    assert other.calls == []
     # ... and to this chunk plan: another chunk size is refused before any chunk is computed
     with pytest.raises(ChunkFileError, match="another plan"):
         run_pipeline(folder, None, **(kwargs | dict(chunk_size=CHUNK - 1)))
@@ -349,7 +362,7 @@ class DescriptorChunkOracle(ChunkOracle):
         return prediction
 
 
-def test_chunks_are_posed_by_their_descriptors_before_they_are_composed(scene):
+def test_chunks_are_posed_by_their_descriptors_before_they_are_composed(scene, tmp_path):
     folder = scene["root"] / "ordered"
     gt = scene["views"].cam_from_world.double()
     result = run_pipeline(
@@ -365,6 +378,15 @@ def test_chunks_are_posed_by_their_descriptors_before_they_are_composed(scene):
     assert _median_rre(result.feedforward_cam_from_world, gt) < 10.0
     assert result.reconstruction.num_reg_images() == VIEWS
     assert _median_rre(_poses(result), gt) <= 0.5
+    # resumed from a chunk file, the chunks keep their token poses and the report says so
+    h5 = tmp_path / "chunks.h5"
+    kwargs = dict(chunk_size=CHUNK, chunk_overlap=OVERLAP, chunk_h5=h5)
+    first = run_pipeline(folder, None, model=DescriptorChunkOracle(scene, folder), **kwargs)
+    again = run_pipeline(folder, None, model=DescriptorChunkOracle(scene, folder), **kwargs)
+    assert again.report["chunking"]["computed_chunks"] == []
+    assert again.report["poses"] == first.report["poses"]
+    assert again.report["poses"]["chunk_sources"] == ["tokens"] * 3
+    assert torch.equal(again.feedforward_cam_from_world, first.feedforward_cam_from_world)
 
     off = DescriptorChunkOracle(scene, folder)
     options = pipeline_reconstruct.PipelineOptions()

@@ -8,8 +8,9 @@ Umeyama (:func:`robust_sim3`). A view seen by several chunks keeps the estimate 
 placed it. Each chunk's raw output (its own frame) can stream to an HDF5 file, one group per chunk whose
 ``complete`` attribute is written last; a re-run with the same file reuses complete chunks and recomputes
 only the rest (alignment is recomputed from the stored raw outputs, which is cheap and deterministic). The
-file also keeps the plan (:func:`stored_plan`) and, when given, the names of the views, so that a re-run on
-other images is refused. With ``keep_attention=True`` each chunk's GSA records are reduced to an
+file also keeps the plan (:func:`stored_plan`) and, when given, the names of the views, digests of their
+model input and a description of the model, so that a re-run on other images (or the same names with other
+pixels) or with another model is refused. With ``keep_attention=True`` each chunk's GSA records are reduced to an
 :class:`~speed3r_sfm.pipeline.records.AttentionSummary` over its own views, stored with the chunk and
 returned in ``extras["chunk_attention"]`` (see :func:`~speed3r_sfm.pipeline.records.merge_chunk_summaries`).
 
@@ -56,12 +57,17 @@ def _read_attention(group: h5py.Group) -> AttentionSummary | None:
     return read_summary(group["attention"]) if "attention" in group else None
 
 
+def _read_report(group: h5py.Group) -> dict | None:
+    return json.loads(group.attrs["report"]) if "report" in group.attrs else None
+
+
 def _write_chunk(
     file: h5py.File,
     k: int,
     indices: Sequence[int],
     out: dict[str, torch.Tensor],
     attention: AttentionSummary | None = None,
+    report: dict | None = None,
 ) -> None:
     name = _chunk_name(k)
     if name in file:
@@ -72,13 +78,20 @@ def _write_chunk(
         group.create_dataset(key, data=out[key].numpy())
     if attention is not None:
         write_summary(group.create_group("attention"), attention)
+    if report is not None:
+        group.attrs["report"] = json.dumps(report, default=_plain)
     file.flush()
     group.attrs["complete"] = True  # last: a crash before this line leaves the chunk to be recomputed
     file.flush()
 
 
+def _plain(value):
+    """JSON for the numpy / torch scalars and arrays of a chunk report."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 class ChunkFileError(ValueError):
-    """The chunk file was written for other images or another chunk plan."""
+    """The chunk file was written for other images, another model or another chunk plan."""
 
 
 def _complete_chunk(file: h5py.File | None, k: int, indices: Sequence[int]) -> bool:
@@ -148,11 +161,13 @@ def _plan(num_views: int, chunk_size: int, overlap: int, chunks: list[list[int]]
 
 def _run_chunk(
     predict: Predict, load: Callable, indices: Sequence[int], keep_attention: bool = False
-) -> tuple[dict[str, torch.Tensor], AttentionSummary | None]:
+) -> tuple[dict[str, torch.Tensor], AttentionSummary | None, dict | None]:
     pred = predict(load(list(indices))[None])
     attention = summarize_records(pred.attention, len(indices)) if keep_attention else None
+    report = pred.extras.get("chunk_report")
     pred = pred.to("cpu")
-    return {name: getattr(pred, name)[0].detach().float().contiguous() for name in _FIELDS}, attention
+    out = {name: getattr(pred, name)[0].detach().float().contiguous() for name in _FIELDS}
+    return out, attention, report
 
 
 def _map_names(keep_maps: bool | Sequence[str]) -> tuple[str, ...]:
@@ -165,14 +180,42 @@ def _map_names(keep_maps: bool | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _bind_file(file: h5py.File, plan: list[list[int]], view_names: Sequence[str] | None) -> None:
-    """Store the plan and the view names in a new chunk file; refuse a file written for other images."""
+def _bind_file(
+    file: h5py.File,
+    plan: list[list[int]],
+    view_names: Sequence[str] | None,
+    view_digests: Sequence[str] | None = None,
+    model: str | None = None,
+) -> None:
+    """Store the plan, the view names, the digests of the views' model input and the model in a new chunk
+    file; refuse a file written for other images (names or pixels), another model or another plan."""
     if view_names is not None:
         names = json.dumps(list(view_names))
         stored = file.attrs.get("view_names")
         if stored is not None and stored != names:
             raise ChunkFileError(f"{file.filename} holds chunks of other images; use a new h5 file")
         file.attrs["view_names"] = names
+    if view_digests is not None:
+        stored = file.attrs.get("view_digests")
+        if stored is not None and json.loads(stored) != list(view_digests):
+            before = json.loads(stored)
+            pairs = enumerate(zip(before, view_digests, strict=False))
+            changed = next((i for i, (a, b) in pairs if a != b), min(len(before), len(view_digests)))
+            which = view_names[changed] if view_names and changed < len(view_names) else f"view {changed}"
+            raise ChunkFileError(
+                f"{file.filename} holds chunks of other pixels for image {which} (the image changed, another "
+                "folder holds images of the same names, or the model input is made differently); use a new "
+                "h5 file"
+            )
+        file.attrs["view_digests"] = json.dumps(list(view_digests))
+    if model is not None:
+        stored = file.attrs.get("model")
+        if stored is not None and stored != model:
+            raise ChunkFileError(
+                f"{file.filename} holds chunks of another model ({stored}; this run: {model}); use a new h5 "
+                "file"
+            )
+        file.attrs["model"] = model
     stored_plan = file.attrs.get("plan")
     if stored_plan is not None and json.loads(stored_plan) != json.loads(json.dumps(plan)):
         raise ChunkFileError(
@@ -207,6 +250,8 @@ def predict_chunked(
     seed: int = 0,
     keep_attention: bool = False,
     view_names: Sequence[str] | None = None,
+    view_digests: Sequence[str] | None = None,
+    model: str | None = None,
 ) -> Prediction:
     """Predict a long sequence chunk by chunk and compose the chunks in one world frame.
 
@@ -218,8 +263,11 @@ def predict_chunked(
     ``chunks``, ``chunk_sim3`` (per chunk ``(s, R, t)`` chunk frame -> global frame, float64),
     ``chunk_inlier_fraction`` and ``computed_chunks`` (indices of the chunks run in this call), and with
     ``keep_attention`` ``chunk_attention`` (per chunk an AttentionSummary of its views, or None).
-    ``keep_maps``: True, False or the names of the composed maps to return. ``view_names`` (stored in the
-    h5 file) make a resume on other images fail instead of mixing them.
+    ``keep_maps``: True, False or the names of the composed maps to return. ``view_names``,
+    ``view_digests`` (of each view's input) and ``model`` (a description of the model and its settings),
+    stored in the h5 file, make a resume on other images or with another model fail instead of mixing
+    them. A JSON-able ``extras["chunk_report"]`` of a chunk's prediction is stored with the chunk and
+    returned, per chunk (None where absent), in ``extras["chunk_reports"]``.
     """
     load, num_views = _loader(images, num_views)
     plan = _plan(num_views, chunk_size, overlap, chunks)
@@ -238,19 +286,22 @@ def predict_chunked(
     inliers: list[float] = []
     computed: list[int] = []
     attention: list[AttentionSummary | None] = []
+    reports: list[dict | None] = []
     try:
         if file is not None:
-            _bind_file(file, plan, view_names)
+            _bind_file(file, plan, view_names, view_digests, model)
         for k, indices in enumerate(plan):
             if _complete_chunk(file, k, indices):
                 out = _read_chunk(file[_chunk_name(k)])
                 summary = _read_attention(file[_chunk_name(k)]) if keep_attention else None
+                report = _read_report(file[_chunk_name(k)])
             else:
-                out, summary = _run_chunk(predict, load, indices, keep_attention)
+                out, summary, report = _run_chunk(predict, load, indices, keep_attention)
                 computed.append(k)
                 if file is not None:
-                    _write_chunk(file, k, indices, out, summary)
+                    _write_chunk(file, k, indices, out, summary, report)
             attention.append(summary)
+            reports.append(report)
             if k == 0:
                 sim3 = (
                     torch.ones((), dtype=torch.float64),
@@ -305,6 +356,7 @@ def predict_chunked(
         "chunk_sim3": sim3s,
         "chunk_inlier_fraction": inliers,
         "computed_chunks": computed,
+        "chunk_reports": reports,
     }
     if keep_attention:
         extras["chunk_attention"] = attention

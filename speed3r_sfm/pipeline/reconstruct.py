@@ -25,6 +25,7 @@ Read top to bottom, :func:`run_pipeline` does:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -769,14 +770,13 @@ def _predict_in_chunks(
     )
     if chunk.h5 is not None:
         Path(chunk.h5).parent.mkdir(parents=True, exist_ok=True)
-    pose_reports: list[dict] = []  # one per chunk computed, in order
 
     def predict(images: torch.Tensor) -> Prediction:
         prediction = backbone.predict(images)
         if token_poses is None:
             return prediction
         prediction, report = posed_by_tokens(prediction, token_poses)
-        pose_reports.append(report)
+        prediction.extras["chunk_report"] = report  # kept in the chunk file with the chunk
         return prediction
 
     prediction = predict_chunked(
@@ -790,10 +790,13 @@ def _predict_in_chunks(
         keep_maps=("depth", "depth_conf"),  # what SceneGeometry uses
         keep_attention=backbone.guided,
         view_names=names,
+        view_digests=[hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in model_images],
+        model=f"{backbone.name}, {backbone.attention} attention, token poses {token_poses is not None}",
     )
     extras = prediction.extras
-    if pose_reports:
-        extras["chunk_token_poses"] = dict(zip(extras["computed_chunks"], pose_reports, strict=True))
+    if token_poses is not None:
+        reports = enumerate(extras["chunk_reports"])
+        extras["chunk_token_poses"] = {k: report for k, report in reports if report is not None}
     summary = None
     if backbone.guided:
         summary = merge_chunk_summaries(extras["chunk_attention"], chunks, len(names))
