@@ -37,7 +37,12 @@ from speed3r_sfm.pipeline.bundle import triangulator_options
 from speed3r_sfm.pipeline.export import OutputExistsError, OutputPathError
 from speed3r_sfm.pipeline.inputs import InputError, Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
-from speed3r_sfm.pipeline.reconstruct import PipelineOptions, reconstruct, run_pipeline
+from speed3r_sfm.pipeline.reconstruct import (
+    PipelineOptions,
+    ReconstructionError,
+    reconstruct,
+    run_pipeline,
+)
 
 # the module, not the function of the same name that speed3r_sfm.pipeline exports
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
@@ -348,6 +353,22 @@ def test_an_output_that_cannot_be_created_is_refused_before_any_work(scene_data,
     with pytest.raises(OutputPathError, match=r"no folder can be made in .* \(Operation not permitted\)"):
         reconstruct(scene_data["folder"], tmp_path / "new" / "out", model=oracle)
     assert oracle.calls == 0 and not (tmp_path / "new").exists()
+
+
+def test_images_without_texture_give_an_error_not_an_empty_project(scene_data, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(VIEWS):  # distinct files (duplicates are skipped), no texture to match
+        Image.new("RGB", (WIDTH, HEIGHT), (100 + i, 100, 100)).save(flat / f"view_{i:02d}.png")
+    with pytest.raises(ReconstructionError, match=r"no 3D point .* 8 images .*nothing was written"):
+        reconstruct(flat, tmp_path / "out", model=_oracle(scene_data), attention="dense")
+    assert not (tmp_path / "out").exists()
+    oracle = _oracle(scene_data)
+    backbone = Backbone(oracle, oracle.preprocessing, "oracle", torch.device("cpu"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline_reconstruct, "load_backbone", lambda *args, **kwargs: backbone)
+        code = pipeline_cli.reconstruct_command(str(flat), str(tmp_path / "out"), quiet=True)
+    assert code == 1 and "error: no 3D point could be triangulated" in capsys.readouterr().err
 
 
 def test_a_failure_while_writing_leaves_no_project_and_no_debris(scene_data, tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def test_recursive_listing_and_image_lists_in_their_order(tmp_path):
     listed = ["cam1/10.png", "top.png", "cam0/2.png"]
     assert select_images(tmp_path, listed) == [tmp_path / n for n in listed]
     text = tmp_path.parent / "list.txt"
-    text.write_text("# chosen views\n  cam1/10.png\n\ntop.png\n./cam0/2.png\n")
+    text.write_text("\ufeff# chosen views\r\n  cam1/10.png\r\n\r\ntop.png\n./cam0/2.png\n", encoding="utf-8")
     assert select_images(tmp_path, text) == [tmp_path / n for n in listed]
     views, _, _ = load_views(select_images(tmp_path, text), tmp_path, Preprocessing("crop", 56))
     assert [v.name for v in views] == listed  # COLMAP names: relative paths
@@ -99,12 +99,18 @@ def test_corrupt_and_duplicate_files_are_skipped_with_a_warning(tmp_path, caplog
     _image(tmp_path / "b.png", 64, 48, seed=2)
     shutil.copy(tmp_path / "a.png", tmp_path / "c.png")  # exact duplicate
     (tmp_path / "d.jpg").write_bytes(b"this is not a jpeg")  # corrupt
+    _image(tmp_path / "e.png", 10, 8)  # too small
+    _image(tmp_path / "f.png", 2000, 31)
+    (tmp_path / "g.png").symlink_to(tmp_path / "gone.png")  # a broken link
     with caplog.at_level(logging.WARNING):
         views, images, skipped = load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 56))
     assert [v.name for v in views] == ["a.png", "b.png"]
     assert images.shape == (2, 3, 42, 56)
     assert any("c.png" in s and "duplicate of a.png" in s for s in skipped)
     assert any("d.jpg" in s and "not a readable image" in s for s in skipped)
+    assert any("e.png" in s and "too small (10x8 pixels; at least 32 per side)" in s for s in skipped)
+    assert any("f.png" in s and "too small (2000x31 pixels" in s for s in skipped)
+    assert any("g.png" in s and "cannot read the file" in s for s in skipped)
     assert "d.jpg" in caplog.text and "c.png" in caplog.text
 
 

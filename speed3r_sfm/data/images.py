@@ -43,9 +43,9 @@ def natural_sort_key(text: str) -> tuple:
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Image files of ``folder`` (extensions in ``IMAGE_EXTENSIONS``, any case), in natural order of their
-    path relative to ``folder``; hidden files are skipped. Raises ``FileNotFoundError`` when the folder
-    does not exist or holds no image."""
+    """Image files of ``folder`` (extensions in ``IMAGE_EXTENSIONS``, any case; broken links too), in
+    natural order of their path relative to ``folder``; hidden files are skipped. Raises
+    ``FileNotFoundError`` when the folder does not exist or holds no image."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
@@ -53,11 +53,18 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     images = [
         p
         for p in candidates
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        if (p.is_file() or _broken_link(p))
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not p.name.startswith(".")
     ]
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return sorted(images, key=lambda p: natural_sort_key(p.relative_to(folder).as_posix()))
+
+
+def _broken_link(path: Path) -> bool:
+    """A symbolic link whose target is missing: listed, so that reading it reports the problem."""
+    return path.is_symlink() and not path.exists()
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:

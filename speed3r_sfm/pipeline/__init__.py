@@ -8,7 +8,7 @@ from .export import OutputExistsError, OutputPathError
 from .inputs import InputError, Preprocessing
 from .keypoints import KeypointOptions
 from .matching import MatchOptions
-from .reconstruct import PipelineOptions, PipelineResult, reconstruct, run_pipeline
+from .reconstruct import PipelineOptions, PipelineResult, ReconstructionError, reconstruct, run_pipeline
 from .refine import RefineOptions
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "PipelineOptions",
     "PipelineResult",
     "Preprocessing",
+    "ReconstructionError",
     "RefineOptions",
     "load_backbone",
     "reconstruct",

@@ -10,9 +10,10 @@ placed it. Each chunk's raw output (its own frame) can stream to an HDF5 file, o
 only the rest (alignment is recomputed from the stored raw outputs, which is cheap and deterministic). The
 file also keeps the plan (:func:`stored_plan`) and, when given, the names of the views, digests of their
 model input and a description of the model, so that a re-run on other images (or the same names with other
-pixels) or with another model is refused. With ``keep_attention=True`` each chunk's GSA records are reduced to an
-:class:`~speed3r_sfm.pipeline.records.AttentionSummary` over its own views, stored with the chunk and
-returned in ``extras["chunk_attention"]`` (see :func:`~speed3r_sfm.pipeline.records.merge_chunk_summaries`).
+pixels) or with another model is refused. With ``keep_attention=True`` each chunk's GSA records are
+reduced to an :class:`~speed3r_sfm.pipeline.records.AttentionSummary` over its own views, stored with the
+chunk and returned in ``extras["chunk_attention"]``
+(see :func:`~speed3r_sfm.pipeline.records.merge_chunk_summaries`).
 
 Memory: only the aligned points of the last chunk's views are kept for alignment. With
 ``keep_maps=True`` (default) the composed per-pixel maps of all S views are returned in memory; with

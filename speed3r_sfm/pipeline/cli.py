@@ -22,7 +22,13 @@ from .export import OutputExistsError, OutputPathError
 from .inputs import InputError
 from .keypoints import KeypointOptions
 from .matching import MatchOptions
-from .reconstruct import PipelineOptions, PipelineResult, check_chunk_arguments, run_pipeline
+from .reconstruct import (
+    PipelineOptions,
+    PipelineResult,
+    ReconstructionError,
+    check_chunk_arguments,
+    run_pipeline,
+)
 
 # what a user can fix (bad input, an existing output, a missing model or chunk file): one line, no traceback
 USER_ERRORS = (
@@ -31,6 +37,7 @@ USER_ERRORS = (
     OutputPathError,
     ModelNotAvailableError,
     ChunkFileError,
+    ReconstructionError,
     FileNotFoundError,
 )
 

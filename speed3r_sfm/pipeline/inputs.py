@@ -5,8 +5,9 @@ COLMAP image name), its original (upright, EXIF-applied) size, an RGB "work" cop
 ``max_image_size`` pixels on its long side, or to ``min_work_scale`` of the original if that is larger
 (keypoints and photometric refinement run on it: their sub-pixel accuracy, ~0.4 work pixels, becomes
 ``1 / scale`` times that in original pixels), and the :class:`~speed3r_sfm.data.images.ImageTransform`
-from the original image to the model input. Corrupt or non-image files and exact duplicates (same bytes)
-are skipped with a warning; fewer than two usable images is an :class:`InputError`.
+from the original image to the model input. Corrupt or non-image files, images smaller than
+``MIN_IMAGE_SIDE`` pixels on a side and exact duplicates (same bytes) are skipped with a warning; fewer than
+two usable images is an :class:`InputError`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from speed3r_sfm.data.images import (
 logger = logging.getLogger(__name__)
 
 PreprocessMode = Literal["crop", "pad", "pixel_limit"]
+
+
+MIN_IMAGE_SIDE = 32  # pixels: smaller images are skipped (a handful of 14-pixel patches, no keypoints)
 
 
 class InputError(ValueError):
@@ -182,7 +186,7 @@ def _read_image_list(image_list: ImageList) -> tuple[list[str], str]:
                 "name per line, relative to the image folder"
             )
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not a name
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"cannot read the image list {path} ({error}); it must be UTF-8 text") from error
         names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -218,6 +222,8 @@ def _read_one(
             image, orientation, size = read_image_upright(path, max_image_size, min_work_scale)
     except ImageReadError as error:
         return digest, None, f"not a readable image ({error})"
+    if min(size) < MIN_IMAGE_SIDE:
+        return digest, None, f"too small ({size[0]}x{size[1]} pixels; at least {MIN_IMAGE_SIDE} per side)"
     long_side = work_long_side(max(size), max_image_size, min_work_scale)
     work = _work_copy(image, size, long_side)
     return digest, (size, work, np.array(work), orientation), None

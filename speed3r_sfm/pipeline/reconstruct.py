@@ -116,6 +116,10 @@ class PipelineOptions:
             raise ValueError(f"min_work_scale must lie in [0, 1], got {self.min_work_scale}")
 
 
+class ReconstructionError(RuntimeError):
+    """The images ran through the pipeline but gave no reconstruction (no 3D point)."""
+
+
 @dataclass
 class PipelineResult:
     """What :func:`run_pipeline` produced."""
@@ -345,6 +349,12 @@ def run_pipeline(
         ]
         for entry in unregistered:
             logger.warning("not registered: %s: %s", entry["name"], entry["why"])
+        if rec.num_points3D() == 0:
+            raise ReconstructionError(
+                f"no 3D point could be triangulated from the {len(views)} images of {image_dir} "
+                f"({sum(len(k.xy) for k in keypoints)} keypoints, {len(matches)} matches): they may be too "
+                "small, without texture or without overlap" + (", nothing was written" if output_dir else "")
+            )
         stages.timings["total"] = stages.elapsed()
 
         report = build_report(
