@@ -32,6 +32,7 @@ from speed3r_sfm.pipeline.backbone import (
     DeviceNotAvailableError,
     ModelNotAvailableError,
     load_backbone,
+    resolve_device,
 )
 from speed3r_sfm.pipeline.bundle import triangulator_options
 from speed3r_sfm.pipeline.export import OutputExistsError, OutputPathError
@@ -674,6 +675,23 @@ def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_dat
     assert code == 1 and f"checkpoint file {missing} does not exist" in capsys.readouterr().err
     code = pipeline_cli.reconstruct_command(folder, out, device="gpu", quiet=True)
     assert code == 1 and "unknown device 'gpu'" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_text("x\n")
+    code = pipeline_cli.reconstruct_command(folder, out, model=str(corrupt), quiet=True)
+    err = capsys.readouterr().err
+    assert code == 1 and f"{corrupt} is not a readable PyTorch checkpoint" in err
+    assert "weights_only=True)" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(TypeError, match="image_list"):
+        reconstruct([scene_data["folder"] / "view_00.png"], None, model=_oracle(scene_data))
+    with pytest.raises(ValueError, match="chunk_size must be a whole number of views, got 2.5"):
+        reconstruct(scene_data["folder"], None, model=_oracle(scene_data), chunk_size=2.5)
+    assert resolve_device("cpu:5") == torch.device("cpu")
+    code = pipeline_cli.reconstruct_command(folder, out, model="", quiet=True)
+    assert code == 1 and "model is empty" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        code = pipeline_cli.reconstruct_command(folder, out, model="nobody/no-such-model", quiet=True)
+    assert code == 1 and "Could not get a checkpoint of 'nobody/no-such-model'" in capsys.readouterr().err
     for option, message in (
         (dict(max_keypoints=0), "max_keypoints must be at least 1"),
         (dict(max_image_size=0), "max_image_size must be a positive"),

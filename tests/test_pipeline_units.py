@@ -17,6 +17,7 @@ from scipy.spatial.transform import Rotation
 from speed3r_sfm.data.images import ImageTransform
 from speed3r_sfm.eval.metrics import rotation_angle_deg
 from speed3r_sfm.geometry import look_at
+from speed3r_sfm.models.checkpoint import CheckpointError
 from speed3r_sfm.pipeline.bundle import (
     BundleOptions,
     adjustable_images,
@@ -472,7 +473,7 @@ def test_backbones_bring_their_preprocessing_and_checkpoints_are_recognised(tmp_
     save_file({"something.else": torch.zeros(1)}, tmp_path / "x.safetensors")
     assert _family_of_checkpoint(str(tmp_path / "v.safetensors")) == "vggt"
     assert _family_of_checkpoint(str(tmp_path / "p.safetensors")) == "pi3"
-    with pytest.raises(ValueError, match="neither a VGGT nor a π³ checkpoint"):
+    with pytest.raises(CheckpointError, match="neither a VGGT nor a π³ checkpoint"):
         _family_of_checkpoint(str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="attention must be"):
         load_backbone(oracle, "sparse", "cpu")

@@ -8,6 +8,7 @@ path or by a Hugging Face Hub id (``owner/name``, optionally ``hf://owner/name/f
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -147,9 +148,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as error:
+        if isinstance(error, pickle.UnpicklingError):  # torch's message is a paragraph about weights_only
+            why = "not a torch.save file, or it holds objects other than tensors (weights_only=True)"
+        else:
+            why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint "
-            f"(expected a state_dict saved with torch.save): {error}"
+            f"{path} is not a readable PyTorch checkpoint (a state_dict saved with torch.save): {why}"
         ) from error
     return _unwrap_state_dict(data, path)
 

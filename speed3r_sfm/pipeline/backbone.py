@@ -96,6 +96,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     except RuntimeError as error:
         message = f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
         raise DeviceNotAvailableError(message) from error
+    if resolved.type == "cpu":
+        return torch.device("cpu")  # "cpu:5" names the same device
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceNotAvailableError(
@@ -207,6 +209,11 @@ def _load_checkpoint_model(
     spec: str | os.PathLike, attention: AttentionKind, num_views: int | None, device: torch.device
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     text = os.fspath(spec)
+    if not text.strip():
+        raise ModelNotAvailableError(
+            "model is empty: pass 'default', a Hub id ('facebook/VGGT-1B', 'yyfz233/Pi3') or a checkpoint "
+            "path"
+        )
     if text == "default" or _is_exported(text):
         path = DEFAULT_WEIGHTS if text == "default" else Path(text)
         return _load_exported_model(path, attention, num_views, device)
@@ -283,7 +290,7 @@ def gsa_threshold(meta: dict, device: torch.device) -> int | None:
 
 def _family_of_checkpoint(spec: str) -> str:
     """'vggt' or 'pi3' from the keys of a local or Hub checkpoint."""
-    from speed3r_sfm.models.checkpoint import read_state_dict, resolve_checkpoint
+    from speed3r_sfm.models.checkpoint import CheckpointError, read_state_dict, resolve_checkpoint
 
     path = resolve_checkpoint(spec, filenames=("model.safetensors", "model.pt"))
     keys = _checkpoint_keys(path) if path.suffix == ".safetensors" else list(read_state_dict(path))
@@ -291,7 +298,7 @@ def _family_of_checkpoint(spec: str) -> str:
         return "vggt"
     if any(k.startswith(("point_decoder.", "camera_decoder.")) for k in keys):
         return "pi3"
-    raise ValueError(
+    raise CheckpointError(
         f"checkpoint {path} is neither a VGGT nor a π³ checkpoint (keys start with "
         f"{sorted({k.split('.')[0] for k in keys})[:8]}); pass a built model instead"
     )

@@ -14,6 +14,8 @@ from typing import Literal
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from speed3r_sfm.models.checkpoint import CheckpointError
+
 from .backbone import ModelNotAvailableError, resolve_device
 from .bundle import BundleOptions
 from .chunked import ChunkFileError
@@ -30,12 +32,14 @@ from .reconstruct import (
     run_pipeline,
 )
 
-# what a user can fix (bad input, an existing output, a missing model or chunk file): one line, no traceback
+# what a user can fix (bad input, an existing output, a missing or unreadable model, a chunk file of
+# another run, images that give no reconstruction): one line, no traceback
 USER_ERRORS = (
     InputError,
     OutputExistsError,
     OutputPathError,
     ModelNotAvailableError,
+    CheckpointError,
     ChunkFileError,
     ReconstructionError,
     FileNotFoundError,

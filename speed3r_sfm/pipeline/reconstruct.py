@@ -227,6 +227,11 @@ def run_pipeline(
 ) -> PipelineResult:
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
     options = options or PipelineOptions()
+    if not isinstance(image_dir, str | os.PathLike):
+        raise TypeError(
+            f"image_dir must be a folder path, got {type(image_dir).__name__}; to reconstruct chosen images "
+            "pass their folder and image_list=[names relative to it]"
+        )
     if camera_model not in CAMERA_MODELS:
         raise ValueError(f"unsupported camera model {camera_model!r}; choose one of {CAMERA_MODELS}")
     known_params = None if camera_params is None else parse_camera_params(camera_model, camera_params)
@@ -669,6 +674,9 @@ def check_chunk_arguments(
     output_dir: str | os.PathLike | None = None,
 ) -> None:
     """Raise ValueError, saying why, for a chunk size, overlap or chunk file that cannot work."""
+    for name, value in (("chunk_size", chunk_size), ("chunk_overlap", chunk_overlap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} must be a whole number of views, got {value!r}")
     if chunk_h5 is not None:
         h5 = Path(chunk_h5).resolve()
         if h5.is_dir():
