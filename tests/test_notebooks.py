@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -11,7 +12,26 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "finetune.ipynb"])
+def _quickstart_scores_the_reconstruction(text: str) -> None:
+    found = re.search(r"registered (\d+)/(\d+) views, median RRE ([\d.]+) deg", text)
+    assert found, text[-2000:]
+    registered, views, rre = int(found[1]), int(found[2]), float(found[3])
+    assert registered == views == 12 and rre < 1.0
+
+
+def _finetuning_lowers_the_training_depth_error(text: str) -> None:
+    found = re.search(r"training frames: default model ([\d.]+), fine-tuned ([\d.]+)", text)
+    assert found, text[-2000:]
+    assert float(found[2]) < float(found[1])
+
+
+CLAIMS = {
+    "quickstart.ipynb": _quickstart_scores_the_reconstruction,
+    "finetune.ipynb": _finetuning_lowers_the_training_depth_error,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
 def test_notebook_runs(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
@@ -35,6 +55,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     elapsed = time.perf_counter() - start
     errors = [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    CLAIMS[name](printed)  # what the notebook's text says it shows
     assert elapsed < 600, f"{name} took {elapsed:.0f} s"
     assert (tmp_path / name.replace(".ipynb", "_output")).is_dir()  # outputs went to the temporary copy
     assert not (NOTEBOOKS / name.replace(".ipynb", "_output")).exists()
