@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -192,6 +194,23 @@ def test_colmap_source_and_cache_round_trip(colmap_root, tmp_path):
         assert torch.allclose(again[key], batch[key], atol=1e-5), key
     val = cached.val_batch(0)
     assert val["images"].shape[:2] == (1, cached.val_views)
+    # the cache is reused while its datasets stay as they are, and rebuilt when they change
+    built = cache_path.stat().st_mtime_ns
+    ReconstructionDataModule(**kwargs, cache_path=str(cache_path)).prepare_data()
+    assert cache_path.stat().st_mtime_ns == built
+    other = tmp_path / "other_scene"
+    shutil.copytree(root, other)
+    switched = ReconstructionDataModule(
+        **(kwargs | {"colmap_roots": [str(other)]}), cache_path=str(cache_path)
+    )
+    switched.prepare_data()
+    switched.setup("fit")
+    assert switched._frames.scene_names == ["other_scene"]
+    missing = ReconstructionDataModule(
+        **(kwargs | {"colmap_roots": [str(tmp_path / "nope")]}), cache_path=str(cache_path)
+    )
+    with pytest.raises(FileNotFoundError):
+        missing.prepare_data()
 
 
 def test_frame_cache_round_trip(tmp_path):

@@ -7,7 +7,7 @@ Layout of one file (one group per scene)::
     /<scene>/intrinsics      float64 (S, 3, 3)      integer-centre convention
     /<scene>/cam_from_world  float64 (S, 3, 4)      OpenCV
     /<scene>/names           utf-8 strings (S,)
-    attrs: height, width, format
+    attrs: height, width, format, sources (optional: what the frames were made from)
 
 Files are written to a temporary name and renamed, so a cache is either complete or absent. Handles are
 opened lazily per process (h5py handles must not cross a fork).
@@ -46,9 +46,13 @@ def _uint8_hwc(images: torch.Tensor) -> np.ndarray:
 
 
 def write_frame_cache(
-    path: str | os.PathLike, scenes: Iterable[SceneFrames], overwrite: bool = False
+    path: str | os.PathLike,
+    scenes: Iterable[SceneFrames],
+    overwrite: bool = False,
+    sources: str | None = None,
 ) -> Path:
-    """Write scenes (all at one size) to an HDF5 cache at ``path``; returns the path."""
+    """Write scenes (all at one size) to an HDF5 cache at ``path``; returns the path. ``sources``: a
+    description of what the frames were made from, kept with them (:func:`cache_sources`)."""
     import h5py
 
     path = Path(path)
@@ -61,6 +65,8 @@ def write_frame_cache(
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = CACHE_FORMAT
+            if sources is not None:
+                f.attrs["sources"] = sources
             for scene in scenes:
                 images = _uint8_hwc(scene.images)
                 s, h, w, _ = images.shape
@@ -92,6 +98,17 @@ def write_frame_cache(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def cache_sources(path: str | os.PathLike) -> str | None:
+    """The ``sources`` a cache was written with (None: none recorded, or no cache at ``path``)."""
+    import h5py
+
+    if not Path(path).is_file():
+        return None
+    with h5py.File(path, "r") as f:
+        value = f.attrs.get("sources")
+    return None if value is None else str(value)
 
 
 class FrameCache:

@@ -29,6 +29,8 @@ the view-consistent colour augmentation.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import math
 import os
 import time
@@ -45,8 +47,10 @@ from ..data.synthetic import HELDOUT_SEED_START, TRAJECTORIES, make_cameras, mak
 from ..geometry import camera_centers
 from ._lightning import pl
 from .augment import AugmentConfig, ViewConsistentColorAugment
-from .cache import FrameCache, SceneFrames, write_frame_cache
+from .cache import FrameCache, SceneFrames, cache_sources, write_frame_cache
 from .frames import fit_frame
+
+logger = logging.getLogger(__name__)
 
 VAL_SEED_START = 900_000
 """Synthetic validation seeds start here; training seeds are drawn in [0, VAL_SEED_START)."""
@@ -311,7 +315,29 @@ def build_colmap_cache(
                 image_names=frames.datasets[i].image_names,
             )
 
-    return write_frame_cache(path, scenes(), overwrite=overwrite)
+    return write_frame_cache(
+        path, scenes(), overwrite=overwrite, sources=colmap_sources(roots, size, image_dir)
+    )
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def colmap_sources(roots: list[str], size: tuple[int, int], image_dir: str = "images") -> str:
+    """What a frame cache of the COLMAP datasets ``roots`` depends on, as JSON: each root's absolute path
+    and the size and modification time of its model files, depth file and image folder, the frame size
+    and the image folder name. A cache whose recorded sources differ is stale."""
+    entries = []
+    for root in roots:
+        root_path = Path(root).resolve()
+        files = [p for sub in ("sparse/0", "sparse", ".") for p in sorted((root_path / sub).glob("*.bin"))]
+        files += [p for sub in ("sparse/0", "sparse", ".") for p in sorted((root_path / sub).glob("*.txt"))]
+        files += [root_path / "depths.h5", root_path / image_dir]
+        stamps = {str(p.relative_to(root_path)): _stamp(p) for p in files if p.exists()}
+        entries.append({"root": str(root_path), "files": stamps})
+    return json.dumps({"roots": entries, "size": list(size), "image_dir": image_dir}, sort_keys=True)
 
 
 def _stack(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -496,9 +522,16 @@ class ReconstructionDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ setup
 
     def prepare_data(self) -> None:
-        """Build the HDF5 cache of the COLMAP datasets once (rank 0)."""
-        if self.source == "colmap" and self.cache_path and not Path(self.cache_path).exists():
-            build_colmap_cache(self.colmap_roots, self.cache_path, self.size, self.image_dir)
+        """Build the HDF5 cache of the COLMAP datasets (rank 0): once, and again whenever the datasets it
+        was built from changed (other roots, an edited model, another frame size)."""
+        if self.source != "colmap" or not self.cache_path:
+            return
+        path = Path(self.cache_path)
+        if path.exists():
+            if cache_sources(path) == colmap_sources(self.colmap_roots, self.size, self.image_dir):
+                return
+            logger.warning("frame cache %s was built from other datasets or settings; rebuilding it", path)
+        build_colmap_cache(self.colmap_roots, path, self.size, self.image_dir, overwrite=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.source == "colmap":
