@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -115,3 +116,30 @@ def test_backbone_spec_presets():
     assert custom.dino.depth == 1 and custom.dino.embed_dim == 64 and custom.attention.top_k == 3
     with pytest.raises(TypeError, match="unknown VGGTConfig fields"):
         BackboneSpec("vggt", "tiny", {"not_a_field": 1}).config()
+
+
+def test_weights_fine_tuned_from_the_default_keep_its_pipeline_settings(tmp_path):
+    """The shipped sidecar tells the pipeline how to run the default (input size, dense below 64 views, no
+    GSA guidance, descriptor layer for token poses); a fine-tuned export from it keeps that."""
+    from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
+    from speed3r_sfm.pipeline.inputs import Preprocessing
+
+    spec = {"name": "vggt", "preset": "small", "attention": {"kind": "gsa"}}
+    module = ReconstructionModule(backbone=spec, init_checkpoint=str(DEFAULT_WEIGHTS))
+    assert module.model.config.descriptor_layer == 3  # not set by the "small" preset
+    path = module.export_weights(tmp_path / "tuned.safetensors")
+    meta = json.loads(path.with_suffix(".json").read_text())
+    shipped = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    for key in ("preprocessing", "pipeline_attention", "gsa_from_views", "gsa_guidance"):
+        assert meta[key] == shipped[key], key
+    assert meta["pipeline_settings_from"] == str(DEFAULT_WEIGHTS)
+    assert meta["config"]["descriptor_layer"] == 3
+    tuned = load_backbone(str(path), "auto", "cpu", num_views=24)
+    assert tuned.attention == "dense" and not tuned.guided
+    assert tuned.preprocessing == Preprocessing("crop", 294, patch_size=14)
+    # the shipped weights loaded as a module run as the path does
+    as_module = load_backbone(load_exported(DEFAULT_WEIGHTS), "auto", "cpu")
+    assert not as_module.guided and as_module.preprocessing == Preprocessing("crop", 294, patch_size=14)
+    # a checkpoint without a sidecar passes nothing on
+    plain = ReconstructionModule(backbone={"name": "vggt", "preset": "tiny"})
+    assert plain.pipeline_settings == {}

@@ -203,9 +203,11 @@ def export_weights(
     path: str | os.PathLike,
     dtype: str | torch.dtype = "float16",
     info: dict[str, Any] | None = None,
+    pipeline: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model's weights (parameters cast to ``dtype``, buffers as they are) to a ``.safetensors``
-    file and the JSON sidecar ``<path>.json`` (model name, full config, dtype, parameter count, ``info``)."""
+    file and the JSON sidecar ``<path>.json`` (model name, full config, dtype, parameter count, ``info``, and
+    the ``pipeline`` settings: :data:`PIPELINE_KEYS`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"export path {path} must end in .safetensors")
@@ -224,10 +226,43 @@ def export_weights(
         "dtype": str(dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in model.parameters()),
         "info": info or {},
+        **{key: value for key, value in (pipeline or {}).items() if key in PIPELINE_KEYS},
     }
     save_checkpoint(state, path, metadata={"speed3r_sfm": json.dumps({"model": spec.name})})
     sidecar(path).write_text(json.dumps(meta, indent=2) + "\n")
     return path
+
+
+# sidecar entries that tell the pipeline how to run exported weights (``pipeline/backbone.py``)
+PIPELINE_KEYS = (
+    "preprocessing",
+    "pipeline_attention",
+    "pipeline_attention_why",
+    "gsa_from_views",
+    "gsa_from_views_why",
+    "gsa_guidance",
+    "gsa_guidance_why",
+    "pipeline_settings_from",
+)
+
+
+def inherit_pipeline_settings(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """What weights fine-tuned from the exported checkpoint ``path`` keep of it: its pipeline settings
+    (:data:`PIPELINE_KEYS` of its sidecar, and where they came from) and, where ``model``'s config leaves
+    it unset, its descriptor layer (set on ``model``: token poses need it). Empty for other checkpoints."""
+    side = sidecar(path)
+    if Path(path).suffix != ".safetensors" or not side.is_file():
+        return {}
+    meta = json.loads(side.read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        return {}
+    layer = meta.get("config", {}).get("descriptor_layer")
+    if layer is not None and getattr(model.config, "descriptor_layer", 0) is None:
+        model.config.descriptor_layer = layer
+    settings = {key: meta[key] for key in PIPELINE_KEYS if key in meta}
+    if settings:
+        settings.setdefault("pipeline_settings_from", str(path))
+    return settings
 
 
 def sidecar(path: str | os.PathLike) -> Path:
@@ -240,9 +275,10 @@ def load_exported(
     attention: dict[str, Any] | AttentionConfig | None = None,
     device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """A model from :func:`export_weights` output, in float32 and eval mode. ``attention`` replaces the
-    stored global attention (e.g. dense weights run as training-free GSA: GSA gates missing from the file
-    keep their init; GSA gates in the file are dropped for a dense model)."""
+    """A model from :func:`export_weights` output, in float32 and eval mode, with the sidecar's
+    ``preprocessing`` and ``gsa_guidance`` as attributes (what ``reconstruct(model=module)`` reads).
+    ``attention`` replaces the stored global attention (e.g. dense weights run as training-free GSA: GSA
+    gates missing from the file keep their init; GSA gates in the file are dropped for a dense model)."""
     meta = json.loads(sidecar(path).read_text())
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{sidecar(path)} is not a {EXPORT_FORMAT} sidecar")
@@ -255,6 +291,10 @@ def load_exported(
     config = config_from_dict(cls, data)
     model = VGGT(config) if meta["model"] == "vggt" else Pi3(config)
     load_weights(model, path, allow_missing_gsa=True, ignore_gsa=config.attention.kind != "gsa")
+    # what reconstruct(model=<this module>) reads (pipeline.backbone.preprocessing_of, Backbone.gsa_guidance)
+    if "preprocessing" in meta:
+        model.preprocessing = dict(meta["preprocessing"])
+    model.gsa_guidance = bool(meta.get("gsa_guidance", True))
     return model.float().eval().to(device)
 
 

@@ -149,10 +149,12 @@ class ReconstructionModule(pl.LightningModule):
             )
         )
         self.model = self.spec.build()
+        self.pipeline_settings: dict[str, Any] = {}  # kept from an exported init checkpoint's sidecar
         if init_checkpoint:
             bb.load_weights(
                 self.model, init_checkpoint, allow_missing_gsa=True, ignore_gsa=not bb.uses_gsa(self.model)
             )
+            self.pipeline_settings = bb.inherit_pipeline_settings(init_checkpoint, self.model)
         self.distiller: Distiller | None = None
         if self.distill_config is not None:
             teacher = build_teacher(self.spec, self.distill_config.teacher_checkpoint)
@@ -334,7 +336,12 @@ class ReconstructionModule(pl.LightningModule):
             "distilled": self.distiller is not None,
             "teacher_checkpoint": self.distill_config.teacher_checkpoint if self.distill_config else None,
         }
-        return bb.export_weights(self.model, self.spec, path, dtype or self.export_dtype, info=info)
+        pipeline = dict(self.pipeline_settings)
+        size = getattr(getattr(self._trainer, "datamodule", None), "size", None) if self._trainer else None
+        if "preprocessing" in pipeline and size is not None:  # the width it was trained at
+            pipeline["preprocessing"] = {**pipeline["preprocessing"], "target_size": int(size[1])}
+        dtype = dtype or self.export_dtype
+        return bb.export_weights(self.model, self.spec, path, dtype, info=info, pipeline=pipeline)
 
     def on_train_end(self) -> None:
         if self.export_path and self.trainer.is_global_zero:
