@@ -12,6 +12,7 @@ the function that needs it, and a missing one raises :class:`MissingDependencyEr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -44,6 +45,8 @@ def load_reconstruction(project: str | os.PathLike | pycolmap.Reconstruction) ->
     if isinstance(project, pycolmap.Reconstruction):
         return project
     path = Path(project)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a project folder (reconstruct OUT) or a model")
     for candidate in (path / "sparse" / "0", path / "sparse", path):
         if (candidate / "images.bin").exists() or (candidate / "images.txt").exists():
             return pycolmap.Reconstruction(str(candidate))
@@ -235,11 +238,16 @@ def plot_depth_maps(
 
 
 def export_ply(project: str | os.PathLike | pycolmap.Reconstruction, path: str | os.PathLike) -> Path:
-    """The 3D points as a PLY file (pycolmap's writer)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    load_reconstruction(project).export_PLY(str(path))
-    return path
+    """The 3D points as a PLY file (pycolmap's writer), written to a temporary file and moved into place."""
+    rec = load_reconstruction(project)
+    with _written_atomically(path) as tmp:
+        rec.export_PLY(str(tmp))
+    return Path(path)
+
+
+# glTF is Y-up with the camera looking along -Z; COLMAP's cameras look along +Z with +Y down: a half turn
+# about X shows a scene upright whose first camera was held level
+COLMAP_TO_GLTF = np.diag([1.0, -1.0, -1.0])
 
 
 def export_glb(
@@ -248,53 +256,94 @@ def export_glb(
     cameras: bool = True,
     frustum_scale: float | None = None,
 ) -> Path:
-    """The coloured points and (``cameras``) the camera frusta as line sets, in a binary glTF file."""
+    """The coloured points and (``cameras``) the camera frusta as line sets, in a binary glTF file, in glTF's
+    axes (:data:`COLMAP_TO_GLTF` applied to COLMAP's world coordinates)."""
     trimesh = require("trimesh", "GLB export")
     rec = load_reconstruction(project)
     xyz, rgb = point_cloud(rec)
     scene = trimesh.Scene()
     if len(xyz):
         colours = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], 1)
-        scene.add_geometry(trimesh.PointCloud(xyz, colors=colours), geom_name="points")
+        scene.add_geometry(trimesh.PointCloud(xyz @ COLMAP_TO_GLTF.T, colors=colours), geom_name="points")
     if cameras:
         for f in camera_frusta(rec, frustum_scale):
-            vertices = np.concatenate([f.center[None], f.corners])
+            vertices = np.concatenate([f.center[None], f.corners]) @ COLMAP_TO_GLTF.T
             edges = [[0, 1], [0, 2], [0, 3], [0, 4], [1, 2], [2, 3], [3, 4], [4, 1]]
             entities = [trimesh.path.entities.Line(e) for e in edges]
             scene.add_geometry(trimesh.path.Path3D(entities, vertices), geom_name=f"camera_{f.name}")
     if not scene.geometry:
         raise ValueError("the reconstruction has no points and no cameras to export")
+    data = scene.export(file_type="glb")
+    with _written_atomically(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _written_atomically(path: str | os.PathLike):
+    """A temporary file next to ``path`` that becomes ``path`` when the block succeeds (removed if not)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(scene.export(file_type="glb"))
-    return path
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _model_files(project: str | os.PathLike) -> list[Path]:
+    """The files of the COLMAP model a project (or model folder) is read from."""
+    root = Path(project)
+    folders = [root / "sparse" / "0", root / "sparse", root]
+    return [p.resolve() for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file()]
 
 
 def export_command(
-    project: str, output: str | None = None, format: Literal["auto", "ply", "glb"] = "auto"
+    project: str,
+    output: str | None = None,
+    format: Literal["auto", "ply", "glb"] = "auto",
+    overwrite: bool = False,
 ) -> int:
     """Export the points (and, in GLB, the camera frusta) of the COLMAP project PROJECT.
 
     Args:
         project: project folder (OUT of ``speed3r-sfm reconstruct``) or a COLMAP model folder.
         output: file to write (.ply or .glb); -o for short. Default: PROJECT/points.glb.
-        format: "ply", "glb" or "auto" (from the output suffix: .ply or .glb).
+        format: "ply", "glb" or "auto" (from the output suffix: .ply or .glb); a .ply or .glb suffix must
+            agree with it.
+        overwrite: replace an existing output file (never a file of the model itself).
     """
     output_path = Path(output) if output else Path(project) / "points.glb"
+    suffix = output_path.suffix.lower()
     kind = format
-    if format == "auto":
-        suffix = output_path.suffix.lower()
-        if suffix not in (".ply", ".glb"):
-            print(
-                f"error: cannot tell the format of {output_path} from its suffix: name it .ply or .glb, "
-                "or pass --format ply|glb",
-                file=sys.stderr,
-            )
-            return 1
+    problem = None
+    if format == "auto" and suffix not in (".ply", ".glb"):
+        problem = (
+            f"cannot tell the format of {output_path} from its suffix: name it .ply or .glb, or pass "
+            "--format ply|glb"
+        )
+    elif format == "auto":
         kind = suffix[1:]
+    elif suffix in (".ply", ".glb") and suffix[1:] != format:
+        problem = f"--format {format} would write {format.upper()} data into {output_path}; name it .{format}"
+    if problem is None and output_path.is_dir():
+        example = output_path / f"points.{kind}"
+        problem = f"output {output_path} is a folder; give a file path, e.g. {example}"
+    elif problem is None and output_path.exists():
+        if output_path.resolve() in _model_files(project):
+            problem = f"output {output_path} is a file of the model being exported; choose another path"
+        elif not overwrite:
+            problem = f"output {output_path} exists; choose another path or pass --overwrite true"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
-        written = export_ply(project, output_path) if kind == "ply" else export_glb(project, output_path)
-    except (FileNotFoundError, MissingDependencyError) as error:
+        rec = load_reconstruction(project)
+        if rec.num_points3D() == 0:
+            print(f"warning: {project} has no 3D points; only cameras are exported", file=sys.stderr)
+        written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)
+    except (FileNotFoundError, MissingDependencyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {written}")

@@ -115,3 +115,39 @@ def test_viser_scene(project):
         np.testing.assert_allclose(rotation[:, 2], [-1, 0, 0], atol=1e-6)
     finally:
         server.stop()
+
+
+def test_export_protects_existing_files_and_the_model(project, tmp_path, capsys):
+    def export(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", str(project), *args])
+        return exit_info.value.code, capsys.readouterr().err
+
+    model_file = project / "sparse" / "0" / "points3D.bin"
+    before = model_file.read_bytes()
+    code, err = export("-o", str(model_file), "--format", "ply", "--overwrite", "true")
+    assert code == 1 and "is a file of the model being exported" in err and model_file.read_bytes() == before
+    code, err = export("-o", str(tmp_path / "x.ply"), "--format", "glb")
+    assert code == 1 and "would write GLB data into" in err and not (tmp_path / "x.ply").exists()
+    code, err = export("-o", str(tmp_path), "--format", "ply")
+    assert code == 1 and "is a folder" in err
+    (tmp_path / "old.ply").write_text("keep")
+    code, err = export("-o", str(tmp_path / "old.ply"))
+    assert code == 1 and "exists" in err and (tmp_path / "old.ply").read_text() == "keep"
+    main(["export", str(project), "-o", str(tmp_path / "old.ply"), "--overwrite", "true"])
+    assert (tmp_path / "old.ply").read_bytes().startswith(b"ply")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "nowhere"), "-o", str(tmp_path / "n.ply")])
+    assert exit_info.value.code == 1 and "nowhere does not exist" in capsys.readouterr().err
+
+
+def test_glb_is_in_gltf_axes(project, tmp_path):
+    """glTF is Y-up: COLMAP's (x, y, z) is written as (x, -y, -z)."""
+    trimesh = pytest.importorskip("trimesh")
+    viz.export_glb(project, tmp_path / "a.glb")
+    scene = trimesh.load(tmp_path / "a.glb")
+    cloud = next(g for g in scene.geometry.values() if isinstance(g, trimesh.PointCloud))
+    xyz, _ = viz.point_cloud(viz.load_reconstruction(project))
+    np.testing.assert_allclose(np.sort(cloud.vertices[:, 1]), np.sort(-xyz[:, 1]), atol=1e-5)
+    np.testing.assert_allclose(np.sort(cloud.vertices[:, 2]), np.sort(-xyz[:, 2]), atol=1e-5)
