@@ -398,17 +398,32 @@ def view_command(project: str, host: str = "127.0.0.1", port: int = 8080, max_po
         port: port to serve on (open http://HOST:PORT in a browser).
         max_points: points shown at most (a random subset above).
     """
+    import socket
     import time
 
     try:
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port must lie in 1-65535, got {port}")
+        if max_points < 1:
+            raise ValueError(f"max_points must be at least 1, got {max_points}")
+        try:  # an address of this machine: bind a probe socket to it (any port)
+            family = socket.getaddrinfo(host, None)[0][0]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((host, 0))
+        except (OSError, UnicodeError) as error:
+            why = getattr(error, "strerror", None) or error
+            message = f"cannot serve on host {host!r} ({why}); use e.g. 127.0.0.1 or 0.0.0.0"
+            raise ValueError(message) from error
         viser = require("viser", "speed3r-sfm view")
         rec = load_reconstruction(project)
-    except (FileNotFoundError, MissingDependencyError) as error:
+    except (FileNotFoundError, MissingDependencyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    server = viser.ViserServer(host=host, port=port)
+    server = viser.ViserServer(host=host, port=port, verbose=False)
     build_scene(server, rec, max_points)
-    print(f"viewer of {project} at http://{host}:{port} (Ctrl-C to stop)")
+    served = server.get_port()  # viser moves to the next free port if this one is taken
+    moved = f" (port {port} was taken)" if served != port else ""
+    print(f"viewer of {project} at http://{host}:{served}{moved} (Ctrl-C to stop)")
     try:
         while True:
             time.sleep(1.0)

@@ -151,3 +151,29 @@ def test_glb_is_in_gltf_axes(project, tmp_path):
     xyz, _ = viz.point_cloud(viz.load_reconstruction(project))
     np.testing.assert_allclose(np.sort(cloud.vertices[:, 1]), np.sort(-xyz[:, 1]), atol=1e-5)
     np.testing.assert_allclose(np.sort(cloud.vertices[:, 2]), np.sort(-xyz[:, 2]), atol=1e-5)
+
+
+def test_view_checks_its_arguments_and_reports_the_port_it_serves_on(project, monkeypatch, capsys):
+    pytest.importorskip("viser")
+    for args, message in (
+        (["--port", "99999"], "port must lie in 1-65535"),
+        (["--port", "-1"], "port must lie in 1-65535"),
+        (["--max_points", "0"], "max_points must be at least 1"),
+        (["--host", "203.0.113.7"], "cannot serve on host '203.0.113.7'"),  # not an address of this machine
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["view", str(project), *args])
+        assert exit_info.value.code == 1 and message in capsys.readouterr().err
+
+    def stop(seconds):
+        raise KeyboardInterrupt  # Ctrl-C at once
+
+    monkeypatch.setattr("time.sleep", stop)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert viz.view_command(str(project), port=port) == 0
+    out = capsys.readouterr().out
+    served = int(out.split("http://127.0.0.1:")[1].split()[0])
+    assert served != port and f"(port {port} was taken)" in out
