@@ -22,9 +22,15 @@ from collections.abc import Callable
 def main(argv: list[str] | None = None) -> None:
     args = ["--output" if arg == "-o" else arg for arg in (sys.argv[1:] if argv is None else argv)]
     if args and args[0] == "fit":
+        from .data.colmap_dataset import ColmapDatasetError
+        from .models.checkpoint import CheckpointError
         from .training.cli import fit_main
 
-        fit_main(args[1:])
+        try:
+            fit_main(args[1:])
+        except (FileNotFoundError, CheckpointError, ColmapDatasetError) as error:  # data or weights to fix
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
         return
     from jsonargparse import auto_cli
 
@@ -41,7 +47,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args and args[0] in commands:
         args = with_bool_values(args, commands[args[0]])
+    from .demo import SceneTooLargeError
     from .pipeline.backbone import DeviceNotAvailableError, ModelNotAvailableError
+    from .pipeline.reconstruct import ReconstructionError
+
+    # what the user can fix (or a scene that gives no reconstruction): one line, no traceback
+    user_errors = (
+        DeviceNotAvailableError,
+        ModelNotAvailableError,
+        FileExistsError,
+        SceneTooLargeError,
+        ReconstructionError,
+    )
 
     try:
         result = auto_cli(
@@ -51,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             description=__doc__,
             formatter_class=RawDescriptionHelpFormatter,
         )
-    except (DeviceNotAvailableError, ModelNotAvailableError, FileExistsError) as error:  # the user can fix it
+    except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     if isinstance(result, int) and result:

@@ -8,18 +8,52 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from jsonargparse.typing import NonNegativeInt, restricted_number_type
 
 from .data.colmap_dataset import write_colmap_dataset
 from .data.synthetic import render_scene
 from .eval.metrics import absolute_trajectory_error, pose_auc, relative_pose_errors
 
+# argument types the command line checks (jsonargparse): at least two views, sides a model can read
+ViewCount = restricted_number_type("ViewCount", int, [(">=", 2), ("<=", 10_000)])
+ImageSide = restricted_number_type("ImageSide", int, [(">=", 32), ("<=", 4096)])
+MAX_RENDERED_PIXELS = 100_000_000  # views x height x width rendered at once
+
+
+class SceneTooLargeError(ValueError):
+    """More pixels than are rendered at once."""
+
+
+def _check_scene(views: int, height: int, width: int) -> None:
+    pixels = views * height * width
+    if pixels > MAX_RENDERED_PIXELS:
+        raise SceneTooLargeError(
+            f"{views} views of {width}x{height} are {pixels / 1e6:.0f} M pixels; at most "
+            f"{MAX_RENDERED_PIXELS / 1e6:.0f} M are rendered at once: fewer views or smaller images"
+        )
+
+
+def _scene_output(output: str | os.PathLike, overwrite: bool) -> Path:
+    """``output`` as an absolute path, checked before rendering: an existing folder is replaced only with
+    ``overwrite`` and only if it holds a scene (images/ or sparse/), never the current folder."""
+    path = Path(os.path.abspath(output))
+    if not path.exists():
+        return path
+    if not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite true) to replace it")
+    if not path.is_dir() or not ((path / "images").is_dir() or (path / "sparse").is_dir()):
+        raise FileExistsError(f"{output} exists and is not a scene folder (images/, sparse/); choose another")
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise FileExistsError(f"{output} is the current folder or holds it; choose another folder")
+    return path
+
 
 def synthetic_command(
     output: str | os.PathLike,
-    seed: int = 0,
-    views: int = 24,
-    height: int = 294,
-    width: int = 392,
+    seed: NonNegativeInt = 0,
+    views: ViewCount = 24,
+    height: ImageSide = 294,
+    width: ImageSide = 392,
     trajectory: Literal["orbit", "forward", "random"] = "orbit",
     overwrite: bool = False,
 ) -> Path:
@@ -34,8 +68,8 @@ def synthetic_command(
         trajectory: camera path.
         overwrite: replace an existing folder.
     """
-    if Path(output).exists() and not overwrite:  # before rendering
-        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite true) to replace it")
+    output = _scene_output(output, overwrite)  # before rendering
+    _check_scene(views, height, width)
     gt = render_scene(seed, views, height, width, trajectory=trajectory)
     path = write_colmap_dataset(
         output, gt.images, gt.intrinsics, gt.cam_from_world, depth=gt.depth, overwrite=overwrite
@@ -73,10 +107,10 @@ def _pose_scores(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | Non
 
 def demo_command(
     output: str | os.PathLike = "outputs/demo",
-    seed: int = 1_000_000,
-    views: int = 24,
-    height: int = 392,
-    width: int = 518,
+    seed: NonNegativeInt = 1_000_000,
+    views: ViewCount = 24,
+    height: ImageSide = 392,
+    width: ImageSide = 518,
     trajectory: Literal["orbit", "forward", "random"] = "orbit",
     model: str = "default",
     attention: Literal["auto", "gsa", "dense"] = "auto",
@@ -103,12 +137,19 @@ def demo_command(
         shared_camera: one camera for all views (the rendered views share their intrinsics).
         overwrite: replace earlier demo outputs.
     """
-    from .pipeline.backbone import resolve_device
+    from .pipeline.backbone import check_model_spec, resolve_device
     from .pipeline.cli import summary_text
+    from .pipeline.export import check_output
     from .pipeline.reconstruct import run_pipeline
 
-    resolve_device(device)  # before rendering: a device that is not there fails at once
-    output = Path(output)
+    # before rendering: a device, model or output that cannot work fails at once
+    resolve_device(device)
+    check_model_spec(model)
+    _check_scene(views, height, width)
+    output = Path(os.path.abspath(output))
+    if (output / "scene").exists():
+        _scene_output(output / "scene", overwrite)
+    check_output(output / "reconstruction", overwrite)
     output.mkdir(parents=True, exist_ok=True)
     gt = render_scene(seed, views, height, width, trajectory=trajectory)
     scene = write_colmap_dataset(

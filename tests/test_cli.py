@@ -33,6 +33,46 @@ def test_synthetic_refuses_an_existing_folder_before_rendering(tmp_path, capsys,
     assert exit_info.value.code == 1 and "--overwrite true" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--views", "1"], "views"),
+        (["--views", "0"], "views"),
+        (["--seed", "-1"], "seed"),
+        (["--height", "0"], "height"),
+        (["--width", "5000"], "width"),
+        (["--views", "10000", "--height", "4096", "--width", "4096"], "at most 100 M are rendered at once"),
+    ],
+)
+def test_synthetic_and_demo_check_scene_arguments_before_rendering(
+    option, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("speed3r_sfm.demo.render_scene", lambda *a, **k: pytest.fail("rendered"))
+    for command in (["synthetic", str(tmp_path / "scene")], ["demo", "--output", str(tmp_path / "demo")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, *option])
+        assert exit_info.value.code != 0 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synthetic_replaces_only_scene_folders_and_the_demo_checks_its_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("speed3r_sfm.demo.render_scene", lambda *a, **k: pytest.fail("rendered"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("keep")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synthetic", str(tmp_path / "notes"), "--overwrite", "true"])
+    assert exit_info.value.code == 1 and "is not a scene folder" in capsys.readouterr().err
+    (tmp_path / "here" / "images").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synthetic", ".", "--overwrite", "true"])
+    assert exit_info.value.code == 1 and "is the current folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--output", str(tmp_path / "demo"), "--model", str(tmp_path / "nothere.pt")])
+    assert exit_info.value.code == 1 and "nothere.pt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists() and (tmp_path / "notes" / "thesis.txt").read_text() == "keep"
+
+
 def test_reconstruct_of_an_empty_folder_exits_with_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
@@ -51,12 +91,15 @@ def test_reconstruct_without_output_says_how_to_give_it(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_reconstructs_and_scores_a_scene_with_the_default_model(tmp_path):
-    main(["demo", "--output", str(tmp_path / "demo"), "--views", "6", "--height", "196", "--width", "294"])
+    args = ["--views", "8", "--height", "294", "--width", "392", "--trajectory", "forward"]
+    main(["demo", "--output", str(tmp_path / "demo"), *args])
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert summary["model"] == "default" and summary["scene"]["views"] == 6
+    assert summary["model"] == "default" and summary["scene"]["views"] == 8
     for stage in ("feed-forward", "after bundle adjustment"):
         scores = summary["scores"][stage]
-        assert 0.0 <= scores["auc30"] <= 1.0 and scores["registered"] <= 6
+        assert 0.0 <= scores["auc30"] <= 1.0 and scores["registered"] == 8
+    adjusted = summary["scores"]["after bundle adjustment"]["median_rotation_error_deg"]
+    assert adjusted < 1.0 < summary["scores"]["feed-forward"]["median_rotation_error_deg"]
     assert (tmp_path / "demo" / "reconstruction" / "sparse" / "0" / "images.bin").is_file()
 
 

@@ -162,6 +162,10 @@ class ColmapDataset:
             return torch.from_numpy(f[name][()].astype(np.float32))
 
 
+class ColmapDatasetError(ValueError):
+    """A COLMAP-format dataset that cannot be used as asked (no registered image, distorted cameras)."""
+
+
 def _find_model(root: Path) -> Path:
     for candidate in (root / "sparse" / "0", root / "sparse", root):
         if (candidate / "cameras.bin").exists() or (candidate / "cameras.txt").exists():
@@ -185,17 +189,17 @@ def load_colmap_dataset(
     rec = pycolmap.Reconstruction(str(model_dir))
     images = sorted((im for im in rec.images.values() if im.has_pose), key=lambda im: im.name)
     if not images:
-        raise ValueError(f"the COLMAP model in {model_dir} has no registered images")
+        raise ColmapDatasetError(f"the COLMAP model in {model_dir} has no registered images")
     names, paths, ks, poses, sizes, models, undistorted = [], [], [], [], [], [], []
     for im in images:
         cam = rec.cameras[im.camera_id]
         free = cam.model_name in _PERSPECTIVE_MODELS and cam.is_undistorted()
         if require_pinhole and not free:
             params = ", ".join(f"{float(p):.6g}" for p in cam.params)
-            raise ValueError(
+            raise ColmapDatasetError(
                 f"{model_dir}: image {im.name!r} uses camera model {cam.model_name} (parameters [{params}]); "
-                "undistort first (`colmap image_undistorter`, or `speed3r-sfm reconstruct ... --undistort "
-                "true` and its OUT/undistorted) or pass require_pinhole=False"
+                "training needs undistorted pinhole cameras: undistort first (`colmap image_undistorter`, or "
+                "`speed3r-sfm reconstruct ... --undistort true` and its OUT/undistorted)"
             )
         image_path = root / image_dir / im.name
         if not image_path.exists():

@@ -82,12 +82,19 @@ def resolve_checkpoint(
             if (path / name).is_file():
                 return path / name
         raise FileNotFoundError(f"checkpoint folder {path} holds none of {list(filenames)}")
-    if _HUB_ID.match(text) and not text.endswith(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,)):
+    if looks_like_hub_id(text):
         return _download(text, filenames, revision)
     hint = f" (or a Hub id such as {default_repo!r})" if default_repo else ""
     raise FileNotFoundError(
         f"checkpoint file {path} does not exist; pass an existing .pt/.safetensors file{hint}"
     )
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` (not a checkpoint file name) or ``hf://owner/name/filename``."""
+    if text.startswith("hf://"):
+        return True
+    return bool(_HUB_ID.match(text)) and not text.endswith(TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,))
 
 
 def _download(repo_id: str, filenames: tuple[str, ...], revision: str | None) -> Path:

@@ -110,6 +110,33 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def check_model_spec(model: ModelSpec) -> None:
+    """Fail at once, before other work, for a model name that cannot load: empty, the shipped weights
+    missing, or a path that is not there (Hub ids are checked when they are downloaded)."""
+    if not isinstance(model, str | os.PathLike):
+        return
+    text = os.fspath(model)
+    if not text.strip():
+        raise ModelNotAvailableError(
+            "model is empty: pass 'default', a Hub id ('facebook/VGGT-1B', 'yyfz233/Pi3') or a checkpoint "
+            "path"
+        )
+    if text == "default":
+        if not DEFAULT_WEIGHTS.is_file():
+            raise ModelNotAvailableError(
+                f"the default model weights are missing ({DEFAULT_WEIGHTS}); reinstall speed3r-sfm, or pass "
+                "model= a Hub id ('facebook/VGGT-1B', 'yyfz233/Pi3') or a checkpoint path"
+            )
+        return
+    from speed3r_sfm.models.checkpoint import looks_like_hub_id
+
+    if not Path(text).expanduser().exists() and not looks_like_hub_id(text):
+        raise ModelNotAvailableError(
+            f"checkpoint file {text} does not exist; pass 'default', a Hub id or an existing "
+            ".pt/.safetensors file"
+        )
+
+
 def load_backbone(
     model: ModelSpec,
     attention: AttentionKind = "gsa",
@@ -209,11 +236,7 @@ def _load_checkpoint_model(
     spec: str | os.PathLike, attention: AttentionKind, num_views: int | None, device: torch.device
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     text = os.fspath(spec)
-    if not text.strip():
-        raise ModelNotAvailableError(
-            "model is empty: pass 'default', a Hub id ('facebook/VGGT-1B', 'yyfz233/Pi3') or a checkpoint "
-            "path"
-        )
+    check_model_spec(text)
     if text == "default" or _is_exported(text):
         path = DEFAULT_WEIGHTS if text == "default" else Path(text)
         return _load_exported_model(path, attention, num_views, device)

@@ -117,7 +117,13 @@ class PipelineOptions:
 
 
 class ReconstructionError(RuntimeError):
-    """The images ran through the pipeline but gave no reconstruction (no 3D point)."""
+    """The images ran through the pipeline but gave no reconstruction (no 3D point, or fewer than two
+    registered images); ``report`` holds what
+    the run found (counts, timings), as report.json would."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 @dataclass
@@ -354,12 +360,6 @@ def run_pipeline(
         ]
         for entry in unregistered:
             logger.warning("not registered: %s: %s", entry["name"], entry["why"])
-        if rec.num_points3D() == 0:
-            raise ReconstructionError(
-                f"no 3D point could be triangulated from the {len(views)} images of {image_dir} "
-                f"({sum(len(k.xy) for k in keypoints)} keypoints, {len(matches)} matches): they may be too "
-                "small, without texture or without overlap" + (", nothing was written" if output_dir else "")
-            )
         stages.timings["total"] = stages.elapsed()
 
         report = build_report(
@@ -390,6 +390,15 @@ def run_pipeline(
             ba_rounds=ba_rounds,
             timings=stages.timings,
         )
+
+        if rec.num_points3D() == 0 or rec.num_reg_images() < 2:
+            raise ReconstructionError(
+                f"no reconstruction from the {len(views)} images of {image_dir}: {rec.num_reg_images()} "
+                f"registered, {rec.num_points3D()} 3D points ({sum(len(k.xy) for k in keypoints)} keypoints, "
+                f"{len(matches)} matches); the images may be too small, without texture or without overlap"
+                + (", and nothing was written" if output_dir else ""),
+                report,
+            )
 
         # 7. the project folder, atomically
         output = None

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..data.colmap_dataset import ColmapDatasetError
 from ..data.synthetic import HELDOUT_SEED_START, TRAJECTORIES, make_cameras, make_scene, render_views
 from ..geometry import camera_centers
 from ._lightning import pl
@@ -434,8 +435,8 @@ class ReconstructionDataModule(pl.LightningDataModule):
         synthetic: :class:`SyntheticConfig`.
         colmap_roots: COLMAP dataset folders (source "colmap").
         image_dir: image folder name inside each COLMAP root.
-        cache_path: HDF5 frame cache: built from ``colmap_roots`` if missing (source "colmap"), or read
-            (source "cache").
+        cache_path: HDF5 frame cache: built from ``colmap_roots`` if missing or built from other datasets
+            (source "colmap"), or read (source "cache").
         val_colmap_roots: COLMAP folders for validation (default: the training source, other batches).
         val_batches, val_views, val_batch_size: fixed validation batches (0 batches: no validation).
         augment: :class:`~.augment.AugmentConfig` for training batches (None: none).
@@ -485,7 +486,7 @@ class ReconstructionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         if source == "colmap" and not self.colmap_roots:
-            raise ValueError("source 'colmap' needs colmap_roots")
+            raise ColmapDatasetError("source 'colmap' needs colmap_roots: give the COLMAP dataset folders")
         if source == "cache" and not cache_path:
             raise ValueError("source 'cache' needs cache_path")
         pool_views = self.synthetic.pool_views or self.views.max_views

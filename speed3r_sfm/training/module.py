@@ -96,7 +96,8 @@ class ReconstructionModule(pl.LightningModule):
 
     Args:
         backbone: :class:`~.backbone.BackboneSpec` (model name, preset, overrides, attention).
-        init_checkpoint: weights to start from (.safetensors/.pt/.ckpt); GSA gates may be missing.
+        init_checkpoint: weights to start from (.safetensors/.pt/.ckpt, or "default": the shipped weights);
+            GSA gates may be missing.
         loss: :class:`~.losses.LossConfig`.
         optim: :class:`OptimConfig`.
         distill: :class:`~.distill.DistillConfig`; None trains without a teacher.
@@ -150,6 +151,10 @@ class ReconstructionModule(pl.LightningModule):
         )
         self.model = self.spec.build()
         self.pipeline_settings: dict[str, Any] = {}  # kept from an exported init checkpoint's sidecar
+        if init_checkpoint == "default":  # the shipped weights, wherever the package is installed
+            from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS
+
+            init_checkpoint = str(DEFAULT_WEIGHTS)
         if init_checkpoint:
             bb.load_weights(
                 self.model, init_checkpoint, allow_missing_gsa=True, ignore_gsa=not bb.uses_gsa(self.model)
