@@ -19,25 +19,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from speed3r_sfm.training.backbone import BackboneSpec, export_weights, load_exported, sidecar  # noqa: E402
+from speed3r_sfm.training.backbone import (  # noqa: E402
+    BackboneSpec,
+    export_weights,
+    inherit_pipeline_settings,
+    load_exported,
+    sidecar,
+)
 
 SHIPPED = REPO / "speed3r_sfm" / "weights" / "default.safetensors"
-PIPELINE_KEYS = ("pipeline_attention", "gsa_from_views", "gsa_guidance")
 
 
-def write_candidate(source: Path, target: Path, width: int, descriptor_layer: int = 3) -> Path:
-    """Write ``source`` (a pose-stage export) to ``target`` with the shipped sidecar's pipeline keys."""
+def write_candidate(source: Path, target: Path, width: int) -> Path:
+    """Write ``source`` (a pose-stage export) to ``target`` with the shipped sidecar's pipeline settings
+    and descriptor layer, at input width ``width``."""
     shipped = json.loads(sidecar(SHIPPED).read_text())
     model = load_exported(source, attention=shipped["config"]["attention"])
-    model.config.descriptor_layer = descriptor_layer
+    model.config.descriptor_layer = None  # taken from the shipped sidecar
+    pipeline = inherit_pipeline_settings(SHIPPED, model)
+    pipeline["preprocessing"] = {**pipeline["preprocessing"], "target_size": width}
     target.parent.mkdir(parents=True, exist_ok=True)
     info = {"candidate_of": str(source)}
-    written = export_weights(model, BackboneSpec(name="vggt", preset="small"), target, "float16", info)
-    meta = json.loads(sidecar(written).read_text())
-    meta["preprocessing"] = {"mode": "crop", "target_size": width, "patch_size": 14}
-    meta.update({key: shipped[key] for key in PIPELINE_KEYS if key in shipped})
-    sidecar(written).write_text(json.dumps(meta, indent=2) + "\n")
-    return written
+    spec = BackboneSpec(name="vggt", preset="small")
+    return export_weights(model, spec, target, "float16", info, pipeline=pipeline)
 
 
 def main() -> None:

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written whole or not at all, nothing to show
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     if isinstance(result, int) and result:
         sys.exit(result)
 

@@ -174,3 +174,14 @@ def test_yes_no_options_given_without_a_value_mean_true(reconstruct_calls):
     first, second = reconstruct_calls
     assert first["shared_camera"] is True and first["undistort"] is True and first["readjust"] is False
     assert second["deterministic"] is True and second["shared_camera"] is False
+
+
+def test_ctrl_c_exits_quietly(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("speed3r_sfm.demo.render_scene", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synthetic", str(tmp_path / "scene")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and "interrupted" in err and "Traceback" not in err

@@ -111,7 +111,9 @@ def make_cameras(
     ks = [intrinsics_to_original(v, geometry.intrinsics[i]).numpy() for i, v in enumerate(views)]
     if shared_camera:
         _check_one_size(
-            views, "shared_camera=True", "use shared_camera=False (one camera per image) or resize the images"
+            views,
+            "shared_camera=True",
+            "use shared_camera=False (CLI: --shared_camera false; one camera per image) or resize the images",
         )
         k = np.mean(np.stack(ks), axis=0)
         width, height = views[0].original_size
