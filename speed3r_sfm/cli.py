@@ -18,6 +18,8 @@ import sys
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable
 
+from jsonargparse import DefaultHelpFormatter
+
 
 def main(argv: list[str] | None = None) -> None:
     args = ["--output" if arg == "-o" else arg for arg in (sys.argv[1:] if argv is None else argv)]
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             args=args,
             as_positional=True,
             description=__doc__,
-            formatter_class=RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     if isinstance(result, int) and result:
         sys.exit(result)
+
+
+class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+    """jsonargparse's help with each option's type and default, the description kept as written."""
 
 
 def with_bool_values(args: list[str], command: Callable) -> list[str]:
