@@ -155,12 +155,24 @@ def test_pad_mode_pads_white_to_a_square():
     assert abs(float(images[0, 2, 259, 259]) - 120 / 255) < 1e-6
 
 
-def test_mixed_shapes_are_padded_white_with_a_warning():
+def test_crop_mode_crops_taller_views_to_the_most_common_height():
+    """A portrait among landscape photos is centre-cropped to their height: no white band on every view."""
+    landscape, portrait, wide = blank(1000, 750), blank(750, 1000), blank(1000, 500)
+    images, transforms = preprocess_images([landscape, portrait, landscape], mode="crop")
+    assert images.shape == (3, 3, 392, 518) and not (images == 1).any()  # white: padding
+    assert transforms[0].crop == (0, 0) and transforms[0].model_size == (518, 392)
+    resized_height = transforms[1].resized_size[1]  # 518 rows kept by the crop mode, then 392 of them
+    assert transforms[1].crop == (0, (resized_height - 518) // 2 + (518 - 392) // 2)
+    assert transforms[1].pad == (0, 0) and transforms[1].model_size == (518, 392)
+    # shorter views are still padded with white, with a warning
     with pytest.warns(UserWarning, match="different sizes"):
-        images, transforms = preprocess_images([blank(1000, 750), blank(750, 1000)], mode="crop")
-    assert images.shape == (2, 3, 518, 518)
-    assert transforms[0].pad == (0, 63) and transforms[0].model_size == (518, 518)
-    assert (images[0, :, :63] == 1).all() and (images[0, :, 63 + 392 :] == 1).all()
+        images, transforms = preprocess_images([landscape, portrait, wide, landscape], mode="crop")
+    top = (392 - transforms[2].resized_size[1]) // 2
+    assert images.shape == (4, 3, 392, 518) and transforms[2].pad == (0, top)
+    assert (images[2, :, :top] == 1).all() and not (images[0] == 1).any()
+    # a tie crops to the lower height
+    images, _ = preprocess_images([landscape, portrait], mode="crop")
+    assert images.shape == (2, 3, 392, 518)
 
 
 def test_images_resized_in_threads_keep_their_order_and_values(tmp_path):

@@ -13,9 +13,10 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -288,6 +289,24 @@ def pixel_limit_size(
     return cols * patch_size, rows * patch_size
 
 
+def _crop_to_common_height(tensors: list[torch.Tensor], transforms: list[ImageTransform]) -> None:
+    """Centre-crop, in place, the model images taller than the most common height to it (ties: the lower
+    height), updating their transforms' crop."""
+    counts = Counter(t.shape[1] for t in tensors)
+    common = min(counts, key=lambda h: (-counts[h], h))
+    for i, (tensor, transform) in enumerate(zip(tensors, transforms, strict=True)):
+        extra = tensor.shape[1] - common
+        if extra <= 0:
+            continue
+        top = extra // 2
+        tensors[i] = tensor[:, top : top + common]
+        transforms[i] = replace(
+            transform,
+            crop=(transform.crop[0], transform.crop[1] + top),
+            model_size=(tensor.shape[2], common),
+        )
+
+
 def preprocess_images(
     images: Sequence[ImageInput],
     mode: Literal["crop", "pad", "pixel_limit"] = "crop",
@@ -305,8 +324,10 @@ def preprocess_images(
       image by :func:`pixel_limit_size`. Lanczos.
 
     Images that end up with different sizes are centre-padded with white to the largest height and width
-    (with a warning), as upstream. Returns (S, 3, H, W) float32 in [0, 1] and one :class:`ImageTransform`
-    per image.
+    (with a warning), as upstream, except that in ``crop`` mode images taller than the most common height
+    are first centre-cropped to it (ties: the lower height), so that a few portrait photos among landscape
+    ones do not put white bands on every view. Returns (S, 3, H, W) float32 in [0, 1] and one
+    :class:`ImageTransform` per image.
     """
     if not images:
         raise ValueError("no images to preprocess")
@@ -349,6 +370,8 @@ def preprocess_images(
                 )
             )
 
+    if mode == "crop":
+        _crop_to_common_height(tensors, transforms)
     max_h = max(t.shape[1] for t in tensors)
     max_w = max(t.shape[2] for t in tensors)
     if any(t.shape[1:] != (max_h, max_w) for t in tensors):
