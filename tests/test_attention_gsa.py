@@ -323,3 +323,18 @@ def test_merge_by_lse_equals_attention_over_the_union():
         part = logits.masked_fill(~keys, float("-inf"))
         parts += [torch.softmax(part, -1) @ v, torch.logsumexp(part, -1)]
     torch.testing.assert_close(merge_by_lse(*parts), torch.softmax(logits, -1) @ v, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_backend_uses_flex_on_cuda_only_where_its_kernels_compile():
+    """Triton's FlexAttention kernels need head dims and key blocks of at least 16 (8-token blocks failed to
+    compile on an H200); "auto" runs the gather path there. Decided from the device type alone."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def backend(block_size: int, head_dim: int, device: torch.device) -> str:
+        config = AttentionConfig(kind="gsa", block_size=block_size, compression_block_size=256)
+        module = GlobalSparseAttention(config, num_heads=2, head_dim=head_dim, layer_index=0)
+        return module.backend_for(device)
+
+    assert backend(16, 16, cuda) == "flex" and backend(128, 64, cuda) == "flex"
+    assert backend(8, 16, cuda) == "gather" and backend(16, 8, cuda) == "gather"
+    assert backend(128, 64, cpu) == "gather"

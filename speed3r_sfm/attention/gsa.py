@@ -70,6 +70,9 @@ def compressed_from_sums(sums: torch.Tensor, counts: torch.Tensor, ratio: int) -
     return (sums / counts[:, None]).reshape(b, h, s * ncb, d)
 
 
+FLEX_MIN_DIM = 16  # Triton tl.dot needs K >= 16: smaller head dims or key blocks (P @ V) fail to compile
+
+
 class GlobalSparseAttention(nn.Module):
     """GSA as the ``attend(q, k, v, layout)`` module of a global block (see the module docstring)."""
 
@@ -77,15 +80,19 @@ class GlobalSparseAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_index = layer_index
+        self.head_dim = head_dim
         self.gate = BranchGate(num_heads, head_dim)
 
     def reset_parameters(self) -> None:
         self.gate.reset_parameters()
 
     def backend_for(self, device: torch.device) -> str:
+        """"auto": FlexAttention on CUDA where its Triton kernels apply (head dims and key blocks of at
+        least :data:`FLEX_MIN_DIM`; the tiny test presets use smaller blocks), else the gather path."""
         if self.config.backend != "auto":
             return self.config.backend
-        return "flex" if device.type == "cuda" else "gather"
+        fits_flex = min(self.head_dim, self.config.block_size) >= FLEX_MIN_DIM
+        return "flex" if device.type == "cuda" and fits_flex else "gather"
 
     # Inference callers that produce k and v in chunks of whole views (``Block`` in place) may write them
     # straight into the block-aligned layout of the fast path (``kv_buffer`` + ``write_kv``) and pass
