@@ -88,7 +88,7 @@ def with_bool_values(args: list[str], command: Callable) -> list[str]:
     """``args`` with ``true`` after every yes/no option of ``command`` that is given without a value (the
     last argument, or followed by another option): jsonargparse's bool options take one."""
     parameters = inspect.signature(command).parameters.values()
-    flags = {f"--{p.name}" for p in parameters if p.annotation in (bool, "bool")}
+    flags = {f"--{p.name}" for p in parameters if str(p.annotation).startswith(("bool", "<class 'bool'>"))}
     out = []
     for i, arg in enumerate(args):
         out.append(arg)

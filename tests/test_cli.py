@@ -171,9 +171,11 @@ def test_readme_reconstruct_examples_parse(reconstruct_calls):
 def test_yes_no_options_given_without_a_value_mean_true(reconstruct_calls):
     main(["reconstruct", "images", "-o", "out", "--shared_camera", "--undistort", "--readjust", "false"])
     main(["reconstruct", "images", "-o", "out", "--deterministic"])
-    first, second = reconstruct_calls
+    main(["reconstruct", "images", "-o", "out", "--shared_camera", "per_folder", "--recursive"])
+    first, second, third = reconstruct_calls
     assert first["shared_camera"] is True and first["undistort"] is True and first["readjust"] is False
     assert second["deterministic"] is True and second["shared_camera"] is False
+    assert third["shared_camera"] == "per_folder" and third["recursive"] is True
 
 
 def test_ctrl_c_exits_quietly(tmp_path, capsys, monkeypatch):

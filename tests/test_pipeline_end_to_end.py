@@ -302,6 +302,13 @@ def test_images_in_subfolders_keep_their_relative_names(scene_data, tmp_path, ca
     undistorted = pycolmap.Reconstruction(tmp_path / "out" / "undistorted" / "sparse" / "0")
     for image in undistorted.images.values():
         assert (tmp_path / "out" / "undistorted" / "images" / image.name).is_file()
+    # one camera per folder (COLMAP's PER_FOLDER): cam0's four views share camera 1, cam1's camera 2
+    per_folder = run_pipeline(
+        folder, None, model=oracle, attention="dense", recursive=True, shared_camera="per_folder"
+    ).reconstruction
+    cameras = {image.name: image.camera_id for image in per_folder.images.values()}
+    assert per_folder.num_cameras() == 2 and per_folder.num_reg_images() == VIEWS
+    assert {cameras[n] for n in names[:4]} == {1} and {cameras[n] for n in names[4:]} == {2}
     # a text file naming the views of cam1 only, as the CLI takes it
     listing = tmp_path / "cam1.txt"
     listing.write_text("\n".join(names[4:]) + "\n")

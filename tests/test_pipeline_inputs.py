@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin
 
 from speed3r_sfm.geometry import intrinsics_from_fov
-from speed3r_sfm.pipeline.colmap_model import make_cameras
+from speed3r_sfm.pipeline.colmap_model import camera_groups, make_cameras
 from speed3r_sfm.pipeline.frames import (
     SceneGeometry,
     intrinsics_to_original,
@@ -226,6 +227,10 @@ def test_shared_camera_needs_one_image_size(tmp_path):
     )
     with pytest.raises(InputError, match="shared_camera=True needs images of one size"):
         make_cameras(views, geometry, "PINHOLE", shared_camera=True)
+    with pytest.raises(InputError, match=r"shared_camera='per_folder' \(folder '.'\) needs images of one"):
+        make_cameras(views, geometry, "PINHOLE", shared_camera="per_folder")
+    with pytest.raises(ValueError, match="True, False or 'per_folder'"):
+        make_cameras(views, geometry, "PINHOLE", shared_camera="yes")
     cameras, ids = make_cameras(views, geometry, "PINHOLE", shared_camera=False)
     assert ids == [1, 2] and [(c.width, c.height) for c in cameras] == [(64, 48), (48, 64)]
 
@@ -292,3 +297,10 @@ def test_work_copies_keep_a_minimum_fraction_of_the_original_resolution(tmp_path
     assert torch.allclose(
         original_to_work(big, corner), torch.tensor([[1599.5, 1199.5]], dtype=torch.float64)
     )
+
+
+def test_camera_groups_follow_colmap_camera_modes():
+    views = [SimpleNamespace(name=n) for n in ("cam1/a.png", "cam0/b.png", "cam1/c.png", "top.png")]
+    assert camera_groups(views, False) == [1, 2, 3, 4]
+    assert camera_groups(views, True) == [1, 1, 1, 1]
+    assert camera_groups(views, "per_folder") == [1, 2, 1, 3]  # in order of appearance

@@ -87,7 +87,7 @@ class GlobalSparseAttention(nn.Module):
         self.gate.reset_parameters()
 
     def backend_for(self, device: torch.device) -> str:
-        """"auto": FlexAttention on CUDA where its Triton kernels apply (head dims and key blocks of at
+        """ "auto": FlexAttention on CUDA where its Triton kernels apply (head dims and key blocks of at
         least :data:`FLEX_MIN_DIM`; the tiny test presets use smaller blocks), else the gather path."""
         if self.config.backend != "auto":
             return self.config.backend

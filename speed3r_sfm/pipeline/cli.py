@@ -54,7 +54,7 @@ def reconstruct_command(
     device: str = "auto",
     ba: bool = True,
     camera_model: Literal["SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV"] = "SIMPLE_RADIAL",
-    shared_camera: bool = False,
+    shared_camera: bool | Literal["per_folder"] = False,
     camera_params: str | None = None,
     overwrite: bool = False,
     max_keypoints: int = 1024,
@@ -85,7 +85,8 @@ def reconstruct_command(
         device: "auto", "cpu", "cuda", "cuda:1", ...
         ba: run bundle adjustment.
         camera_model: COLMAP camera model; distortion starts at zero and is refined by bundle adjustment.
-        shared_camera: one camera for all images (they must have the same size).
+        shared_camera: one camera for all images (they must have the same size); per_folder: one camera per
+            subfolder of IMAGE_DIR (with --recursive or --image_list; a rig, several phones).
         camera_params: known intrinsics of every image, as COLMAP's --ImageReader.camera_params: the
             camera model's parameters in original pixels, comma-separated ("f,cx,cy,k" for SIMPLE_RADIAL,
             "fx,fy,cx,cy" for PINHOLE); held fixed by bundle adjustment; images of one size.

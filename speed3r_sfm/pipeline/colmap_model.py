@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import PurePosixPath
+from typing import Literal
 
 import numpy as np
 import pycolmap
@@ -93,35 +95,65 @@ def _check_one_size(views: Sequence[View], what: str, fix: str) -> None:
         raise InputError(f"{what} needs images of one size, got {len(sizes)} sizes ({listing}, ...); {fix}")
 
 
+CameraSharing = bool | Literal["per_folder"]
+
+
+def camera_groups(views: Sequence[View], shared_camera: CameraSharing) -> list[int]:
+    """The camera id (1-based) of every view: one per view (False), one for all (True) or one per folder of
+    the images' names ("per_folder", as COLMAP's ``CameraMode.PER_FOLDER``; ids in order of appearance)."""
+    if shared_camera == "per_folder":
+        folders: dict[str, int] = {}
+        return [folders.setdefault(PurePosixPath(v.name).parent.as_posix(), len(folders) + 1) for v in views]
+    if shared_camera is True:
+        return [1] * len(views)
+    if shared_camera is False:
+        return list(range(1, len(views) + 1))
+    raise ValueError(f"shared_camera must be True, False or 'per_folder', got {shared_camera!r}")
+
+
 def make_cameras(
     views: Sequence[View],
     geometry: SceneGeometry,
     camera_model: str,
-    shared_camera: bool,
+    shared_camera: CameraSharing,
     calibration: pycolmap.Camera | None = None,
 ) -> tuple[list[pycolmap.Camera], list[int]]:
-    """COLMAP cameras and the camera id of every view (one per view, or one shared by all): copies of
-    ``calibration`` if the intrinsics are known, else the predicted ones with zero distortion."""
-    ids = [1] * len(views) if shared_camera else [i + 1 for i in range(len(views))]
+    """COLMAP cameras and the camera id of every view (:func:`camera_groups`): copies of ``calibration`` if
+    the intrinsics are known, else the predicted ones with zero distortion (the mean over the views of a
+    shared camera)."""
+    ids = camera_groups(views, shared_camera)
     if calibration is not None:
         cameras = [copy.copy(calibration) for _ in sorted(set(ids))]
         for camera_id, camera in enumerate(cameras, start=1):
             camera.camera_id = camera_id
         return cameras, ids
     ks = [intrinsics_to_original(v, geometry.intrinsics[i]).numpy() for i, v in enumerate(views)]
-    if shared_camera:
-        _check_one_size(
-            views,
-            "shared_camera=True",
-            "use shared_camera=False (CLI: --shared_camera false; one camera per image) or resize the images",
+    cameras = []
+    for camera_id in sorted(set(ids)):
+        members = [i for i, group in enumerate(ids) if group == camera_id]
+        if len(members) == 1 and shared_camera is False:
+            cameras.append(view_camera(views[members[0]], ks[members[0]], camera_model, camera_id=camera_id))
+            continue
+        group = [views[i] for i in members]
+        if shared_camera == "per_folder":
+            folder = PurePosixPath(group[0].name).parent.as_posix()
+            what = f"shared_camera='per_folder' (folder {folder!r})"
+            fix = "give each folder images of one size, or shared_camera=False (CLI: --shared_camera false)"
+        else:
+            what = "shared_camera=True"
+            fix = "use shared_camera=False (CLI: --shared_camera false; a camera per image) or resize them"
+        _check_one_size(group, what, fix)
+        k = np.mean(np.stack([ks[i] for i in members]), axis=0)
+        width, height = group[0].original_size
+        cameras.append(
+            pycolmap.Camera(
+                camera_id=camera_id,
+                model=camera_model,
+                width=width,
+                height=height,
+                params=camera_params(camera_model, k),
+            )
         )
-        k = np.mean(np.stack(ks), axis=0)
-        width, height = views[0].original_size
-        camera = pycolmap.Camera(
-            camera_id=1, model=camera_model, width=width, height=height, params=camera_params(camera_model, k)
-        )
-        return [camera], ids
-    cameras = [view_camera(v, ks[i], camera_model, camera_id=i + 1) for i, v in enumerate(views)]
     return cameras, ids
 
 
@@ -157,7 +189,7 @@ def build_reconstruction(
     geometry: SceneGeometry,
     points2d: Sequence[np.ndarray],
     camera_model: str = "SIMPLE_RADIAL",
-    shared_camera: bool = False,
+    shared_camera: CameraSharing = False,
     calibration: pycolmap.Camera | None = None,
 ) -> pycolmap.Reconstruction:
     """A Reconstruction with cameras (:func:`make_cameras`), rigs, frames and posed images (image_id = view

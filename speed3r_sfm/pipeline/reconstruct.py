@@ -55,6 +55,7 @@ from .chunked import predict_chunked, stored_plan
 from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
 from .colmap_model import (
     CAMERA_MODELS,
+    CameraSharing,
     add_points,
     adjusted_shared_camera,
     build_reconstruction,
@@ -147,7 +148,7 @@ def reconstruct(
     device: str = "auto",
     ba: bool = True,
     camera_model: str = "SIMPLE_RADIAL",
-    shared_camera: bool = False,
+    shared_camera: CameraSharing = False,
     camera_params: str | Sequence[float] | None = None,
     overwrite: bool = False,
     preprocessing: Preprocessing | None = None,
@@ -170,7 +171,9 @@ def reconstruct(
     checkpoints (dense below 256 views per pass on CUDA); the shipped default, whose selection is untrained
     and does not guide, dense below 64 views per pass on the CPU and 3584 on CUDA, GSA from there);
     ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS`` (distortion starts at zero and is
-    refined in BA); ``shared_camera``: one camera for all images (they must have one size);
+    refined in BA); ``shared_camera``: one camera for all images (they must have one size), or
+    ``"per_folder"``: one camera per folder of the image names (``recursive`` or ``image_list``; a rig, or
+    several phones), as COLMAP's ``CameraMode.PER_FOLDER``;
     ``camera_params``: known intrinsics of every image, in ``camera_model``'s COLMAP parameter order and
     original pixels (a list or ``"f,cx,cy,k"``, as COLMAP's ``--ImageReader.camera_params``; the images
     must have one size): the COLMAP cameras carry them and bundle adjustment holds them fixed; token poses
@@ -218,7 +221,7 @@ def run_pipeline(
     device: str = "auto",
     ba: bool = True,
     camera_model: str = "SIMPLE_RADIAL",
-    shared_camera: bool = False,
+    shared_camera: CameraSharing = False,
     camera_params: str | Sequence[float] | None = None,
     overwrite: bool = False,
     preprocessing: Preprocessing | None = None,
@@ -326,7 +329,8 @@ def run_pipeline(
         chosen = passes(adjust, stages=stages)
         fixed_camera_pass: dict[str, Any] = {"ran": False}
         camera = None
-        fixed_pass = ba and shared_camera and calibration is None and options.bundle.fixed_camera_pass
+        one_camera = shared_camera is True  # the pass holds one adjusted camera for every view
+        fixed_pass = ba and one_camera and calibration is None and options.bundle.fixed_camera_pass
         if fixed_pass and chosen.adjusted.dropped:
             camera = adjusted_shared_camera(chosen.adjusted.rec, views, camera_model)
         if camera is not None:  # 4-6 again, the adjusted camera held fixed (BundleOptions.fixed_camera_pass)
@@ -442,7 +446,7 @@ def _match_and_adjust(
     options: PipelineOptions,
     ba: bool,
     camera_model: str,
-    shared_camera: bool,
+    shared_camera: CameraSharing,
     calibration: pycolmap.Camera | None,
     pixel_scale: float,
     feedforward: tuple[torch.Tensor, list],
