@@ -111,3 +111,19 @@ def test_clear_errors_for_missing_pieces(tmp_path):
     (tmp_path / "images" / "a.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="a.jpg"):
         load_colmap_dataset(tmp_path)
+
+
+def test_written_dataset_and_weights_get_normal_permissions(tmp_path, views):
+    """mkdtemp (the staging folder) and safetensors make private files; what is written is not."""
+    import os
+
+    from speed3r_sfm.models.checkpoint import save_checkpoint
+
+    previous = os.umask(0o022)
+    try:
+        root = write_colmap_dataset(tmp_path / "scene", views.images, views.intrinsics, views.cam_from_world)
+        weights = save_checkpoint({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    assert root.stat().st_mode & 0o777 == 0o755
+    assert weights.stat().st_mode & 0o777 == 0o644

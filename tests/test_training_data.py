@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -206,6 +207,13 @@ def test_colmap_source_and_cache_round_trip(colmap_root, tmp_path):
     switched.prepare_data()
     switched.setup("fit")
     assert switched._frames.scene_names == ["other_scene"]
+    rebuilt = cache_path.stat().st_mtime_ns
+    images = sorted((other / "images").iterdir())  # an image replaced in place: the folder's time stays
+    folder_time = (other / "images").stat().st_mtime_ns
+    images[0].write_bytes(images[1].read_bytes())
+    os.utime(other / "images", ns=(folder_time, folder_time))
+    switched.prepare_data()
+    assert cache_path.stat().st_mtime_ns != rebuilt
     missing = ReconstructionDataModule(
         **(kwargs | {"colmap_roots": [str(tmp_path / "nope")]}), cache_path=str(cache_path)
     )

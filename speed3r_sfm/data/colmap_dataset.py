@@ -26,6 +26,7 @@ import pycolmap
 import torch
 from PIL import Image
 
+from speed3r_sfm.fileio import normal_permissions
 from speed3r_sfm.geometry import intrinsics_from_colmap, intrinsics_to_colmap
 
 from .images import to_uint8_image
@@ -106,6 +107,7 @@ def write_colmap_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        normal_permissions(tmp, folder=True)
         for i, name in enumerate(names):
             out = tmp / "images" / name
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from speed3r_sfm.fileio import normal_permissions
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -260,6 +262,7 @@ def save_checkpoint(
             seen.add(storage)
             tensors[key] = value
         save_file(tensors, path, metadata={"format": "pt", **(metadata or {})})
+        normal_permissions(path)
     elif path.suffix in TORCH_SUFFIXES:
         torch.save({key: value.detach().cpu() for key, value in state.items()}, path)
     else:

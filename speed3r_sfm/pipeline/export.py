@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pycolmap
 
+from speed3r_sfm.fileio import normal_permissions
+
 from .database import write_database
 from .undistort import write_undistorted
 
@@ -147,12 +149,6 @@ def write_report(path: str | os.PathLike, report: dict) -> None:
         handle.write("\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def replace_folder(staged: Path, output: Path, overwrite: bool) -> None:
     """Move the finished ``staged`` folder to ``output``; an old ``output`` is deleted only afterwards (an
     empty one is replaced at once)."""
@@ -188,7 +184,7 @@ def write_project(
     output.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it private; the project gets normal permissions
+        normal_permissions(staged, folder=True)
         sparse = staged / "sparse" / "0"
         sparse.mkdir(parents=True)
         rec.write(sparse)

@@ -29,6 +29,7 @@ the view-consistent colour augmentation.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -328,8 +329,9 @@ def _stamp(path: Path) -> list[int]:
 
 def colmap_sources(roots: list[str], size: tuple[int, int], image_dir: str = "images") -> str:
     """What a frame cache of the COLMAP datasets ``roots`` depends on, as JSON: each root's absolute path
-    and the size and modification time of its model files, depth file and image folder, the frame size
-    and the image folder name. A cache whose recorded sources differ is stale."""
+    and the size and modification time of its model files, depth file, image folder and every image file
+    (as one digest), the frame size and the image folder name. A cache whose recorded sources differ is
+    stale."""
     entries = []
     for root in roots:
         root_path = Path(root).resolve()
@@ -337,6 +339,12 @@ def colmap_sources(roots: list[str], size: tuple[int, int], image_dir: str = "im
         files += [p for sub in ("sparse/0", "sparse", ".") for p in sorted((root_path / sub).glob("*.txt"))]
         files += [root_path / "depths.h5", root_path / image_dir]
         stamps = {str(p.relative_to(root_path)): _stamp(p) for p in files if p.exists()}
+        images = root_path / image_dir
+        if images.is_dir():  # every image file, in one digest (a file replaced in place keeps the folder's)
+            listing = sorted(
+                (str(p.relative_to(images)), *_stamp(p)) for p in images.rglob("*") if p.is_file()
+            )
+            stamps["image_files"] = hashlib.sha1(json.dumps(listing).encode()).hexdigest()
         entries.append({"root": str(root_path), "files": stamps})
     return json.dumps({"roots": entries, "size": list(size), "image_dir": image_dir}, sort_keys=True)
 
