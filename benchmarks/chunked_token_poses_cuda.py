@@ -1,6 +1,6 @@
 """The shipped default chunked on CUDA (token poses per chunk) against one pass, on two held-out scenes.
 
-    python benchmarks/chunked_token_poses_cuda.py OUT.jsonl [DEVICE]    # DEVICE: cuda (default) or cpu
+    python benchmarks/chunked_token_poses_cuda.py OUT.jsonl [--device cuda|cpu] [--cache FOLDER]
 
 Each setting runs twice (the first call of the process warms up); one JSON line per run.
 """
@@ -25,11 +25,11 @@ SCENES = (("forward", 1000001), ("orbit", 1000000))
 CHUNKS = (None, 12, None, 12)  # one pass, chunks of 12, and both again
 
 
-def scene_settings(trajectory: str, device: str) -> argparse.Namespace:
-    """The harness's settings for a 24-view scene at 518x392."""
+def scene_settings(trajectory: str, device: str, cache: str) -> argparse.Namespace:
+    """The harness's settings for a 24-view scene at 518x392 (renders cached in ``cache``)."""
     return argparse.Namespace(
         views=24, height=392, width=518, supersample=2, upscale=1, render_scale=1, image_format="png",
-        trajectory=trajectory, cache="/tmp/cache", fov=None, known_intrinsics=False, device=device,
+        trajectory=trajectory, cache=cache, fov=None, known_intrinsics=False, device=device,
         camera="shared",
     )  # fmt: skip
 
@@ -55,10 +55,16 @@ def run(folder: Path, views, chunk: int | None, device: str) -> dict:
 
 
 def main() -> None:
-    device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("out", type=Path, help="JSON-lines file to write")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--cache", default=str(ps.RESULTS.parents[1] / "outputs" / "pipeline_bench_cache"))
+    args = parser.parse_args()
+    device = args.device
     rows = []
     for trajectory, seed in SCENES:
-        settings = scene_settings(trajectory, device)
+        settings = scene_settings(trajectory, device, args.cache)
         views = ps.load_scene(seed, settings)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "images"
@@ -68,7 +74,7 @@ def main() -> None:
                 row = {"scene": f"{trajectory}{seed}", **run(folder, views, chunk, device)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    Path(sys.argv[1]).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 if __name__ == "__main__":

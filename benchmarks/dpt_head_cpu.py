@@ -22,12 +22,14 @@ from accuracy import machine_description  # benchmarks/accuracy.py (this script'
 from speed3r_sfm.models.cpu_features import cpu_has_native_bf16
 from speed3r_sfm.pipeline.backbone import load_backbone
 
+RESULTS = Path(__file__).resolve().parent / "results"  # wherever the script is run from
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--views", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/dpt_head_cpu")
+    parser.add_argument("--out", default=str(RESULTS / "dpt_head_cpu"))
     args = parser.parse_args()
 
     backbone = load_backbone("default", attention="dense", device="cpu")

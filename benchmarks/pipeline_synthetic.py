@@ -50,6 +50,8 @@ from speed3r_sfm.pipeline.inputs import Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import run_pipeline
 
+RESULTS = Path(__file__).resolve().parent / "results"  # wherever the script is run from
+
 DATE = datetime.date.today().isoformat()
 
 
@@ -572,8 +574,8 @@ def main() -> None:
     parser.add_argument("--chunk-overlap", type=int, default=None, help="views shared by consecutive chunks")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--sift-threads", type=int, default=-1)
-    parser.add_argument("--cache", default="outputs/pipeline_bench_cache")
-    parser.add_argument("--out", default="benchmarks/results/pipeline_synthetic")
+    parser.add_argument("--cache", default=str(RESULTS.parents[1] / "outputs" / "pipeline_bench_cache"))
+    parser.add_argument("--out", default=str(RESULTS / "pipeline_synthetic"))
     args = parser.parse_args()
     if args.upscale > 1 and args.render_scale > 1:
         parser.error("--upscale and --render-scale exclude each other")

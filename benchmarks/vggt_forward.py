@@ -26,6 +26,8 @@ import torch
 from speed3r_sfm.attention import AttentionConfig
 from speed3r_sfm.models.vggt import VGGT, VGGTConfig
 
+RESULTS = Path(__file__).resolve().parent / "results"  # wherever the script is run from
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -45,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default="benchmarks/results/vggt_forward.md", help="'-' prints only")
+    parser.add_argument("--output", default=str(RESULTS / "vggt_forward.md"), help="'-' prints only")
     return parser.parse_args()
 
 

@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> None:
         from .data.colmap_dataset import ColmapDatasetError
         from .models.checkpoint import CheckpointError
         from .training.cli import fit_main
+        from .training.data import DataConfigError
 
         try:
             fit_main(args[1:])
-        except (FileNotFoundError, CheckpointError, ColmapDatasetError) as error:  # data or weights to fix
+        except (FileNotFoundError, CheckpointError, ColmapDatasetError, DataConfigError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
         return

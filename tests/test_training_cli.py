@@ -174,3 +174,21 @@ def test_fit_entry_point_passes_its_arguments_without_lightning_warning(monkeypa
     assert exit_info.value.code in (0, None)
     assert yaml.safe_load(capsys.readouterr().out)["seed_everything"] == 7
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+def test_fit_reports_data_and_weight_mistakes_in_one_line(tmp_path, capsys, monkeypatch):
+    """From any folder (the configs name the shipped weights as "default"): a bad frame size, a missing
+    dataset or a missing init checkpoint is one line and exit code 1, not a traceback."""
+    from speed3r_sfm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = ["fit", "--config", str(REPO / "pipelines" / "finetune_colmap.yaml"), "--trainer.max_steps", "1"]
+    for extra, message in (
+        (["--data.height", "50", "--data.width", "80"], "must be multiples of 14, got 50x80"),
+        (["--data.colmap_roots", f"[{tmp_path / 'nope'}]"], "no COLMAP model under"),
+        (["--model.init_checkpoint", str(tmp_path / "gone.pt")], "gone.pt does not exist"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*config, "--data.cache_path", str(tmp_path / "frames.h5"), *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and message in err and "Traceback" not in err, err[-2000:]

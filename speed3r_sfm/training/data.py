@@ -44,7 +44,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data.colmap_dataset import ColmapDatasetError
 from ..data.synthetic import HELDOUT_SEED_START, TRAJECTORIES, make_cameras, make_scene, render_views
 from ..geometry import camera_centers
 from ._lightning import pl
@@ -53,6 +52,11 @@ from .cache import FrameCache, SceneFrames, cache_sources, write_frame_cache
 from .frames import fit_frame
 
 logger = logging.getLogger(__name__)
+
+
+class DataConfigError(ValueError):
+    """The data settings of a training config cannot work (one line for the command line)."""
+
 
 VAL_SEED_START = 900_000
 """Synthetic validation seeds start here; training seeds are drawn in [0, VAL_SEED_START)."""
@@ -475,9 +479,9 @@ class ReconstructionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if source not in SOURCES:
-            raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+            raise DataConfigError(f"unknown source {source!r}; choose one of {SOURCES}")
         if height % 14 or width % 14:
-            raise ValueError(f"height and width must be multiples of 14, got {height}x{width}")
+            raise DataConfigError(f"data.height and data.width must be multiples of 14, got {height}x{width}")
         self.source = source
         self.size = (height, width)
         self.views = _from_any(ViewSampling, views)
@@ -494,9 +498,9 @@ class ReconstructionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         if source == "colmap" and not self.colmap_roots:
-            raise ColmapDatasetError("source 'colmap' needs colmap_roots: give the COLMAP dataset folders")
+            raise DataConfigError("source 'colmap' needs colmap_roots: give the COLMAP dataset folders")
         if source == "cache" and not cache_path:
-            raise ValueError("source 'cache' needs cache_path")
+            raise DataConfigError("source 'cache' needs cache_path")
         pool_views = self.synthetic.pool_views or self.views.max_views
         if self.synthetic.pool_scenes and pool_views < self.views.max_views:
             raise ValueError(f"pool_views ({pool_views}) must be >= max_views ({self.views.max_views})")
