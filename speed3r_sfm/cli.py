@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         args = with_bool_values(args, commands[args[0]])
     from .demo import SceneTooLargeError
     from .pipeline.backbone import DeviceNotAvailableError, ModelNotAvailableError
+    from .pipeline.export import OutputPathError
     from .pipeline.reconstruct import ReconstructionError
 
     # what the user can fix (or a scene that gives no reconstruction): one line, no traceback
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         DeviceNotAvailableError,
         ModelNotAvailableError,
         FileExistsError,
+        OutputPathError,
         SceneTooLargeError,
         ReconstructionError,
     )

@@ -47,10 +47,20 @@ def load_reconstruction(project: str | os.PathLike | pycolmap.Reconstruction) ->
     path = Path(project)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a project folder (reconstruct OUT) or a model")
-    for candidate in (path / "sparse" / "0", path / "sparse", path):
+    candidate = model_folder(path)
+    if candidate is not None:
+        return pycolmap.Reconstruction(str(candidate))
+    raise FileNotFoundError(
+        f"no COLMAP model in {path} (looked for sparse/0, sparse, 0 and the folder itself)"
+    )
+
+
+def model_folder(path: Path) -> Path | None:
+    """The folder of a COLMAP model in or at ``path`` (a project, its sparse/ or sparse/0), or None."""
+    for candidate in (path / "sparse" / "0", path / "sparse", path / "0", path):
         if (candidate / "images.bin").exists() or (candidate / "images.txt").exists():
-            return pycolmap.Reconstruction(str(candidate))
-    raise FileNotFoundError(f"no COLMAP model in {path} (looked for sparse/0, sparse and the folder itself)")
+            return candidate
+    return None
 
 
 @dataclass
@@ -294,9 +304,12 @@ def _written_atomically(path: str | os.PathLike):
 
 def _model_files(project: str | os.PathLike) -> list[Path]:
     """The files of the COLMAP model a project (or model folder) is read from."""
-    root = Path(project)
-    folders = [root / "sparse" / "0", root / "sparse", root]
-    return [p.resolve() for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file()]
+    folder = model_folder(Path(project))
+    if folder is None:
+        return []
+    parts = ("cameras", "images", "points3D", "rigs", "frames")
+    files = [folder / f"{part}.{ext}" for part in parts for ext in ("bin", "txt")]
+    return [path.resolve() for path in files if path.is_file()]
 
 
 def export_command(

@@ -7,6 +7,8 @@ import importlib
 import json
 import shutil
 
+import h5py
+import numpy as np
 import pycolmap
 import pytest
 import torch
@@ -287,7 +289,13 @@ def test_descriptor_errors_are_clear():
 def test_bad_chunk_arguments_fail_before_any_work(scene, tmp_path, capsys):
     folder = scene["root"] / "ordered"
     oracle = ChunkOracle(scene, folder)
+    depths = tmp_path / "depths.h5"  # another HDF5 file (a dataset's depth maps): never written into
+    with h5py.File(depths, "w") as file:
+        file.create_dataset("00000.png", data=np.zeros((2, 2), np.float32))
+    (tmp_path / "notes.h5").write_text("not HDF5")
     for kwargs, message in (
+        (dict(chunk_size=6, chunk_h5=depths), "an HDF5 file but not a chunk file"),
+        (dict(chunk_size=6, chunk_h5=tmp_path / "notes.h5"), "exists and is not an HDF5 file"),
         (dict(chunk_size=1), "at least 2"),
         (dict(chunk_overlap=0), "at least 1"),
         (dict(chunk_size=4, chunk_overlap=4), "smaller than chunk_size"),
@@ -397,3 +405,12 @@ def test_chunks_are_posed_by_their_descriptors_before_they_are_composed(scene, t
     with pytest.raises(ReconstructionError) as failed:  # from the camera head's poses (50-65 deg off)
         run_pipeline(folder, None, model=off, chunk_size=CHUNK, chunk_overlap=OVERLAP, options=options)
     assert failed.value.report["poses"]["source"] == "camera head"  # bundle adjustment cannot recover
+
+
+def test_chunk_options_without_chunks_are_reported_unused(scene, tmp_path, caplog):
+    folder = scene["root"] / "ordered"
+    with caplog.at_level("WARNING"):
+        oracle = ChunkOracle(scene, folder)
+        run_pipeline(folder, None, model=oracle, chunk_overlap=2, chunk_h5=tmp_path / "c.h5")
+    assert "chunk_h5, chunk_overlap not used: one pass over all views (no chunk_size" in caplog.text
+    assert not (tmp_path / "c.h5").exists()

@@ -342,7 +342,7 @@ def test_overwrite_replaces_projects_only_and_never_the_current_folder(scene_dat
     precious.mkdir()
     (precious / "thesis.txt").write_text("years of work")
     oracle = _oracle(scene_data)
-    with pytest.raises(OutputExistsError, match="is not a project"):
+    with pytest.raises(OutputExistsError, match=r"holds more than a speed3r-sfm project \(thesis.txt\)"):
         reconstruct(scene_data["folder"], precious, model=oracle, overwrite=True)
     project = tmp_path / "project"
     (project / "sparse").mkdir(parents=True)
@@ -355,6 +355,22 @@ def test_overwrite_replaces_projects_only_and_never_the_current_folder(scene_dat
     (tmp_path / "empty").mkdir()
     result = run_pipeline(scene_data["folder"], "empty", model=_oracle(scene_data), attention="dense")
     assert result.output_dir == tmp_path / "empty" and (tmp_path / "empty" / "report.json").is_file()
+
+
+def test_an_output_holding_listed_input_images_is_refused(scene_data, tmp_path):
+    """The COLMAP layout project/images + project/database.db, reconstructed into project itself through an
+    image list: overwriting it would delete the images."""
+    project = tmp_path / "proj"
+    (project / "images").mkdir(parents=True)
+    names = []
+    for path in sorted(scene_data["folder"].iterdir()):
+        (project / "images" / path.name).write_bytes(path.read_bytes())
+        names.append(f"proj/images/{path.name}")
+    (project / "database.db").write_bytes(b"")
+    oracle = _oracle(scene_data)
+    with pytest.raises(OutputExistsError, match="holds the input image"):
+        reconstruct(tmp_path, project, model=oracle, image_list=names, overwrite=True)
+    assert oracle.calls == 0 and len(list((project / "images").iterdir())) == VIEWS
 
 
 def test_an_output_that_cannot_be_created_is_refused_before_any_work(scene_data, tmp_path, monkeypatch):
@@ -411,9 +427,15 @@ def test_overwrite_replaces_the_project(scene_data, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "report.json").write_text("{}")  # a project (of an earlier run)
-    (output / "stale.txt").write_text("old")
+    (output / "undistorted").mkdir()  # written by an earlier run with --undistort, not by this one
     reconstruct(scene_data["folder"], output, model=_oracle(scene_data), attention="dense", overwrite=True)
-    assert not (output / "stale.txt").exists() and (output / "report.json").exists()
+    assert not (output / "undistorted").exists() and json.loads((output / "report.json").read_text())
+    # a COLMAP project with its images and dense model beside the sparse one is not replaced
+    (output / "images").mkdir()
+    (output / "dense").mkdir()
+    with pytest.raises(OutputExistsError, match=r"holds more than a speed3r-sfm project \(dense, images\)"):
+        reconstruct(scene_data["folder"], output, model=_oracle(scene_data), overwrite=True)
+    assert (output / "images").is_dir() and (output / "dense").is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -1211,3 +1233,13 @@ def test_views_left_unregistered_get_a_pass_with_the_adjusted_camera_held_fixed(
             scene_data["folder"], None, model=_oracle(scene_data), shared_camera=shared, options=settings
         )
         assert len(calls) == 1 and off.report["fixed_camera_pass"] == {"ran": False}
+
+
+def test_api_arguments_of_the_wrong_kind_say_what_to_pass(scene_data):
+    import speed3r_sfm
+
+    assert speed3r_sfm.ReconstructionError is ReconstructionError  # exported at the top level
+    with pytest.raises(TypeError, match="options must be a PipelineOptions, got dict"):
+        reconstruct(scene_data["folder"], model=_oracle(scene_data), options={"keypoints": {}})
+    with pytest.raises(TypeError, match="preprocessing must be a Preprocessing, got str"):
+        reconstruct(scene_data["folder"], model=_oracle(scene_data), preprocessing="pad")

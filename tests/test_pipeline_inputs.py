@@ -304,3 +304,20 @@ def test_camera_groups_follow_colmap_camera_modes():
     assert camera_groups(views, False) == [1, 2, 3, 4]
     assert camera_groups(views, True) == [1, 1, 1, 1]
     assert camera_groups(views, "per_folder") == [1, 2, 1, 3]  # in order of appearance
+
+
+def test_recursive_listing_skips_earlier_projects_inside_the_folder(tmp_path, caplog):
+    """An earlier run's OUT inside the image folder (report.json, sparse/, undistorted/images) is not
+    read as input."""
+    _image(tmp_path / "a.png", 64, 48, seed=1)
+    (tmp_path / "cam0").mkdir()
+    _image(tmp_path / "cam0" / "b.png", 64, 48, seed=2)
+    project = tmp_path / "out"
+    (project / "sparse" / "0").mkdir(parents=True)
+    (project / "report.json").write_text("{}")
+    (project / "undistorted" / "images").mkdir(parents=True)
+    _image(project / "undistorted" / "images" / "a.png", 60, 44, seed=3)
+    with caplog.at_level(logging.WARNING):
+        paths = select_images(tmp_path, recursive=True)
+    assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a.png", "cam0/b.png"]
+    assert f"skipped the images of {project}" in caplog.text

@@ -136,6 +136,11 @@ def test_export_protects_existing_files_and_the_model(project, tmp_path, capsys)
     assert code == 1 and "exists" in err and (tmp_path / "old.ply").read_text() == "keep"
     main(["export", str(project), "-o", str(tmp_path / "old.ply"), "--overwrite", "true"])
     assert (tmp_path / "old.ply").read_bytes().startswith(b"ply")
+    # the default output (PROJECT/points.glb) is refreshed with --overwrite; sparse/ names the model too
+    pytest.importorskip("trimesh")
+    main(["export", str(project)])
+    main(["export", str(project / "sparse"), "-o", str(project / "points.glb"), "--overwrite", "true"])
+    assert (project / "points.glb").read_bytes().startswith(b"glTF")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(tmp_path / "nowhere"), "-o", str(tmp_path / "n.ply")])

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,9 @@ class OutputPathError(OSError):
     """The output folder cannot be created where it was asked for (a file in the way, no permission)."""
 
 
-# what marks a folder as a project that ``overwrite`` may replace
-PROJECT_ENTRIES = ("report.json", "sparse", "database.db")
+# what a project folder holds (module docstring): ``overwrite`` replaces a folder of these only
+PROJECT_ENTRIES = ("sparse", "database.db", "points.ply", "report.json", "undistorted")
+IGNORED_ENTRIES = (".DS_Store",)  # left by file browsers
 
 
 def check_output(
@@ -49,13 +51,15 @@ def check_output(
     overwrite: bool,
     image_dir: str | os.PathLike | None = None,
     reads_subfolders: bool = False,
+    inputs: Sequence[Path] = (),
 ) -> Path:
     """Fail early (before any computation) if ``output`` cannot be written, or if writing it would replace
-    ``image_dir``, the folder of the input images (``output`` is that folder or holds it), or, when the
-    images are read from ``image_dir``'s subfolders too, if ``output`` lies inside it (its images would be
-    read as input). An existing empty folder is used; a non-empty one is replaced only with ``overwrite``
-    and only if it holds a project (:data:`PROJECT_ENTRIES`), never the current folder or one holding it.
-    Returns ``output`` as an absolute path."""
+    ``image_dir``, the folder of the input images (``output`` is that folder or holds it), or any of the
+    ``inputs`` (image files), or, when the images are read from ``image_dir``'s subfolders too, if
+    ``output`` lies inside it (its images would be read as input). An existing empty folder is used; a
+    non-empty one is replaced only with ``overwrite`` and only if it holds nothing but a project's entries
+    (:data:`PROJECT_ENTRIES`), never the current folder or one holding it. Returns ``output`` as an
+    absolute path."""
     output = Path(os.path.abspath(output))
     if image_dir is not None:
         if Path(image_dir).resolve().is_relative_to(output.resolve()):
@@ -72,6 +76,12 @@ def check_output(
                 f"output {output} lies inside the image folder {image_dir}, whose subfolders are read "
                 "(recursive): its images would be read as input next time; choose a folder outside it"
             )
+    inside = next((p for p in inputs if p.resolve().is_relative_to(output.resolve())), None)
+    if inside is not None:
+        raise OutputExistsError(
+            f"output {output} holds the input image {inside}: the project would replace it; choose a folder "
+            "outside it"
+        )
     if output.exists() and not output.is_dir():
         raise OutputExistsError(
             f"output {output} exists and is not a folder; remove it or choose another path"
@@ -87,10 +97,12 @@ def check_output(
                 f"output {output} already exists; choose another folder or pass overwrite=True "
                 "(CLI: --overwrite true)"
             )
-        if not any((output / entry).exists() for entry in PROJECT_ENTRIES):
+        foreign = sorted({p.name for p in output.iterdir()} - set(PROJECT_ENTRIES) - set(IGNORED_ENTRIES))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise OutputExistsError(
-                f"output {output} is not a project (none of {', '.join(PROJECT_ENTRIES)}): overwrite only "
-                "replaces a project folder; empty it yourself or choose another folder"
+                f"output {output} holds more than a speed3r-sfm project ({shown}): overwrite replaces only a "
+                f"folder of {', '.join(PROJECT_ENTRIES)}; choose another folder or move those out"
             )
     _check_writable(output)
     return output

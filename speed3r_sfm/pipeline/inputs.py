@@ -142,7 +142,8 @@ def select_images(
     (and of its subfolders if ``recursive``) in natural order. Raises :class:`InputError` naming the list
     or the folder when an entry is missing, repeated or outside the folder."""
     if image_list is None:
-        return find_images(image_dir, recursive=recursive)
+        paths = find_images(image_dir, recursive=recursive)
+        return _outside_projects(paths, Path(image_dir)) if recursive else paths
     folder = Path(image_dir)
     if not folder.is_dir():
         raise InputError(
@@ -174,6 +175,28 @@ def select_images(
             "names are relative to the image folder"
         )
     return paths
+
+
+def _outside_projects(paths: list[Path], folder: Path) -> list[Path]:
+    """``paths`` less those inside a project folder under ``folder`` (one holding report.json and sparse/,
+    e.g. an earlier run's OUT with its undistorted images), each project skipped with a warning."""
+    projects = sorted(
+        {
+            parent
+            for path in paths
+            for parent in path.parents
+            if parent.is_relative_to(folder)
+            and parent != folder
+            and (parent / "report.json").is_file()
+            and (parent / "sparse").is_dir()
+        }
+    )
+    for project in projects:
+        logger.warning("skipped the images of %s: a reconstruction project inside the image folder", project)
+    kept = [p for p in paths if not any(p.is_relative_to(project) for project in projects)]
+    if not kept:
+        raise InputError(f"no images in {folder} outside the reconstruction projects it holds")
+    return kept
 
 
 def _read_image_list(image_list: ImageList) -> tuple[list[str], str]:

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pycolmap
 import torch
@@ -237,6 +238,16 @@ def run_pipeline(
 ) -> PipelineResult:
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
     options = options or PipelineOptions()
+    if not isinstance(options, PipelineOptions):
+        raise TypeError(
+            f"options must be a PipelineOptions, got {type(options).__name__}; e.g. "
+            "PipelineOptions(keypoints=KeypointOptions(max_keypoints=512))"
+        )
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        raise TypeError(
+            f"preprocessing must be a Preprocessing, got {type(preprocessing).__name__}; e.g. "
+            "Preprocessing('pad', 518)"
+        )
     if not isinstance(image_dir, str | os.PathLike):
         raise TypeError(
             f"image_dir must be a folder path, got {type(image_dir).__name__}; to reconstruct chosen images "
@@ -248,14 +259,14 @@ def run_pipeline(
     check_chunk_arguments(chunk_size, chunk_overlap, chunk_h5, output_dir)
     if undistort and output_dir is None:
         raise ValueError("undistort=True writes output_dir/undistorted: give an output_dir")
+    paths = select_images(image_dir, image_list, recursive)  # listed (not read) before any work
     if output_dir is not None:
-        output_dir = check_output(output_dir, overwrite, image_dir, recursive)  # before any work
+        output_dir = check_output(output_dir, overwrite, image_dir, recursive, inputs=paths)
     readjusting = ba and options.bundle.readjust  # a stage known in advance (the rescue is not)
     stages = _Stages(len(STAGES) - (output_dir is None) + readjusting, progress)
     try:
         # 1. images
         stages.start("reading images")
-        paths = select_images(image_dir, image_list, recursive)
         per_pass = len(paths) if chunk_size is None else min(len(paths), chunk_size)
         backbone = load_backbone(model, attention, device, preprocessing, num_views=per_pass)
         attention = backbone.attention  # "auto" resolved
@@ -702,6 +713,8 @@ def check_chunk_arguments(
                 f"chunk_h5 {chunk_h5} lies in the output folder {output_dir}, which is written anew when the "
                 "project is done: keep the chunk file outside it"
             )
+        if h5.is_file():
+            _check_chunk_file(h5)
     if chunk_size is not None and chunk_size < 2:
         raise ValueError(
             f"chunk_size must be at least 2 (chunks share views to be aligned), got {chunk_size}"
@@ -712,6 +725,20 @@ def check_chunk_arguments(
         )
     if chunk_size is not None and chunk_overlap is not None and chunk_overlap >= chunk_size:
         raise ValueError(f"chunk_overlap ({chunk_overlap}) must be smaller than chunk_size ({chunk_size})")
+
+
+def _check_chunk_file(path: Path) -> None:
+    """Raise ValueError unless the existing file ``path`` is a chunk file (or an empty HDF5 file): chunks
+    are never written into another HDF5 file (a dataset's depths.h5) or over a file of another kind."""
+    try:
+        with h5py.File(path, "r") as file:
+            foreign = "plan" not in file.attrs and (len(file.keys()) or len(file.attrs))
+    except OSError as error:
+        raise ValueError(f"chunk_h5 {path} exists and is not an HDF5 file; give a new path") from error
+    if foreign:
+        raise ValueError(
+            f"chunk_h5 {path} is an HDF5 file but not a chunk file of an earlier run; give a new path"
+        )
 
 
 def _chunk_size(chunk_size: int | None, backbone: Backbone, model_images: torch.Tensor) -> int | None:
@@ -747,8 +774,18 @@ def _run_backbone(
     model exports descriptors) before the chunks are composed; a single pass is posed by the caller."""
     size = _chunk_size(chunk.size, backbone, model_images)
     if size is None or size >= len(names):
-        if chunk.h5 is not None:
-            logger.info("%d views fit in one pass: the chunk file %s is not used", len(names), chunk.h5)
+        unused = [
+            name
+            for name, given in (
+                ("chunk_h5", chunk.h5 is not None),
+                ("chunk_overlap", chunk.overlap is not None),
+                ("ordered=False", not chunk.ordered),
+            )
+            if given
+        ]
+        if unused:
+            why = "no chunk_size on this device" if size is None else f"{len(names)} views fit in one pass"
+            logger.warning("%s not used: one pass over all views (%s)", ", ".join(unused), why)
         predict = (with_tracker and backbone.predict_with_tracker) or backbone.predict
         prediction = predict(model_images[None].to(backbone.device))
         summary = summarize_records(prediction.attention, len(names)) if backbone.guided else None
