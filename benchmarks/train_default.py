@@ -413,7 +413,7 @@ def ship_stage(args: argparse.Namespace) -> None:
 def ship_pose_stage(args: argparse.Namespace) -> None:
     """Ship the pose-tuned weights as the default: GSA with the shipped attention settings, the gates at
     their training-free init (the fine-tuning ran dense); model card from the stage log and evaluation."""
-    from speed3r_sfm.training.backbone import BackboneSpec, export_weights
+    from speed3r_sfm.training.backbone import PIPELINE_KEYS, BackboneSpec, export_weights
 
     run_dir = Path(args.run_dir)
     target = Path(args.weights_dir)
@@ -436,23 +436,11 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
     staging = run_dir / "ship"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    written = export_weights(
-        model, BackboneSpec(name="vggt", preset="small"), staging / "default.safetensors", "float16", info
-    )
+    # the input size, what reconstruct(attention="auto") runs and whether the GSA records guide matching
+    pipeline = {key: previous[key] for key in PIPELINE_KEYS if key in previous}
+    spec = BackboneSpec(name="vggt", preset="small")
+    written = export_weights(model, spec, staging / "default.safetensors", "float16", info, pipeline=pipeline)
     meta = json.loads(sidecar(written).read_text())
-    meta["preprocessing"] = previous["preprocessing"]
-    # what reconstruct(attention="auto") runs, and whether the GSA records guide matching
-    for key in (
-        "pipeline_attention",
-        "pipeline_attention_why",
-        "gsa_from_views",
-        "gsa_from_views_why",
-        "gsa_guidance",
-        "gsa_guidance_why",
-    ):
-        if key in previous:
-            meta[key] = previous[key]
-    sidecar(written).write_text(json.dumps(meta, indent=2) + "\n")
     size = written.stat().st_size
     if size > 25e6:
         raise SystemExit(f"{written} is {size / 1e6:.1f} MB, above the 25 MB budget")
