@@ -180,16 +180,10 @@ def select_images(
 def _outside_projects(paths: list[Path], folder: Path) -> list[Path]:
     """``paths`` less those inside a project folder under ``folder`` (one holding report.json and sparse/,
     e.g. an earlier run's OUT with its undistorted images), each project skipped with a warning."""
+    subfolders = {parent for path in paths for parent in path.parents if parent != folder}
+    subfolders = {sub for sub in subfolders if sub.is_relative_to(folder)}  # each checked once below
     projects = sorted(
-        {
-            parent
-            for path in paths
-            for parent in path.parents
-            if parent.is_relative_to(folder)
-            and parent != folder
-            and (parent / "report.json").is_file()
-            and (parent / "sparse").is_dir()
-        }
+        sub for sub in subfolders if (sub / "report.json").is_file() and (sub / "sparse").is_dir()
     )
     for project in projects:
         logger.warning("skipped the images of %s: a reconstruction project inside the image folder", project)

@@ -120,8 +120,7 @@ class PipelineOptions:
 
 class ReconstructionError(RuntimeError):
     """The images ran through the pipeline but gave no reconstruction (no 3D point, or fewer than two
-    registered images); ``report`` holds what
-    the run found (counts, timings), as report.json would."""
+    registered images); ``report`` holds what the run found (counts, timings), as report.json would."""
 
     def __init__(self, message: str, report: dict | None = None) -> None:
         super().__init__(message)
