@@ -225,7 +225,9 @@ def test_shared_camera_needs_one_image_size(tmp_path):
         torch.ones(s, h, w),
         torch.ones(s, h, w),
     )
-    with pytest.raises(InputError, match="shared_camera=True needs images of one size"):
+    with pytest.raises(
+        InputError, match=r"shared_camera=True needs images of one size, got 2: 64x48 \(1 image, e.g. a.png\)"
+    ):
         make_cameras(views, geometry, "PINHOLE", shared_camera=True)
     with pytest.raises(InputError, match=r"shared_camera='per_folder' \(folder '.'\) needs images of one"):
         make_cameras(views, geometry, "PINHOLE", shared_camera="per_folder")

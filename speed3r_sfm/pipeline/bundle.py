@@ -281,7 +281,7 @@ def _refine(
         refine_intrinsics = round_index > 0 or options.rounds == 1
         summary = bundle_adjust(rec, options, scale * pixel_scale, refine_intrinsics=refine_intrinsics)
         if summary is None:
-            logger.warning(
+            logger.info(  # the run ends in ReconstructionError, which says so once
                 "bundle adjustment skipped: %d registered images, %d points",
                 rec.num_reg_images(),
                 rec.num_points3D(),

@@ -89,10 +89,16 @@ def adjusted_shared_camera(
 
 
 def _check_one_size(views: Sequence[View], what: str, fix: str) -> None:
-    sizes = {v.original_size for v in views}
-    if len(sizes) > 1:
-        listing = ", ".join(f"{v.name}: {v.original_size[0]}x{v.original_size[1]}" for v in views[:6])
-        raise InputError(f"{what} needs images of one size, got {len(sizes)} sizes ({listing}, ...); {fix}")
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for view in views:
+        by_size.setdefault(view.original_size, []).append(view.name)
+    if len(by_size) > 1:
+        listing = ", ".join(
+            f"{w}x{h} ({len(names)} image{'s' if len(names) > 1 else ''}, e.g. {names[0]})"
+            for (w, h), names in sorted(by_size.items(), key=lambda item: -len(item[1]))[:4]
+        )
+        more = f" and {len(by_size) - 4} more" if len(by_size) > 4 else ""
+        raise InputError(f"{what} needs images of one size, got {len(by_size)}: {listing}{more}; {fix}")
 
 
 CameraSharing = bool | Literal["per_folder"]
