@@ -362,8 +362,8 @@ def run_pipeline(
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
-        if contradicted:  # a link cut in the first pass may be re-joined by the rescue
-            pose_source["contradicted_links"] = [list(pair) for pair in sorted(contradicted)]
+        # links cut in any pass (one cut in the first pass may be re-joined by the rescue); [] when none
+        pose_source["contradicted_links"] = [list(pair) for pair in sorted(contradicted)]
         unregistered = [
             {
                 "name": views[image_id - 1].name,
