@@ -730,7 +730,7 @@ def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_dat
     assert code == 1 and "Could not get a checkpoint of 'nobody/no-such-model'" in capsys.readouterr().err
     for option, message in (
         (dict(max_keypoints=0), "max_keypoints must be at least 1"),
-        (dict(max_image_size=0), "max_image_size must be a positive"),
+        (dict(max_image_size=0), "max_image_size must be at least 1"),
         (dict(min_work_scale=2.0), r"min_work_scale must lie in \[0, 1\]"),
     ):
         assert pipeline_cli.reconstruct_command(folder, out, quiet=True, **option) == 1

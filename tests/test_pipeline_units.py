@@ -3,6 +3,7 @@ GSA record reduction, keypoint allocation, database geometry."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,7 @@ from speed3r_sfm.data.images import ImageTransform
 from speed3r_sfm.eval.metrics import rotation_angle_deg
 from speed3r_sfm.geometry import look_at
 from speed3r_sfm.models.checkpoint import CheckpointError
+from speed3r_sfm.pipeline import KeypointOptions, MatchOptions, PipelineOptions
 from speed3r_sfm.pipeline.bundle import (
     BundleOptions,
     adjustable_images,
@@ -42,7 +44,7 @@ from speed3r_sfm.pipeline.keypoints import Keypoints, allocate
 from speed3r_sfm.pipeline.matching import Matches, keep_matches
 from speed3r_sfm.pipeline.records import summarize_records
 from speed3r_sfm.pipeline.refine import RefineOptions, build_pyramid, ncc_map, refine_pair
-from speed3r_sfm.pipeline.rescue import observed_points, pnp_camera
+from speed3r_sfm.pipeline.rescue import RescueOptions, observed_points, pnp_camera
 from speed3r_sfm.pipeline.track_verification import check_with_tracks
 from speed3r_sfm.pipeline.tracks import Tracks, build_tracks, connected_components
 
@@ -760,3 +762,21 @@ def test_adjusted_shared_camera_is_the_median_of_the_registered_cameras():
     assert adjusted_shared_camera(rec, views, "SIMPLE_RADIAL") is None  # one registered image
     other = ImageTransform((480, 640), (168, 224), (0, 0), (63, 0), (294, 224))
     assert adjusted_shared_camera(pycolmap.Reconstruction(), [*views, _view(other)], "SIMPLE_RADIAL") is None
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: BundleOptions(rounds=-1), ValueError, "BundleOptions.rounds must be at least 1, got -1"),
+        (lambda: BundleOptions(num_threads=0), ValueError, "BundleOptions.num_threads must be at least 1"),
+        (lambda: BundleOptions(loss_scale=0.0), ValueError, "BundleOptions.loss_scale must be positive"),
+        (lambda: RescueOptions(max_rounds=-1), ValueError, "RescueOptions.max_rounds must be at least 0"),
+        (lambda: MatchOptions(max_views=0), ValueError, "MatchOptions.max_views must be at least 1"),
+        (lambda: KeypointOptions(max_keypoints="9"), TypeError, "max_keypoints must be a number, got '9'"),
+        (lambda: PipelineOptions(keypoints=BundleOptions()), TypeError, "must be a KeypointOptions"),
+    ],
+)
+def test_options_out_of_range_fail_at_construction(make, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        make()
+    assert BundleOptions(num_threads=-1).num_threads == -1  # all cores

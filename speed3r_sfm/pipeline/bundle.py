@@ -41,6 +41,7 @@ import torch
 
 from speed3r_sfm.eval.metrics import rotation_angle_deg
 
+from .checks import require_at_least, require_positive
 from .tracks import connected_components
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,13 @@ class BundleOptions:
     # forward 1000001 at 96 views (GSA) the last solve left views 55-78 joined 5 deg off (38 % of pairs
     # off); a new solve of the filtered problem joins them in a few iterations (polish_solve.md)
     polish: bool = True
+
+    def __post_init__(self) -> None:
+        require_at_least(self, rounds=1, max_iterations=1, readjust_rounds=1, min_shared_points=0)
+        require_at_least(self, min_adjusted_link=0, min_tri_angle=0.0)
+        require_positive(self, "loss_scale", "initial_loss_scale", "max_reproj_error")
+        if self.num_threads != -1:
+            require_at_least(self, num_threads=1)  # -1: all cores
 
 
 def mean_reprojection_error(rec: pycolmap.Reconstruction) -> float | None:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
+from .checks import require_at_least
 from .frames import SceneGeometry, work_pixels_per_model_pixel, work_to_model
 from .inputs import View
 from .records import AttentionSummary
@@ -39,8 +40,7 @@ class KeypointOptions:
     min_response: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.max_keypoints < 1:
-            raise ValueError(f"max_keypoints must be at least 1 per image, got {self.max_keypoints}")
+        require_at_least(self, max_keypoints=1)
 
 
 @dataclass

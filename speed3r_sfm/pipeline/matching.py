@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import require_at_least
 from .chunking import free_cuda_bytes
 from .frames import SceneGeometry, model_to_work, work_pixels_per_model_pixel, work_to_model
 from .inputs import View
@@ -77,6 +78,9 @@ class MatchOptions:
     track_tolerance: float = 8.0  # model pixels between the track and the refined match
     min_track_visibility: float = 0.2  # upstream demo_colmap.py's --vis_thresh
     refine: RefineOptions = field(default_factory=RefineOptions)
+
+    def __post_init__(self) -> None:
+        require_at_least(self, max_views=1)
 
 
 @dataclass

@@ -52,6 +52,7 @@ from .bundle import (
     mean_reprojection_error,
     refine_reconstruction,
 )
+from .checks import require_at_least
 from .chunked import predict_chunked, stored_plan
 from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
 from .colmap_model import (
@@ -112,8 +113,17 @@ class PipelineOptions:
     no_ba_max_reproj_error: float = 16.0  # work pixels, point filter when ba=False
 
     def __post_init__(self) -> None:
-        if self.max_image_size < 1:
-            raise ValueError(f"max_image_size must be a positive number of pixels, got {self.max_image_size}")
+        for name, kind in (
+            ("keypoints", KeypointOptions),
+            ("matching", MatchOptions),
+            ("bundle", BundleOptions),
+            ("token_poses", TokenPoseOptions),
+            ("rescue", RescueOptions),
+        ):
+            if not isinstance(getattr(self, name), kind):
+                got = type(getattr(self, name)).__name__
+                raise TypeError(f"PipelineOptions.{name} must be a {kind.__name__}, got {got}")
+        require_at_least(self, max_image_size=1)
         if not 0.0 <= self.min_work_scale <= 1.0:
             raise ValueError(f"min_work_scale must lie in [0, 1], got {self.min_work_scale}")
 

@@ -31,6 +31,7 @@ import torch
 
 from speed3r_sfm.geometry import compose_poses, invert_pose
 
+from .checks import require_at_least
 from .colmap_model import view_camera
 from .frames import SceneGeometry, apply_pose, intrinsics_to_original, original_to_work, work_to_model
 from .inputs import View
@@ -67,6 +68,9 @@ class RescueOptions:
     # a view with a camera of its own (one camera per image): PnP estimates its focal length too, and the
     # next pass starts from it (the model's focal length of a view whose pose was far off is suspect too)
     estimate_focal: bool = True
+
+    def __post_init__(self) -> None:
+        require_at_least(self, max_rounds=0)
 
 
 def pose_matrix(rigid: pycolmap.Rigid3d) -> torch.Tensor:

@@ -1,0 +1,26 @@
+"""Checks of option dataclasses at construction: a clear error naming the field, not a failure later."""
+
+from __future__ import annotations
+
+
+def _number(options: object, name: str) -> float:
+    value = getattr(options, name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{type(options).__name__}.{name} must be a number, got {value!r}")
+    return value
+
+
+def require_at_least(options: object, **minimums: float) -> None:
+    """Raise unless each field named in ``minimums`` is a number at least that large."""
+    for name, low in minimums.items():
+        value = _number(options, name)
+        if value < low:
+            raise ValueError(f"{type(options).__name__}.{name} must be at least {low}, got {value!r}")
+
+
+def require_positive(options: object, *names: str) -> None:
+    """Raise unless each named field is a number above zero."""
+    for name in names:
+        value = _number(options, name)
+        if value <= 0:
+            raise ValueError(f"{type(options).__name__}.{name} must be positive, got {value!r}")
