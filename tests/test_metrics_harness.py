@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,27 @@ def noisy_factory():
         return Prediction(eye, k, ones, ones, torch.rand(1, s, h, w, 3), ones)
 
     return predict
+
+
+def test_pipeline_harness_counts_a_failed_scene_as_the_worst(load_benchmark, monkeypatch):
+    """A scene that ends in ReconstructionError is no row of means but the worst scene of its method."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # its own imports
+    bench = load_benchmark("pipeline_synthetic")
+    good = {
+        "median_rre_feedforward": 3.0,
+        "median_rre_ba": 0.1,
+        "rre_reduction": 0.97,
+        "pairs_rre_over_5deg": 0.0,
+        "registered": 1.0,
+        "median_rte_feedforward": 5.0,
+        "median_rte_ba": 0.1,
+        "reprojection_error_px": {"initial": 1.0, "final": 0.3},
+        "counts": {"points3D": 1000},
+        "wall_s": 6.0,
+        "timings_s": {"total": 6.0, "model": 2.0},
+    }
+    failed = {"seed": 2, "error": "ReconstructionError: ...", "failed": True, "registered": 1 / 24}
+    failed["pairs_rre_over_5deg"] = 1.0
+    summary = bench.summarize({"default": [good, failed]})["default"]
+    assert summary["registered_min"] == 1 / 24 and summary["pairs_rre_over_5deg_max"] == 1.0
+    assert summary["failed_scenes"] == 1 and summary["median_rre_ba"] == 0.1 and summary["wall_s"] == 6.0
