@@ -411,6 +411,7 @@ def view_command(project: str, host: str = "127.0.0.1", port: int = 8080, max_po
         port: port to serve on (open http://HOST:PORT in a browser).
         max_points: points shown at most (a random subset above).
     """
+    import signal
     import socket
     import time
 
@@ -435,6 +436,11 @@ def view_command(project: str, host: str = "127.0.0.1", port: int = 8080, max_po
     server = viser.ViserServer(host=host, port=port, verbose=False)
     build_scene(server, rec, max_points)
     served = server.get_port()  # viser moves to the next free port if this one is taken
+
+    def stop(signum, frame):  # SIGTERM (e.g. `timeout`, a service manager) stops as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)  # replaces the crash handler pycolmap's glog installs
     moved = f" (port {port} was taken)" if served != port else ""
     print(f"viewer of {project} at http://{host}:{served}{moved} (Ctrl-C to stop)")
     try:
@@ -443,5 +449,6 @@ def view_command(project: str, host: str = "127.0.0.1", port: int = 8080, max_po
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.stop()
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sys
 
@@ -182,3 +184,8 @@ def test_view_checks_its_arguments_and_reports_the_port_it_serves_on(project, mo
     out = capsys.readouterr().out
     served = int(out.split("http://127.0.0.1:")[1].split()[0])
     assert served != port and f"(port {port} was taken)" in out
+    # SIGTERM stops it as Ctrl-C does (pycolmap's crash handler printed a stack trace), then is restored
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr("time.sleep", lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
+    assert viz.view_command(str(project)) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
