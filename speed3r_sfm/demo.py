@@ -18,6 +18,7 @@ from .eval.metrics import absolute_trajectory_error, pose_auc, relative_pose_err
 ViewCount = restricted_number_type("ViewCount", int, [(">=", 2), ("<=", 10_000)])
 ImageSide = restricted_number_type("ImageSide", int, [(">=", 32), ("<=", 4096)])
 MAX_RENDERED_PIXELS = 100_000_000  # views x height x width rendered at once
+SCENE_ENTRIES = ("images", "sparse", "depths.h5")  # what write_colmap_dataset writes: all overwrite replaces
 
 
 class SceneTooLargeError(ValueError):
@@ -35,14 +36,23 @@ def _check_scene(views: int, height: int, width: int) -> None:
 
 def _scene_output(output: str | os.PathLike, overwrite: bool) -> Path:
     """``output`` as an absolute path, checked before rendering: an existing folder is replaced only with
-    ``overwrite`` and only if it holds a scene (images/ or sparse/), never the current folder."""
+    ``overwrite`` and only if it holds nothing but a scene (:data:`SCENE_ENTRIES`), never the current
+    folder; a folder that cannot be created is refused."""
+    from .pipeline.export import check_writable
+
     path = Path(os.path.abspath(output))
     if not path.exists():
+        check_writable(path)
         return path
     if not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite true) to replace it")
-    if not path.is_dir() or not ((path / "images").is_dir() or (path / "sparse").is_dir()):
-        raise FileExistsError(f"{output} exists and is not a scene folder (images/, sparse/); choose another")
+    foreign = sorted({p.name for p in path.iterdir()} - set(SCENE_ENTRIES)) if path.is_dir() else []
+    if not path.is_dir() or foreign:
+        raise FileExistsError(
+            f"{output} exists and is not a scene folder (only {', '.join(SCENE_ENTRIES)})"
+            + (f"; it holds {', '.join(foreign[:5])}" if foreign else "")
+            + "; choose another folder"
+        )
     if Path.cwd().resolve().is_relative_to(path.resolve()):
         raise FileExistsError(f"{output} is the current folder or holds it; choose another folder")
     return path

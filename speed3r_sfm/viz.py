@@ -354,7 +354,8 @@ def export_command(
     try:
         rec = load_reconstruction(project)
         if rec.num_points3D() == 0:
-            print(f"warning: {project} has no 3D points; only cameras are exported", file=sys.stderr)
+            what = "the PLY holds no point" if kind == "ply" else "only the cameras are exported"
+            print(f"warning: {project} has no 3D points; {what}", file=sys.stderr)
         written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)
     except (FileNotFoundError, MissingDependencyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -62,6 +62,15 @@ def test_synthetic_replaces_only_scene_folders_and_the_demo_checks_its_model(tmp
     with pytest.raises(SystemExit) as exit_info:
         main(["synthetic", str(tmp_path / "notes"), "--overwrite", "true"])
     assert exit_info.value.code == 1 and "is not a scene folder" in capsys.readouterr().err
+    (tmp_path / "dataset" / "images").mkdir(parents=True)  # a COLMAP dataset with more than a scene's files
+    (tmp_path / "dataset" / "database.db").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synthetic", str(tmp_path / "dataset"), "--overwrite", "true"])
+    assert exit_info.value.code == 1 and "it holds database.db" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synthetic", str(tmp_path / "afile" / "scene")])
+    assert exit_info.value.code == 1 and "afile is a file, not a folder" in capsys.readouterr().err
     (tmp_path / "here" / "images").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "here")
     with pytest.raises(SystemExit) as exit_info:

@@ -382,6 +382,11 @@ def test_an_output_that_cannot_be_created_is_refused_before_any_work(scene_data,
     def read_only(*args, **kwargs):
         raise PermissionError(1, "Operation not permitted")
 
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(OutputPathError, match="is a symbolic link"):
+        reconstruct(scene_data["folder"], tmp_path / "link", model=oracle)
+
     monkeypatch.setattr(pipeline_export.tempfile, "mkdtemp", read_only)
     with pytest.raises(OutputPathError, match=r"no folder can be made in .* \(Operation not permitted\)"):
         reconstruct(scene_data["folder"], tmp_path / "new" / "out", model=oracle)

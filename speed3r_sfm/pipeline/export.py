@@ -61,6 +61,10 @@ def check_output(
     (:data:`PROJECT_ENTRIES`), never the current folder or one holding it. Returns ``output`` as an
     absolute path."""
     output = Path(os.path.abspath(output))
+    if output.is_symlink():
+        raise OutputPathError(
+            f"output {output} is a symbolic link (to {os.readlink(output)}); give the folder itself"
+        )
     if image_dir is not None:
         if Path(image_dir).resolve().is_relative_to(output.resolve()):
             raise OutputExistsError(
@@ -104,7 +108,7 @@ def check_output(
                 f"output {output} holds more than a speed3r-sfm project ({shown}): overwrite replaces only a "
                 f"folder of {', '.join(PROJECT_ENTRIES)}; choose another folder or move those out"
             )
-    _check_writable(output)
+    check_writable(output)
     return output
 
 
@@ -115,7 +119,7 @@ def _current_folder() -> Path:
         return Path("/nonexistent-current-folder")
 
 
-def _check_writable(output: Path) -> None:
+def check_writable(output: Path) -> None:
     """Raise :class:`OutputPathError` unless ``output``'s nearest existing ancestor is a folder in which a
     folder can be created (the project is staged next to ``output``)."""
     ancestor = output.parent
