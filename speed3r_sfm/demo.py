@@ -38,7 +38,7 @@ def _scene_output(output: str | os.PathLike, overwrite: bool) -> Path:
     """``output`` as an absolute path, checked before rendering: an existing folder is replaced only with
     ``overwrite`` and only if it holds nothing but a scene (:data:`SCENE_ENTRIES`), never the current
     folder; a folder that cannot be created is refused."""
-    from .pipeline.export import check_writable
+    from .pipeline.export import check_writable, current_folder
 
     path = Path(os.path.abspath(output))
     if not path.exists():
@@ -53,7 +53,7 @@ def _scene_output(output: str | os.PathLike, overwrite: bool) -> Path:
             + (f"; it holds {', '.join(foreign[:5])}" if foreign else "")
             + "; choose another folder"
         )
-    if Path.cwd().resolve().is_relative_to(path.resolve()):
+    if current_folder().is_relative_to(path.resolve()):
         raise FileExistsError(f"{output} is the current folder or holds it; choose another folder")
     return path
 

@@ -266,12 +266,8 @@ def _load_exported_model(
 ) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
     """Our own exported weights (the shipped default or a fine-tuned model), dense or GSA as asked; "auto"
     takes the sidecar's ``pipeline_attention``, else the stored attention, and GSA for ``num_views`` at or
-    above the sidecar's ``gsa_from_views`` for ``device`` (:func:`gsa_threshold`)."""
-    if not path.is_file():
-        raise ModelNotAvailableError(
-            f"the default model weights are missing ({path}); reinstall speed3r-sfm, or pass model= a Hub id "
-            "('facebook/VGGT-1B', 'yyfz233/Pi3') or a checkpoint path"
-        )
+    above the sidecar's ``gsa_from_views`` for ``device`` (:func:`gsa_threshold`); ``path`` exists
+    (:func:`check_model_spec`)."""
     from speed3r_sfm.training.backbone import load_exported
 
     meta = json.loads(path.with_suffix(".json").read_text())

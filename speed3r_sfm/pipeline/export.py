@@ -90,7 +90,7 @@ def check_output(
         raise OutputExistsError(
             f"output {output} exists and is not a folder; remove it or choose another path"
         )
-    if output.is_dir() and _current_folder().is_relative_to(output.resolve()):
+    if output.is_dir() and current_folder().is_relative_to(output.resolve()):
         raise OutputExistsError(
             f"output {output} is the current folder or holds it: the project would replace the folder "
             "you are working in; choose another folder"
@@ -112,7 +112,8 @@ def check_output(
     return output
 
 
-def _current_folder() -> Path:
+def current_folder() -> Path:
+    """The resolved current folder (a path no folder is inside if it was deleted)."""
     try:
         return Path.cwd().resolve()
     except FileNotFoundError:  # the current folder was deleted

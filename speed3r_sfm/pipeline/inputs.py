@@ -94,14 +94,20 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def find_images(image_dir: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Image files of ``image_dir`` in natural order; raises :class:`InputError` naming the folder when it
-    does not exist or holds no image."""
+def image_folder(image_dir: str | os.PathLike) -> Path:
+    """``image_dir`` as a Path; :class:`InputError` naming it when it is not a folder."""
     folder = Path(image_dir)
     if not folder.is_dir():
         raise InputError(
             f"image folder {folder} does not exist (or is not a folder); pass a folder of images"
         )
+    return folder
+
+
+def find_images(image_dir: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files of ``image_dir`` in natural order; raises :class:`InputError` naming the folder when it
+    does not exist or holds no image."""
+    folder = image_folder(image_dir)
     try:
         return list_images(folder, recursive=recursive)
     except FileNotFoundError as error:
@@ -144,11 +150,7 @@ def select_images(
     if image_list is None:
         paths = find_images(image_dir, recursive=recursive)
         return _outside_projects(paths, Path(image_dir)) if recursive else paths
-    folder = Path(image_dir)
-    if not folder.is_dir():
-        raise InputError(
-            f"image folder {folder} does not exist (or is not a folder); pass a folder of images"
-        )
+    folder = image_folder(image_dir)
     names, source = _read_image_list(image_list)
     if not names:
         raise InputError(f"{source} names no image; give at least 2 image names relative to {folder}")
