@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -707,6 +708,27 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
     code = pipeline_cli.reconstruct_command(str(empty), str(tmp_path / "out2"), quiet=True)
     assert code == 1 and f"no images in {empty}" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out2")
+
+
+def test_quiet_cli_prints_errors_only(scene_data, tmp_path, monkeypatch, capsys, caplog):
+    """--quiet: no progress bar, summary or warnings (a skipped tiny image); without it the skip is logged."""
+    import shutil
+
+    oracle = _oracle(scene_data)
+    backbone = Backbone(oracle, oracle.preprocessing, "oracle", torch.device("cpu"))
+    monkeypatch.setattr(pipeline_reconstruct, "load_backbone", lambda *args, **kwargs: backbone)
+    folder = tmp_path / "images"
+    shutil.copytree(scene_data["folder"], folder)
+    Image.new("RGB", (12, 10)).save(folder / "tiny.png")
+    caplog.set_level(logging.INFO)
+    code = pipeline_cli.reconstruct_command(str(folder), str(tmp_path / "quiet"), readjust=False, quiet=True)
+    captured = capsys.readouterr()
+    assert code == 0 and (tmp_path / "quiet" / "sparse" / "0").is_dir()
+    assert captured.out == "" and captured.err == "" and caplog.records == []
+    assert logging.getLogger("speed3r_sfm").level == logging.NOTSET  # restored
+    code = pipeline_cli.reconstruct_command(str(folder), str(tmp_path / "loud"), readjust=False)
+    assert code == 0 and "reconstructed 8/8 images (1 skipped)" in capsys.readouterr().out
+    assert any("tiny.png" in record.getMessage() for record in caplog.records)
 
 
 def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_data, tmp_path, capsys):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Literal
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -118,7 +120,7 @@ def reconstruct_command(
             --ImageReader.image_list_path; subfolders allowed, "#" comments), in that order.
         recursive: read the images of IMAGE_DIR's subfolders too (names "sub/img.jpg"); OUT must then lie
             outside IMAGE_DIR.
-        quiet: no progress bar or summary.
+        quiet: errors only: no progress bar, warnings (skipped inputs, unregistered views) or summary.
     """
     if output is None:
         print("error: give the output project folder with -o OUT", file=sys.stderr)
@@ -141,7 +143,7 @@ def reconstruct_command(
     if not quiet and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     # log lines (skipped inputs, unregistered views) go through tqdm.write, above the progress bar
-    redirect = contextlib.nullcontext() if quiet else logging_redirect_tqdm()
+    redirect = _errors_only() if quiet else logging_redirect_tqdm()
     try:
         with redirect:
             result = run_pipeline(
@@ -171,6 +173,20 @@ def reconstruct_command(
     if not quiet:
         print(summary_text(result))
     return 0
+
+
+@contextlib.contextmanager
+def _errors_only() -> Iterator[None]:
+    """Silence the package's log messages below ERROR and Python warnings inside the block (``--quiet``)."""
+    package = logging.getLogger("speed3r_sfm")
+    previous = package.level
+    package.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        package.setLevel(previous)
 
 
 def summary_text(result: PipelineResult) -> str:
