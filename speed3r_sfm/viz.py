@@ -360,6 +360,9 @@ def export_command(
     except (FileNotFoundError, MissingDependencyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the output's folder cannot be created or written
+        print(f"error: cannot write {output_path}: {error.strerror or error}", file=sys.stderr)
+        return 1
     print(f"wrote {written}")
     return 0
 

@@ -189,3 +189,13 @@ def test_view_checks_its_arguments_and_reports_the_port_it_serves_on(project, mo
     monkeypatch.setattr("time.sleep", lambda seconds: os.kill(os.getpid(), signal.SIGTERM))
     assert viz.view_command(str(project)) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_export_into_an_unwritable_place_names_the_output(project, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    target = tmp_path / "notes.txt" / "points.ply"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(project), "-o", str(target)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and f"error: cannot write {target}" in err and ".tmp-" not in err
+    assert "Traceback" not in err and (tmp_path / "notes.txt").read_text() == "a file, not a folder"
