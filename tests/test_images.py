@@ -34,6 +34,29 @@ def test_exif_orientation_is_applied(tmp_path):
     assert transforms[0].exif_orientation == 6 and transforms[0].original_size == (20, 40)
 
 
+@pytest.mark.parametrize("suffix", [".tif", ".jpg", ".webp", ".png"])
+@pytest.mark.parametrize("orientation,turn", [(6, -1), (8, 1), (3, 2)])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_format_reports_its_files_orientation(tmp_path, suffix, orientation, turn, channels):
+    """Pillow turns a TIFF upright itself and drops its tag on load (not an uncompressed gray one that it
+    maps from the file): the file's orientation is reported, with the upright size and pixels, as for the
+    other formats."""
+    upright = np.zeros((20, 40, 3), dtype=np.uint8)
+    upright[:5, :5] = (255, 0, 0)
+    if channels == 1:
+        upright = np.ascontiguousarray(upright[..., 0])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored = np.ascontiguousarray(np.rot90(upright, k=-turn))  # what the tag turns upright
+    path = tmp_path / f"rotated{suffix}"
+    Image.fromarray(stored).save(path, exif=exif, **({"lossless": True} if suffix == ".webp" else {}))
+    image, got, size = read_image_upright(path)
+    assert got == orientation and size == (40, 20) and image.size == (40, 20)
+    pixels = np.asarray(image).astype(int)
+    assert pixels[1, 1, 0] > 200 and pixels[18, 38].max() < 60
+    assert channels == 1 or pixels[1, 1, 1:].max() < 60  # red
+
+
 def test_sixteen_bit_png_is_scaled_to_eight_bit(tmp_path):
     values = np.array([[0, 65535, 128 * 257, 1000]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "depth16.png")

@@ -7,6 +7,7 @@ import pycolmap
 import pytest
 from PIL import Image
 
+from speed3r_sfm.pipeline.inputs import InputError
 from speed3r_sfm.pipeline.undistort import write_undistorted
 
 WIDTH, HEIGHT = 96, 72
@@ -90,7 +91,7 @@ def test_exif_rotated_images_are_undistorted_upright(tmp_path):
 def test_a_missing_image_is_an_error(tmp_path):
     rec, _ = _project(tmp_path)
     (tmp_path / "other.png").write_bytes(b"not an image")
-    with pytest.raises(RuntimeError, match="no image for"):
+    with pytest.raises(InputError, match="cannot read image .*other.png any more"):
         write_undistorted(
             tmp_path / "out", rec, tmp_path / "sparse", {"view.png": (tmp_path / "other.png", 1)}
         )
@@ -150,3 +151,56 @@ def test_cameras_without_distortion_come_out_as_pinholes(tmp_path):
     camera = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").cameras[1]
     assert camera.model.name == "PINHOLE"
     np.testing.assert_allclose(camera.params, [80.0, 80.0, 48.0, 36.0])
+
+
+@pytest.mark.parametrize("orientation,turn", [(6, -1), (3, 2)])
+def test_a_rotated_tiff_is_undistorted_upright(tmp_path, orientation, turn):
+    """Pillow turns TIFFs upright on reading, COLMAP does not: the undistorter gets an upright copy (a
+    quarter turn had aborted the process, a half turn came out upside down under upright poses)."""
+    from speed3r_sfm.data.images import read_image_upright
+
+    rec, image = _project(tmp_path, name="view.tif")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(np.rot90(image, k=-turn))).save(tmp_path / "view.tif", exif=exif)
+    Image.fromarray(image).save(tmp_path / "upright.tif")
+    _, read_orientation, size = read_image_upright(tmp_path / "view.tif")
+    assert read_orientation == orientation and size == (WIDTH, HEIGHT)
+    write_undistorted(tmp_path / "a", rec, tmp_path / "sparse", {"view.tif": (tmp_path / "upright.tif", 1)})
+    write_undistorted(
+        tmp_path / "b", rec, tmp_path / "sparse", {"view.tif": (tmp_path / "view.tif", orientation)}
+    )
+    expected = pycolmap.Bitmap.read(str(tmp_path / "a" / "images" / "view.tif"), as_rgb=False).to_array()
+    got = pycolmap.Bitmap.read(str(tmp_path / "b" / "images" / "view.tif"), as_rgb=False).to_array()
+    assert np.array_equal(got, expected)  # as COLMAP reads them: stored pixels, no tag applied
+
+
+def test_a_webp_staged_as_png_does_not_clash_with_a_png_of_that_name(tmp_path):
+    rec, image = _project(tmp_path, name="v.webp")
+    camera = next(iter(rec.cameras.values()))
+    rec.add_image_with_trivial_frame(
+        pycolmap.Image(name="v.webp.png", camera_id=camera.camera_id, image_id=2), pycolmap.Rigid3d()
+    )
+    rec.write(tmp_path / "sparse")
+    Image.fromarray(image).save(tmp_path / "v.webp", lossless=True)
+    Image.fromarray(255 - image).save(tmp_path / "v.webp.png")
+    sources = {"v.webp": (tmp_path / "v.webp", 1), "v.webp.png": (tmp_path / "v.webp.png", 1)}
+    entry = write_undistorted(tmp_path / "out", rec, tmp_path / "sparse", sources)
+    assert entry["images"] == 2
+    images = tmp_path / "out" / "images"
+    assert sorted(p.name for p in images.iterdir()) == ["v.webp", "v.webp.png"]
+    webp = np.asarray(Image.open(images / "v.webp").convert("L"), dtype=int)
+    png = np.asarray(Image.open(images / "v.webp.png").convert("L"), dtype=int)
+    assert np.abs(webp + png - 255)[2:-2, 2:-2].max() <= 2  # each image kept its own content
+
+
+def test_an_image_changed_during_the_run_is_an_error_not_an_abort(tmp_path):
+    rec, image = _project(tmp_path)
+    Image.fromarray(image[:, : WIDTH // 2]).save(tmp_path / "view.png")  # not the camera's size any more
+    with pytest.raises(
+        InputError, match=r"view.png is 48x72 pixels .* but was 96x72 .* changed during the run"
+    ):
+        write_undistorted(
+            tmp_path / "out", rec, tmp_path / "sparse", {"view.png": (tmp_path / "view.png", 1)}
+        )
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out-inputs").exists()

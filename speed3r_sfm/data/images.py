@@ -9,6 +9,7 @@ the upright one, after applying its EXIF orientation.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -88,7 +89,8 @@ def work_long_side(long_side: int, max_size: int, min_scale: float = 0.0) -> int
 def read_image_upright(
     path: str | os.PathLike, max_size: int | None = None, min_scale: float = 0.0
 ) -> tuple[Image.Image, int, tuple[int, int]]:
-    """(:func:`read_image` of ``path``, the EXIF orientation 1–8 it applied, the upright full size (W, H)),
+    """(:func:`read_image` of ``path``, the file's EXIF orientation 1–8 (its stored pixels are upright
+    where 1), the upright full size (W, H)),
     from one read of the file.
 
     With ``max_size``, for callers that only need a copy whose long side is :func:`work_long_side`
@@ -105,7 +107,7 @@ def read_image_upright(
         if pixels is not None:
             return Image.fromarray(pixels), 1, (pixels.shape[1], pixels.shape[0])
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             width, height = image.size
             if max_size is not None and image.format == "JPEG":
                 wanted = work_long_side(max(width, height), max_size, min_scale)
@@ -114,13 +116,31 @@ def read_image_upright(
                     image.draft("RGB", (width // factor, height // factor))
                     if image.size != (width // factor, height // factor):
                         raise ImageReadError(f"cannot decode {path} at 1/{factor} scale")
+            # the file's own tag: Pillow turns TIFFs upright itself (their size, then their pixels on load,
+            # which drops the tag), other formats through exif_transpose
+            orientation = _orientation(image)
             image.load()
-            orientation = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
+            if _orientation(image) in (5, 6, 7, 8):
+                width, height = height, width
             rgb = to_rgb(ImageOps.exif_transpose(image))
-            size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-            return (rgb.copy() if rgb is image else rgb), orientation, size  # ``image`` closes on return
+            return (rgb.copy() if rgb is image else rgb), orientation, (width, height)  # ``image`` closes
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ImageReadError(f"cannot read image {path}: {error}") from error
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """``Image.open(path)``; a TIFF is read from memory: Pillow turns TIFFs upright as it loads them, except
+    (Pillow 13) an uncompressed one it maps from the file, which stays as stored."""
+    image = Image.open(path)
+    if image.format != "TIFF":
+        return image
+    image.close()
+    return Image.open(io.BytesIO(Path(path).read_bytes()))
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) ``image`` carries, 1 if none."""
+    return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

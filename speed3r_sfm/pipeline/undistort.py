@@ -26,23 +26,41 @@ from pathlib import Path
 import pycolmap
 from PIL import Image, ImageOps
 
+from speed3r_sfm.data.images import open_image
+
 from .colmap_log import colmap_log_level
+from .inputs import InputError
 
 JPEG_QUALITY = 95  # upright copies of EXIF-rotated JPEGs
 COLMAP_UNSUPPORTED = (".webp",)  # suffixes COLMAP's image library (OpenImageIO here) neither reads nor writes
 
 
-def staged_name(name: str) -> str:
-    """The name COLMAP's undistorter sees for image ``name``: a PNG copy's for unsupported formats."""
-    return f"{name}.png" if Path(name).suffix.lower() in COLMAP_UNSUPPORTED else name
-
-
-def _stage_upright_inputs(folder: Path, sources: Mapping[str, tuple[Path, int]], names: list[str]) -> None:
-    """``folder`` holds every image of ``names`` under its :func:`staged_name`: a link to the original, or an
-    upright copy where its EXIF orientation is not 1 (a PNG copy for unsupported formats)."""
+def staged_names(names: list[str]) -> dict[str, str]:
+    """The name COLMAP's undistorter sees for each image of ``names``: its own, or for formats it cannot
+    read a PNG copy's (``a.webp.png``, numbered where another image has that name)."""
+    taken = set(names)
+    staged = {}
     for name in names:
+        if Path(name).suffix.lower() not in COLMAP_UNSUPPORTED:
+            staged[name] = name
+            continue
+        candidate, number = f"{name}.png", 1
+        while candidate in taken:
+            candidate, number = f"{name}.{number}.png", number + 1
+        taken.add(candidate)
+        staged[name] = candidate
+    return staged
+
+
+def _stage_upright_inputs(
+    folder: Path, sources: Mapping[str, tuple[Path, int]], staged: dict[str, str]
+) -> None:
+    """``folder`` holds every image of ``staged`` under its staged name (:func:`staged_names`): a link to
+    the original, or an upright copy where its EXIF orientation is not 1 (a PNG copy for unsupported
+    formats)."""
+    for name, staged_name in staged.items():
         path, orientation = sources[name]
-        target = folder / staged_name(name)
+        target = folder / staged_name
         target.parent.mkdir(parents=True, exist_ok=True)
         if orientation == 1 and target.name == Path(name).name:
             try:
@@ -50,10 +68,38 @@ def _stage_upright_inputs(folder: Path, sources: Mapping[str, tuple[Path, int]],
             except OSError:  # a file system without symbolic links
                 shutil.copyfile(path, target)
             continue
-        with Image.open(path) as image:
+        with open_image(path) as image:
+            image.load()  # Pillow turns a TIFF upright on loading and drops its tag: not twice
             upright = ImageOps.exif_transpose(image)
         jpeg = target.suffix.lower() in (".jpg", ".jpeg")
         upright.save(target, **({"quality": JPEG_QUALITY} if jpeg else {}))
+
+
+def _check_sizes(
+    folder: Path,
+    rec: pycolmap.Reconstruction,
+    staged: dict[str, str],
+    sources: Mapping[str, tuple[Path, int]],
+) -> None:
+    """Every staged image has its camera's size (COLMAP's undistorter aborts the process on a mismatch, e.g.
+    an image file replaced during the run)."""
+    for i in rec.reg_image_ids():
+        image = rec.images[i]
+        camera = rec.cameras[image.camera_id]
+        try:
+            with Image.open(folder / staged[image.name]) as staged_image:
+                size = staged_image.size
+        except OSError as error:  # PIL's UnidentifiedImageError included
+            raise InputError(
+                f"cannot read image {sources[image.name][0]} any more ({error}): it changed during the run; "
+                "run again"
+            ) from error
+        if size != (camera.width, camera.height):
+            raise InputError(
+                f"image {sources[image.name][0]} is {size[0]}x{size[1]} pixels (upright) but was "
+                f"{camera.width}x{camera.height} when it was reconstructed: it changed during the run; "
+                "run again"
+            )
 
 
 def write_undistorted(
@@ -71,19 +117,21 @@ def write_undistorted(
     names = sorted(rec.images[i].name for i in rec.reg_image_ids())
     if not names:
         raise ValueError("no registered image to undistort")
-    renamed = {staged_name(n): n for n in names if staged_name(n) != n}
+    staged = staged_names(names)
+    renamed = {s: n for n, s in staged.items() if s != n}
     work = folder.parent / f".{folder.name}-inputs"
     inputs = work / "images"
     inputs.mkdir(parents=True)
     try:
-        _stage_upright_inputs(inputs, sources, names)
+        _stage_upright_inputs(inputs, sources, staged)
+        _check_sizes(inputs, rec, staged, sources)
         if renamed:  # the model as COLMAP sees it: the PNG copies' names
-            staged = pycolmap.Reconstruction(rec)
-            for image in staged.images.values():
-                image.name = staged_name(image.name)
+            as_staged = pycolmap.Reconstruction(rec)
+            for image in as_staged.images.values():
+                image.name = staged.get(image.name, image.name)
             sparse = work / "sparse"
             sparse.mkdir()
-            staged.write(sparse)
+            as_staged.write(sparse)
         with colmap_log_level():  # no per-image "Undistorting image [k/N]" lines in the user's terminal
             pycolmap.undistort_images(folder, sparse, inputs, num_threads=num_threads)
     finally:
