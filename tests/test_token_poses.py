@@ -421,3 +421,41 @@ def test_chunked_pose_report_maps_chunk_edges_to_global_views():
     }
     del extras["chunk_token_poses"]
     assert chunked_pose_report(extras)["source"] == "camera head"
+
+
+# mean-descriptor cosines of the shipped default on a 12-view synthetic orbit (seed 0, 392x294)
+ORBIT_AFFINITY = """
+1.0000 0.9817 0.9662 0.9647 0.9761 0.9695 0.9386 0.9539 0.9743 0.9831 0.9674 0.9827
+0.9817 1.0000 0.9834 0.9864 0.9783 0.9666 0.9429 0.9626 0.9727 0.9592 0.9321 0.9593
+0.9662 0.9834 1.0000 0.9905 0.9746 0.9729 0.9501 0.9510 0.9639 0.9473 0.9288 0.9589
+0.9647 0.9864 0.9905 1.0000 0.9875 0.9695 0.9454 0.9576 0.9632 0.9472 0.9213 0.9493
+0.9761 0.9783 0.9746 0.9875 1.0000 0.9679 0.9344 0.9480 0.9572 0.9612 0.9369 0.9557
+0.9695 0.9666 0.9729 0.9695 0.9679 1.0000 0.9831 0.9624 0.9635 0.9484 0.9298 0.9549
+0.9386 0.9429 0.9501 0.9454 0.9344 0.9831 1.0000 0.9734 0.9585 0.9180 0.8948 0.9294
+0.9539 0.9626 0.9510 0.9576 0.9480 0.9624 0.9734 1.0000 0.9858 0.9454 0.9194 0.9484
+0.9743 0.9727 0.9639 0.9632 0.9572 0.9635 0.9585 0.9858 1.0000 0.9746 0.9617 0.9808
+0.9831 0.9592 0.9473 0.9472 0.9612 0.9484 0.9180 0.9454 0.9746 1.0000 0.9837 0.9834
+0.9674 0.9321 0.9288 0.9213 0.9369 0.9298 0.8948 0.9194 0.9617 0.9837 1.0000 0.9878
+0.9827 0.9593 0.9589 0.9493 0.9557 0.9549 0.9294 0.9484 0.9808 0.9834 0.9878 1.0000
+"""
+
+
+def test_a_duplicate_view_does_not_take_a_neighbour_slot():
+    """The same view twice (PNG and JPEG, a pause in a video) has no baseline: each copy keeps its distinct
+    partners, and the duplicate pair is tried besides. On this orbit the copy of view 5 had taken the slot
+    of view 3, the link between the orbit's two halves, which was then chained the long way round and lost
+    three views."""
+    affinity = torch.tensor([[float(v) for v in row.split()] for row in ORBIT_AFFINITY.split("\n") if row])
+    means = torch.linalg.cholesky(affinity.double()).float()  # unit vectors with these cosines
+    copy = means[5] + 1e-5 * torch.arange(12.0)
+    with_copy = torch.cat([means[:6], copy[None], means[6:]])[:, None, :]  # (S, P=1, C); view 6 = view 5
+    plain = set(candidate_pairs(means[:, None, :], 3))
+    pairs = set(candidate_pairs(with_copy, 3))
+    assert (5, 6) in pairs
+
+    def as_plain(view: int) -> int:
+        return view if view < 6 else 5 if view == 6 else view - 1
+
+    merged = {(as_plain(i), as_plain(j)) for i, j in pairs} - {(5, 5)}
+    assert plain <= merged  # every link between distinct views survives, through either copy
+    assert len(pairs) <= len(plain) + 2 * 3  # a bounded number of extra pairs

@@ -40,6 +40,9 @@ RANSAC_MIN_TRIALS = 100
 # it. Token poses at 24 views, 1 / 2 / 4 / 16 workers: 0.9 / 0.46 / 0.66 / 1.4 s on 2 cores,
 # 1.2 / 0.69 / 0.85 / 1.3 s on a 16-core GPU host (token_poses_threads.md)
 POOL_WORKERS = 2
+# mean-descriptor cosine above which two views count as the same view (the shipped default: 0.9999 for one
+# view as PNG and as JPEG, at most 0.991 between neighbouring views of the held-out scenes)
+DUPLICATE_AFFINITY = 0.999
 
 
 @dataclass
@@ -303,15 +306,32 @@ def reprojection_errors(
 
 def candidate_pairs(descriptors: torch.Tensor, neighbours: int) -> list[tuple[int, int]]:
     """Unordered view pairs (i < j): each view with its ``neighbours`` most similar views by the cosine of
-    their mean descriptors (every pair when there are few views)."""
+    their mean descriptors (every pair when there are few views). Near-duplicates (cosine above
+    :data:`DUPLICATE_AFFINITY`: the same view twice, a pause in a video) count as one view: a view's own
+    duplicates are paired with it besides its ``neighbours`` partners (up to as many), and of several
+    duplicates among its partners only the most similar is taken: copies, which have no baseline between
+    them, do not crowd out the views that link a view to the rest."""
     s = descriptors.shape[0]
     if s - 1 <= neighbours:
         return [(i, j) for i in range(s) for j in range(i + 1, s)]
     means = torch.nn.functional.normalize(descriptors.float().mean(dim=1), dim=-1)
     affinity = means @ means.T
     affinity.fill_diagonal_(-2.0)
-    nearest = affinity.topk(neighbours, dim=1).indices
-    pairs = {(min(i, int(j)), max(i, int(j))) for i in range(s) for j in nearest[i]}
+    duplicate = (affinity > DUPLICATE_AFFINITY).tolist()
+    pairs = set()
+    for i, order in enumerate(affinity.argsort(dim=1, descending=True).tolist()):
+        chosen: list[int] = []
+        twins = 0
+        for j in order[: s - 1]:
+            if duplicate[i][j]:
+                if twins < neighbours:
+                    twins += 1
+                    pairs.add((min(i, j), max(i, j)))
+            elif not any(duplicate[j][c] for c in chosen):
+                chosen.append(j)
+                pairs.add((min(i, j), max(i, j)))
+                if len(chosen) == neighbours:
+                    break
     return sorted(pairs)
 
 
