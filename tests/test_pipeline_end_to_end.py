@@ -1211,6 +1211,34 @@ def test_a_failing_undistortion_leaves_no_project(scene_data, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sparse_model_holds_registered_images_only_and_the_database_all(scene_data, tmp_path, monkeypatch):
+    """sparse/0 is written as COLMAP's mapper writes it (no camera or rig of an unregistered image: they
+    had been left behind); database.db keeps every image. A project with the points.glb that `export`
+    writes by default is still replaced with overwrite. The loss of a view is simulated."""
+    real = pipeline_reconstruct._adjust_rescue_readjust
+
+    def lose_the_last_view(adjust, **kwargs):
+        result = real(adjust, **kwargs)
+        rec = result.adjusted.rec
+        rec.deregister_frame(rec.image(VIEWS).frame_id)
+        result.adjusted.dropped = [VIEWS]
+        return result
+
+    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_the_last_view)
+    out = tmp_path / "out"
+    result = run_pipeline(scene_data["folder"], out, model=_oracle(scene_data))
+    model = pycolmap.Reconstruction(out / "sparse" / "0")
+    assert model.num_reg_images() == model.num_images() == VIEWS - 1
+    assert model.num_cameras() == model.num_rigs() == VIEWS - 1  # one camera per image
+    assert {im.camera_id for im in model.images.values()} == set(model.cameras)
+    assert result.reconstruction.num_cameras() == VIEWS  # the returned object is untouched
+    with pycolmap.Database.open(out / "database.db") as db:
+        assert db.num_images() == db.num_cameras() == VIEWS
+    (out / "points.glb").write_bytes(b"glTF")
+    run_pipeline(scene_data["folder"], out, model=_oracle(scene_data), overwrite=True)
+    assert not (out / "points.glb").exists() and (out / "database.db").is_file()
+
+
 @pytest.mark.parametrize("second_registers_more", [True, False])
 def test_views_left_unregistered_get_a_pass_with_the_adjusted_camera_held_fixed(
     scene_data, monkeypatch, second_registers_more

@@ -42,7 +42,8 @@ class OutputPathError(OSError):
 
 
 # what a project folder holds (module docstring): ``overwrite`` replaces a folder of these only
-PROJECT_ENTRIES = ("sparse", "database.db", "points.ply", "report.json", "undistorted")
+# a project's entries, and points.glb that `speed3r-sfm export OUT` writes by default
+PROJECT_ENTRIES = ("sparse", "database.db", "points.ply", "report.json", "undistorted", "points.glb")
 IGNORED_ENTRIES = (".DS_Store",)  # left by file browsers
 
 
@@ -204,7 +205,9 @@ def write_project(
         normal_permissions(staged, folder=True)
         sparse = staged / "sparse" / "0"
         sparse.mkdir(parents=True)
-        rec.write(sparse)
+        registered = pycolmap.Reconstruction(rec)
+        registered.tear_down()  # as COLMAP's mapper writes it: no camera or rig of an unregistered image
+        registered.write(sparse)
         report.setdefault("database", {}).update(
             write_database(staged / "database.db", rec, keypoints, pair_matches)
         )
