@@ -13,10 +13,13 @@ yes/no option given without a value (``--shared_camera``) means ``true``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import signal
 import sys
+import threading
 from argparse import RawDescriptionHelpFormatter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from jsonargparse import DefaultHelpFormatter
 
@@ -66,21 +69,48 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     try:
-        result = auto_cli(
-            commands,
-            args=args,
-            as_positional=True,
-            description=__doc__,
-            formatter_class=HelpFormatter,
-        )
+        with terminate_as_interrupt():
+            result = auto_cli(
+                commands,
+                args=args,
+                as_positional=True,
+                description=__doc__,
+                formatter_class=HelpFormatter,
+            )
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:  # Ctrl-C: outputs are written whole or not at all, nothing to show
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
     if isinstance(result, int) and result:
         sys.exit(result)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) received: unwinds as Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Terminated`, so that temporary outputs are removed as on
+    Ctrl-C (the crash handler that pycolmap's glog installs printed a stack trace and left them behind).
+    Not around ``fit``: Lightning handles SIGTERM itself."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):

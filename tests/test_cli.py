@@ -196,3 +196,26 @@ def test_ctrl_c_exits_quietly(tmp_path, capsys, monkeypatch):
         main(["synthetic", str(tmp_path / "scene")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_sigterm_exits_like_ctrl_c_and_leaves_no_temporary_output(tmp_path, capsys, monkeypatch):
+    """`kill` / `timeout` during the run: the staged output is removed (pycolmap's crash handler had
+    printed a stack trace and left it behind), exit code 143, the previous handler restored."""
+    import os
+    import signal
+
+    import speed3r_sfm.pipeline.export as export
+
+    def killed_while_writing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export, "write_report", killed_while_writing)
+    scene = tmp_path / "scene"
+    main(["synthetic", str(scene), "--views", "8", "--width", "196", "--height", "147"])
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", str(scene / "images"), "-o", str(tmp_path / "out"), "--quiet", "true"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 143 and "terminated" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]  # no OUT, no .out.tmp-* folder
+    assert signal.getsignal(signal.SIGTERM) is before
