@@ -133,8 +133,9 @@ def test_reconstruct_takes_known_intrinsics_as_colmap_does(tmp_path, capsys):
     text = ",".join(f"{p:.10g}" for p in truth.params)
     command = ["reconstruct", str(scene / "images"), "--camera_model", truth.model.name, "--quiet", "true"]
     main([*command, "-o", str(tmp_path / "out"), "--camera_params", text])  # exits only on an error
-    cameras = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").cameras.values()
-    assert len(cameras) == 6
+    model = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0")
+    cameras = model.cameras.values()
+    assert len(cameras) == model.num_reg_images() >= 2  # one per registered image
     assert all(c.params.tolist() == pytest.approx(truth.params.tolist(), rel=1e-9) for c in cameras)
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "-o", str(tmp_path / "bad"), "--camera_params", "270,147,112"])

@@ -1176,6 +1176,20 @@ def test_known_intrinsics_are_checked_before_any_work(scene_data, tmp_path):
     with pytest.raises(InputError, match="camera_params .* one size"):
         run_pipeline(mixed, tmp_path / "out", model=oracle, camera_params="200,112,84,0")
     assert not (tmp_path / "out").exists()
+    # values that cannot be the images' camera: a PINHOLE's fx,fy,cx,cy read as SIMPLE_RADIAL's f,cx,cy,k
+    # (k = 84 had run, 2 of 12 views registered, exit 0), a distortion that folds the image, a principal
+    # point outside it
+    for model, text, why in (
+        ("SIMPLE_RADIAL", "200,200,112,84", "puts the image border .* times as far from the centre"),
+        ("SIMPLE_RADIAL", "200,112,84,20", "puts the image border"),
+        ("SIMPLE_RADIAL", "200,112,84,-2", "folds the image"),
+        ("PINHOLE", "200,200,600,84", r"principal point \(600, 84\) outside the image"),
+    ):
+        with pytest.raises(InputError, match=f"do not fit the {WIDTH}x{HEIGHT} images as {model} .*{why}"):
+            run_pipeline(
+                scene_data["folder"], tmp_path / "out", model=oracle, camera_model=model, camera_params=text
+            )
+        assert oracle.calls == 0 and not (tmp_path / "out").exists()
 
 
 def test_undistort_writes_the_splatting_layout_beside_the_project(scene_data, tmp_path):

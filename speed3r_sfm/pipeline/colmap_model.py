@@ -73,7 +73,48 @@ def known_camera(camera_model: str, params: Sequence[float], views: Sequence[Vie
     width, height = views[0].original_size
     camera = pycolmap.Camera(model=camera_model, width=width, height=height, params=list(params))
     camera.has_prior_focal_length = True
+    problem = _implausible(camera)
+    if problem is not None:
+        raise InputError(
+            f"camera_params {params!r} do not fit the {width}x{height} images as {camera_model} ({problem}); "
+            f"check the values and their order, {camera.params_info}, or give the camera_model they are for"
+        )
     return camera
+
+
+MAX_DISTORTION = 2.0  # times: how far a camera's distortion may stretch or shrink the image border
+
+
+def _implausible(camera: pycolmap.Camera) -> str | None:
+    """Why ``camera`` cannot be the camera of its images (principal point outside them; a distortion
+    that folds the image, or stretches or shrinks its border more than :data:`MAX_DISTORTION` times, such
+    as a principal point read as a distortion coefficient), or None."""
+    w, h = camera.width, camera.height
+    cx, cy = camera.principal_point_x, camera.principal_point_y
+    if not (0 <= cx <= w and 0 <= cy <= h):
+        return f"principal point ({cx:g}, {cy:g}) outside the image"
+    steps = np.linspace(0.0, 1.0, 17)
+    border = np.concatenate(
+        [np.stack([steps * w, np.full_like(steps, y)], 1) for y in (0.0, h)]
+        + [np.stack([np.full_like(steps, x), steps * h], 1) for x in (0.0, w)]
+    )
+    distorted = (border - [cx, cy]) / [camera.focal_length_x, camera.focal_length_y]
+    undistorted = camera.cam_from_img(border)
+    if not np.isfinite(undistorted).all():
+        return "a distortion that folds the image"
+    rays = np.concatenate([undistorted, np.ones((len(undistorted), 1))], 1)
+    back = camera.img_from_cam(rays)
+    radius = np.linalg.norm(distorted, axis=1)
+    far = radius > 0.05 * radius.max()
+    ratio = radius[far] / np.maximum(np.linalg.norm(undistorted[far], axis=1), 1e-12)
+    if (
+        not np.allclose(back, border, atol=0.5)
+        or ratio.max() > MAX_DISTORTION
+        or ratio.min() < 1 / MAX_DISTORTION
+    ):
+        times = f"{ratio.min():.2g}-{ratio.max():.2g}"
+        return f"a distortion that puts the image border {times} times as far from the centre"
+    return None
 
 
 def adjusted_shared_camera(
