@@ -179,13 +179,25 @@ def test_database_has_keypoints_matches_and_two_view_geometries(oracle_project):
 
 
 def test_colmap_mapper_continues_from_the_database(scene_data, oracle_project, tmp_path):
-    _, output = oracle_project
-    options = pycolmap.IncrementalPipelineOptions()
-    options.min_model_size = 3
-    models = pycolmap.incremental_mapping(
-        output / "database.db", scene_data["folder"], tmp_path, options=options
-    )
-    assert models and max(m.num_reg_images() for m in models.values()) >= VIEWS - 1
+    """COLMAP's incremental mapper continues from sparse/0 with its defaults, and rebuilds the model from
+    scratch with ``mapper_options`` (thresholds for the database's few hundred keypoints per image)."""
+    import shutil
+
+    from speed3r_sfm.pipeline import mapper_options
+
+    result, output = oracle_project
+    for name, options, model in (
+        ("continued", pycolmap.IncrementalPipelineOptions(), output / "sparse" / "0"),
+        ("scratch", mapper_options(), ""),
+    ):
+        (tmp_path / name).mkdir()
+        shutil.copy(output / "database.db", tmp_path / name / "database.db")  # the mapper writes into it
+        models = pycolmap.incremental_mapping(
+            tmp_path / name / "database.db", scene_data["folder"], tmp_path / name, options, input_path=model
+        )
+        assert len(models) == 1 and models[0].num_reg_images() == VIEWS, name
+        gt = scene_data["views"].cam_from_world.double()
+        assert _median_rre(_poses(models[0], result.image_names), gt) <= 1.0
 
 
 def test_gsa_records_guide_keypoints_and_matches(scene_data, tmp_path):

@@ -4,6 +4,7 @@ the command-line entry point is :func:`speed3r_sfm.pipeline.cli.reconstruct_comm
 
 from .backbone import Backbone, ModelNotAvailableError, load_backbone
 from .bundle import BundleOptions
+from .database import mapper_options
 from .export import OutputExistsError, OutputPathError
 from .inputs import InputError, Preprocessing
 from .keypoints import KeypointOptions
@@ -26,6 +27,7 @@ __all__ = [
     "ReconstructionError",
     "RefineOptions",
     "load_backbone",
+    "mapper_options",
     "reconstruct",
     "run_pipeline",
 ]

@@ -4,9 +4,15 @@ Keypoints of image i are all of its 2D points in original pixels (point2D index 
 the reconstruction). ``matches`` holds every pair of observations of every track (before filtering);
 ``two_view_geometries`` holds, per image pair, the matches whose two observations still belong to one 3D
 point of the final reconstruction (inliers), with the relative pose and the E / F matrices of the final
-cameras (configuration CALIBRATED; no homography is estimated), so COLMAP's mapper can continue from the
-file. Pairs left without
-inliers have matches but no two-view geometry (COLMAP's geometric verification can still be run on them).
+cameras (configuration CALIBRATED; no homography is estimated). Pairs left without inliers have matches but
+no two-view geometry (COLMAP's geometric verification can still be run on them). There are no descriptors:
+COLMAP's matchers cannot match other images against these keypoints.
+
+COLMAP's mappers take the file as it is: the incremental mapper continues from ``sparse/0``
+(``input_path``; ``colmap mapper --input_path OUT/sparse/0``) and the global mapper starts from scratch
+with their default options. The incremental mapper from scratch needs :func:`mapper_options`: the
+database holds a few hundred keypoints per image, all of them matched, where COLMAP's defaults expect
+thousands of SIFT features (100 inliers for the initial pair, 30 to register an image).
 """
 
 from __future__ import annotations
@@ -96,3 +102,16 @@ def write_database(
                 counts["verified_pairs"] += 1
                 counts["inliers"] += len(inliers)
     return counts
+
+
+def mapper_options() -> pycolmap.IncrementalPipelineOptions:
+    """COLMAP's incremental mapper options for reconstructing a project's ``database.db`` from scratch
+    (module docstring): the thresholds on matches and inliers scaled to its keypoints, two-view tracks
+    triangulated. As COLMAP flags: ``--Mapper.min_num_matches 5 --Mapper.init_min_num_inliers 30
+    --Mapper.abs_pose_min_num_inliers 10 --Mapper.tri_ignore_two_view_tracks 0``."""
+    options = pycolmap.IncrementalPipelineOptions()
+    options.min_num_matches = 5
+    options.mapper.init_min_num_inliers = 30
+    options.mapper.abs_pose_min_num_inliers = 10
+    options.triangulation.ignore_two_view_tracks = False
+    return options
