@@ -64,6 +64,35 @@ def test_training_dict_and_ddp_prefix_are_unwrapped(tmp_path):
     assert list(read_state_dict(tmp_path / "ddp.pth")) == list(state)
 
 
+def test_wrapper_prefixes_are_stripped_in_both_formats(tmp_path):
+    """``module.`` (DistributedDataParallel) and ``model.`` (a wrapping module) prefixes, also nested, in
+    ``.pt`` and ``.safetensors`` files alike (a ``module.`` safetensors file had been rejected)."""
+    state = tiny(0).state_dict()
+    for prefix in ("module.", "model.", "module.model."):
+        wrapped = {f"{prefix}{k}": v for k, v in state.items()}
+        for suffix in (".pt", ".safetensors"):
+            path = save_checkpoint(wrapped, tmp_path / f"w{suffix}")
+            assert sorted(read_state_dict(path)) == sorted(state), (prefix, suffix)
+    mixed = {**state, "model.extra": torch.zeros(1)}  # not every key: nothing is stripped
+    assert "aggregator.camera_token" in read_state_dict(save_checkpoint(mixed, tmp_path / "m.pt"))
+
+
+def test_a_gsa_checkpoint_loads_into_a_dense_model(tmp_path):
+    from speed3r_sfm.attention import AttentionConfig
+
+    gsa = AttentionConfig(
+        kind="gsa", block_size=2, compression_block_size=2, query_block_size=2, top_k=1, backend="gather"
+    )
+    torch.manual_seed(0)
+    source = VGGT(VGGTConfig.preset("tiny", enable_track=False, attention=gsa)).eval()
+    path = save_checkpoint(source, tmp_path / "gsa.pt")
+    dense = VGGT.from_pretrained(
+        path, config=VGGTConfig.preset("tiny", enable_track=False), attention=AttentionConfig(kind="dense")
+    )
+    assert not any("attend.gate" in key for key in dense.state_dict())
+    assert torch.equal(dense.aggregator.camera_token, source.aggregator.camera_token)
+
+
 def test_mismatched_checkpoint_lists_missing_unexpected_and_shapes(tmp_path):
     state = tiny(0).state_dict()
     del state["camera_head.embed_pose.bias"]
@@ -153,7 +182,7 @@ def test_offline_hub_gives_a_clear_error_without_network(tmp_path, monkeypatch):
     message = str(info.value)
     assert "facebook/VGGT-1B" in message and "offline" in message
     assert "model.safetensors" in message and "model.pt" in message
-    assert "pass its local path" in message and "from_pretrained('/path/to/model.safetensors')" in message
+    assert "pass its local path" in message and "--model /path/to/model.safetensors" in message
 
 
 def test_hub_id_goes_through_hf_hub_download(tmp_path, monkeypatch):

@@ -750,6 +750,15 @@ def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_dat
     assert code == 1 and f"checkpoint file {missing} does not exist" in capsys.readouterr().err
     code = pipeline_cli.reconstruct_command(folder, out, device="gpu", quiet=True)
     assert code == 1 and "unknown device 'gpu'" in capsys.readouterr().err
+    for device in ("mps", "meta", "xpu"):  # torch knows them, the pipeline does not run there
+        code = pipeline_cli.reconstruct_command(folder, out, device=device, quiet=True)
+        assert code == 1 and f"device '{device}' is not supported" in capsys.readouterr().err
+    for name, data in (("empty.safetensors", b""), ("notes.pt", b"hi\n")):  # tracebacks / a bare "105"
+        (tmp_path / name).write_bytes(data)
+        code = pipeline_cli.reconstruct_command(folder, out, model=str(tmp_path / name), quiet=True)
+        err = capsys.readouterr().err
+        assert code == 1 and str(tmp_path / name) in err and len(err.strip().splitlines()) == 1, err
+        assert "not a readable" in err
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_text("x\n")
     code = pipeline_cli.reconstruct_command(folder, out, model=str(corrupt), quiet=True)

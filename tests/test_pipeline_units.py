@@ -477,6 +477,11 @@ def test_backbones_bring_their_preprocessing_and_checkpoints_are_recognised(tmp_
     assert _family_of_checkpoint(str(tmp_path / "p.safetensors")) == "pi3"
     with pytest.raises(CheckpointError, match="neither a VGGT nor a π³ checkpoint"):
         _family_of_checkpoint(str(tmp_path / "x.safetensors"))
+    save_file({"module.aggregator.camera_token": torch.zeros(1)}, tmp_path / "m.safetensors")
+    assert _family_of_checkpoint(str(tmp_path / "m.safetensors")) == "vggt"
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "v.safetensors").read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="cut.safetensors is not a readable safetensors file"):
+        _family_of_checkpoint(str(tmp_path / "cut.safetensors"))
     with pytest.raises(ValueError, match="attention must be"):
         load_backbone(oracle, "sparse", "cpu")
 

@@ -123,6 +123,30 @@ def test_fit_checkpoint_resume_and_export(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(images)["depth"], trained(images)["depth"], atol=1e-6)
 
+    # the pipeline runs the Lightning checkpoint itself as it runs the export ("neither a VGGT nor a π³
+    # checkpoint" before), and says what is missing when the export's sidecar is
+    from speed3r_sfm.models.checkpoint import CheckpointError
+    from speed3r_sfm.pipeline.backbone import load_backbone
+
+    from_checkpoint = load_backbone(str(last), "auto", "cpu")
+    from_export = load_backbone(str(weights), "auto", "cpu")
+    assert from_checkpoint.name == f"training checkpoint ({last})"
+    assert from_checkpoint.preprocessing == from_export.preprocessing
+    assert from_checkpoint.attention == from_export.attention
+    pixels = torch.rand(2, 3, 42, 56)
+    a, b = from_checkpoint.predict(pixels), from_export.predict(pixels)
+    assert torch.allclose(a.depth, b.depth, atol=1e-5)
+    (tmp_path / "notes.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="notes.ckpt is not a training checkpoint of speed3r-sfm"):
+        load_backbone(str(tmp_path / "notes.ckpt"), "auto", "cpu")
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(weights.read_bytes())
+    with pytest.raises(CheckpointError, match=r"exported by speed3r-sfm.*alone.json, missing"):
+        load_backbone(str(alone), "auto", "cpu")
+    alone.with_suffix(".json").write_text('{"name": "my notes"}')  # not a sidecar: not taken for one
+    with pytest.raises(CheckpointError, match=r"alone.json, missing or not of speed3r-sfm"):
+        load_backbone(str(alone), "auto", "cpu")
+
 
 DDP_LAUNCHER = textwrap.dedent(
     """

@@ -131,8 +131,8 @@ def _download(repo_id: str, filenames: tuple[str, ...], revision: str | None) ->
         f"Could not get a checkpoint of {repo_id!r} from the Hugging Face Hub: {reason}.\n"
         f"  tried: {'; '.join(problems)}\n"
         f"Download it where the Hub is reachable (e.g. `hf download {repo_id} {filenames[0]}`), copy the "
-        f"file here and pass its local path instead of the Hub id, "
-        f"e.g. from_pretrained('/path/to/{filenames[0]}')."
+        f"file here and pass its local path instead of the Hub id (--model /path/to/{filenames[0]}, "
+        f"model='/path/to/{filenames[0]}')."
     )
 
 
@@ -146,7 +146,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device="cpu")
+            return strip_wrapper_prefix(load_file(path, device="cpu"))
         except (SafetensorError, OSError, ValueError) as error:
             raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
     try:
@@ -157,7 +157,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except Exception as error:
-        if isinstance(error, pickle.UnpicklingError):  # torch's message is a paragraph about weights_only
+        # pickle's errors on other files: torch's message is a paragraph about weights_only, or a bare
+        # opcode number
+        if isinstance(error, pickle.UnpicklingError | KeyError | IndexError | EOFError | UnicodeDecodeError):
             why = "not a torch.save file, or it holds objects other than tensors (weights_only=True)"
         else:
             why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -180,9 +182,17 @@ def _unwrap_state_dict(data: object, path: Path) -> dict[str, torch.Tensor]:
     ):
         kind = sorted(data)[:10] if isinstance(data, Mapping) else type(data).__name__
         raise CheckpointError(f"{path} holds no state_dict of tensors (found {kind})")
-    state = dict(data)
-    if all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
-        state = {key[len("module.") :]: value for key, value in state.items()}
+    return strip_wrapper_prefix(dict(data))
+
+
+WRAPPER_PREFIXES = ("module.", "model.")  # DistributedDataParallel; a wrapping module (Lightning's "model")
+
+
+def strip_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without a prefix that every key shares (:data:`WRAPPER_PREFIXES`, possibly nested)."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            return strip_wrapper_prefix({key[len(prefix) :]: value for key, value in state.items()})
     return state
 
 

@@ -88,7 +88,7 @@ class DeviceNotAvailableError(ValueError):
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> CUDA if available, else CPU; raises :class:`DeviceNotAvailableError`, saying why, for
     a device that is not there (an unknown name, CUDA without a GPU or a CUDA build of torch, a GPU index
-    out of range)."""
+    out of range) or that the pipeline does not run on (mps, xpu, meta, ...)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -107,7 +107,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             count = torch.cuda.device_count()
             raise DeviceNotAvailableError(f"device {device!r}: only {count} CUDA device(s) here")
-    return resolved
+        return resolved
+    raise DeviceNotAvailableError(  # mps, xpu, meta, ...: the pipeline runs on CUDA or the CPU
+        f"device {device!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+    )
 
 
 def check_model_spec(model: ModelSpec) -> None:
@@ -240,6 +243,8 @@ def _load_checkpoint_model(
     if text == "default" or _is_exported(text):
         path = DEFAULT_WEIGHTS if text == "default" else Path(text)
         return _load_exported_model(path, attention, num_views, device)
+    if Path(text).suffix == ".ckpt":
+        return _load_training_checkpoint(Path(text), attention, num_views, device)
     if attention == "auto":
         attention = official_attention(num_views, device)
     attention_config = AttentionConfig(kind=attention)
@@ -256,9 +261,19 @@ def _load_checkpoint_model(
 
 
 def _is_exported(spec: str) -> bool:
-    """A local weights file written by ``training.backbone.export_weights`` (it has a JSON sidecar)."""
+    """A local weights file written by ``training.backbone.export_weights`` (with its JSON sidecar; another
+    JSON file of that name is not one)."""
+    from speed3r_sfm.training.backbone import EXPORT_FORMAT
+
     path = Path(spec)
-    return path.suffix == ".safetensors" and path.is_file() and path.with_suffix(".json").is_file()
+    side = path.with_suffix(".json")
+    if path.suffix != ".safetensors" or not path.is_file() or not side.is_file():
+        return False
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT
 
 
 def _load_exported_model(
@@ -288,6 +303,41 @@ def _load_exported_model(
     return module, name, attention
 
 
+def _load_training_checkpoint(
+    path: Path, attention: AttentionKind, num_views: int | None, device: torch.device
+) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
+    """A Lightning checkpoint of ``speed3r-sfm fit`` (``ReconstructionModule``): its backbone exported in
+    float32 with the pipeline settings it trained with (those of its init checkpoint, its input width),
+    then run as exported weights are (:func:`_load_exported_model`)."""
+    import tempfile
+
+    from speed3r_sfm.models.checkpoint import CheckpointError
+    from speed3r_sfm.training.module import ReconstructionModule
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        hparams = data["hyper_parameters"]
+        init = hparams.get("init_checkpoint")
+        if init not in (None, "default") and not Path(init).is_file():
+            init = None  # moved since: its weights are in the checkpoint, its pipeline settings are lost
+        module = ReconstructionModule.load_from_checkpoint(
+            path, map_location="cpu", weights_only=False, distill=None, init_checkpoint=init
+        )
+    except Exception as error:  # not a checkpoint of ReconstructionModule, or unreadable
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of speed3r-sfm (`speed3r-sfm fit`): "
+            f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        ) from error
+    width = data.get("datamodule_hyper_parameters", {}).get("width")
+    if width and "preprocessing" in module.pipeline_settings:  # the width it was trained at
+        settings = module.pipeline_settings["preprocessing"]
+        module.pipeline_settings["preprocessing"] = {**settings, "target_size": int(width)}
+    with tempfile.TemporaryDirectory() as folder:
+        exported = module.export_weights(Path(folder) / "weights.safetensors", dtype="float32")
+        model, _, attention = _load_exported_model(Path(exported), attention, num_views, device)
+    return model, f"training checkpoint ({path})", attention
+
+
 def official_attention(num_views: int | None, device: torch.device) -> Literal["gsa", "dense"]:
     """What ``attention="auto"`` runs an official checkpoint with: GSA, what makes them fast, except for
     passes of fewer than ``OFFICIAL_GSA_FROM_VIEWS`` views on a device that names a threshold there."""
@@ -312,19 +362,35 @@ def _family_of_checkpoint(spec: str) -> str:
     from speed3r_sfm.models.checkpoint import CheckpointError, read_state_dict, resolve_checkpoint
 
     path = resolve_checkpoint(spec, filenames=("model.safetensors", "model.pt"))
-    keys = _checkpoint_keys(path) if path.suffix == ".safetensors" else list(read_state_dict(path))
+    if path.suffix == ".safetensors":
+        keys, metadata = _safetensors_keys(path)
+        if "speed3r_sfm" in metadata:  # our own export, without the sidecar that describes the model
+            raise CheckpointError(
+                f"{path} holds weights exported by speed3r-sfm, whose model is described by its sidecar "
+                f"{path.with_suffix('.json')}, missing or not of speed3r-sfm: copy it next to the weights"
+            )
+    else:
+        keys = list(read_state_dict(path))
     if any(k.startswith("aggregator.") for k in keys):
         return "vggt"
     if any(k.startswith(("point_decoder.", "camera_decoder.")) for k in keys):
         return "pi3"
     raise CheckpointError(
         f"checkpoint {path} is neither a VGGT nor a π³ checkpoint (keys start with "
-        f"{sorted({k.split('.')[0] for k in keys})[:8]}); pass a built model instead"
+        f"{sorted({k.split('.')[0] for k in keys})[:8]}); a path loads the official VGGT-1B or π³ "
+        "architecture, or weights exported by speed3r-sfm (.safetensors with its .json sidecar)"
     )
 
 
-def _checkpoint_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
+def _safetensors_keys(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The tensor names (without a wrapper prefix that all share) and the metadata of a safetensors file."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return list(handle.keys())
+    from speed3r_sfm.models.checkpoint import CheckpointError, strip_wrapper_prefix
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys, metadata = list(handle.keys()), handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+    return list(strip_wrapper_prefix(dict.fromkeys(keys))), metadata

@@ -260,7 +260,8 @@ class Pi3(nn.Module):
 
         ``config`` defaults to the official preset; ``attention`` replaces its global attention (e.g. GSA).
         Model keys for which ``allow_missing(key)`` is true may be absent from the file: by default the GSA
-        parameters, which keep their training-free init when loading the official (dense) checkpoint.
+        parameters, which keep their training-free init when loading the official (dense) checkpoint. A GSA
+        checkpoint's gates are ignored by a dense model.
         """
         config = config if config is not None else Pi3Config.preset("pi3")
         if attention is not None:
@@ -275,5 +276,12 @@ class Pi3(nn.Module):
             reset_gsa_parameters(model)
         else:
             model = cls(config)  # keys may be allowed missing: they keep their initial values
-        load_state_dict_checked(model, state_dict, source=path, allow_missing=allow_missing)
+        dense = config.attention.kind != "gsa"  # a GSA checkpoint's gates have no place in a dense model
+        load_state_dict_checked(
+            model,
+            state_dict,
+            source=path,
+            allow_missing=allow_missing,
+            ignore_unexpected=is_gsa_parameter if dense else None,
+        )
         return model.eval()

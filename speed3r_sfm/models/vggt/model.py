@@ -277,7 +277,8 @@ class VGGT(nn.Module):
         ``config`` defaults to the official preset; ``attention`` replaces its global attention. Keys for
         which ``allow_missing(key)`` is true may be absent from the file and keep their initial values (by
         default the GSA gate parameters, so that a dense checkpoint loads into a GSA model training-free).
-        Weights of heads disabled in ``config`` are ignored. Returns the model in eval mode, on the CPU.
+        Weights of heads disabled in ``config``, and a GSA checkpoint's gates in a dense model, are ignored.
+        Returns the model in eval mode, on the CPU.
         """
         config = config or VGGTConfig.preset("vggt-1b")
         if attention is not None:
@@ -290,12 +291,13 @@ class VGGT(nn.Module):
             for name in ("camera_head", "depth_head", "point_head", "track_head")
             if getattr(model, name) is None
         )
+        dense = config.attention.kind != "gsa"  # a GSA checkpoint's gates have no place in a dense model
         load_state_dict_checked(
             model,
             state_dict,
             source=path,
             allow_missing=allow_missing,
-            ignore_unexpected=(lambda key: key.startswith(disabled)) if disabled else None,
+            ignore_unexpected=lambda key: key.startswith(disabled) or (dense and is_gsa_parameter(key)),
         )
         return model.eval()
 
