@@ -103,6 +103,27 @@ def test_loads_real_colmap_models_with_any_camera_model(tmp_path):
         ds.load_depth(0)
 
 
+def test_a_missing_or_misshapen_depth_map_is_a_dataset_error(tmp_path, views):
+    """A depth map missing for one image was a KeyError traceback in fit; one of another size (a crop, the
+    transpose) was stretched to the image and trained on silently."""
+    import h5py
+
+    root = write_colmap_dataset(
+        tmp_path / "scene", views.images, views.intrinsics, views.cam_from_world, views.depth
+    )
+    with h5py.File(root / cd.DEPTH_FILE, "a") as f:
+        del f["00001.png"]
+        depth = f["00002.png"][()]
+        del f["00002.png"]
+        f["00002.png"] = depth.T
+    ds = load_colmap_dataset(root)
+    assert torch.equal(ds.load_depth(0), views.depth[0])
+    with pytest.raises(cd.ColmapDatasetError, match="has no depth map for image '00001.png'"):
+        ds.load_depth(1)
+    with pytest.raises(cd.ColmapDatasetError, match=r"depth map of '00002.png' is \(32, 24\) .* \(24, 32\)"):
+        ds.load_depth(2)
+
+
 def test_clear_errors_for_missing_pieces(tmp_path):
     with pytest.raises(FileNotFoundError, match="no COLMAP model"):
         load_colmap_dataset(tmp_path)

@@ -160,8 +160,18 @@ class ColmapDataset:
         name = self.image_names[index]
         with h5py.File(self.depth_file, "r") as f:
             if name not in f:
-                raise KeyError(f"{self.depth_file} has no depth map for image {name!r}")
-            return torch.from_numpy(f[name][()].astype(np.float32))
+                raise ColmapDatasetError(
+                    f"{self.depth_file} has no depth map for image {name!r}: add one, or remove the file "
+                    "to train without depth"
+                )
+            depth = torch.from_numpy(f[name][()].astype(np.float32))
+        expected = tuple(self.image_sizes[index].tolist())
+        if tuple(depth.shape) != expected:
+            raise ColmapDatasetError(
+                f"{self.depth_file}: the depth map of {name!r} is {tuple(depth.shape)} (H, W), its image "
+                f"{expected}: write it at the image's size"
+            )
+        return depth
 
 
 class ColmapDatasetError(ValueError):
