@@ -204,6 +204,32 @@ def test_hub_id_goes_through_hf_hub_download(tmp_path, monkeypatch):
     assert calls[-1][:2] == ("owner/repo", "sub/weights.pt")
 
 
+def test_an_unreachable_hub_is_asked_once_then_the_cache(tmp_path, monkeypatch):
+    """Without a network each file name waited for the same timeouts (49 s for VGGT-1B's two names):
+    after the first connection failure the other names come from the cache only."""
+    import huggingface_hub
+
+    path = save_checkpoint(tiny(0), tmp_path / "model.pt")
+    calls = []
+
+    def unreachable(repo_id, filename, **kwargs):
+        calls.append((filename, kwargs["local_files_only"]))
+        if filename == "model.pt" and kwargs["local_files_only"]:
+            return str(path)  # cached from an earlier download
+        raise OSError("Connection to huggingface.co timed out (simulated)")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    assert resolve_checkpoint("facebook/VGGT-1B", filenames=("model.safetensors", "model.pt")) == path
+    assert calls == [("model.safetensors", False), ("model.pt", True)]
+    calls.clear()
+    with pytest.raises(CheckpointDownloadError, match="could not be reached") as info:
+        resolve_checkpoint("facebook/VGGT-1B", filenames=("model.safetensors", "other.pt"))
+    assert calls == [("model.safetensors", False), ("other.pt", True)]
+    assert "--model /path/to/model.safetensors" in str(info.value)
+
+
 def test_dense_checkpoint_loads_into_a_gsa_model(tmp_path):
     from speed3r_sfm.attention import AttentionConfig
 

@@ -104,10 +104,11 @@ def _download(repo_id: str, filenames: tuple[str, ...], revision: str | None) ->
     from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
 
     offline = _hub_offline()
+    cache_only = offline
     problems = []
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=offline))
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=cache_only))
         except RemoteEntryNotFoundError:
             problems.append(f"{filename}: not in the repository")
         except GatedRepoError as error:
@@ -124,8 +125,11 @@ def _download(repo_id: str, filenames: tuple[str, ...], revision: str | None) ->
             problems.append(
                 f"{filename}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             )
+            cache_only = True  # unreachable: the other names from the cache only, without the same timeouts
     reason = (
-        "offline mode (HF_HUB_OFFLINE is set) and not in the local cache" if offline else "download failed"
+        "offline mode (HF_HUB_OFFLINE is set) and not in the local cache"
+        if offline
+        else "the Hub could not be reached or the download failed, and it is not in the local cache"
     )
     raise CheckpointDownloadError(
         f"Could not get a checkpoint of {repo_id!r} from the Hugging Face Hub: {reason}.\n"
