@@ -759,6 +759,12 @@ def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_dat
         err = capsys.readouterr().err
         assert code == 1 and str(tmp_path / name) in err and len(err.strip().splitlines()) == 1, err
         assert "not a readable" in err
+    small = tmp_path / "small.pt"  # a VGGT of another size: the official architecture does not fit it
+    torch.save(VGGT(VGGTConfig.preset("tiny")).state_dict(), small)
+    code = pipeline_cli.reconstruct_command(folder, out, model=str(small), quiet=True)
+    err = capsys.readouterr().err
+    assert code == 1 and f"checkpoint {small} does not match VGGT" in err and "... and" in err
+    assert "loads into the official VGGT-1B architecture" in err and len(err.splitlines()) < 40
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_text("x\n")
     code = pipeline_cli.reconstruct_command(folder, out, model=str(corrupt), quiet=True)

@@ -21,7 +21,7 @@ from speed3r_sfm.fileio import normal_permissions
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_MAX_LISTED = 25
+_MAX_LISTED = 10
 
 
 class CheckpointError(RuntimeError):

@@ -249,15 +249,27 @@ def _load_checkpoint_model(
         attention = official_attention(num_views, device)
     attention_config = AttentionConfig(kind=attention)
     family = KNOWN_HUB_IDS.get(text) or _family_of_checkpoint(text)
-    if family == "vggt":
-        from speed3r_sfm.attention import is_gsa_parameter
-        from speed3r_sfm.models.vggt import VGGT
+    from speed3r_sfm.models.checkpoint import CheckpointMismatchError
 
-        module = VGGT.from_pretrained(text, attention=attention_config, allow_missing=is_gsa_parameter)
-        return module, f"VGGT ({text})", attention
-    from speed3r_sfm.models.pi3 import Pi3
+    try:
+        if family == "vggt":
+            from speed3r_sfm.attention import is_gsa_parameter
+            from speed3r_sfm.models.vggt import VGGT
 
-    return Pi3.from_pretrained(text, attention=attention_config), f"Pi3 ({text})", attention
+            module = VGGT.from_pretrained(text, attention=attention_config, allow_missing=is_gsa_parameter)
+            return module, f"VGGT ({text})", attention
+        from speed3r_sfm.models.pi3 import Pi3
+
+        return Pi3.from_pretrained(text, attention=attention_config), f"Pi3 ({text})", attention
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(
+            f"{error}\nA checkpoint path or Hub id loads into the official "
+            f"{'VGGT-1B' if family == 'vggt' else 'π³'} architecture; weights of another size load as "
+            "exported by speed3r-sfm (a .safetensors file with its .json sidecar).",
+            error.missing,
+            error.unexpected,
+            error.mismatched,
+        ) from error
 
 
 def _is_exported(spec: str) -> bool:
