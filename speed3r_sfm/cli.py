@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         "reconstruct": reconstruct_command,
         "synthetic": synthetic_command,
         "demo": demo_command,
+        "fit": fit,
         "view": view_command,
         "export": export_command,
     }
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     if isinstance(result, int) and result:
         sys.exit(result)
+
+
+def fit() -> None:
+    """Train, fine-tune or distil with LightningCLI: speed3r-sfm fit --config pipelines/<name>.yaml
+    (`speed3r-sfm fit --help` lists its options)."""
+    raise AssertionError("main() runs fit through LightningCLI")  # only listed here, for --help
 
 
 class Terminated(KeyboardInterrupt):

@@ -220,3 +220,12 @@ def test_sigterm_exits_like_ctrl_c_and_leaves_no_temporary_output(tmp_path, caps
     assert exit_info.value.code == 143 and "terminated" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]  # no OUT, no .out.tmp-* folder
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "{reconstruct,synthetic,demo,fit,view,export}" in out  # fit was missing
+    assert "Train, fine-tune or distil with LightningCLI" in out

@@ -355,8 +355,9 @@ def test_overwrite_replaces_projects_only_and_never_the_current_folder(scene_dat
     precious.mkdir()
     (precious / "thesis.txt").write_text("years of work")
     oracle = _oracle(scene_data)
-    with pytest.raises(OutputExistsError, match=r"holds more than a speed3r-sfm project \(thesis.txt\)"):
-        reconstruct(scene_data["folder"], precious, model=oracle, overwrite=True)
+    for overwrite in (False, True):  # without overwrite too: the error had suggested it, then refused it
+        with pytest.raises(OutputExistsError, match=r"holds more than a speed3r-sfm project \(thesis.txt\)"):
+            reconstruct(scene_data["folder"], precious, model=oracle, overwrite=overwrite)
     project = tmp_path / "project"
     (project / "sparse").mkdir(parents=True)
     monkeypatch.chdir(project)
@@ -714,7 +715,7 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
     assert report["counts"]["track_verification"]["ran"] is False
     assert report["readjustment"] == {"ran": False}
     code = pipeline_cli.reconstruct_command(str(scene_data["folder"]), str(tmp_path / "out"), quiet=True)
-    assert code == 1 and "already exists" in capsys.readouterr().err
+    assert code == 1 and "holds a project already" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     code = pipeline_cli.reconstruct_command(str(empty), str(tmp_path / "out2"), quiet=True)

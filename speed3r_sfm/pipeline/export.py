@@ -97,17 +97,18 @@ def check_output(
             "you are working in; choose another folder"
         )
     if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(
-                f"output {output} already exists; choose another folder or pass overwrite=True "
-                "(CLI: --overwrite true)"
-            )
         foreign = sorted({p.name for p in output.iterdir()} - set(PROJECT_ENTRIES) - set(IGNORED_ENTRIES))
-        if foreign:
+        if foreign:  # said first: overwrite would not help
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise OutputExistsError(
-                f"output {output} holds more than a speed3r-sfm project ({shown}): overwrite replaces only a "
-                f"folder of {', '.join(PROJECT_ENTRIES)}; choose another folder or move those out"
+                f"output {output} holds more than a speed3r-sfm project ({shown}): it is never replaced "
+                f"(overwrite replaces only a folder of {', '.join(PROJECT_ENTRIES)}); choose another folder "
+                "or move those out"
+            )
+        if not overwrite:
+            raise OutputExistsError(
+                f"output {output} holds a project already; choose another folder or pass overwrite=True "
+                "(CLI: --overwrite true)"
             )
     check_writable(output)
     return output
