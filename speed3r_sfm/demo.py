@@ -35,26 +35,28 @@ def _check_scene(views: int, height: int, width: int) -> None:
 
 
 def _scene_output(output: str | os.PathLike, overwrite: bool) -> Path:
-    """``output`` as an absolute path, checked before rendering: an existing folder is replaced only with
-    ``overwrite`` and only if it holds nothing but a scene (:data:`SCENE_ENTRIES`), never the current
-    folder; a folder that cannot be created is refused."""
+    """``output`` as an absolute path, checked before rendering: an empty folder is used, another existing
+    folder is replaced only with ``overwrite`` and only if it holds nothing but a scene
+    (:data:`SCENE_ENTRIES`), never the current folder; a folder that cannot be created is refused."""
     from .pipeline.export import check_writable, current_folder
 
     path = Path(os.path.abspath(output))
-    if not path.exists():
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):  # new, or an empty folder
         check_writable(path)
         return path
-    if not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite true) to replace it")
     foreign = sorted({p.name for p in path.iterdir()} - set(SCENE_ENTRIES)) if path.is_dir() else []
-    if not path.is_dir() or foreign:
+    if not path.is_dir() or foreign:  # said first: overwrite would not help
         raise FileExistsError(
             f"{output} exists and is not a scene folder (only {', '.join(SCENE_ENTRIES)})"
             + (f"; it holds {', '.join(foreign[:5])}" if foreign else "")
-            + "; choose another folder"
+            + "; it is never replaced: choose another folder"
         )
     if current_folder().is_relative_to(path.resolve()):
         raise FileExistsError(f"{output} is the current folder or holds it; choose another folder")
+    if not overwrite:
+        raise FileExistsError(
+            f"{output} holds a scene already; pass overwrite=True (CLI: --overwrite true) to replace it"
+        )
     return path
 
 

@@ -26,7 +26,7 @@ def test_synthetic_writes_a_colmap_dataset(tmp_path):
 
 
 def test_synthetic_refuses_an_existing_folder_before_rendering(tmp_path, capsys, monkeypatch):
-    (tmp_path / "scene").mkdir()
+    (tmp_path / "scene" / "images").mkdir(parents=True)
     monkeypatch.setattr("speed3r_sfm.demo.render_scene", lambda *a, **k: pytest.fail("rendered"))
     with pytest.raises(SystemExit) as exit_info:
         main(["synthetic", str(tmp_path / "scene"), "--views", "3"])
@@ -59,9 +59,11 @@ def test_synthetic_replaces_only_scene_folders_and_the_demo_checks_its_model(tmp
     monkeypatch.setattr("speed3r_sfm.demo.render_scene", lambda *a, **k: pytest.fail("rendered"))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.txt").write_text("keep")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["synthetic", str(tmp_path / "notes"), "--overwrite", "true"])
-    assert exit_info.value.code == 1 and "is not a scene folder" in capsys.readouterr().err
+    for overwrite in ("false", "true"):  # the reason first: without overwrite it had suggested overwrite
+        with pytest.raises(SystemExit) as exit_info:
+            main(["synthetic", str(tmp_path / "notes"), "--overwrite", overwrite])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and "is not a scene folder" in err and "pass overwrite" not in err
     (tmp_path / "dataset" / "images").mkdir(parents=True)  # a COLMAP dataset with more than a scene's files
     (tmp_path / "dataset" / "database.db").write_bytes(b"")
     with pytest.raises(SystemExit) as exit_info:
@@ -229,3 +231,15 @@ def test_top_level_help_lists_every_command(capsys):
     assert exit_info.value.code == 0
     assert "{reconstruct,synthetic,demo,fit,view,export}" in out  # fit was missing
     assert "Train, fine-tune or distil with LightningCLI" in out
+
+
+def test_synthetic_fills_an_empty_folder_and_replaces_a_scene_only_when_asked(tmp_path, capsys):
+    (tmp_path / "scene").mkdir()  # empty: used, as reconstruct uses an empty OUT
+    args = ["synthetic", str(tmp_path / "scene"), "--views", "2", "--height", "40", "--width", "52"]
+    main(args)
+    assert sorted(p.name for p in (tmp_path / "scene").iterdir()) == ["depths.h5", "images", "sparse"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1 and "holds a scene already" in capsys.readouterr().err
+    main([*args, "--overwrite", "true"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]  # no temporary folder left

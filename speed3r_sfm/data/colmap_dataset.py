@@ -37,8 +37,11 @@ _PERSPECTIVE_MODELS = {"SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "
 
 
 def _atomic_replace(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``target``; an old target is removed only after the move."""
-    if target.exists():
+    """Move the finished ``tmp`` folder to ``target``; an old target is removed only after the move (an
+    empty folder is replaced at once)."""
+    if target.is_dir() and not any(target.iterdir()):
+        os.replace(tmp, target)  # renaming onto an empty folder replaces it
+    elif target.exists():
         if not overwrite:
             raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
         trash = target.with_name(f".{target.name}.old-{os.getpid()}")
