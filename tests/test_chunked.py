@@ -192,6 +192,14 @@ def test_resume_after_interrupted_run(trajectory, tmp_path):
     ate, _ = absolute_trajectory_error(pred.cam_from_world[0], gt.cam_from_world[:40])
     assert ate < 1e-4 * max(1.0, math.sqrt(float(gt.depth.median())))
     assert pred.depth.shape == (1, 40, 0, 0)
+    import h5py
+
+    with h5py.File(h5, "r") as file:  # per-pixel maps stored losslessly compressed, one view per block
+        group = file["chunk_00000"]
+        assert group["depth"].compression == "lzf" and group["depth"].chunks == (1, *group["depth"].shape[1:])
+        assert group["cam_from_world"].compression is None
+    again = predict_chunked(predict, views, chunk_size=12, overlap=4, h5_path=h5, keep_maps=False)
+    assert again.extras["computed_chunks"] == [] and torch.equal(again.cam_from_world, pred.cam_from_world)
 
 
 def test_loader_input_and_unplanned_chunks_error(trajectory):

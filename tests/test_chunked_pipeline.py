@@ -132,6 +132,7 @@ def test_chunked_reconstruction_matches_the_single_pass(scene, tmp_path):
     assert oracle.calls == plan  # one backbone pass per chunk, never all views at once
     chunking = json.loads((output / "report.json").read_text())["chunking"]
     assert chunking["chunks"] == plan and chunking["num_chunks"] == 3 and chunking["grouping"] == "ordered"
+    assert chunking["overlap"] == OVERLAP and chunking["shared_views"] == [2, 4]  # the last one shifted back
     assert min(chunking["sim3_inlier_fraction"]) > 0.7 and chunking["computed_chunks"] == [0, 1, 2]
     assert single.report["chunking"] is None
     assert pycolmap.Reconstruction(output / "sparse" / "0").num_reg_images() == VIEWS
@@ -414,3 +415,8 @@ def test_chunk_options_without_chunks_are_reported_unused(scene, tmp_path, caplo
         run_pipeline(folder, None, model=oracle, chunk_overlap=2, chunk_h5=tmp_path / "c.h5")
     assert "chunk_h5, chunk_overlap not used: one pass over all views (no chunk_size" in caplog.text
     assert not (tmp_path / "c.h5").exists()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        result = run_pipeline(folder, None, model=ChunkOracle(scene, folder), chunk_size=VIEWS + 4)
+    assert f"chunk_size not used: one pass over all views ({VIEWS} views fit in one pass)" in caplog.text
+    assert result.report["chunking"] is None

@@ -786,6 +786,7 @@ def _run_backbone(
         unused = [
             name
             for name, given in (
+                ("chunk_size", chunk.size is not None),
                 ("chunk_h5", chunk.h5 is not None),
                 ("chunk_overlap", chunk.overlap is not None),
                 ("ordered=False", not chunk.ordered),
@@ -886,6 +887,8 @@ def _predict_in_chunks(
         "grouping_s": grouping_s,
         "num_chunks": len(chunks),
         "chunks": chunks,
+        # views each chunk shares with the one before (the last ordered chunk is shifted back to stay full)
+        "shared_views": [len(set(a) & set(b)) for a, b in zip(chunks, chunks[1:], strict=False)],
         "sim3_scale": [float(sim3[0]) for sim3 in extras["chunk_sim3"]],
         "sim3_inlier_fraction": extras["chunk_inlier_fraction"],
         "computed_chunks": extras["computed_chunks"],
