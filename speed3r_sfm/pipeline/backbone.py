@@ -327,13 +327,13 @@ def _load_training_checkpoint(
     from speed3r_sfm.training.module import ReconstructionModule
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no code from the file
         hparams = data["hyper_parameters"]
         init = hparams.get("init_checkpoint")
         if init not in (None, "default") and not Path(init).is_file():
             init = None  # moved since: its weights are in the checkpoint, its pipeline settings are lost
         module = ReconstructionModule.load_from_checkpoint(
-            path, map_location="cpu", weights_only=False, distill=None, init_checkpoint=init
+            path, map_location="cpu", weights_only=True, distill=None, init_checkpoint=init
         )
     except Exception as error:  # not a checkpoint of ReconstructionModule, or unreadable
         raise CheckpointError(
