@@ -143,3 +143,58 @@ def test_weights_fine_tuned_from_the_default_keep_its_pipeline_settings(tmp_path
     # a checkpoint without a sidecar passes nothing on
     plain = ReconstructionModule(backbone={"name": "vggt", "preset": "tiny"})
     assert plain.pipeline_settings == {}
+
+
+def test_training_checkpoints_carry_the_pipeline_settings(batch, tmp_path):
+    """A .ckpt keeps how the pipeline runs its weights (the default's settings, descriptor layer, the width
+    trained at): fine-tuning again from it kept none of them (token poses off, 224-px input, GSA
+    guidance on), and load_from_checkpoint needed the moved init file to get them. The module itself
+    passed to reconstruct runs as its export would, and stays in training mode."""
+    from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
+    from speed3r_sfm.pipeline.inputs import Preprocessing
+    from speed3r_sfm.training._lightning import pl
+
+    spec = {"name": "vggt", "preset": "small"}
+    module = ReconstructionModule(backbone=spec, init_checkpoint=str(DEFAULT_WEIGHTS))
+    module.train()
+    module.trained_size = [56, 84]  # what training_step records from its batches
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    for again in (
+        ReconstructionModule(backbone=spec, init_checkpoint=str(tmp_path / "tuned.ckpt")),
+        ReconstructionModule.load_from_checkpoint(tmp_path / "tuned.ckpt", init_checkpoint=None),
+    ):
+        assert again.model.config.descriptor_layer == 3
+        assert again.pipeline_settings["preprocessing"]["target_size"] == 84
+        assert again.pipeline_settings["gsa_guidance"] is False
+    from_module = load_backbone(module, "auto", "cpu")
+    from_file = load_backbone(str(tmp_path / "tuned.ckpt"), "auto", "cpu")
+    for backbone in (from_module, from_file):
+        assert backbone.preprocessing == Preprocessing("crop", 84, patch_size=14)
+        assert backbone.attention == "dense" and not backbone.guided
+    assert module.training  # left as the caller had it
+
+
+def test_module_options_are_checked_before_training():
+    spec = {"name": "vggt", "preset": "tiny", "overrides": {"enable_track": False}}
+    with pytest.raises(ValueError, match="export_dtype must be one of"):
+        ReconstructionModule(backbone=spec, export_dtype="int8")
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        ReconstructionModule(backbone=spec, export_path="weights.pt")
+    with pytest.raises(TypeError, match=r"freeze takes a list of patterns, e.g. \['aggregator.\*'\]"):
+        ReconstructionModule(backbone=spec, freeze="aggregator.*")
+
+
+def test_validation_of_single_views_logs_no_pose_score(batch):
+    module = ReconstructionModule(
+        backbone={"name": "vggt", "preset": "tiny", "overrides": {"enable_track": False}}
+    )
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    module.log_dict = lambda values, **kwargs: logged.update(values)
+    one_view = {key: value[:, :1] if key != "has_depth" else value for key, value in batch.items()}
+    module.eval()
+    with torch.no_grad():
+        module.validation_step(one_view, 0)  # "pose_auc: no pairs" before
+    assert math.isnan(logged["val/auc30"]) and math.isnan(logged["val/auc5"])

@@ -155,6 +155,9 @@ def load_backbone(
     if isinstance(model, str | os.PathLike):
         module, name, attention = _load_checkpoint_model(model, attention, num_views, dev)
         model = module
+    elif _is_training_module(model):  # the LightningModule of fit: its backbone as its export would run
+        model, _, attention = _exported_copy(model, attention, num_views, dev)
+        name = "training module"
     else:
         name = type(model).__name__
     guidance = bool(getattr(model, "gsa_guidance", True))  # see Backbone.gsa_guidance
@@ -321,8 +324,6 @@ def _load_training_checkpoint(
     """A Lightning checkpoint of ``speed3r-sfm fit`` (``ReconstructionModule``): its backbone exported in
     float32 with the pipeline settings it trained with (those of its init checkpoint, its input width),
     then run as exported weights are (:func:`_load_exported_model`)."""
-    import tempfile
-
     from speed3r_sfm.models.checkpoint import CheckpointError
     from speed3r_sfm.training.module import ReconstructionModule
 
@@ -341,13 +342,27 @@ def _load_training_checkpoint(
             f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
         ) from error
     width = data.get("datamodule_hyper_parameters", {}).get("width")
-    if width and "preprocessing" in module.pipeline_settings:  # the width it was trained at
-        settings = module.pipeline_settings["preprocessing"]
-        module.pipeline_settings["preprocessing"] = {**settings, "target_size": int(width)}
+    if module.trained_size is None and width:  # a checkpoint written before trained_size was stored
+        module.trained_size = [0, int(width)]
+    model, _, attention = _exported_copy(module, attention, num_views, device)
+    return model, f"training checkpoint ({path})", attention
+
+
+def _is_training_module(model: object) -> bool:
+    """``speed3r_sfm.training.module.ReconstructionModule`` (not imported here: it needs Lightning)."""
+    return all(hasattr(model, name) for name in ("export_weights", "pipeline_settings", "model", "spec"))
+
+
+def _exported_copy(
+    module: nn.Module, attention: AttentionKind, num_views: int | None, device: torch.device
+) -> tuple[nn.Module, str, Literal["gsa", "dense"]]:
+    """A training module's backbone exported (float32, with its pipeline settings) and loaded back: run as
+    the export would be, the module itself left as it is (mode, device)."""
+    import tempfile
+
     with tempfile.TemporaryDirectory() as folder:
         exported = module.export_weights(Path(folder) / "weights.safetensors", dtype="float32")
-        model, _, attention = _load_exported_model(Path(exported), attention, num_views, device)
-    return model, f"training checkpoint ({path})", attention
+        return _load_exported_model(Path(exported), attention, num_views, device)
 
 
 def official_attention(num_views: int | None, device: torch.device) -> Literal["gsa", "dense"]:

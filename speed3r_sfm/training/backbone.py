@@ -246,16 +246,29 @@ PIPELINE_KEYS = (
 )
 
 
+# where a training checkpoint (.ckpt) keeps the pipeline settings of its weights
+CHECKPOINT_PIPELINE_KEY = "speed3r_sfm_pipeline"
+
+
 def inherit_pipeline_settings(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
-    """What weights fine-tuned from the exported checkpoint ``path`` keep of it: its pipeline settings
-    (:data:`PIPELINE_KEYS` of its sidecar, and where they came from) and, where ``model``'s config leaves
-    it unset, its descriptor layer (set on ``model``: token poses need it). Empty for other checkpoints."""
-    side = sidecar(path)
-    if Path(path).suffix != ".safetensors" or not side.is_file():
-        return {}
-    meta = json.loads(side.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        return {}
+    """What weights fine-tuned from ``path`` keep of it: the pipeline settings of an exported checkpoint
+    (:data:`PIPELINE_KEYS` of its sidecar, and where they came from) or of a training checkpoint (.ckpt,
+    :data:`CHECKPOINT_PIPELINE_KEY`) and, where ``model``'s config leaves it unset, its descriptor layer (set
+    on ``model``: token poses need it). Empty for other checkpoints."""
+    if Path(path).suffix == ".ckpt":
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        stored = data.get(CHECKPOINT_PIPELINE_KEY) or {} if isinstance(data, dict) else {}
+        meta = {
+            "config": {"descriptor_layer": stored.get("descriptor_layer")},
+            **(stored.get("settings") or {}),
+        }
+    else:
+        side = sidecar(path)
+        if Path(path).suffix != ".safetensors" or not side.is_file():
+            return {}
+        meta = json.loads(side.read_text())
+        if meta.get("format") != EXPORT_FORMAT:
+            return {}
     layer = meta.get("config", {}).get("descriptor_layer")
     if layer is not None and getattr(model.config, "descriptor_layer", 0) is None:
         model.config.descriptor_layer = layer

@@ -71,6 +71,9 @@ class OptimConfig:
         return cls(**data)
 
 
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+
+
 def warmup_cosine_factor(step: int, warmup_steps: int, progress: float, min_ratio: float) -> float:
     """LR multiplier: (step + 1) / warmup_steps during warm-up, then
     min_ratio + (1 − min_ratio) · (1 + cos(π · progress)) / 2 with progress clamped to [0, 1]."""
@@ -149,7 +152,15 @@ class ReconstructionModule(pl.LightningModule):
                 }
             )
         )
+        if export_dtype not in EXPORT_DTYPES:
+            raise ValueError(f"export_dtype must be one of {EXPORT_DTYPES}, got {export_dtype!r}")
+        if export_path is not None and not str(export_path).endswith(".safetensors"):
+            raise ValueError(f"export_path {export_path} must end in .safetensors")
+        for name, patterns in (("freeze", freeze), ("train_only", train_only)):
+            if isinstance(patterns, str):  # one pattern, not its characters
+                raise TypeError(f"{name} takes a list of patterns, e.g. [{patterns!r}]")
         self.model = self.spec.build()
+        self.trained_size: list[int] | None = None  # (H, W) of the training batches, for the export
         self.pipeline_settings: dict[str, Any] = {}  # kept from an exported init checkpoint's sidecar
         if init_checkpoint == "default":  # the shipped weights, wherever the package is installed
             from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS
@@ -223,6 +234,7 @@ class ReconstructionModule(pl.LightningModule):
         return loss, out, logs
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.trained_size = [int(v) for v in batch["images"].shape[-2:]]  # (H, W) the export runs at
         loss, _, logs = self._step(batch)
         b, s = batch["images"].shape[:2]
         self.log_dict({f"train/{k}": v.detach() for k, v in logs.items()}, batch_size=b)
@@ -240,9 +252,13 @@ class ReconstructionModule(pl.LightningModule):
         cam_from_world, depth = self.predicted_geometry(out, (h, w))
         aucs30, aucs5, abs_rels = [], [], []
         for i in range(b):
-            rre, rte = relative_pose_errors(cam_from_world[i].float(), batch["cam_from_world"][i].float())
-            aucs30.append(pose_auc(rre, rte, 30))
-            aucs5.append(pose_auc(rre, rte, 5))
+            if s < 2:  # one view per sample: no pair to score (NaN, as abs_rel without depth)
+                aucs30.append(float("nan"))
+                aucs5.append(float("nan"))
+            else:
+                rre, rte = relative_pose_errors(cam_from_world[i].float(), batch["cam_from_world"][i].float())
+                aucs30.append(pose_auc(rre, rte, 30))
+                aucs5.append(pose_auc(rre, rte, 5))
             gt_depth = batch["depth"][i]
             if bool(batch.get("has_depth", torch.ones(b, dtype=torch.bool))[i]) and bool(
                 (gt_depth > 0).any()
@@ -327,8 +343,20 @@ class ReconstructionModule(pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("distiller.")]:
             del state[key]
+        # how the pipeline runs these weights: kept with them, not only in the init checkpoint's sidecar
+        checkpoint[bb.CHECKPOINT_PIPELINE_KEY] = {
+            "settings": self.pipeline_settings_as_trained(),
+            "descriptor_layer": getattr(self.model.config, "descriptor_layer", None),
+            "trained_size": self.trained_size,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get(bb.CHECKPOINT_PIPELINE_KEY)
+        if stored:  # also when the init checkpoint has moved since (init_checkpoint=None)
+            self.pipeline_settings = dict(stored.get("settings") or {})
+            if stored.get("descriptor_layer") is not None and hasattr(self.model.config, "descriptor_layer"):
+                self.model.config.descriptor_layer = stored["descriptor_layer"]
+            self.trained_size = stored.get("trained_size")
         if self.distiller is not None:
             state = checkpoint["state_dict"]
             for key, value in self.distiller.state_dict().items():
@@ -341,12 +369,19 @@ class ReconstructionModule(pl.LightningModule):
             "distilled": self.distiller is not None,
             "teacher_checkpoint": self.distill_config.teacher_checkpoint if self.distill_config else None,
         }
+        dtype = dtype or self.export_dtype
+        pipeline = self.pipeline_settings_as_trained()
+        return bb.export_weights(self.model, self.spec, path, dtype, info=info, pipeline=pipeline)
+
+    def pipeline_settings_as_trained(self) -> dict[str, Any]:
+        """The pipeline settings, the input width replaced by the one the weights were trained at (the data
+        module's size, else the training batches')."""
         pipeline = dict(self.pipeline_settings)
         size = getattr(getattr(self._trainer, "datamodule", None), "size", None) if self._trainer else None
-        if "preprocessing" in pipeline and size is not None:  # the width it was trained at
+        size = size or self.trained_size
+        if "preprocessing" in pipeline and size is not None:
             pipeline["preprocessing"] = {**pipeline["preprocessing"], "target_size": int(size[1])}
-        dtype = dtype or self.export_dtype
-        return bb.export_weights(self.model, self.spec, path, dtype, info=info, pipeline=pipeline)
+        return pipeline
 
     def on_train_end(self) -> None:
         if self.export_path and self.trainer.is_global_zero:
