@@ -63,6 +63,9 @@ def test_output_and_attention_loss_hand_cases():
     assert out["depth"].item() == pytest.approx(1.0)
     assert out["pose_enc_list"].item() == pytest.approx(0.25)
     assert out["outputs"].item() == pytest.approx(1.25)
+    # keys the user named must exist: "pose_encs" (a typo) had distilled nothing, silently
+    with pytest.raises(ValueError, match=r"output_keys \['pose_encs'\] are not outputs of both"):
+        output_distillation_loss(s, t, {"depth": "log_l1", "pose_encs": "l1"}, required=True)
     teacher = [torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(2))]
     student = [2 * teacher[0]]
     assert attention_distillation_loss(student, teacher, "mse").item() == pytest.approx(

@@ -198,3 +198,10 @@ def test_validation_of_single_views_logs_no_pose_score(batch):
     with torch.no_grad():
         module.validation_step(one_view, 0)  # "pose_auc: no pairs" before
     assert math.isnan(logged["val/auc30"]) and math.isnan(logged["val/auc5"])
+
+
+def test_unknown_presets_list_every_preset():
+    with pytest.raises(
+        ValueError, match=r"unknown vggt preset 'smal'; choose one of \('vggt-1b', 'tiny', 'small'\)"
+    ):
+        BackboneSpec(name="vggt", preset="smal")

@@ -29,6 +29,7 @@ from ..models.vggt import VGGT, VGGTConfig
 MODEL_NAMES = ("vggt", "pi3")
 EXPORT_FORMAT = "speed3r-sfm/weights-v1"
 
+OFFICIAL_PRESETS = {"vggt": ("vggt-1b", "tiny"), "pi3": ("pi3", "tiny")}  # the model configs' own
 # Training presets, as overrides of the backbone's "tiny" preset. "small" is the model shipped as the
 # offline default: ~6.9 M parameters (13.8 MB in float16), 224 px wide inputs (16 x 21 patches at 224 x 294).
 TRAINING_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
@@ -116,6 +117,9 @@ class BackboneSpec:
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.name!r}; choose one of {MODEL_NAMES}")
+        presets = (*OFFICIAL_PRESETS[self.name], *(p for n, p in TRAINING_PRESETS if n == self.name))
+        if self.preset not in presets:
+            raise ValueError(f"unknown {self.name} preset {self.preset!r}; choose one of {presets}")
         self.overrides = dict(self.overrides or {})
         if isinstance(self.attention, AttentionConfig):
             self.attention = dataclasses.asdict(self.attention)

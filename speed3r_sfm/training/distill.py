@@ -102,12 +102,19 @@ def _compare(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.T
 
 
 def output_distillation_loss(
-    student: dict[str, Any], teacher: dict[str, Any], keys: dict[str, str]
+    student: dict[str, Any], teacher: dict[str, Any], keys: dict[str, str], required: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Per-key distances (keys present in both outputs) and their sum under ``"outputs"``."""
+    """Per-key distances (keys present in both outputs; with ``required`` every key must be) and their sum
+    under ``"outputs"``."""
+    missing = sorted(k for k in keys if k not in student or k not in teacher)
+    if required and missing:
+        raise ValueError(
+            f"distill output_keys {missing} are not outputs of both student and teacher; they give "
+            f"{sorted(set(student) & set(teacher))}"
+        )
     terms: dict[str, torch.Tensor] = {}
     for key, kind in keys.items():
-        if key not in student or key not in teacher:
+        if key in missing:
             continue
         if kind == "list_l1":
             pairs = list(zip(student[key], teacher[key], strict=True))
@@ -182,6 +189,7 @@ class Distiller(nn.Module):
         default = VGGT_OUTPUTS if model_name == "vggt" else PI3_OUTPUTS
         keys = config.output_keys
         self.output_keys = default if keys is None else {k: default.get(k, "l1") for k in keys}
+        self.keys_required = keys is not None  # named by the user: a typo must not distil nothing
         self._teacher_hooks = AttentionRecorder(global_attention_modules(teacher.model))
         self._student_hooks = AttentionRecorder(global_attention_modules(student))
 
@@ -197,7 +205,7 @@ class Distiller(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         total = None
         if c.output_weight > 0:
-            outputs = output_distillation_loss(student_out, teacher_out, self.output_keys)
+            outputs = output_distillation_loss(student_out, teacher_out, self.output_keys, self.keys_required)
             terms.update({f"out_{k}": v for k, v in outputs.items() if k != "outputs"})
             terms["outputs"] = outputs["outputs"]
             total = c.output_weight * outputs["outputs"]
