@@ -205,3 +205,21 @@ def test_unknown_presets_list_every_preset():
         ValueError, match=r"unknown vggt preset 'smal'; choose one of \('vggt-1b', 'tiny', 'small'\)"
     ):
         BackboneSpec(name="vggt", preset="smal")
+
+
+def test_batches_of_another_layout_are_named_errors(batch):
+    """A custom data module's mistakes: raw tensor errors (or silent training on 0-255 images) before."""
+    from speed3r_sfm.training.module import check_batch
+
+    check_batch(batch)
+    for change, message in (
+        ({"depth": None}, r"the batch has no \['depth'\]"),
+        ({"images": (batch["images"] * 255).to(torch.uint8)}, "floats in \\[0, 1\\], got torch.uint8"),
+        ({"images": batch["images"] * 255}, "got values up to .*divide 0-255 images by 255"),
+        ({"depth": batch["depth"][..., None]}, r"batch depth must be \(2, 3, 28, 42\)"),
+        ({"cam_from_world": torch.eye(4).expand(2, 3, 4, 4)}, r"cam_from_world must be \(2, 3, 3, 4\)"),
+    ):
+        changed = {**batch, **change}
+        changed = {k: v for k, v in changed.items() if v is not None}
+        with pytest.raises(ValueError, match=message):
+            check_batch(changed)

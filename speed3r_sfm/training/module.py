@@ -74,6 +74,38 @@ class OptimConfig:
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
+def check_batch(batch: dict[str, Any]) -> None:
+    """Raise a ValueError naming the problem unless ``batch`` has the layout of ``training/data.py``:
+    ``images`` (B, V, 3, H, W) floats in [0, 1], ``depth`` (B, V, H, W) (0 = invalid), ``intrinsics``
+    (B, V, 3, 3), ``cam_from_world`` (B, V, 3, 4) world-to-camera (OpenCV axes), optional ``has_depth``
+    (B,)."""
+    layout = "see the batch layout in speed3r_sfm/training/data.py"
+    missing = [k for k in ("images", "depth", "intrinsics", "cam_from_world") if k not in batch]
+    if missing:
+        raise ValueError(f"the batch has no {missing} (it has {sorted(batch)}); {layout}")
+    images = batch["images"]
+    if images.ndim != 5 or images.shape[2] != 3:
+        raise ValueError(f"batch images must be (B, V, 3, H, W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"batch images must be floats in [0, 1], got {images.dtype}")
+    if float(images.detach().amax()) > 1.0 + 1e-3:
+        raise ValueError(
+            f"batch images must be floats in [0, 1], got values up to {float(images.amax()):g}; "
+            "divide 0-255 images by 255"
+        )
+    b, v, _, h, w = images.shape
+    for key, shape in (
+        ("depth", (b, v, h, w)),
+        ("intrinsics", (b, v, 3, 3)),
+        ("cam_from_world", (b, v, 3, 4)),
+    ):
+        if tuple(batch[key].shape) != shape:
+            raise ValueError(
+                f"batch {key} must be {shape} for images {tuple(images.shape)}, got "
+                f"{tuple(batch[key].shape)}; {layout}"
+            )
+
+
 def warmup_cosine_factor(step: int, warmup_steps: int, progress: float, min_ratio: float) -> float:
     """LR multiplier: (step + 1) / warmup_steps during warm-up, then
     min_ratio + (1 − min_ratio) · (1 + cos(π · progress)) / 2 with progress clamped to [0, 1]."""
@@ -215,6 +247,7 @@ class ReconstructionModule(pl.LightningModule):
             return self.criterion(out, self.target(batch))
 
     def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+        check_batch(batch)
         images = batch["images"]
         logs: dict[str, torch.Tensor] = {}
         if self.distiller is not None:
