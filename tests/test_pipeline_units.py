@@ -642,6 +642,19 @@ def test_tracks_are_triangulated_at_given_poses_through_the_camera_model():
     rec.cameras[1] = pinhole
     moved, _ = triangulate_tracks(rec, tracks, points2d, min_angle=1.5)
     assert np.abs(moved[:20] - points[:20]).max() > 1e-3
+    # an adjusted camera whose distortion folds the image border: COLMAP cannot undistort pixels there
+    # (NaN rays); their tracks are unreliable (falling back to depth), the others triangulate as before
+    # (eigh had failed on the NaN systems and ended the run)
+    folding = pycolmap.Camera(
+        camera_id=1, model="SIMPLE_RADIAL", width=640, height=480, params=[500, 320, 240, -0.9]
+    )
+    rec.cameras[1] = folding
+    corner = np.array([[2.0, 2.0]])
+    assert not np.isfinite(folding.cam_from_img(corner)).all()
+    bent = [p.copy() for p in points2d]
+    bent[0][0] = corner[0]  # view 0's first point (track 0) lies where no ray comes out
+    xyz, reliable = triangulate_tracks(rec, tracks, bent, min_angle=1.5)
+    assert not reliable[0] and np.isfinite(xyz[1:20]).all()
 
 
 def test_adjusted_cameras_of_registered_images_are_kept():

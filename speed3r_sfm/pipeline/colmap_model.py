@@ -305,13 +305,19 @@ def triangulate_tracks(
         world_to_cam[rows] = image.cam_from_world().matrix()
     x = torch.from_numpy(normalized)
     pose = torch.from_numpy(world_to_cam)
+    # a pixel an adjusted camera cannot undistort (a distortion that folds its border) has no ray (NaN):
+    # it adds nothing here, and its track is not reliable
+    finite = torch.isfinite(x).all(dim=1)
+    x = torch.where(finite[:, None], x, torch.zeros_like(x))
     # each observation contributes rows x P3 - P1 and y P3 - P2 of A, with A X = 0; sum of their outer
     # products per track, whose eigenvector of the smallest eigenvalue is X
     rows_x = x[:, 0:1] * pose[:, 2] - pose[:, 0]
     rows_y = x[:, 1:2] * pose[:, 2] - pose[:, 1]
     normal = rows_x[:, :, None] * rows_x[:, None, :] + rows_y[:, :, None] * rows_y[:, None, :]
+    normal = normal * finite[:, None, None]
     track = torch.from_numpy(tracks.track_of_observation())
     system = torch.zeros(tracks.num_tracks, 4, 4, dtype=torch.float64).index_add_(0, track, normal)
+    rayless = torch.zeros(tracks.num_tracks, dtype=torch.float64).index_add_(0, track, (~finite).double())
     homogeneous = torch.linalg.eigh(system).eigenvectors[:, :, 0]
     xyz = homogeneous[:, :3] / homogeneous[:, 3:]
     # checks: depth in every observing camera, widest ray angle (against the track's mean ray)
@@ -327,7 +333,7 @@ def triangulate_tracks(
         0, track, angle, "amax", include_self=False
     )
     # half the widest pair's angle lies on each side of the mean ray
-    reliable = torch.isfinite(xyz).all(dim=1) & (behind == 0) & (2 * widest >= min_angle)
+    reliable = torch.isfinite(xyz).all(dim=1) & (behind == 0) & (2 * widest >= min_angle) & (rayless == 0)
     return xyz.numpy(), reliable.numpy()
 
 
