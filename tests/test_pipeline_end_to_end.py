@@ -776,6 +776,18 @@ def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_dat
         reconstruct([scene_data["folder"] / "view_00.png"], None, model=_oracle(scene_data))
     with pytest.raises(ValueError, match="chunk_size must be a whole number of views, got 2.5"):
         reconstruct(scene_data["folder"], None, model=_oracle(scene_data), chunk_size=2.5)
+    # yes/no arguments from a config file or the environment: "false" is truthy (overwrite="false" had
+    # replaced a project); an empty options dict ran the defaults
+    for kwargs, message in (
+        (dict(overwrite="false"), "overwrite must be True or False, got 'false'"),
+        (dict(ba="false"), "ba must be True or False"),
+        (dict(shared_camera="yes"), "shared_camera must be True, False or 'per_folder', got 'yes'"),
+        (dict(shared_camera=1), "shared_camera must be True, False or 'per_folder', got 1"),
+        (dict(options={}), "options must be a PipelineOptions, got dict"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            reconstruct(scene_data["folder"], tmp_path / "typed", model=_oracle(scene_data), **kwargs)
+    assert not (tmp_path / "typed").exists()
     assert resolve_device("cpu:5") == torch.device("cpu")
     code = pipeline_cli.reconstruct_command(folder, out, model="", quiet=True)
     assert code == 1 and "model is empty" in capsys.readouterr().err

@@ -792,6 +792,22 @@ def test_adjusted_shared_camera_is_the_median_of_the_registered_cameras():
         (lambda: MatchOptions(max_views=0), ValueError, "MatchOptions.max_views must be at least 1"),
         (lambda: KeypointOptions(max_keypoints="9"), TypeError, "max_keypoints must be a number, got '9'"),
         (lambda: PipelineOptions(keypoints=BundleOptions()), TypeError, "must be a KeypointOptions"),
+        # each of these had run the model first, then failed blaming the images, raised a raw error, or
+        # changed the result silently
+        (lambda: RefineOptions(patch_size=10), ValueError, "RefineOptions.patch_size must be odd, got 10"),
+        (lambda: RefineOptions(min_ncc=5), ValueError, "RefineOptions.min_ncc must lie in [-1.0, 1.0]"),
+        (lambda: RefineOptions(chunk=0), ValueError, "RefineOptions.chunk must be at least 1"),
+        (lambda: KeypointOptions(confidence_quantile=2), ValueError, "confidence_quantile must lie in"),
+        (lambda: KeypointOptions(border=-5), ValueError, "KeypointOptions.border must be at least 0"),
+        (lambda: MatchOptions(refine={}), TypeError, "MatchOptions.refine must be a RefineOptions, got dict"),
+        (lambda: MatchOptions(time_limit=-1), ValueError, "MatchOptions.time_limit must be at least 0.0"),
+        (lambda: BundleOptions(function_tolerance=-1), ValueError, "function_tolerance must be positive"),
+        (lambda: BundleOptions(loss="foo"), ValueError, "BundleOptions.loss must be one of"),
+        (
+            lambda: PipelineOptions(merge_radius=-1),
+            ValueError,
+            "PipelineOptions.merge_radius must be at least",
+        ),
     ],
 )
 def test_options_out_of_range_fail_at_construction(make, error, message):

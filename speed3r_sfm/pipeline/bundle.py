@@ -129,7 +129,9 @@ class BundleOptions:
     def __post_init__(self) -> None:
         require_at_least(self, rounds=1, max_iterations=1, readjust_rounds=1, min_shared_points=0)
         require_at_least(self, min_adjusted_link=0, min_tri_angle=0.0)
-        require_positive(self, "loss_scale", "initial_loss_scale", "max_reproj_error")
+        require_positive(self, "loss_scale", "initial_loss_scale", "max_reproj_error", "function_tolerance")
+        if self.loss not in LOSSES:
+            raise ValueError(f"BundleOptions.loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
         if self.num_threads != -1:
             require_at_least(self, num_threads=1)  # -1: all cores
 

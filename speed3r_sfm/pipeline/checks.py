@@ -24,3 +24,11 @@ def require_positive(options: object, *names: str) -> None:
         value = _number(options, name)
         if value <= 0:
             raise ValueError(f"{type(options).__name__}.{name} must be positive, got {value!r}")
+
+
+def require_between(options: object, **ranges: tuple[float, float]) -> None:
+    """Raise unless each field named in ``ranges`` is a number within (low, high), both included."""
+    for name, (low, high) in ranges.items():
+        value = _number(options, name)
+        if not low <= value <= high:
+            raise ValueError(f"{type(options).__name__}.{name} must lie in [{low}, {high}], got {value!r}")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
-from .checks import require_at_least
+from .checks import require_at_least, require_between
 from .frames import SceneGeometry, work_pixels_per_model_pixel, work_to_model
 from .inputs import View
 from .records import AttentionSummary
@@ -40,7 +40,8 @@ class KeypointOptions:
     min_response: float = 1e-6
 
     def __post_init__(self) -> None:
-        require_at_least(self, max_keypoints=1)
+        require_at_least(self, max_keypoints=1, nms_radius=0.0, grid_cells=1, border=0, min_response=0.0)
+        require_between(self, block_fraction=(0.0, 1.0), confidence_quantile=(0.0, 1.0))
 
 
 @dataclass

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import require_at_least
+from .checks import require_at_least, require_between, require_positive
 from .chunking import free_cuda_bytes
 from .frames import SceneGeometry, model_to_work, work_pixels_per_model_pixel, work_to_model
 from .inputs import View
@@ -80,7 +80,15 @@ class MatchOptions:
     refine: RefineOptions = field(default_factory=RefineOptions)
 
     def __post_init__(self) -> None:
-        require_at_least(self, max_views=1)
+        require_at_least(self, max_views=1, correction_samples=0, correction_min_inliers=0)
+        require_positive(self, "search_radius", "correction_radius", "depth_tolerance", "affine_step")
+        require_positive(self, "track_tolerance")
+        require_between(self, min_affinity=(0.0, 1.0), min_covisibility=(0.0, 1.0))
+        require_between(self, min_track_visibility=(0.0, 1.0))
+        if self.time_limit is not None:
+            require_at_least(self, time_limit=0.0)
+        if not isinstance(self.refine, RefineOptions):
+            raise TypeError(f"MatchOptions.refine must be a RefineOptions, got {type(self.refine).__name__}")
 
 
 @dataclass

@@ -52,7 +52,7 @@ from .bundle import (
     mean_reprojection_error,
     refine_reconstruction,
 )
-from .checks import require_at_least
+from .checks import require_at_least, require_positive
 from .chunked import predict_chunked, stored_plan
 from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
 from .colmap_model import (
@@ -123,7 +123,8 @@ class PipelineOptions:
             if not isinstance(getattr(self, name), kind):
                 got = type(getattr(self, name)).__name__
                 raise TypeError(f"PipelineOptions.{name} must be a {kind.__name__}, got {got}")
-        require_at_least(self, max_image_size=1)
+        require_at_least(self, max_image_size=1, merge_radius=0.0)
+        require_positive(self, "no_ba_max_reproj_error")
         if not 0.0 <= self.min_work_scale <= 1.0:
             raise ValueError(f"min_work_scale must lie in [0, 1], got {self.min_work_scale}")
 
@@ -246,7 +247,13 @@ def run_pipeline(
     recursive: bool = False,
 ) -> PipelineResult:
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
-    options = options or PipelineOptions()
+    flags = dict(ba=ba, overwrite=overwrite, progress=progress, ordered=ordered, undistort=undistort)
+    for name, value in {**flags, "recursive": recursive}.items():
+        if not isinstance(value, bool):  # "false" from a config file is truthy: it had overwritten a project
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if shared_camera not in (True, False, "per_folder") or not isinstance(shared_camera, bool | str):
+        raise TypeError(f"shared_camera must be True, False or 'per_folder', got {shared_camera!r}")
+    options = PipelineOptions() if options is None else options
     if not isinstance(options, PipelineOptions):
         raise TypeError(
             f"options must be a PipelineOptions, got {type(options).__name__}; e.g. "

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 
+from .checks import require_at_least, require_between
+
 
 @dataclass
 class RefineOptions:
@@ -41,6 +43,13 @@ class RefineOptions:
     min_margin: float = 0.1  # coarsest level: best NCC minus the second-highest local maximum
     min_texture: float = 0.01  # minimum std of the (0-1 gray) source patch
     chunk: int = 16384  # matches per batch
+
+    def __post_init__(self) -> None:
+        require_at_least(self, patch_size=3, level_radius=1, fine_radius=1, middle_radius=1, recentre=0)
+        require_at_least(self, min_margin=0.0, min_texture=0.0, chunk=1)
+        require_between(self, min_ncc=(-1.0, 1.0))
+        if self.patch_size % 2 == 0:
+            raise ValueError(f"RefineOptions.patch_size must be odd, got {self.patch_size}")
 
 
 WINDOW_BUDGET = 1 << 21  # values of the coarsest level's search windows per batch
