@@ -1348,6 +1348,19 @@ def test_api_arguments_of_the_wrong_kind_say_what_to_pass(scene_data):
     import speed3r_sfm
 
     assert speed3r_sfm.ReconstructionError is ReconstructionError  # exported at the top level
+    from speed3r_sfm.models.checkpoint import CheckpointError
+    from speed3r_sfm.pipeline.backbone import DeviceNotAvailableError
+
+    # every error a caller can fix, to catch without knowing the submodules
+    for error in (
+        InputError,
+        OutputExistsError,
+        ModelNotAvailableError,
+        DeviceNotAvailableError,
+        CheckpointError,
+    ):
+        assert getattr(speed3r_sfm, error.__name__) is error
+    assert set(speed3r_sfm.__all__) >= {"InputError", "OutputPathError", "CheckpointError", "reconstruct"}
     with pytest.raises(TypeError, match="options must be a PipelineOptions, got dict"):
         reconstruct(scene_data["folder"], model=_oracle(scene_data), options={"keypoints": {}})
     with pytest.raises(TypeError, match="preprocessing must be a Preprocessing, got str"):

@@ -198,7 +198,10 @@ def reconstruct(
     image file of ``image_dir`` (``recursive``: and of its subfolders), or ``image_list``, names relative to
     ``image_dir`` in the order given (a list, or a text file with one name per line as COLMAP's
     ``image_list_path``); COLMAP names the images by those relative paths. See
-    :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction.
+    :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction. It holds every input image,
+    those left unregistered without a pose (``has_pose`` False: loop over ``rec.reg_image_ids()``);
+    ``output_dir/sparse/0`` holds the registered ones, as COLMAP's mapper writes them. Errors the caller
+    can fix are exported at the top level (``speed3r_sfm.InputError``, ``ReconstructionError``, ...).
     """
     return run_pipeline(
         image_dir,
