@@ -325,3 +325,18 @@ def test_predict_runs_bf16_on_cpus_with_native_bf16(monkeypatch, attention_dtype
         torch.testing.assert_close(b, a, rtol=0.05, atol=0.05, msg=key)
     model.config.cpu_bf16 = False
     assert torch.equal(model.predict(images).depth, exact.depth)
+
+
+def test_a_model_cast_to_bfloat16_runs():
+    """Lightning's precision="bf16-true" casts the model: the float32 heads met bfloat16 weights, and the
+    camera head's SVD has no bfloat16 kernel."""
+    torch.manual_seed(0)
+    model = Pi3(Pi3Config.preset("tiny")).eval()
+    images = torch.rand(1, 2, 3, 28, 42)
+    with torch.no_grad():
+        full = model(images)
+        half = model.to(torch.bfloat16)(images.bfloat16())
+    for key in ("local_points", "conf", "camera_poses"):
+        assert half[key].dtype == torch.bfloat16
+        error = (half[key].float() - full[key]).abs().max() / full[key].abs().max()
+        assert error < 0.03, key

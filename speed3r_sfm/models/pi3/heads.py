@@ -116,11 +116,12 @@ def svd_orthogonalize(m: torch.Tensor) -> torch.Tensor:
     With M = U S Vᵀ, R = U diag(1, 1, det(U Vᵀ)) Vᵀ, so det(R) = +1 even when M is a reflection.
     """
     rows = F.normalize(m.reshape(*m.shape[:-1], 3, 3), p=2, dim=-1)
-    u, _, vh = torch.linalg.svd(rows)
+    compute = torch.promote_types(rows.dtype, torch.float32)  # no SVD in half precision
+    u, _, vh = torch.linalg.svd(rows.to(compute))
     det = torch.det(u @ vh)
     flip = torch.ones_like(u[..., 0, :])
     flip = torch.cat([flip[..., :2], det.unsqueeze(-1)], dim=-1)
-    return (u * flip.unsqueeze(-2)) @ vh
+    return ((u * flip.unsqueeze(-2)) @ vh).to(m.dtype)
 
 
 class CameraHead(nn.Module):

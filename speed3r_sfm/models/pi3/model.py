@@ -157,8 +157,8 @@ class Pi3(nn.Module):
     def forward(self, images: torch.Tensor, return_attention: bool = False) -> dict[str, torch.Tensor]:
         """images: (B, N, 3, H, W) (or (N, 3, H, W)) RGB in [0, 1], H and W multiples of the patch size (14).
 
-        Returns the official outputs, in float32 (float64 for a float64 model): the heads run with autocast
-        disabled, as in the official model:
+        Returns the official outputs, in float32 (float64 / bfloat16 for a model cast to it): the heads run
+        with autocast disabled, as in the official model:
         ``points`` (B, N, H, W, 3) world points, ``local_points`` (B, N, H, W, 3) camera-frame points,
         ``conf`` (B, N, H, W, 1) confidence logits, ``camera_poses`` (B, N, 4, 4) OpenCV camera-to-world;
         with ``return_attention``, also ``attention``: the records of the global attention kernels.
@@ -185,7 +185,9 @@ class Pi3(nn.Module):
         camera_tokens = self.camera_decoder(features, positions, rope)[:, self.num_special :]
 
         with torch.autocast(device_type=images.device.type, enabled=False):
-            head_dtype = torch.promote_types(point_tokens.dtype, torch.float32)
+            # float32 under autocast (float32 weights); a model cast to bfloat16 runs its heads in it
+            weights = next(self.point_head.parameters()).dtype
+            head_dtype = torch.promote_types(point_tokens.dtype, weights)
             point_tokens, conf_tokens = point_tokens.to(head_dtype), conf_tokens.to(head_dtype)
             camera_tokens = camera_tokens.to(head_dtype)
             raw = self.point_head(point_tokens, rows, cols)
