@@ -223,6 +223,10 @@ class ReconstructionModule(pl.LightningModule):
                 if name not in keep and param.requires_grad:
                     param.requires_grad_(False)
             self.frozen = sorted(n for n, p in self.model.named_parameters() if not p.requires_grad)
+        track_head = getattr(self.model, "track_head", None)
+        if track_head is not None:  # no loss trains it: frozen, or DDP waits for gradients that never come
+            track_head.requires_grad_(False)
+            self.frozen = sorted(n for n, p in self.model.named_parameters() if not p.requires_grad)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("every parameter is frozen: check freeze / train_only")
         self.criterion = build_criterion(self.spec.name, self.loss_config)
