@@ -223,3 +223,11 @@ def test_batches_of_another_layout_are_named_errors(batch):
         changed = {k: v for k, v in changed.items() if v is not None}
         with pytest.raises(ValueError, match=message):
             check_batch(changed)
+
+
+def test_configs_from_hyper_parameters_compare_equal_and_misspelt_attention_keys_fail_early():
+    from speed3r_sfm.training.losses import LossConfig
+
+    assert LossConfig.from_any({"correspondence_layers": [1, 3]}) == LossConfig()  # a tuple again
+    with pytest.raises(ValueError, match=r"unknown attention options \['topk'\]"):
+        BackboneSpec(name="vggt", preset="tiny", attention={"kind": "gsa", "topk": 3})

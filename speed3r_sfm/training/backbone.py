@@ -123,6 +123,11 @@ class BackboneSpec:
         self.overrides = dict(self.overrides or {})
         if isinstance(self.attention, AttentionConfig):
             self.attention = dataclasses.asdict(self.attention)
+        if self.attention is not None:  # a misspelt key fails here, not after the CLI printed the config
+            known = {f.name for f in dataclasses.fields(AttentionConfig)}
+            unknown = sorted(set(self.attention) - known)
+            if unknown:
+                raise ValueError(f"unknown attention options {unknown}; AttentionConfig has {sorted(known)}")
 
     @property
     def config_cls(self) -> type:

@@ -425,7 +425,12 @@ class LossConfig:
     def from_any(cls, value: LossConfig | dict[str, Any] | None) -> LossConfig:
         if value is None:
             return cls()
-        return value if isinstance(value, cls) else cls(**value)
+        if isinstance(value, cls):
+            return value
+        data = dict(value)
+        if "correspondence_layers" in data:  # a list in a checkpoint's or YAML's hyper-parameters
+            data["correspondence_layers"] = tuple(data["correspondence_layers"])
+        return cls(**data)
 
 
 class VGGTCriterion:
