@@ -227,6 +227,14 @@ def reconstruct(
     ).reconstruction
 
 
+MANY_UNREGISTERED = 0.25  # share of the views left unregistered from which the run warns (below)
+UNRELATED_VIEWS_HINT = (
+    "%d of %d views did not register. If they show another scene, reconstruct each scene on its own: the "
+    "model sees all views at once, and unrelated views degrade its predictions for the others (a scene "
+    "kept from two mixed in one folder was 5 deg off, alone 0.8 deg)"
+)
+
+
 def run_pipeline(
     image_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -395,6 +403,8 @@ def run_pipeline(
         ]
         for entry in unregistered:
             logger.warning("not registered: %s: %s", entry["name"], entry["why"])
+        if len(unregistered) >= max(2, MANY_UNREGISTERED * len(views)) and rec.num_reg_images() >= 2:
+            logger.warning(UNRELATED_VIEWS_HINT, len(unregistered), len(views))
         stages.timings["total"] = stages.elapsed()
 
         report = build_report(
@@ -427,11 +437,17 @@ def run_pipeline(
         )
 
         if rec.num_points3D() == 0 or rec.num_reg_images() < 2:
+            # many matches and still no point: rays that do not cross (no baseline)
+            why = (
+                "the camera may not have moved between the views (a still camera, or a pure rotation): "
+                "matches without a baseline give no 3D point"
+                if rec.num_reg_images() >= 2 and len(matches) >= 10 * len(views)
+                else "the images may be too small, without texture or without overlap"
+            )
             raise ReconstructionError(
                 f"no reconstruction from the {len(views)} images of {image_dir}: {rec.num_reg_images()} "
                 f"registered, {rec.num_points3D()} 3D points ({sum(len(k.xy) for k in keypoints)} keypoints, "
-                f"{len(matches)} matches); the images may be too small, without texture or without overlap"
-                + (", and nothing was written" if output_dir else ""),
+                f"{len(matches)} matches); {why}" + (", and nothing was written" if output_dir else ""),
                 report,
             )
 
