@@ -788,6 +788,11 @@ def test_cli_reports_a_missing_checkpoint_device_or_bad_option_cleanly(scene_dat
         with pytest.raises(TypeError, match=message):
             reconstruct(scene_data["folder"], tmp_path / "typed", model=_oracle(scene_data), **kwargs)
     assert not (tmp_path / "typed").exists()
+    # numpy booleans are booleans (what arr.any() returns)
+    rec = reconstruct(
+        scene_data["folder"], None, model=_oracle(scene_data), ba=np.False_, shared_camera=np.True_
+    )
+    assert rec.num_cameras() == 1
     assert resolve_device("cpu:5") == torch.device("cpu")
     code = pipeline_cli.reconstruct_command(folder, out, model="", quiet=True)
     assert code == 1 and "model is empty" in capsys.readouterr().err

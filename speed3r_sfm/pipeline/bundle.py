@@ -42,6 +42,7 @@ import torch
 from speed3r_sfm.eval.metrics import rotation_angle_deg
 
 from .checks import require_at_least, require_positive
+from .colmap_model import implausible_camera
 from .tracks import connected_components
 
 logger = logging.getLogger(__name__)
@@ -190,8 +191,22 @@ def bundle_adjust(
         if not refine_intrinsics or camera.has_prior_focal_length:
             config.set_constant_cam_intrinsics(camera_id)
     config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
-    adjuster = pycolmap.create_default_bundle_adjuster(ba, config, rec)
-    return adjuster.solve()
+    summary = pycolmap.create_default_bundle_adjuster(ba, config, rec).solve()
+    # a camera fitted to few points can end with a distortion that folds its image border (no ray there,
+    # an undistorted copy mirrored into itself): its distortion back at zero, held with the camera's
+    # other intrinsics while the rest is adjusted again
+    refined = [c for c in rec.cameras if refine_intrinsics and not rec.cameras[c].has_prior_focal_length]
+    folded = [c for c in refined if implausible_camera(rec.cameras[c]) is not None]
+    if folded:
+        for camera_id in folded:
+            camera = rec.cameras[camera_id]
+            params = camera.params
+            params[camera.extra_params_idxs()] = 0.0
+            camera.params = params
+            config.set_constant_cam_intrinsics(camera_id)
+        logger.info("distortion of %d camera(s) reset: it folded the image border", len(folded))
+        summary = pycolmap.create_default_bundle_adjuster(ba, config, rec).solve()
+    return summary
 
 
 def triangulator_options(options: BundleOptions) -> pycolmap.IncrementalTriangulatorOptions:

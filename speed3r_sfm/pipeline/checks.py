@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
+
 
 def _number(options: object, name: str) -> float:
+    """The field as a finite real number (numpy scalars too; not a bool, NaN or infinity)."""
     value = getattr(options, name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
         raise TypeError(f"{type(options).__name__}.{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{type(options).__name__}.{name} must be finite, got {value!r}")
     return value
 
 

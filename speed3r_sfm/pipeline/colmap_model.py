@@ -73,7 +73,7 @@ def known_camera(camera_model: str, params: Sequence[float], views: Sequence[Vie
     width, height = views[0].original_size
     camera = pycolmap.Camera(model=camera_model, width=width, height=height, params=list(params))
     camera.has_prior_focal_length = True
-    problem = _implausible(camera)
+    problem = implausible_camera(camera)
     if problem is not None:
         raise InputError(
             f"camera_params {params!r} do not fit the {width}x{height} images as {camera_model} ({problem}); "
@@ -85,7 +85,7 @@ def known_camera(camera_model: str, params: Sequence[float], views: Sequence[Vie
 MAX_DISTORTION = 2.0  # times: how far a camera's distortion may stretch or shrink the image border
 
 
-def _implausible(camera: pycolmap.Camera) -> str | None:
+def implausible_camera(camera: pycolmap.Camera) -> str | None:
     """Why ``camera`` cannot be the camera of its images (principal point outside them; a distortion
     that folds the image, or stretches or shrinks its border more than :data:`MAX_DISTORTION` times, such
     as a principal point read as a distortion coefficient), or None."""
@@ -121,11 +121,15 @@ def adjusted_shared_camera(
     rec: pycolmap.Reconstruction, views: Sequence[View], camera_model: str
 ) -> pycolmap.Camera | None:
     """One camera for every view, held fixed as known intrinsics are: the median parameters of the
-    registered images' adjusted cameras; None if the views differ in size or fewer than two are
-    registered."""
+    registered images' adjusted cameras; None if the views differ in size, fewer than two are registered
+    or that camera cannot be theirs (:func:`implausible_camera`: not the user's camera_params to refuse)."""
     if len({v.original_size for v in views}) > 1 or rec.num_reg_images() < 2:
         return None
     params = np.median([rec.image(i).camera.params for i in rec.reg_image_ids()], axis=0)
+    width, height = views[0].original_size
+    camera = pycolmap.Camera(model=camera_model, width=width, height=height, params=params.tolist())
+    if implausible_camera(camera) is not None:
+        return None
     return known_camera(camera_model, params.tolist(), views)
 
 

@@ -260,10 +260,18 @@ def run_pipeline(
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
     flags = dict(ba=ba, overwrite=overwrite, progress=progress, ordered=ordered, undistort=undistort)
     for name, value in {**flags, "recursive": recursive}.items():
-        if not isinstance(value, bool):  # "false" from a config file is truthy: it had overwritten a project
+        if not isinstance(value, bool | np.bool_):  # "false" from a config file is truthy: it overwrote
             raise TypeError(f"{name} must be True or False, got {value!r}")
-    if shared_camera not in (True, False, "per_folder") or not isinstance(shared_camera, bool | str):
+    ba, overwrite, progress, ordered, undistort, recursive = (
+        bool(v) for v in (ba, overwrite, progress, ordered, undistort, recursive)
+    )
+    if not isinstance(shared_camera, bool | np.bool_ | str) or shared_camera not in (
+        True,
+        False,
+        "per_folder",
+    ):
         raise TypeError(f"shared_camera must be True, False or 'per_folder', got {shared_camera!r}")
+    shared_camera = str(shared_camera) if isinstance(shared_camera, str) else bool(shared_camera)
     options = PipelineOptions() if options is None else options
     if not isinstance(options, PipelineOptions):
         raise TypeError(
