@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +147,18 @@ def test_fit_checkpoint_resume_and_export(tmp_path):
     alone.with_suffix(".json").write_text('{"name": "my notes"}')  # not a sidecar: not taken for one
     with pytest.raises(CheckpointError, match=r"alone.json, missing or not of speed3r-sfm"):
         load_backbone(str(alone), "auto", "cpu")
+    # an edited sidecar: one error naming it (tracebacks, or a failure at the first image, before)
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    for edit, why in (
+        (lambda m: m.pop("config"), "KeyError"),
+        (lambda m: m.update(preprocessing={"mode": "crop", "target_size": "big"}), "whole number"),
+        (lambda m: m.update(preprocessing={"mode": "crop", "target_size": 85}), "not a multiple of 14"),
+    ):
+        edited = json.loads(json.dumps(meta))
+        edit(edited)
+        alone.with_suffix(".json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match=f"alone.json does not describe alone.safetensors .*{why}"):
+            load_backbone(str(alone), "auto", "cpu")
 
 
 DDP_LAUNCHER = textwrap.dedent(

@@ -298,24 +298,49 @@ def _load_exported_model(
     takes the sidecar's ``pipeline_attention``, else the stored attention, and GSA for ``num_views`` at or
     above the sidecar's ``gsa_from_views`` for ``device`` (:func:`gsa_threshold`); ``path`` exists
     (:func:`check_model_spec`)."""
+    from speed3r_sfm.models.checkpoint import CheckpointError
     from speed3r_sfm.training.backbone import load_exported
 
-    meta = json.loads(path.with_suffix(".json").read_text())
-    stored = meta["config"].get("attention", {})
-    if attention == "auto":
-        attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
-        threshold = gsa_threshold(meta, device)
-        if threshold is not None and num_views is not None and num_views >= threshold:
-            attention = "gsa"
-    wanted = AttentionConfig(kind="dense") if attention == "dense" else None
-    if attention == "gsa" and stored.get("kind") != "gsa":
-        wanted = AttentionConfig(kind="gsa")
-    name = "Speed3R default" if path == DEFAULT_WEIGHTS else f"exported ({path})"
-    module = load_exported(path, attention=wanted)
-    if "preprocessing" in meta:  # the input size the weights were trained at
-        module.preprocessing = Preprocessing(**meta["preprocessing"])
+    side = path.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text())
+        stored = meta["config"].get("attention", {})
+        if attention == "auto":
+            attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
+            threshold = gsa_threshold(meta, device)
+            if threshold is not None and num_views is not None and num_views >= threshold:
+                attention = "gsa"
+        wanted = AttentionConfig(kind="dense") if attention == "dense" else None
+        if attention == "gsa" and stored.get("kind") != "gsa":
+            wanted = AttentionConfig(kind="gsa")
+        module = load_exported(path, attention=wanted)
+        if "preprocessing" in meta:  # the input size the weights were trained at
+            module.preprocessing = _checked_preprocessing(meta["preprocessing"])
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as error:  # a sidecar edited or of another file
+        raise CheckpointError(
+            f"{side} does not describe {path.name} ({type(error).__name__}: {error}); use the sidecar that "
+            "`fit` exported with these weights"
+        ) from error
     module.gsa_guidance = bool(meta.get("gsa_guidance", True))
+    name = "Speed3R default" if path == DEFAULT_WEIGHTS else f"exported ({path})"
     return module, name, attention
+
+
+def _checked_preprocessing(entry: dict) -> Preprocessing:
+    """A sidecar's ``preprocessing``: whole-patch sizes (ValueError / TypeError otherwise)."""
+    spec = Preprocessing(**entry)
+    for name in ("target_size", "patch_size"):
+        if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+            raise ValueError(
+                f"preprocessing.{name} must be a positive whole number, got {getattr(spec, name)!r}"
+            )
+    if spec.mode == "crop" and spec.target_size % spec.patch_size:
+        raise ValueError(
+            f"preprocessing.target_size {spec.target_size} is not a multiple of {spec.patch_size}"
+        )
+    return spec
 
 
 def _load_training_checkpoint(
