@@ -369,6 +369,10 @@ def test_overwrite_replaces_projects_only_and_never_the_current_folder(scene_dat
     (tmp_path / "empty").mkdir()
     result = run_pipeline(scene_data["folder"], "empty", model=_oracle(scene_data), attention="dense")
     assert result.output_dir == tmp_path / "empty" and (tmp_path / "empty" / "report.json").is_file()
+    # a model a COLMAP mapper run added beside sparse/0 is not the project's: it had been deleted silently
+    (tmp_path / "empty" / "sparse" / "1").mkdir()
+    with pytest.raises(OutputExistsError, match=r"holds more than a speed3r-sfm project \(sparse/1\)"):
+        reconstruct(scene_data["folder"], tmp_path / "empty", model=_oracle(scene_data), overwrite=True)
 
 
 def test_an_output_holding_listed_input_images_is_refused(scene_data, tmp_path):

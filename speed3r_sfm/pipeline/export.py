@@ -98,6 +98,11 @@ def check_output(
         )
     if output.is_dir() and any(output.iterdir()):
         foreign = sorted({p.name for p in output.iterdir()} - set(PROJECT_ENTRIES) - set(IGNORED_ENTRIES))
+        sparse = output / "sparse"
+        if sparse.is_dir():  # a project holds sparse/0 only (a COLMAP mapper run may add sparse/1 ...)
+            foreign += sorted(
+                f"sparse/{p.name}" for p in sparse.iterdir() if p.name not in ("0", *IGNORED_ENTRIES)
+            )
         if foreign:  # said first: overwrite would not help
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise OutputExistsError(
