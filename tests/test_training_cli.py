@@ -124,6 +124,9 @@ def test_fit_checkpoint_resume_and_export(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(images)["depth"], trained(images)["depth"], atol=1e-6)
 
+    # trained without an init checkpoint's settings, the export runs at the width it was trained at (the
+    # preset's 84 px before)
+    assert json.loads(weights.with_suffix(".json").read_text())["preprocessing"]["target_size"] == 56
     # the pipeline runs the Lightning checkpoint itself as it runs the export ("neither a VGGT nor a π³
     # checkpoint" before), and says what is missing when the export's sidecar is
     from speed3r_sfm.models.checkpoint import CheckpointError

@@ -412,11 +412,16 @@ class ReconstructionModule(pl.LightningModule):
 
     def pipeline_settings_as_trained(self) -> dict[str, Any]:
         """The pipeline settings, the input width replaced by the one the weights were trained at (the data
-        module's size, else the training batches')."""
+        module's size, else the training batches'; for a VGGT trained without an init checkpoint's settings,
+        its crop preprocessing at that width)."""
         pipeline = dict(self.pipeline_settings)
         size = getattr(getattr(self._trainer, "datamodule", None), "size", None) if self._trainer else None
         size = size or self.trained_size
-        if "preprocessing" in pipeline and size is not None:
+        if size is not None and "preprocessing" not in pipeline and self.spec.name == "vggt":
+            # trained without an init checkpoint's settings: VGGT's crop convention at the width trained at
+            patch = self.model.config.patch_size
+            pipeline["preprocessing"] = {"mode": "crop", "target_size": int(size[1]), "patch_size": patch}
+        elif "preprocessing" in pipeline and size is not None:
             pipeline["preprocessing"] = {**pipeline["preprocessing"], "target_size": int(size[1])}
         return pipeline
 
