@@ -126,11 +126,10 @@ def adjusted_shared_camera(
     if len({v.original_size for v in views}) > 1 or rec.num_reg_images() < 2:
         return None
     params = np.median([rec.image(i).camera.params for i in rec.reg_image_ids()], axis=0)
-    width, height = views[0].original_size
-    camera = pycolmap.Camera(model=camera_model, width=width, height=height, params=params.tolist())
-    if implausible_camera(camera) is not None:
+    try:
+        return known_camera(camera_model, params.tolist(), views)
+    except InputError:  # implausible_camera: the views have one size, so only that can refuse it
         return None
-    return known_camera(camera_model, params.tolist(), views)
 
 
 def _check_one_size(views: Sequence[View], what: str, fix: str) -> None:

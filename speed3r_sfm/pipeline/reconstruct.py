@@ -235,6 +235,14 @@ UNRELATED_VIEWS_HINT = (
 )
 
 
+def _flag(name: str, value: object) -> bool:
+    """A yes/no argument as a bool (numpy's too); TypeError for anything else: "false" from a config file
+    is truthy (overwrite="false" had replaced a project)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def run_pipeline(
     image_dir: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -258,13 +266,9 @@ def run_pipeline(
     recursive: bool = False,
 ) -> PipelineResult:
     """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
-    flags = dict(ba=ba, overwrite=overwrite, progress=progress, ordered=ordered, undistort=undistort)
-    for name, value in {**flags, "recursive": recursive}.items():
-        if not isinstance(value, bool | np.bool_):  # "false" from a config file is truthy: it overwrote
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-    ba, overwrite, progress, ordered, undistort, recursive = (
-        bool(v) for v in (ba, overwrite, progress, ordered, undistort, recursive)
-    )
+    ba, overwrite, progress = _flag("ba", ba), _flag("overwrite", overwrite), _flag("progress", progress)
+    ordered, undistort = _flag("ordered", ordered), _flag("undistort", undistort)
+    recursive = _flag("recursive", recursive)
     if not isinstance(shared_camera, bool | np.bool_ | str) or shared_camera not in (
         True,
         False,

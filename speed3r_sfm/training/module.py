@@ -210,7 +210,7 @@ class ReconstructionModule(pl.LightningModule):
                 init_student_from_teacher(self.model, teacher)
             self.distiller = Distiller(teacher, self.model, self.spec.name, self.distill_config)
         self.model.gradient_checkpointing = gradient_checkpointing
-        self.frozen = bb.freeze_parameters(self.model, list(freeze or []))
+        bb.freeze_parameters(self.model, list(freeze or []))
         if train_only:
             names = [n for n, _ in self.model.named_parameters()]
             keep = set()
@@ -222,11 +222,10 @@ class ReconstructionModule(pl.LightningModule):
             for name, param in self.model.named_parameters():
                 if name not in keep and param.requires_grad:
                     param.requires_grad_(False)
-            self.frozen = sorted(n for n, p in self.model.named_parameters() if not p.requires_grad)
         track_head = getattr(self.model, "track_head", None)
         if track_head is not None:  # no loss trains it: frozen, or DDP waits for gradients that never come
             track_head.requires_grad_(False)
-            self.frozen = sorted(n for n, p in self.model.named_parameters() if not p.requires_grad)
+        self.frozen = sorted(n for n, p in self.model.named_parameters() if not p.requires_grad)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("every parameter is frozen: check freeze / train_only")
         self.criterion = build_criterion(self.spec.name, self.loss_config)
