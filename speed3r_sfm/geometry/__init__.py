@@ -17,17 +17,26 @@ from .camera import (
     resize_intrinsics,
     transform_points,
 )
-from .sim3 import apply_sim3, sim3_cam_from_world, umeyama_sim3, umeyama_sim3_batched
+from .sim3 import (
+    apply_sim3,
+    compose_sim3,
+    invert_sim3,
+    sim3_cam_from_world,
+    umeyama_sim3,
+    umeyama_sim3_batched,
+)
 
 __all__ = [
     "apply_sim3",
     "camera_centers",
+    "compose_sim3",
     "compose_poses",
     "depth_to_camera_points",
     "depth_to_world_points",
     "intrinsics_from_colmap",
     "intrinsics_from_fov",
     "intrinsics_to_colmap",
+    "invert_sim3",
     "invert_pose",
     "look_at",
     "patch_centres",

@@ -93,3 +93,20 @@ def sim3_cam_from_world(
     rc = cam_from_world[..., :3, :3] @ rot.transpose(-1, -2)
     tc = scale * cam_from_world[..., :3, 3] - (rc @ trans[..., None])[..., 0]
     return torch.cat([rc, tc[..., None]], dim=-1)
+
+
+def compose_sim3(
+    a: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``a ∘ b``: the similarity ``x -> a(b(x))``."""
+    sa, ra, ta = a
+    sb, rb, tb = b
+    return sa * sb, ra @ rb, sa * (ra @ tb) + ta
+
+
+def invert_sim3(
+    sim3: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse similarity ``x -> R^T (x - t) / s``."""
+    scale, rot, trans = sim3
+    return 1.0 / scale, rot.T, -(rot.T @ trans) / scale

@@ -64,13 +64,13 @@ def _read_report(group: h5py.Group) -> dict | None:
 
 def _write_chunk(
     file: h5py.File,
-    k: int,
+    k: int | str,
     indices: Sequence[int],
     out: dict[str, torch.Tensor],
     attention: AttentionSummary | None = None,
     report: dict | None = None,
 ) -> None:
-    name = _chunk_name(k)
+    name = _chunk_name(k) if isinstance(k, int) else k
     if name in file:
         del file[name]
     group = file.create_group(name)
@@ -111,13 +111,44 @@ def _complete_chunk(file: h5py.File | None, k: int, indices: Sequence[int]) -> b
     return True
 
 
+def stored_extra_chunk(
+    h5_path: str | Path, name: str, indices: Sequence[int], keep_attention: bool
+) -> tuple[dict[str, torch.Tensor], AttentionSummary | None, dict | None] | None:
+    """The output of a chunk outside the plan (a loop chunk) that :func:`store_extra_chunk` kept in
+    ``h5_path`` under ``name``, as :func:`run_chunk` returns it; None when the file holds no complete
+    group of that name for these views."""
+    if not Path(h5_path).is_file():
+        return None
+    with h5py.File(h5_path, "r") as file:
+        if name not in file or not file[name].attrs.get("complete", False):
+            return None
+        group = file[name]
+        if not np.array_equal(group["indices"][()], np.asarray(indices, dtype=np.int64)):
+            return None
+        summary = _read_attention(group) if keep_attention else None
+        return _read_chunk(group), summary, _read_report(group)
+
+
+def store_extra_chunk(
+    h5_path: str | Path,
+    name: str,
+    indices: Sequence[int],
+    out: dict[str, torch.Tensor],
+    attention: AttentionSummary | None = None,
+    report: dict | None = None,
+) -> None:
+    """Keep a chunk outside the plan in the chunk file ``h5_path`` (see :func:`stored_extra_chunk`)."""
+    with h5py.File(h5_path, "a") as file:
+        _write_chunk(file, name, indices, out, attention, report)
+
+
 def _quantile(values: torch.Tensor, q: float, max_samples: int = 1 << 20) -> torch.Tensor:
     """``torch.quantile`` on at most ``max_samples`` evenly strided values (it refuses > 2**24 inputs)."""
     stride = -(-values.numel() // max_samples)
     return torch.quantile(values[::stride], q)
 
 
-def _alignment_points(
+def alignment_points(
     src_points: torch.Tensor,
     src_conf: torch.Tensor,
     dst_points: torch.Tensor,
@@ -165,9 +196,11 @@ def _plan(num_views: int, chunk_size: int, overlap: int, chunks: list[list[int]]
     return plan
 
 
-def _run_chunk(
+def run_chunk(
     predict: Predict, load: Callable, indices: Sequence[int], keep_attention: bool = False
 ) -> tuple[dict[str, torch.Tensor], AttentionSummary | None, dict | None]:
+    """``predict`` on the views ``indices``: its fields on the CPU (B dropped), its GSA summary (with
+    ``keep_attention``) and its ``extras["chunk_report"]``."""
     pred = predict(load(list(indices))[None])
     attention = summarize_records(pred.attention, len(indices)) if keep_attention else None
     report = pred.extras.get("chunk_report")
@@ -302,7 +335,7 @@ def predict_chunked(
                 summary = _read_attention(file[_chunk_name(k)]) if keep_attention else None
                 report = _read_report(file[_chunk_name(k)])
             else:
-                out, summary, report = _run_chunk(predict, load, indices, keep_attention)
+                out, summary, report = run_chunk(predict, load, indices, keep_attention)
                 computed.append(k)
                 if file is not None:
                     _write_chunk(file, k, indices, out, summary, report)
@@ -321,7 +354,7 @@ def predict_chunked(
                     raise ValueError(f"predict_chunked: chunk {k} shares no view with chunk {k - 1}")
                 dst_p = torch.stack([last_points[indices[i]][0] for i in shared])
                 dst_c = torch.stack([last_points[indices[i]][1] for i in shared])
-                src, dst, w = _alignment_points(
+                src, dst, w = alignment_points(
                     out["world_points"][shared],
                     out["world_points_conf"][shared],
                     dst_p,
@@ -417,7 +450,7 @@ def compute_chunks(
     with h5py.File(h5_path, "a") as file:
         for k in select:
             if not _complete_chunk(file, k, plan[k]):
-                _write_chunk(file, k, plan[k], *_run_chunk(predict, load, plan[k], keep_attention))
+                _write_chunk(file, k, plan[k], *run_chunk(predict, load, plan[k], keep_attention))
                 computed.append(k)
     return computed
 

@@ -25,6 +25,7 @@ from .colmap_model import parse_camera_params
 from .export import OutputExistsError, OutputPathError
 from .inputs import InputError
 from .keypoints import KeypointOptions
+from .loop_closure import LoopOptions
 from .matching import MatchOptions
 from .reconstruct import (
     PipelineOptions,
@@ -68,6 +69,7 @@ def reconstruct_command(
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
     ordered: bool = True,
+    loop_closure: bool = True,
     chunk_h5: str | None = None,
     undistort: bool = False,
     image_list: str | None = None,
@@ -113,6 +115,10 @@ def reconstruct_command(
         chunk_overlap: views shared by consecutive chunks (default: a quarter of chunk_size).
         ordered: the images are a sequence in file-name order (video); false: an unordered collection,
             grouped into chunks by the similarity of the model's own tokens.
+        loop_closure: ordered chunks (three or more): find the places the sequence returns to by the
+            model's own tokens, verify each by one more model pass over both places, and correct the drift
+            of the chunks between them before matching (one model pass of half a chunk per loop, at most as
+            many loops as chunks).
         chunk_h5: HDF5 file keeping each chunk's output; a re-run with the same file resumes.
         undistort: also write OUT/undistorted: undistorted images and PINHOLE cameras (images/,
             sparse/0/), the folder Gaussian-splatting and NeRF tools (3DGS, gsplat, nerfstudio) read.
@@ -134,6 +140,7 @@ def reconstruct_command(
             keypoints=KeypointOptions(max_keypoints=max_keypoints),
             matching=MatchOptions(track_verification=track_verification),
             bundle=BundleOptions(readjust=readjust, num_threads=1 if deterministic else -1),
+            loops=LoopOptions(enabled=loop_closure),
             max_image_size=max_image_size,
             min_work_scale=min_work_scale,
         )

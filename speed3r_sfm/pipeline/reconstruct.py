@@ -73,6 +73,7 @@ from .export import check_output, write_project
 from .frames import SceneGeometry
 from .inputs import ImageList, Preprocessing, load_views, select_images
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
+from .loop_closure import LoopClosure, LoopOptions, close_loops
 from .matching import (
     Matches,
     MatchOptions,
@@ -104,6 +105,7 @@ class PipelineOptions:
     matching: MatchOptions = field(default_factory=MatchOptions)
     bundle: BundleOptions = field(default_factory=BundleOptions)
     token_poses: TokenPoseOptions = field(default_factory=TokenPoseOptions)
+    loops: LoopOptions = field(default_factory=LoopOptions)
     rescue: RescueOptions = field(default_factory=RescueOptions)
     merge_radius: float = 1.0  # work pixels: match locations this close to a keypoint reuse it
     max_image_size: int = 1600  # long side of the work copies (keypoints, refinement)...
@@ -118,6 +120,7 @@ class PipelineOptions:
             ("matching", MatchOptions),
             ("bundle", BundleOptions),
             ("token_poses", TokenPoseOptions),
+            ("loops", LoopOptions),
             ("rescue", RescueOptions),
         ):
             if not isinstance(getattr(self, name), kind):
@@ -327,6 +330,7 @@ def run_pipeline(
             _ChunkOptions(chunk_size, chunk_overlap, ordered, chunk_h5),
             with_tracker=options.matching.track_verification,
             token_poses=options.token_poses,
+            loops=options.loops,
         )
         geometry = SceneGeometry.from_prediction(prediction)
         _check_prediction(geometry, model_images)
@@ -815,6 +819,7 @@ def _run_backbone(
     chunk: _ChunkOptions,
     with_tracker: bool = False,
     token_poses: TokenPoseOptions | None = None,
+    loops: LoopOptions | None = None,
 ) -> tuple[Prediction, AttentionSummary | None, dict[str, Any] | None]:
     """The prediction of all views, their GSA summary (None without records) and the chunk plan for the
     report (None for a single pass). In chunks, each chunk is posed by ``token_poses`` (if enabled and the
@@ -841,7 +846,7 @@ def _run_backbone(
     overlap = chunk.overlap if chunk.overlap is not None else max(1, size // 4)
     if overlap >= size:
         raise ValueError(f"chunk_overlap ({overlap}) must be smaller than the chunk size ({size})")
-    return _predict_in_chunks(backbone, model_images, names, size, overlap, chunk, token_poses)
+    return _predict_in_chunks(backbone, model_images, names, size, overlap, chunk, token_poses, loops)
 
 
 def _chunk_plan(
@@ -859,13 +864,23 @@ def _chunk_plan(
     stored = stored_plan(chunk.h5) if chunk.h5 is not None else None
     if stored is not None and sorted(v for c in stored for v in c) == list(range(num_views)):
         return stored, "stored in the chunk file"
+    features, source = _view_descriptors(backbone, model_images, with_source=True)
+    if source == "image thumbnails":
+        logger.warning("the model has no known token encoder: unordered views are grouped by thumbnails")
+    return group_views_by_similarity(features, size, overlap), source
+
+
+def _view_descriptors(backbone: Backbone, model_images: torch.Tensor, with_source: bool = False):
+    """Per-view descriptors (S, D) from the backbone's own image encoder ("backbone tokens"), else from
+    grey thumbnails ("image thumbnails"); with ``with_source`` also which of the two."""
     module = backbone.module
     if module is not None and token_encoder(module) is not None:
         patch = backbone.preprocessing.patch_size
         features = token_descriptors(module, model_images, patch_size=patch, device=backbone.device)
-        return group_views_by_similarity(features, size, overlap), "backbone tokens"
-    logger.warning("the model has no known token encoder: unordered views are grouped by thumbnails")
-    return group_views_by_similarity(thumbnail_descriptors(model_images), size, overlap), "image thumbnails"
+        source = "backbone tokens"
+    else:
+        features, source = thumbnail_descriptors(model_images), "image thumbnails"
+    return (features, source) if with_source else features
 
 
 def _predict_in_chunks(
@@ -876,6 +891,7 @@ def _predict_in_chunks(
     overlap: int,
     chunk: _ChunkOptions,
     token_poses: TokenPoseOptions | None = None,
+    loops: LoopOptions | None = None,
 ) -> tuple[Prediction, AttentionSummary | None, dict[str, Any]]:
     """The composed prediction of overlapping chunks, the merged GSA summary (or None) and the chunk plan
     for the report. Only one chunk of images is on the device at a time."""
@@ -896,9 +912,12 @@ def _predict_in_chunks(
         prediction.extras["chunk_report"] = report  # kept in the chunk file with the chunk
         return prediction
 
+    def load(indices: list[int]) -> torch.Tensor:
+        return model_images[indices].to(backbone.device)
+
     prediction = predict_chunked(
         predict,
-        lambda idx: model_images[idx].to(backbone.device),
+        load,
         size,
         overlap,
         h5_path=chunk.h5,
@@ -914,9 +933,18 @@ def _predict_in_chunks(
     if token_poses is not None:
         reports = enumerate(extras["chunk_reports"])
         extras["chunk_token_poses"] = {k: report for k, report in reports if report is not None}
+    closure = LoopClosure({"why": "unordered chunks"}, [], [])
+    if chunk.ordered:
+        loops = loops or LoopOptions()
+        descriptors = _view_descriptors(backbone, model_images) if loops.enabled and len(chunks) > 2 else None
+        closure = close_loops(
+            prediction, predict, load, descriptors, chunks, loops, backbone.guided, h5_path=chunk.h5
+        )
     summary = None
     if backbone.guided:
-        summary = merge_chunk_summaries(extras["chunk_attention"], chunks, len(names))
+        summary = merge_chunk_summaries(
+            extras["chunk_attention"] + closure.summaries, chunks + closure.loop_chunks, len(names)
+        )
     report = {
         "chunk_size": size,
         "overlap": overlap,
@@ -931,6 +959,7 @@ def _predict_in_chunks(
         "sim3_inlier_fraction": extras["chunk_inlier_fraction"],
         "computed_chunks": extras["computed_chunks"],
         "h5": None if chunk.h5 is None else str(chunk.h5),
+        "loop_closure": closure.report,
     }
     return prediction, summary, report
 

@@ -98,6 +98,7 @@ class TokenPoses:
     def report(self) -> dict:
         return {
             "tree_edges": [[e.i, e.j] for e in self.edges],
+            "tree_support": [e.support for e in self.edges],
             "tree_matches_min": min((e.matches for e in self.edges), default=0),
             "tree_support_min": min((e.support for e in self.edges), default=0.0),
         }

@@ -1,0 +1,368 @@
+"""Loop closure for ordered chunks: a trajectory that returns to a place it saw chunks ago.
+
+Ordered chunks are composed one after the other by Sim(3) (``chunked.py``), so their alignment errors add
+up; where the trajectory comes back, the two passes over a place disagree by the drift in between and are
+not matched (candidate pairs come from the composed geometry or from attention within a chunk). Classical
+SLAM closes such loops in three steps, and so do we:
+
+1. *Detection.* Views at least a chunk apart that never shared a chunk, whose per-view descriptors (the
+   backbone's own image encoder, ``view_features.py``) are at least as similar as views
+   ``reference_distance`` apart in the sequence (the median over the sequence), are loop candidates; the
+   most similar pair of each pair of chunks is kept, at most ``max_loops`` pairs, most similar first.
+2. *Verification.* A *loop chunk* of the ``window`` views around each view of the pair runs through the
+   backbone, so the model relates the two places directly. Its point maps are aligned to the composed
+   world once through each window (robust Sim(3), as chunks are); the two alignments differ by the drift,
+   ``C = A ∘ B⁻¹`` (the correction of the later place in the world frame of the earlier one). The loop
+   is kept when both alignments have enough inliers, the correction is a plausible drift (rotation
+   below ``max_correction_deg``) and, for token-posed models, the loop chunk's spanning tree links the two
+   windows by a pair with at least ``min_support`` inlier matches.
+3. *Correction.* One Sim(3) correction ``X_k`` per chunk (chunk 0 fixed) from a pose graph: consecutive
+   chunks keep their relative placement (``X_{k-1}⁻¹ X_k = I``, weight 1) and every loop asks
+   ``X_a⁻¹ X_b = C`` (weight ``loop_weight``), solved in closed form: chordal rotations, log-scales and
+   translations by weighted linear least squares (:func:`solve_corrections`). Each view moves with the
+   chunk that placed it; bundle adjustment then closes the loop exactly through the matches the
+   corrected geometry now finds (and, with GSA, the loop chunks' attention, merged into the summary).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..geometry import apply_sim3, compose_sim3, depth_to_world_points, invert_sim3, sim3_cam_from_world
+from ..models.prediction import Prediction
+from .checks import require_at_least, require_between, require_positive
+from .chunked import Predict, alignment_points, run_chunk, store_extra_chunk, stored_extra_chunk
+from .chunking import robust_sim3
+from .records import AttentionSummary
+
+logger = logging.getLogger(__name__)
+
+Sim3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class LoopOptions:
+    """``enabled``: close loops of ordered chunks (three chunks or more). ``max_loops``: loop chunks run
+    at most (None: as many as there are chunks). ``window``: views per place in a loop chunk (None: a
+    quarter of the chunk size, at least 2). ``reference_distance``: detection threshold, the median
+    descriptor similarity of views this far apart in the sequence (None: half the chunk overlap, at least
+    1). ``min_inlier_fraction``, ``min_support``, ``max_correction_deg``: verification (module
+    docstring). ``loop_weight``: weight of a loop against a consecutive pair of chunks in the pose graph."""
+
+    enabled: bool = True
+    max_loops: int | None = None
+    window: int | None = None
+    reference_distance: int | None = None
+    min_inlier_fraction: float = 0.5
+    min_support: float = 20.0
+    max_correction_deg: float = 45.0
+    loop_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_loops", "window", "reference_distance"):
+            if getattr(self, name) is not None:
+                require_at_least(self, **{name: 1})
+        require_between(self, min_inlier_fraction=(0.0, 1.0), max_correction_deg=(0.0, 180.0))
+        require_at_least(self, min_support=0.0)
+        require_positive(self, "loop_weight")
+
+
+@dataclass
+class Loop:
+    """A loop candidate: views ``i`` < ``j`` placed by chunks ``chunk_i`` and ``chunk_j``."""
+
+    i: int
+    j: int
+    chunk_i: int
+    chunk_j: int
+    similarity: float
+
+
+def placing_chunks(chunks: Sequence[Sequence[int]], num_views: int) -> torch.Tensor:
+    """(S,) the first chunk holding each view: the one whose estimate the composed prediction keeps."""
+    placed = torch.full((num_views,), -1, dtype=torch.long)
+    for k, views in enumerate(chunks):
+        idx = torch.as_tensor(list(views), dtype=torch.long)
+        placed[idx] = torch.where(placed[idx] < 0, k, placed[idx])
+    if (placed < 0).any():
+        raise ValueError(f"view {int((placed < 0).nonzero()[0])} is in no chunk")
+    return placed
+
+
+def find_loops(
+    descriptors: torch.Tensor,
+    chunks: Sequence[Sequence[int]],
+    reference_distance: int,
+    max_loops: int,
+    min_gap: int | None = None,
+) -> list[Loop]:
+    """Loop candidates (step 1 of the module docstring) from per-view descriptors (S, D) of an ordered
+    sequence, most similar first. Views fewer than ``min_gap`` apart in the sequence (default: the largest
+    chunk) are neighbours the chunk chain already links, not a return."""
+    s = descriptors.shape[0]
+    if s <= reference_distance:
+        return []
+    unit = torch.nn.functional.normalize(descriptors.double(), dim=-1)
+    similarity = unit @ unit.T
+    reference = similarity.diagonal(reference_distance).median()
+    together = torch.zeros(s, s, dtype=torch.bool)
+    for views in chunks:
+        idx = torch.as_tensor(list(views), dtype=torch.long)
+        together[idx[:, None], idx[None, :]] = True
+    placed = placing_chunks(chunks, s)
+    gap = min_gap if min_gap is not None else max(len(c) for c in chunks)
+    best: dict[tuple[int, int], Loop] = {}
+    candidate = ~together & (similarity >= reference)
+    rows, cols = torch.nonzero(torch.triu(candidate, diagonal=max(1, gap)), as_tuple=True)
+    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        key = (int(placed[i]), int(placed[j]))
+        value = float(similarity[i, j])
+        if key not in best or value > best[key].similarity:
+            best[key] = Loop(i, j, *key, value)
+    return sorted(best.values(), key=lambda loop: -loop.similarity)[:max_loops]
+
+
+def loop_views(loop: Loop, placed: torch.Tensor, window: int) -> tuple[list[int], list[int]]:
+    """Up to ``window`` consecutive views around ``loop.i`` among those its chunk placed, and around
+    ``loop.j`` among those of its chunk (``placed``: :func:`placing_chunks`), so that each window moves
+    with one node of the pose graph."""
+
+    def around(v: int) -> list[int]:
+        own = (placed == placed[v]).nonzero()[:, 0].tolist()  # consecutive in an ordered plan
+        at = own.index(v)
+        start = min(max(0, at - window // 2), max(0, len(own) - window))
+        return own[start : start + window]
+
+    return around(loop.i), around(loop.j)
+
+
+def solve_corrections(num_nodes: int, edges: Sequence[tuple[int, int, Sim3, float]]) -> list[Sim3]:
+    """Per node k a Sim(3) ``X_k`` (node 0 the identity) with ``X_a⁻¹ X_b ≈ M`` for every edge
+    ``(a, b, M, weight)``, by weighted linear least squares in three steps: rotations (chordal: the rows of
+    ``R_b = R_a R_M``, projected onto SO(3)), log-scales (``l_b - l_a = log s_M``), then translations
+    (``t_b - t_a = s_a R_a t_M``). The edges must connect every node to node 0."""
+    eye = torch.eye(3, dtype=torch.float64)
+    # rotations: row r of R_b equals row r of R_a R_M, i.e. r_b - R_M^T r_a = 0 with the rows as columns
+    stacked = _graph_least_squares(
+        num_nodes,
+        [(a, b, -m[1].double().T, torch.zeros(3, 3, dtype=torch.float64), w) for a, b, m, w in edges],
+        known=eye,
+    )
+    rotations = []
+    for rows in stacked:
+        u, _, vh = torch.linalg.svd(rows.T)
+        fix = torch.diag(torch.tensor([1.0, 1.0, float(torch.det(u @ vh).sign())], dtype=torch.float64))
+        rotations.append(u @ fix @ vh)
+    minus_one = -torch.ones(1, 1, dtype=torch.float64)
+    logs = _graph_least_squares(
+        num_nodes,
+        [(a, b, minus_one, torch.log(m[0].double()).reshape(1, 1), w) for a, b, m, w in edges],
+        known=torch.zeros(1, 1, dtype=torch.float64),
+    )
+    scales = [torch.exp(value[0, 0]) for value in logs]
+    shifts = _graph_least_squares(
+        num_nodes,
+        [(a, b, minus_one, (scales[a] * rotations[a] @ m[2].double())[None], w) for a, b, m, w in edges],
+        known=torch.zeros(1, 3, dtype=torch.float64),
+    )
+    return [(scales[k], rotations[k], shifts[k][0]) for k in range(num_nodes)]
+
+
+def _graph_least_squares(
+    num_nodes: int,
+    equations: Sequence[tuple[int, int, torch.Tensor, torch.Tensor, float]],
+    known: torch.Tensor,
+) -> torch.Tensor:
+    """(num_nodes, d, m) blocks x with ``x_0 = known`` (d, m) that minimise the weighted squares of
+    ``x_b + A x_a - y`` over the equations ``(a, b, A (d, d), y (d, m), weight)``."""
+    d, m = known.shape
+    lhs = torch.zeros(len(equations) * d, (num_nodes - 1) * d, dtype=torch.float64)
+    rhs = torch.zeros(len(equations) * d, m, dtype=torch.float64)
+    for e, (a, b, coef, target, weight) in enumerate(equations):
+        rows, root = slice(e * d, (e + 1) * d), math.sqrt(weight)
+        rhs[rows] = root * target
+        for node, block in ((b, torch.eye(d, dtype=torch.float64)), (a, coef)):
+            if node == 0:
+                rhs[rows] -= root * block @ known
+            else:
+                lhs[rows, (node - 1) * d : node * d] += root * block
+    solution = torch.linalg.lstsq(lhs, rhs).solution if num_nodes > 1 else rhs[:0]
+    return torch.cat([known[None], solution.reshape(num_nodes - 1, d, m)])
+
+
+def rotation_angle_deg(rot: torch.Tensor) -> float:
+    """The angle of a rotation matrix, in degrees."""
+    cosine = ((torch.trace(rot.double()) - 1.0) / 2.0).clamp(-1.0, 1.0)
+    return math.degrees(math.acos(float(cosine)))
+
+
+@dataclass
+class LoopClosure:
+    """What :func:`close_loops` did: ``report`` (JSON-able) and, per loop chunk run, its views and GSA
+    summary (None without records) for :func:`~.records.merge_chunk_summaries`."""
+
+    report: dict
+    loop_chunks: list[list[int]]
+    summaries: list[AttentionSummary | None]
+
+
+def close_loops(
+    prediction: Prediction,
+    predict: Predict,
+    load: Callable[[list[int]], torch.Tensor],
+    descriptors: torch.Tensor,
+    chunks: Sequence[Sequence[int]],
+    options: LoopOptions,
+    keep_attention: bool = False,
+    seed: int = 0,
+    h5_path: str | os.PathLike | None = None,
+) -> LoopClosure:
+    """Close the loops of a composed ordered-chunk ``prediction`` (:func:`~.chunked.predict_chunked`, B = 1,
+    with its depth maps) in place: its poses, depth (and world points, if kept) and ``extras["chunk_sim3"]``
+    move with the correction of the chunk that placed each view. ``predict`` and ``load`` run a loop chunk
+    as the chunks were run; ``descriptors`` (S, D) are the per-view descriptors of detection. With
+    ``h5_path`` (the chunk file) each loop chunk is kept there and a re-run reuses it."""
+    num_views = prediction.num_views
+    chunk_size = max(len(c) for c in chunks)
+    overlap = max((len(set(a) & set(b)) for a, b in zip(chunks, chunks[1:], strict=False)), default=1)
+    window = options.window or max(2, chunk_size // 4)
+    distance = options.reference_distance or max(1, overlap // 2)
+    max_loops = options.max_loops if options.max_loops is not None else len(chunks)
+    report: dict = {"candidates": 0, "loops": []}
+    if not options.enabled or len(chunks) < 3:
+        report["why"] = "disabled" if not options.enabled else "fewer than three chunks"
+        return LoopClosure(report, [], [])
+    candidates = find_loops(descriptors, chunks, distance, max_loops)
+    report["candidates"] = len(candidates)
+    cams = prediction.cam_from_world[0].double()
+    intrinsics = prediction.intrinsics[0].double()
+    depth, conf = prediction.depth[0], prediction.depth_conf[0]
+    generator = torch.Generator().manual_seed(seed)
+    placed = placing_chunks(chunks, num_views)
+    edges = [(k - 1, k, _identity(), 1.0) for k in range(1, len(chunks))]
+    loop_chunks, summaries = [], []
+    for loop in candidates:
+        first, second = loop_views(loop, placed, window)
+        out, summary, chunk_report = _loop_chunk(predict, load, first + second, keep_attention, h5_path)
+        loop_chunks.append(first + second)
+        summaries.append(summary)
+        entry = {
+            "views": [loop.i, loop.j],
+            "chunks": [loop.chunk_i, loop.chunk_j],
+            "similarity": loop.similarity,
+        }
+        fits = []
+        for part in (slice(0, len(first)), slice(len(first), len(first) + len(second))):
+            views = (first + second)[part]
+            world = depth_to_world_points(depth[views].double(), intrinsics[views], cams[views])
+            src, dst, w = alignment_points(
+                out["world_points"][part],
+                out["world_points_conf"][part],
+                world,
+                conf[views],
+                0.5,
+                20000,
+                generator,
+            )
+            if src.shape[0] < 3:
+                fits.append((None, 0.0))
+                continue
+            sim3, final_w = robust_sim3(src, dst, w)
+            fits.append((sim3, float((final_w > 0.5 * w).double().mean())))
+        entry["inlier_fraction"] = [fraction for _, fraction in fits]
+        why = _rejected(fits, chunk_report, len(first), options)
+        if why is None:
+            correction = compose_sim3(fits[0][0], invert_sim3(fits[1][0]))
+            entry["correction_deg"] = rotation_angle_deg(correction[1])
+            entry["correction_scale"] = float(correction[0])
+            if entry["correction_deg"] > options.max_correction_deg:
+                why = f"correction of {entry['correction_deg']:.1f} deg is no plausible drift"
+            else:
+                edges.append((loop.chunk_i, loop.chunk_j, correction, options.loop_weight))
+        entry["kept"] = why is None
+        if why is not None:
+            entry["why"] = why
+        report["loops"].append(entry)
+    kept = [entry for entry in report["loops"] if entry["kept"]]
+    if kept:
+        corrections = solve_corrections(len(chunks), edges)
+        _apply(prediction, placed, corrections)
+        report["chunk_correction_deg"] = [rotation_angle_deg(rot) for _, rot, _ in corrections]
+    logger.info("loop closure: %d candidate(s), %d kept", len(candidates), len(kept))
+    return LoopClosure(report, loop_chunks, summaries)
+
+
+def _loop_chunk(
+    predict: Predict,
+    load: Callable[[list[int]], torch.Tensor],
+    views: list[int],
+    keep_attention: bool,
+    h5_path: str | os.PathLike | None,
+) -> tuple[dict[str, torch.Tensor], AttentionSummary | None, dict | None]:
+    """The loop chunk of ``views``, from the chunk file when an earlier run kept it there."""
+    name = f"loop_{views[0]:06d}_{views[-1]:06d}"
+    if h5_path is not None:
+        stored = stored_extra_chunk(h5_path, name, views, keep_attention)
+        if stored is not None:
+            return stored
+    out, summary, report = run_chunk(predict, load, views, keep_attention)
+    if h5_path is not None:
+        store_extra_chunk(h5_path, name, views, out, summary, report)
+    return out, summary, report
+
+
+def _identity() -> Sim3:
+    return (
+        torch.ones((), dtype=torch.float64),
+        torch.eye(3, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+    )
+
+
+def _rejected(
+    fits: list[tuple[Sim3 | None, float]], chunk_report: dict | None, first: int, options: LoopOptions
+) -> str | None:
+    """Why a loop chunk does not verify its loop (None: it does)."""
+    if any(sim3 is None for sim3, _ in fits):
+        return "too few confident points to align a window"
+    if min(fraction for _, fraction in fits) < options.min_inlier_fraction:
+        return "a window does not align with the composed world"
+    if chunk_report is not None and chunk_report.get("source") == "tokens":
+        crossing = [
+            support
+            for (a, b), support in zip(
+                chunk_report["tree_edges"], chunk_report.get("tree_support", []), strict=False
+            )
+            if (a < first) != (b < first)
+        ]
+        if not crossing or max(crossing) < options.min_support:
+            return "the two places share too few descriptor matches"
+    return None
+
+
+def _apply(prediction: Prediction, placed: torch.Tensor, corrections: list[Sim3]) -> None:
+    """Move each view of ``prediction`` (in place) by the correction of the chunk that placed it."""
+    cams = prediction.cam_from_world[0]
+    for k, (scale, rot, trans) in enumerate(corrections):
+        views = (placed == k).nonzero()[:, 0]
+        if views.numel() == 0:
+            continue
+        cams[views] = sim3_cam_from_world(scale, rot, trans, cams[views].double()).to(cams.dtype)
+        if prediction.depth.shape[-1] > 0:
+            prediction.depth[0, views] = (prediction.depth[0, views].double() * scale).to(
+                prediction.depth.dtype
+            )
+        points = prediction.world_points
+        if points.shape[-2] > 0:
+            points[0, views] = apply_sim3(scale, rot, trans, points[0, views].double()).to(points.dtype)
+    if "chunk_sim3" in prediction.extras:
+        prediction.extras["chunk_sim3"] = [
+            compose_sim3(correction, sim3)
+            for correction, sim3 in zip(corrections, prediction.extras["chunk_sim3"], strict=True)
+        ]
