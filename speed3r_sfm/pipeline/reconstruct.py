@@ -46,9 +46,12 @@ from speed3r_sfm.models.prediction import Prediction
 from .backbone import AttentionKind, Backbone, ModelSpec, load_backbone
 from .bundle import (
     BundleOptions,
+    beyond_contradicted_links,
     contradicted_pairs,
     correspondence_graph,
     drop_weakly_linked_images,
+    hinged_links,
+    matched_rotation,
     mean_reprojection_error,
     refine_reconstruction,
 )
@@ -408,13 +411,17 @@ def run_pipeline(
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
         # links cut in any pass (one cut in the first pass may be re-joined by the rescue); [] when none
         pose_source["contradicted_links"] = [list(pair) for pair in sorted(contradicted)]
+        weak = (
+            f"shares fewer than {options.bundle.min_shared_points} 3D points with the main group of views "
+            "through view pairs that agree with the feed-forward poses (its pose is not checked by enough "
+            "points)"
+        )
+        hinge = (
+            "bundle adjustment joined it to the rest at an angle that its own matches contradict (a hinge), "
+            "and the rescue could not re-pose it"
+        )
         unregistered = [
-            {
-                "name": views[image_id - 1].name,
-                "why": f"shares fewer than {options.bundle.min_shared_points} 3D points with the main group "
-                "of views through view pairs that agree with the feed-forward poses (its pose is not "
-                "checked by enough points)",
-            }
+            {"name": views[image_id - 1].name, "why": hinge if image_id in adjusted.hinged else weak}
             for image_id in dropped
         ]
         for entry in unregistered:
@@ -492,8 +499,9 @@ class _Adjusted:
     initial_error: float | None
     initial_points: int
     ba_rounds: list[dict]
-    dropped: list[int]  # image ids de-registered as weakly linked
+    dropped: list[int]  # image ids de-registered as weakly linked (or hinged)
     distrusted: list[tuple[int, int]]  # image-id pairs whose link contradicted the feed-forward poses
+    hinged: list[int] = field(default_factory=list)  # of ``dropped``: beyond a hinge (bundle.hinged_links)
 
 
 def _match_and_adjust(
@@ -583,10 +591,17 @@ def _match_and_adjust(
         manager.filter_all_points3D(error, options.bundle.min_tri_angle)
     dropped: list[int] = []
     distrusted: list[tuple[int, int]] = []
+    bent: list[int] = []
     if ba and rec.num_points3D():  # views whose pose BA fitted to a handful of points or a wrong join
         poses, tree_pairs = feedforward
         distrusted = contradicted_pairs(rec, poses, tree_pairs, options.bundle.max_link_disagreement)
         dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points, distrusted)
+        if options.bundle.drop_hinged:
+            own = partial(matched_rotation, rec, points2d, pair_matches)
+            bent = beyond_contradicted_links(rec, tree_pairs, hinged_links(rec, poses, distrusted, own))
+        for image_id in bent:
+            manager.deregister_frame(rec.image(image_id).frame_id)
+        dropped = dropped + bent
     done(stage)
     return _Adjusted(
         rec,
@@ -599,6 +614,7 @@ def _match_and_adjust(
         ba_rounds,
         dropped,
         distrusted,
+        bent,
     )
 
 
@@ -736,10 +752,13 @@ def _readjust(
 
 def _readjust_options(options: PipelineOptions) -> PipelineOptions:
     """The readjustment's settings: ``BundleOptions.readjust_rounds`` rounds, every one at ``loss_scale`` (it
-    starts from the adjusted poses, not several degrees off)."""
+    starts from the adjusted poses, not several degrees off), no hinge drops (``drop_hinged``)."""
     bundle = options.bundle
     return replace(
-        options, bundle=replace(bundle, rounds=bundle.readjust_rounds, initial_loss_scale=bundle.loss_scale)
+        options,
+        bundle=replace(
+            bundle, rounds=bundle.readjust_rounds, initial_loss_scale=bundle.loss_scale, drop_hinged=False
+        ),
     )
 
 
