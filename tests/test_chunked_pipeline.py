@@ -23,12 +23,14 @@ from speed3r_sfm.models.pi3 import Pi3, Pi3Config
 from speed3r_sfm.models.vggt import VGGT, VGGTConfig
 from speed3r_sfm.pipeline import cli as pipeline_cli
 from speed3r_sfm.pipeline.backbone import Backbone
+from speed3r_sfm.pipeline.bundle import BundleOptions
 from speed3r_sfm.pipeline.chunked import ChunkFileError
 from speed3r_sfm.pipeline.chunking import group_views_by_similarity, plan_chunks
 from speed3r_sfm.pipeline.inputs import Preprocessing, find_images, load_views
 from speed3r_sfm.pipeline.oracle import SceneOracle, ideal_records
-from speed3r_sfm.pipeline.reconstruct import ReconstructionError, run_pipeline
+from speed3r_sfm.pipeline.reconstruct import PipelineOptions, ReconstructionError, run_pipeline
 from speed3r_sfm.pipeline.records import merge_chunk_summaries, summarize_records
+from speed3r_sfm.pipeline.rescue import RescueOptions
 from speed3r_sfm.pipeline.view_features import thumbnail_descriptors, token_descriptors
 
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
@@ -420,3 +422,28 @@ def test_chunk_options_without_chunks_are_reported_unused(scene, tmp_path, caplo
         result = run_pipeline(folder, None, model=ChunkOracle(scene, folder), chunk_size=VIEWS + 4)
     assert f"chunk_size not used: one pass over all views ({VIEWS} views fit in one pass)" in caplog.text
     assert result.report["chunking"] is None
+
+
+def test_views_beyond_a_hinge_that_no_rescue_re_poses_say_so(scene, monkeypatch):
+    """Views de-registered beyond a hinge (``bundle.hinged_links``) keep that reason in the report when
+    neither the rescue nor the readjustment (which starts from all views and drops no hinge) brings them
+    back."""
+    folder = scene["root"] / "ordered"
+    calls = []
+
+    def first_pass_only(rec, tree_pairs, hinged):
+        calls.append(len(calls))
+        return [11, 12] if len(calls) == 1 else []  # views 10 and 11
+
+    monkeypatch.setattr(pipeline_reconstruct, "beyond_contradicted_links", first_pass_only)
+    options = PipelineOptions(rescue=RescueOptions(enabled=False), bundle=BundleOptions(readjust=False))
+    result = run_pipeline(folder, None, model=ChunkOracle(scene, folder), attention="dense", options=options)
+    unregistered = {entry["name"]: entry["why"] for entry in result.report["unregistered_images"]}
+    assert set(unregistered) == {"view_10.png", "view_11.png"}
+    assert all("a hinge" in why for why in unregistered.values())
+    assert len(calls) == 1 and not result.report["readjustment"]["ran"]
+    # with the readjustment they come back (it is kept when it registers at least as many views)
+    calls.clear()
+    options = PipelineOptions(rescue=RescueOptions(enabled=False))
+    again = run_pipeline(folder, None, model=ChunkOracle(scene, folder), attention="dense", options=options)
+    assert again.report["unregistered_images"] == [] and len(calls) == 1  # the readjustment looks for none

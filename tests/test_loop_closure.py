@@ -13,18 +13,19 @@ from PIL import Image
 from speed3r_sfm.data.colmap_dataset import to_uint8_image
 from speed3r_sfm.data.synthetic import make_cameras, make_scene, render_views
 from speed3r_sfm.eval.metrics import relative_pose_errors
-from speed3r_sfm.geometry import compose_sim3, invert_sim3, sim3_cam_from_world
+from speed3r_sfm.geometry import apply_sim3, compose_sim3, invert_sim3, sim3_cam_from_world
 from speed3r_sfm.pipeline.chunked import predict_chunked
 from speed3r_sfm.pipeline.chunking import plan_chunks
 from speed3r_sfm.pipeline.inputs import find_images, load_views
 from speed3r_sfm.pipeline.loop_closure import (
+    Edge,
     Loop,
     LoopOptions,
     close_loops,
     find_loops,
     loop_views,
     placing_chunks,
-    rotation_angle_deg,
+    rotation_deg,
     solve_corrections,
 )
 from speed3r_sfm.pipeline.reconstruct import PipelineOptions, run_pipeline
@@ -63,7 +64,8 @@ def test_pose_graph_recovers_consistent_corrections_exactly():
         _sim3(2.0, [1, 0, 0], 60.0, [-2.0, 1.0, 0.5]),
     ]
     pairs = [(0, 1), (1, 2), (2, 3), (0, 2), (1, 3), (0, 3)]
-    edges = [(a, b, compose_sim3(invert_sim3(truth[a]), truth[b]), 1.0 + a) for a, b in pairs]
+    anchor = torch.tensor([0.3, -2.0, 5.0], dtype=F64)  # where an edge is measured: no matter when exact
+    edges = [Edge(a, b, compose_sim3(invert_sim3(truth[a]), truth[b]), 1.0 + a, anchor * a) for a, b in pairs]
     for found, expected in zip(solve_corrections(4, edges), truth, strict=True):
         assert _close(found, expected)
     # one node: the identity
@@ -76,16 +78,52 @@ def test_pose_graph_spreads_a_loop_error_over_the_chain():
     1.21**(2/3) at node 2 and half that at node 1 (least squares of l1, l2 - l1, l2 - 12 for angles about one
     axis: l1 = 4, l2 = 8; chordal rotations split angles almost, not exactly, so)."""
     loop = _sim3(1.21, [0, 0, 1], 12.0, [0, 0, 0])
-    edges = [(0, 1, _identity(), 1.0), (1, 2, _identity(), 1.0), (0, 2, loop, 1.0)]
+    edges = [Edge(0, 1, _identity()), Edge(1, 2, _identity()), Edge(0, 2, loop)]
     x = solve_corrections(3, edges)
-    assert rotation_angle_deg(x[1][1]) == pytest.approx(4.0, abs=0.02)
-    assert rotation_angle_deg(x[2][1]) == pytest.approx(8.0, abs=0.02)
+    assert rotation_deg(x[1][1]) == pytest.approx(4.0, abs=0.02)
+    assert rotation_deg(x[2][1]) == pytest.approx(8.0, abs=0.02)
     assert float(x[1][0]) == pytest.approx(1.21 ** (1 / 3)) and float(x[2][0]) == pytest.approx(
         1.21 ** (2 / 3)
     )
     # a heavy loop is (almost) met, the chain absorbs the rest
-    heavy = solve_corrections(3, [*edges[:2], (0, 2, loop, 1e6)])
-    assert rotation_angle_deg(heavy[2][1]) == pytest.approx(12.0, abs=1e-3)
+    heavy = solve_corrections(3, [*edges[:2], Edge(0, 2, loop, 1e6)])
+    assert rotation_deg(heavy[2][1]) == pytest.approx(12.0, abs=1e-3)
+
+
+def _turn_about(point: torch.Tensor, degrees: float):
+    """The rigid motion turning by ``degrees`` about the vertical line through ``point``."""
+    rot = _rotation([0, 0, 1], degrees)
+    return torch.tensor(1.0, dtype=F64), rot, point - rot @ point
+
+
+def test_corrections_do_not_tear_chunks_apart_where_they_meet():
+    """Eight chunks around a 10 m circle, each composed 2 deg off the one before about their junction (the
+    drift of chunk alignment), and a loop from the last back to the first that measures the whole drift:
+    measured at the junctions, the corrections keep neighbouring chunks together there; measured at the world
+    origin, 10 m away, the same rotations would move them apart by decimetres."""
+    n, radius = 8, 10.0
+    angles = torch.arange(n, dtype=F64) * (2 * math.pi / n)
+    junctions = torch.stack([radius * angles.cos(), radius * angles.sin(), torch.zeros(n, dtype=F64)], -1)
+    drift = [_identity()]  # composed = drift_k(true) for the content of chunk k
+    for k in range(1, n):
+        drift.append(compose_sim3(drift[-1], _turn_about(junctions[k], 2.0)))
+    composed_junction = [apply_sim3(*drift[k], junctions[k]) for k in range(n)]  # where the chunks meet
+    loop = invert_sim3(drift[-1])  # X_0^-1 X_7: chunk 7's composed place back to where chunk 0 has it
+    place = apply_sim3(*drift[-1], junctions[-1] + torch.tensor([0.0, -2.0, 0.0], dtype=F64))
+
+    def tears(anchored: bool) -> float:
+        edges = [Edge(k - 1, k, _identity(), 1.0, composed_junction[k]) for k in range(1, n)]
+        edges.append(Edge(0, n - 1, loop, 10.0, place))
+        if not anchored:
+            edges = [Edge(e.a, e.b, e.relative, e.weight) for e in edges]
+        x = solve_corrections(n, edges)
+        gaps = [
+            apply_sim3(*x[k - 1], composed_junction[k]) - apply_sim3(*x[k], composed_junction[k])
+            for k in range(1, n)
+        ]
+        return max(float(gap.norm()) for gap in gaps)
+
+    assert tears(anchored=True) < 0.02 and tears(anchored=False) > 0.1
 
 
 def test_placing_chunks_is_the_first_chunk_of_each_view():
@@ -120,6 +158,10 @@ def test_loops_are_found_between_chunks_that_never_met():
     ].similarity == pytest.approx(1.0)
     # a sequence without a return: nothing as similar as consecutive views
     assert find_loops(_descriptors(40, []), plan, reference_distance=1, max_loops=10) == []
+    # views closer than min_gap (default: a chunk) are neighbours, not a return
+    near = _descriptors(40, [(2, 13)])  # 11 views apart, never in one chunk
+    assert (2, 13) in {(loop.i, loop.j) for loop in find_loops(near, plan, 1, 10)}
+    assert (2, 13) not in {(loop.i, loop.j) for loop in find_loops(near, plan, 1, 10, min_gap=12)}
 
 
 def test_loop_windows_stay_within_the_views_of_their_chunk():
@@ -165,7 +207,7 @@ def test_an_injected_drift_is_corrected_by_a_verified_loop(scene):
     oracle = ChunkOracle(scene, folder, noise_deg=0.0)
     prediction, load, plan = _composed(scene, folder, oracle)
     placed = placing_chunks(plan, VIEWS)
-    # drift: chunk 1 off by 4 degrees, chunk 2 by 8 degrees (and scale), about the first camera's centre
+    # drift: chunk 1 off by 4 degrees, chunk 2 by 8 degrees (and scale), about the composed world's origin
     _drift(prediction, placed, 1, _sim3(1.05, [0, 1, 0], 4.0, [0.02, 0.0, 0.0]))
     _drift(prediction, placed, 2, _sim3(1.1, [0, 1, 0], 8.0, [0.05, 0.0, 0.0]))
     truth = scene["views"].cam_from_world.double()
@@ -173,6 +215,7 @@ def test_an_injected_drift_is_corrected_by_a_verified_loop(scene):
     # view 1 and view 11 look alike (a return): one loop between chunks 0 and 2
     descriptors = _descriptors(VIEWS, [(1, 11)])
     calls = len(oracle.calls)
+    sim3_before = prediction.extras["chunk_sim3"]
     closure = close_loops(prediction, oracle, load, descriptors, plan, LoopOptions(window=3))
     after = relative_pose_errors(prediction.cam_from_world[0].double(), truth)[0]
     loop = closure.report["loops"][0]
@@ -183,6 +226,44 @@ def test_an_injected_drift_is_corrected_by_a_verified_loop(scene):
     assert float(before.max()) > 7.5 and float(after.max()) < 1.5
     assert float(after.median()) < 0.5 * float(before.median())
     assert closure.report["chunk_correction_deg"][0] == 0.0
+    # each chunk's Sim(3) (for load_view_maps) moved with its correction
+    for k, (old, new) in enumerate(zip(sim3_before, prediction.extras["chunk_sim3"], strict=True)):
+        turned = rotation_deg(new[1] @ old[1].T)
+        assert turned == pytest.approx(closure.report["chunk_correction_deg"][k], abs=1e-6)
+
+
+class _Reporting:
+    """A backbone that reports a token-pose tree linking the two places of a loop chunk by ``support``
+    inlier matches (``views`` 0 and 3 of the chunk), as :func:`posed_by_tokens` would."""
+
+    def __init__(self, oracle, support: float) -> None:
+        self.oracle, self.support = oracle, support
+
+    def __call__(self, images):
+        prediction = self.oracle(images)
+        edges = [[0, 1], [1, 2], [2, 3], [3, 4]]
+        support = [100.0, 100.0, self.support, 100.0]
+        prediction.extras["chunk_report"] = {"source": "tokens", "tree_edges": edges, "tree_support": support}
+        return prediction
+
+
+def test_a_loop_is_verified_by_the_descriptor_matches_between_its_places(scene):
+    folder = scene["root"] / "ordered"
+    oracle = ChunkOracle(scene, folder, noise_deg=0.0)
+    prediction, load, plan = _composed(scene, folder, oracle)
+    descriptors = _descriptors(VIEWS, [(1, 11)])
+    options = LoopOptions(window=3, min_support=20.0)
+    weak = close_loops(prediction, _Reporting(oracle, 8.0), load, descriptors, plan, options)
+    assert weak.loop_chunks == [[0, 1, 2, 10, 11]]  # places of 3 and 2 views: edge (2, 3) links them
+    assert not weak.report["loops"][0]["kept"]
+    assert weak.report["loops"][0]["why"] == "the two places share too few descriptor matches"
+    strong = close_loops(prediction, _Reporting(oracle, 40.0), load, descriptors, plan, options)
+    assert strong.report["loops"][0]["kept"]
+    # a place that does not align with the composed world (inlier fraction bar above what any fit reaches)
+    strict = close_loops(
+        prediction, oracle, load, descriptors, plan, LoopOptions(window=3, min_inlier_fraction=1.0)
+    )
+    assert strict.report["loops"][0]["why"] == "a window does not align with the composed world"
 
 
 def test_a_loop_whose_places_disagree_is_not_used(scene):

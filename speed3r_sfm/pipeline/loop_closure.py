@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..eval.metrics import rotation_angle_deg
 from ..geometry import apply_sim3, compose_sim3, depth_to_world_points, invert_sim3, sim3_cam_from_world
 from ..models.prediction import Prediction
 from .checks import require_at_least, require_between, require_positive
@@ -44,6 +45,9 @@ from .records import AttentionSummary
 logger = logging.getLogger(__name__)
 
 Sim3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# a place's pixels aligned to the composed world as chunks are (predict_chunked's defaults)
+ALIGN_CONF_QUANTILE = 0.5
+ALIGN_MAX_POINTS = 20000
 
 
 @dataclass
@@ -142,16 +146,33 @@ def loop_views(loop: Loop, placed: torch.Tensor, window: int) -> tuple[list[int]
     return around(loop.i), around(loop.j)
 
 
-def solve_corrections(num_nodes: int, edges: Sequence[tuple[int, int, Sim3, float]]) -> list[Sim3]:
-    """Per node k a Sim(3) ``X_k`` (node 0 the identity) with ``X_a⁻¹ X_b ≈ M`` for every edge
-    ``(a, b, M, weight)``, by weighted linear least squares in three steps: rotations (chordal: the rows of
-    ``R_b = R_a R_M``, projected onto SO(3)), log-scales (``l_b - l_a = log s_M``), then translations
-    (``t_b - t_a = s_a R_a t_M``). The edges must connect every node to node 0."""
+@dataclass
+class Edge:
+    """A pose-graph measurement ``X_a⁻¹ X_b ≈ relative`` between the corrections of chunks a and b, with its
+    ``weight``; its translation is measured at ``anchor`` (3,), a world point of the place it joins (the
+    views two consecutive chunks share, the later place of a loop): measured at the world origin, far from
+    the place, the rotation differences between chunks would tear them apart where they meet."""
+
+    a: int
+    b: int
+    relative: Sim3
+    weight: float = 1.0
+    anchor: torch.Tensor | None = None
+
+
+def solve_corrections(num_nodes: int, edges: Sequence[Edge]) -> list[Sim3]:
+    """Per node k a Sim(3) ``X_k`` (node 0 the identity) with ``X_a⁻¹ X_b ≈ M`` for every edge, by weighted
+    linear least squares in three steps: rotations (chordal: the rows of ``R_b = R_a R_M``, projected onto
+    SO(3)), log-scales (``l_b - l_a = log s_M``), then translations from ``X_b(q) = X_a(M(q))`` at the edge's
+    anchor q (``t_b - t_a = s_a R_a M(q) - s_b R_b q``). The edges must connect every node to node 0."""
     eye = torch.eye(3, dtype=torch.float64)
     # rotations: row r of R_b equals row r of R_a R_M, i.e. r_b - R_M^T r_a = 0 with the rows as columns
     stacked = _graph_least_squares(
         num_nodes,
-        [(a, b, -m[1].double().T, torch.zeros(3, 3, dtype=torch.float64), w) for a, b, m, w in edges],
+        [
+            (e.a, e.b, -e.relative[1].double().T, torch.zeros(3, 3, dtype=torch.float64), e.weight)
+            for e in edges
+        ],
         known=eye,
     )
     rotations = []
@@ -162,13 +183,19 @@ def solve_corrections(num_nodes: int, edges: Sequence[tuple[int, int, Sim3, floa
     minus_one = -torch.ones(1, 1, dtype=torch.float64)
     logs = _graph_least_squares(
         num_nodes,
-        [(a, b, minus_one, torch.log(m[0].double()).reshape(1, 1), w) for a, b, m, w in edges],
+        [(e.a, e.b, minus_one, torch.log(e.relative[0].double()).reshape(1, 1), e.weight) for e in edges],
         known=torch.zeros(1, 1, dtype=torch.float64),
     )
     scales = [torch.exp(value[0, 0]) for value in logs]
+
+    def moved(edge: Edge) -> torch.Tensor:
+        q = torch.zeros(3, dtype=torch.float64) if edge.anchor is None else edge.anchor.double()
+        target = scales[edge.a] * rotations[edge.a] @ apply_sim3(*edge.relative, q)
+        return (target - scales[edge.b] * rotations[edge.b] @ q)[None]
+
     shifts = _graph_least_squares(
         num_nodes,
-        [(a, b, minus_one, (scales[a] * rotations[a] @ m[2].double())[None], w) for a, b, m, w in edges],
+        [(e.a, e.b, minus_one, moved(e), e.weight) for e in edges],
         known=torch.zeros(1, 3, dtype=torch.float64),
     )
     return [(scales[k], rotations[k], shifts[k][0]) for k in range(num_nodes)]
@@ -196,10 +223,9 @@ def _graph_least_squares(
     return torch.cat([known[None], solution.reshape(num_nodes - 1, d, m)])
 
 
-def rotation_angle_deg(rot: torch.Tensor) -> float:
+def rotation_deg(rot: torch.Tensor) -> float:
     """The angle of a rotation matrix, in degrees."""
-    cosine = ((torch.trace(rot.double()) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    return math.degrees(math.acos(float(cosine)))
+    return float(rotation_angle_deg(torch.eye(3, dtype=torch.float64), rot))
 
 
 @dataclass
@@ -211,12 +237,16 @@ class LoopClosure:
     loop_chunks: list[list[int]]
     summaries: list[AttentionSummary | None]
 
+    @classmethod
+    def skipped(cls, why: str) -> LoopClosure:
+        return cls({"candidates": 0, "loops": [], "why": why}, [], [])
+
 
 def close_loops(
     prediction: Prediction,
     predict: Predict,
     load: Callable[[list[int]], torch.Tensor],
-    descriptors: torch.Tensor,
+    descriptors: torch.Tensor | None,
     chunks: Sequence[Sequence[int]],
     options: LoopOptions,
     keep_attention: bool = False,
@@ -226,76 +256,102 @@ def close_loops(
     """Close the loops of a composed ordered-chunk ``prediction`` (:func:`~.chunked.predict_chunked`, B = 1,
     with its depth maps) in place: its poses, depth (and world points, if kept) and ``extras["chunk_sim3"]``
     move with the correction of the chunk that placed each view. ``predict`` and ``load`` run a loop chunk
-    as the chunks were run; ``descriptors`` (S, D) are the per-view descriptors of detection. With
-    ``h5_path`` (the chunk file) each loop chunk is kept there and a re-run reuses it."""
+    as the chunks were run; ``descriptors`` (S, D) are the per-view descriptors of detection (None only when
+    disabled or with fewer than three chunks). With ``h5_path`` (the chunk file) each loop chunk is kept
+    there and a re-run reuses it."""
+    if not options.enabled:
+        return LoopClosure.skipped("disabled")
+    if len(chunks) < 3 or descriptors is None:
+        return LoopClosure.skipped("fewer than three chunks")
     num_views = prediction.num_views
     chunk_size = max(len(c) for c in chunks)
-    overlap = max((len(set(a) & set(b)) for a, b in zip(chunks, chunks[1:], strict=False)), default=1)
+    # the planned overlap: the last ordered chunk, shifted back to stay full-size, shares more
+    overlap = min(len(set(a) & set(b)) for a, b in zip(chunks, chunks[1:], strict=False))
     window = options.window or max(2, chunk_size // 4)
     distance = options.reference_distance or max(1, overlap // 2)
     max_loops = options.max_loops if options.max_loops is not None else len(chunks)
-    report: dict = {"candidates": 0, "loops": []}
-    if not options.enabled or len(chunks) < 3:
-        report["why"] = "disabled" if not options.enabled else "fewer than three chunks"
-        return LoopClosure(report, [], [])
     candidates = find_loops(descriptors, chunks, distance, max_loops)
-    report["candidates"] = len(candidates)
-    cams = prediction.cam_from_world[0].double()
-    intrinsics = prediction.intrinsics[0].double()
-    depth, conf = prediction.depth[0], prediction.depth_conf[0]
+    report: dict = {"candidates": len(candidates), "loops": []}
+    world = _ComposedWorld(prediction)
     generator = torch.Generator().manual_seed(seed)
     placed = placing_chunks(chunks, num_views)
-    edges = [(k - 1, k, _identity(), 1.0) for k in range(1, len(chunks))]
+    edges = [
+        Edge(k - 1, k, _identity(), anchor=world.centre(sorted(set(chunks[k - 1]) & set(chunks[k]))))
+        for k in range(1, len(chunks))
+    ]
     loop_chunks, summaries = [], []
     for loop in candidates:
         first, second = loop_views(loop, placed, window)
         out, summary, chunk_report = _loop_chunk(predict, load, first + second, keep_attention, h5_path)
         loop_chunks.append(first + second)
         summaries.append(summary)
+        fits = [world.align(out, part, views, generator) for part, views in _parts(first, second)]
         entry = {
             "views": [loop.i, loop.j],
             "chunks": [loop.chunk_i, loop.chunk_j],
             "similarity": loop.similarity,
+            "inlier_fraction": [fraction for _, fraction in fits],
         }
-        fits = []
-        for part in (slice(0, len(first)), slice(len(first), len(first) + len(second))):
-            views = (first + second)[part]
-            world = depth_to_world_points(depth[views].double(), intrinsics[views], cams[views])
-            src, dst, w = alignment_points(
-                out["world_points"][part],
-                out["world_points_conf"][part],
-                world,
-                conf[views],
-                0.5,
-                20000,
-                generator,
-            )
-            if src.shape[0] < 3:
-                fits.append((None, 0.0))
-                continue
-            sim3, final_w = robust_sim3(src, dst, w)
-            fits.append((sim3, float((final_w > 0.5 * w).double().mean())))
-        entry["inlier_fraction"] = [fraction for _, fraction in fits]
         why = _rejected(fits, chunk_report, len(first), options)
         if why is None:
             correction = compose_sim3(fits[0][0], invert_sim3(fits[1][0]))
-            entry["correction_deg"] = rotation_angle_deg(correction[1])
+            entry["correction_deg"] = rotation_deg(correction[1])
             entry["correction_scale"] = float(correction[0])
             if entry["correction_deg"] > options.max_correction_deg:
                 why = f"correction of {entry['correction_deg']:.1f} deg is no plausible drift"
             else:
-                edges.append((loop.chunk_i, loop.chunk_j, correction, options.loop_weight))
+                anchor = world.centre(second)
+                edges.append(Edge(loop.chunk_i, loop.chunk_j, correction, options.loop_weight, anchor))
         entry["kept"] = why is None
         if why is not None:
             entry["why"] = why
         report["loops"].append(entry)
-    kept = [entry for entry in report["loops"] if entry["kept"]]
-    if kept:
+    if any(entry["kept"] for entry in report["loops"]):
         corrections = solve_corrections(len(chunks), edges)
         _apply(prediction, placed, corrections)
-        report["chunk_correction_deg"] = [rotation_angle_deg(rot) for _, rot, _ in corrections]
-    logger.info("loop closure: %d candidate(s), %d kept", len(candidates), len(kept))
+        report["chunk_correction_deg"] = [rotation_deg(rot) for _, rot, _ in corrections]
+    kept = sum(entry["kept"] for entry in report["loops"])
+    logger.info("loop closure: %d candidate(s), %d kept", len(candidates), kept)
     return LoopClosure(report, loop_chunks, summaries)
+
+
+def _parts(first: list[int], second: list[int]) -> list[tuple[slice, list[int]]]:
+    """The rows of each place in a loop chunk of ``first + second`` and its views."""
+    return [(slice(0, len(first)), first), (slice(len(first), len(first) + len(second)), second)]
+
+
+class _ComposedWorld:
+    """The composed prediction's world points and camera centres, for aligning loop chunks to it."""
+
+    def __init__(self, prediction: Prediction) -> None:
+        self.cams = prediction.cam_from_world[0].double()
+        self.intrinsics = prediction.intrinsics[0].double()
+        self.depth, self.conf = prediction.depth[0], prediction.depth_conf[0]
+
+    def centre(self, views: list[int]) -> torch.Tensor:
+        """The mean camera centre (3,) of ``views``."""
+        rot, trans = self.cams[views, :, :3], self.cams[views, :, 3:]
+        return -(rot.transpose(-1, -2) @ trans)[..., 0].mean(dim=0)
+
+    def align(
+        self, out: dict[str, torch.Tensor], part: slice, views: list[int], generator: torch.Generator
+    ) -> tuple[Sim3 | None, float]:
+        """Robust Sim(3) from a loop chunk's frame to the composed world through the place ``views``
+        (rows ``part`` of the loop chunk ``out``) and its inlier fraction; (None, 0) without enough points."""
+        world = depth_to_world_points(self.depth[views].double(), self.intrinsics[views], self.cams[views])
+        src, dst, w = alignment_points(
+            out["world_points"][part],
+            out["world_points_conf"][part],
+            world,
+            self.conf[views],
+            ALIGN_CONF_QUANTILE,
+            ALIGN_MAX_POINTS,
+            generator,
+        )
+        if src.shape[0] < 3:
+            return None, 0.0
+        sim3, final_w = robust_sim3(src, dst, w)
+        return sim3, float((final_w > 0.5 * w).double().mean())
 
 
 def _loop_chunk(

@@ -405,7 +405,7 @@ def run_pipeline(
                 chosen = second
             stages.done("fixed-camera pass")
         adjusted, rescue, readjustment = chosen.adjusted, chosen.rescue, chosen.readjustment
-        contradicted = chosen.contradicted
+        contradicted, hinged = chosen.contradicted, chosen.hinged
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
         pair_matches, ba_rounds, dropped = adjusted.pair_matches, adjusted.ba_rounds, adjusted.dropped
@@ -421,7 +421,7 @@ def run_pipeline(
             "and the rescue could not re-pose it"
         )
         unregistered = [
-            {"name": views[image_id - 1].name, "why": hinge if image_id in adjusted.hinged else weak}
+            {"name": views[image_id - 1].name, "why": hinge if image_id in hinged else weak}
             for image_id in dropped
         ]
         for entry in unregistered:
@@ -626,6 +626,7 @@ class _Pass:
     rescue: dict[str, Any]
     readjustment: dict[str, Any]
     contradicted: set[tuple[int, int]]  # view pairs whose link contradicted the feed-forward poses, any pass
+    hinged: set[int]  # image ids de-registered beyond a hinge in any pass (bundle.hinged_links)
     first_matches: Matches  # the matches of its first adjustment
 
 
@@ -648,6 +649,7 @@ def _adjust_rescue_readjust(
     adjusted = adjust(geometry, feedforward=(reference, tree_edges), stages=stages, matches=matches)
     first_matches = adjusted.matches
     contradicted = {(i - 1, j - 1) for i, j in adjusted.distrusted}
+    hinged = set(adjusted.hinged)
     rescue: dict[str, Any] = {"rounds": []}
     if adjusted.dropped and options.rescue.enabled:
         if stages:
@@ -658,6 +660,7 @@ def _adjust_rescue_readjust(
         if stages:
             stages.done("rescue")
         contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])
+        hinged.update(view + 1 for r in rescue["rounds"] for view in r["hinged_views"])
     readjustment: dict[str, Any] = {"ran": False}
     if readjusting and adjusted.rec.num_reg_images() >= 2:
         if stages:
@@ -667,7 +670,7 @@ def _adjust_rescue_readjust(
         contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
         if stages:
             stages.done("readjustment")
-    return _Pass(adjusted, rescue, readjustment, contradicted, first_matches)
+    return _Pass(adjusted, rescue, readjustment, contradicted, hinged, first_matches)
 
 
 def _rescue_weak_views(
@@ -715,6 +718,7 @@ def _rescue_weak_views(
                 "registered_before": before,
                 "registered_after": after,
                 "contradicted_links": [[i - 1, j - 1] for i, j in again.distrusted],
+                "hinged_views": [image_id - 1 for image_id in again.hinged],
             }
         )
         if after <= before:
@@ -883,23 +887,21 @@ def _chunk_plan(
     stored = stored_plan(chunk.h5) if chunk.h5 is not None else None
     if stored is not None and sorted(v for c in stored for v in c) == list(range(num_views)):
         return stored, "stored in the chunk file"
-    features, source = _view_descriptors(backbone, model_images, with_source=True)
+    features, source = _view_descriptors(backbone, model_images)
     if source == "image thumbnails":
         logger.warning("the model has no known token encoder: unordered views are grouped by thumbnails")
     return group_views_by_similarity(features, size, overlap), source
 
 
-def _view_descriptors(backbone: Backbone, model_images: torch.Tensor, with_source: bool = False):
+def _view_descriptors(backbone: Backbone, model_images: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Per-view descriptors (S, D) from the backbone's own image encoder ("backbone tokens"), else from
-    grey thumbnails ("image thumbnails"); with ``with_source`` also which of the two."""
+    grey thumbnails ("image thumbnails"), and which of the two."""
     module = backbone.module
     if module is not None and token_encoder(module) is not None:
         patch = backbone.preprocessing.patch_size
         features = token_descriptors(module, model_images, patch_size=patch, device=backbone.device)
-        source = "backbone tokens"
-    else:
-        features, source = thumbnail_descriptors(model_images), "image thumbnails"
-    return (features, source) if with_source else features
+        return features, "backbone tokens"
+    return thumbnail_descriptors(model_images), "image thumbnails"
 
 
 def _predict_in_chunks(
@@ -952,10 +954,12 @@ def _predict_in_chunks(
     if token_poses is not None:
         reports = enumerate(extras["chunk_reports"])
         extras["chunk_token_poses"] = {k: report for k, report in reports if report is not None}
-    closure = LoopClosure({"why": "unordered chunks"}, [], [])
+    closure = LoopClosure.skipped("unordered chunks")
     if chunk.ordered:
         loops = loops or LoopOptions()
-        descriptors = _view_descriptors(backbone, model_images) if loops.enabled and len(chunks) > 2 else None
+        descriptors = None
+        if loops.enabled and len(chunks) > 2:
+            descriptors, _ = _view_descriptors(backbone, model_images)
         closure = close_loops(
             prediction, predict, load, descriptors, chunks, loops, backbone.guided, h5_path=chunk.h5
         )
