@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import test_chunked_pipeline as chunked  # tests/ is on sys.path (pytest's rootdir import)
 import torch
@@ -174,6 +175,16 @@ def test_loop_windows_stay_within_the_views_of_their_chunk():
 def test_loop_options_are_checked():
     with pytest.raises(ValueError, match="LoopOptions.window must be at least 1"):
         LoopOptions(window=0)
+    for name in (
+        "window",
+        "max_loops",
+        "reference_distance",
+    ):  # 2.0 from a config file crashed after the model
+        with pytest.raises(TypeError, match=f"LoopOptions.{name} must be an integer, got 2.0"):
+            LoopOptions(**{name: 2.0})
+    assert LoopOptions(window=np.int64(3)).window == 3
+    with pytest.raises(TypeError, match="LoopOptions.enabled must be True or False, got 'false'"):
+        LoopOptions(enabled="false")
     with pytest.raises(ValueError, match="min_inlier_fraction"):
         LoopOptions(min_inlier_fraction=1.5)
     with pytest.raises(ValueError, match="loop_weight must be positive"):

@@ -40,3 +40,22 @@ def require_between(options: object, **ranges: tuple[float, float]) -> None:
         value = _number(options, name)
         if not low <= value <= high:
             raise ValueError(f"{type(options).__name__}.{name} must lie in [{low}, {high}], got {value!r}")
+
+
+def require_integer(options: object, **minimums: int) -> None:
+    """Raise unless each field named in ``minimums`` is an integer (numpy integers too; not a bool or a
+    float such as 2.0) at least that large."""
+    for name, low in minimums.items():
+        value = getattr(options, name)
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{type(options).__name__}.{name} must be an integer, got {value!r}")
+        if value < low:
+            raise ValueError(f"{type(options).__name__}.{name} must be at least {low}, got {value!r}")
+
+
+def require_bool(options: object, *names: str) -> None:
+    """Raise unless each named field is a bool (numpy bools too): a string "false" would count as true."""
+    for name in names:
+        value = getattr(options, name)
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{type(options).__name__}.{name} must be True or False, got {value!r}")

@@ -37,7 +37,7 @@ import torch
 from ..eval.metrics import rotation_angle_deg
 from ..geometry import apply_sim3, compose_sim3, depth_to_world_points, invert_sim3, sim3_cam_from_world
 from ..models.prediction import Prediction
-from .checks import require_at_least, require_between, require_positive
+from .checks import require_at_least, require_between, require_bool, require_integer, require_positive
 from .chunked import Predict, alignment_points, run_chunk, store_extra_chunk, stored_extra_chunk
 from .chunking import robust_sim3
 from .records import AttentionSummary
@@ -69,9 +69,10 @@ class LoopOptions:
     loop_weight: float = 10.0
 
     def __post_init__(self) -> None:
+        require_bool(self, "enabled")
         for name in ("max_loops", "window", "reference_distance"):
             if getattr(self, name) is not None:
-                require_at_least(self, **{name: 1})
+                require_integer(self, **{name: 1})
         require_between(self, min_inlier_fraction=(0.0, 1.0), max_correction_deg=(0.0, 180.0))
         require_at_least(self, min_support=0.0)
         require_positive(self, "loop_weight")
