@@ -205,9 +205,8 @@ def _composed(scene, folder, oracle):
     return prediction, load, plan
 
 
-def _drift(prediction, placed, chunk: int, sim3) -> None:
-    """Move the views placed by ``chunk`` as a drifted composition would have placed them."""
-    views = (placed == chunk).nonzero()[:, 0]
+def _drift(prediction, views: list[int], sim3) -> None:
+    """Move ``views`` as a drifted composition would have placed them."""
     cams = prediction.cam_from_world[0]
     cams[views] = sim3_cam_from_world(*sim3, cams[views].double()).float()
     prediction.depth[0, views] *= float(sim3[0])
@@ -217,10 +216,10 @@ def test_an_injected_drift_is_corrected_by_a_verified_loop(scene):
     folder = scene["root"] / "ordered"
     oracle = ChunkOracle(scene, folder, noise_deg=0.0)
     prediction, load, plan = _composed(scene, folder, oracle)
-    placed = placing_chunks(plan, VIEWS)
-    # drift: chunk 1 off by 4 degrees, chunk 2 by 8 degrees (and scale), about the composed world's origin
-    _drift(prediction, placed, 1, _sim3(1.05, [0, 1, 0], 4.0, [0.02, 0.0, 0.0]))
-    _drift(prediction, placed, 2, _sim3(1.1, [0, 1, 0], 8.0, [0.05, 0.0, 0.0]))
+    # drift growing along the sequence to 8 degrees (and 10 % of scale) at the end
+    for v in range(VIEWS):
+        share = v / (VIEWS - 1)
+        _drift(prediction, [v], _sim3(1 + 0.1 * share, [0, 1, 0], 8.0 * share, [0.05 * share, 0.0, 0.0]))
     truth = scene["views"].cam_from_world.double()
     before = relative_pose_errors(prediction.cam_from_world[0].double(), truth)[0]
     # view 1 and view 11 look alike (a return): one loop between chunks 0 and 2
@@ -231,10 +230,11 @@ def test_an_injected_drift_is_corrected_by_a_verified_loop(scene):
     after = relative_pose_errors(prediction.cam_from_world[0].double(), truth)[0]
     loop = closure.report["loops"][0]
     assert loop["views"] == [1, 11] and loop["chunks"] == [0, 2] and loop["kept"]
-    assert loop["correction_deg"] == pytest.approx(8.0, abs=0.5)  # what the drift did between the places
+    # what the drift did between the places (about 0.7 deg at views 0-2, 7.6 at views 10-11)
+    assert loop["correction_deg"] == pytest.approx(6.9, abs=1.0)
     assert closure.loop_chunks == [[0, 1, 2, 10, 11]] and oracle.calls[calls:] == closure.loop_chunks
-    # the loop pair is closed (the heavy loop edge), the chain in between takes the rest
-    assert float(before.max()) > 7.5 and float(after.max()) < 1.5
+    # the ends of the sequence are brought together; what the drift did inside chunk 0 (held fixed) stays
+    assert float(before.max()) > 7.5 and float(after.max()) < 2.5
     assert float(after.median()) < 0.5 * float(before.median())
     assert closure.report["chunk_correction_deg"][0] == 0.0
     # each chunk's Sim(3) (for load_view_maps) moved with its correction
@@ -284,7 +284,8 @@ def test_a_loop_whose_places_disagree_is_not_used(scene):
     before = prediction.cam_from_world.clone()
     descriptors = _descriptors(VIEWS, [(1, 11)])
     # the injected drift is larger than a plausible one
-    _drift(prediction, placing_chunks(plan, VIEWS), 2, _sim3(1.0, [1, 0, 0], 40.0, [0.0, 0.0, 0.0]))
+    last = (placing_chunks(plan, VIEWS) == 2).nonzero()[:, 0].tolist()
+    _drift(prediction, last, _sim3(1.0, [1, 0, 0], 40.0, [0.0, 0.0, 0.0]))
     moved = prediction.cam_from_world.clone()
     closure = close_loops(
         prediction, oracle, load, descriptors, plan, LoopOptions(window=3, max_correction_deg=20.0)
