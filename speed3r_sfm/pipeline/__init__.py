@@ -8,15 +8,19 @@ from .database import mapper_options
 from .export import OutputExistsError, OutputPathError
 from .inputs import InputError, Preprocessing
 from .keypoints import KeypointOptions
+from .loop_closure import LoopOptions
 from .matching import MatchOptions
 from .reconstruct import PipelineOptions, PipelineResult, ReconstructionError, reconstruct, run_pipeline
 from .refine import RefineOptions
+from .rescue import RescueOptions
+from .token_poses import TokenPoseOptions
 
 __all__ = [
     "Backbone",
     "BundleOptions",
     "InputError",
     "KeypointOptions",
+    "LoopOptions",
     "MatchOptions",
     "ModelNotAvailableError",
     "OutputExistsError",
@@ -26,6 +30,8 @@ __all__ = [
     "Preprocessing",
     "ReconstructionError",
     "RefineOptions",
+    "RescueOptions",
+    "TokenPoseOptions",
     "load_backbone",
     "mapper_options",
     "reconstruct",
