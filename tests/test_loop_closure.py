@@ -371,6 +371,9 @@ def test_loop_chunks_resume_from_the_chunk_file(returning, tmp_path):
     assert calls > len(plan_chunks(16, CHUNK, OVERLAP))  # loop chunks ran
     again = run_pipeline(folder, None, **kwargs).report
     assert len(oracle.calls) == calls  # every chunk and loop chunk read back
-    assert again["chunking"]["loop_closure"] == first["chunking"]["loop_closure"]
+    closure, closed_again = first["chunking"]["loop_closure"], again["chunking"]["loop_closure"]
+    assert closed_again["loops"] == closure["loops"]
+    # the pose graph's least squares may differ in the last bits from run to run (threaded BLAS)
+    assert closed_again["chunk_correction_deg"] == pytest.approx(closure["chunk_correction_deg"], abs=1e-9)
     assert again["gsa_records"] == first["gsa_records"]
     assert again["counts"]["refined_matches"] == first["counts"]["refined_matches"]
