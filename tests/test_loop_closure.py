@@ -17,6 +17,7 @@ from speed3r_sfm.eval.metrics import relative_pose_errors
 from speed3r_sfm.geometry import apply_sim3, compose_sim3, invert_sim3, sim3_cam_from_world
 from speed3r_sfm.pipeline.chunked import predict_chunked
 from speed3r_sfm.pipeline.chunking import plan_chunks
+from speed3r_sfm.pipeline.cli import summary_text
 from speed3r_sfm.pipeline.inputs import find_images, load_views
 from speed3r_sfm.pipeline.loop_closure import (
     Edge,
@@ -333,6 +334,10 @@ def test_a_returning_sequence_is_matched_across_its_loop(returning, attention):
     kept = [loop for loop in closure["loops"] if loop["kept"]]
     assert any(i < 4 and j >= 12 for i, j in (loop["views"] for loop in kept))  # the return to the start
     assert oracle.calls[: len(plan)] == plan and len(oracle.calls) == len(plan) + len(closure["loops"])
+    assert oracle.calls[len(plan) :] == [loop["loop_chunk"] for loop in closure["loops"]]
+    assert f"loop closure: {len(kept)} of {closure['candidates']} candidate loop(s) closed" in summary_text(
+        result
+    )
     assert all(loop["correction_deg"] < 5.0 for loop in kept)  # the oracle (0.5 deg pose noise) hardly drifts
     rec = result.reconstruction
     assert rec.num_reg_images() == 16

@@ -219,6 +219,10 @@ def summary_text(result: PipelineResult) -> str:
             f"{chunking['overlap']}, {chunking['grouping']}), Sim(3) inliers "
             f">= {min(chunking['sim3_inlier_fraction']):.2f}"
         )
+        closure = chunking.get("loop_closure") or {}
+        if closure.get("loops"):
+            kept = sum(loop["kept"] for loop in closure["loops"])
+            lines.append(f"  loop closure: {kept} of {closure['candidates']} candidate loop(s) closed")
     if errors["final"] is not None:
         initial = errors["initial"]
         before = f"{initial:.2f} px before BA, " if initial is not None and r["bundle_adjustment"] else ""

@@ -291,6 +291,7 @@ def close_loops(
         fits = [world.align(out, part, views, generator) for part, views in _parts(first, second)]
         entry = {
             "views": [loop.i, loop.j],
+            "loop_chunk": first + second,  # the views run together to verify it
             "chunks": [loop.chunk_i, loop.chunk_j],
             "similarity": loop.similarity,
             "inlier_fraction": [fraction for _, fraction in fits],
