@@ -34,6 +34,7 @@ from speed3r_sfm.pipeline.rescue import RescueOptions
 from speed3r_sfm.pipeline.view_features import thumbnail_descriptors, token_descriptors
 
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
+pipeline_bundle = importlib.import_module("speed3r_sfm.pipeline.bundle")
 
 SEED, VIEWS, HEIGHT, WIDTH = 11, 12, 168, 224
 CHUNK, OVERLAP = 6, 2
@@ -435,7 +436,7 @@ def test_views_beyond_a_hinge_that_no_rescue_re_poses_say_so(scene, monkeypatch)
         calls.append(len(calls))
         return [11, 12] if len(calls) == 1 else []  # views 10 and 11
 
-    monkeypatch.setattr(pipeline_reconstruct, "beyond_contradicted_links", first_pass_only)
+    monkeypatch.setattr(pipeline_bundle, "beyond_contradicted_links", first_pass_only)
     options = PipelineOptions(rescue=RescueOptions(enabled=False), bundle=BundleOptions(readjust=False))
     result = run_pipeline(folder, None, model=ChunkOracle(scene, folder), attention="dense", options=options)
     unregistered = {entry["name"]: entry["why"] for entry in result.report["unregistered_images"]}

@@ -28,6 +28,7 @@ from speed3r_sfm.pipeline.bundle import (
     bundle_adjust,
     contradicted_pairs,
     correspondence_graph,
+    drop_hinged_images,
     drop_weakly_linked_images,
     hinged_links,
     matched_rotation,
@@ -637,7 +638,8 @@ def test_views_beyond_a_contradicted_tree_link_that_stayed_joined_are_named():
     assert beyond_contradicted_links(rec, tree[::-1], [(1, 2)]) == [1]  # either end of the tree
     assert beyond_contradicted_links(rec, tree, [(2, 3)]) == []  # two halves: neither is the bent one
     assert beyond_contradicted_links(rec, [*tree, (1, 3)], [(3, 4)]) == []  # the link does not split the tree
-    rec.deregister_frame(rec.image(4).frame_id)
+    assert drop_hinged_images(rec, pycolmap.ObservationManager(rec), tree, [(3, 4)]) == [4]
+    assert sorted(rec.reg_image_ids()) == [1, 2, 3]
     assert beyond_contradicted_links(rec, tree, [(3, 4)]) == []  # already left out: the rescue has it
 
 

@@ -536,7 +536,23 @@ def drop_weakly_linked_images(
     distrusted: Iterable[tuple[int, int]] = (),
 ) -> list[int]:
     """De-register the :func:`weakly_linked_images` (their observations go with them); returns their ids."""
-    dropped = weakly_linked_images(rec, min_shared_points, distrusted)
-    for image_id in dropped:
+    return _deregister(rec, manager, weakly_linked_images(rec, min_shared_points, distrusted))
+
+
+def drop_hinged_images(
+    rec: pycolmap.Reconstruction,
+    manager: pycolmap.ObservationManager,
+    tree_pairs: Iterable[tuple[int, int]],
+    hinged: Iterable[tuple[int, int]],
+) -> list[int]:
+    """De-register the images :func:`beyond_contradicted_links` of the ``hinged`` links (their
+    observations go with them); returns their ids."""
+    return _deregister(rec, manager, beyond_contradicted_links(rec, tree_pairs, hinged))
+
+
+def _deregister(
+    rec: pycolmap.Reconstruction, manager: pycolmap.ObservationManager, image_ids: list[int]
+) -> list[int]:
+    for image_id in image_ids:
         manager.deregister_frame(rec.image(image_id).frame_id)
-    return dropped
+    return image_ids

@@ -46,9 +46,9 @@ from speed3r_sfm.models.prediction import Prediction
 from .backbone import AttentionKind, Backbone, ModelSpec, load_backbone
 from .bundle import (
     BundleOptions,
-    beyond_contradicted_links,
     contradicted_pairs,
     correspondence_graph,
+    drop_hinged_images,
     drop_weakly_linked_images,
     hinged_links,
     matched_rotation,
@@ -598,9 +598,7 @@ def _match_and_adjust(
         dropped = drop_weakly_linked_images(rec, manager, options.bundle.min_shared_points, distrusted)
         if options.bundle.drop_hinged:
             own = partial(matched_rotation, rec, points2d, pair_matches)
-            bent = beyond_contradicted_links(rec, tree_pairs, hinged_links(rec, poses, distrusted, own))
-        for image_id in bent:
-            manager.deregister_frame(rec.image(image_id).frame_id)
+            bent = drop_hinged_images(rec, manager, tree_pairs, hinged_links(rec, poses, distrusted, own))
         dropped = dropped + bent
     done(stage)
     return _Adjusted(
