@@ -20,6 +20,7 @@ from .camera import (
 from .sim3 import (
     apply_sim3,
     compose_sim3,
+    identity_sim3,
     invert_sim3,
     sim3_cam_from_world,
     umeyama_sim3,
@@ -35,6 +36,7 @@ __all__ = [
     "depth_to_world_points",
     "intrinsics_from_colmap",
     "intrinsics_from_fov",
+    "identity_sim3",
     "intrinsics_to_colmap",
     "invert_sim3",
     "invert_pose",

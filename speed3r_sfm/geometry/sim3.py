@@ -95,6 +95,15 @@ def sim3_cam_from_world(
     return torch.cat([rc, tc[..., None]], dim=-1)
 
 
+def identity_sim3() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The identity similarity ``(1, I, 0)`` in float64."""
+    return (
+        torch.ones((), dtype=torch.float64),
+        torch.eye(3, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+    )
+
+
 def compose_sim3(
     a: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 import torch
 
-from speed3r_sfm.geometry import apply_sim3, sim3_cam_from_world
+from speed3r_sfm.geometry import apply_sim3, identity_sim3, sim3_cam_from_world
 from speed3r_sfm.models.prediction import Prediction
 
 from .chunking import plan_chunks, robust_sim3
@@ -342,11 +342,7 @@ def predict_chunked(
             attention.append(summary)
             reports.append(report)
             if k == 0:
-                sim3 = (
-                    torch.ones((), dtype=torch.float64),
-                    torch.eye(3, dtype=torch.float64),
-                    torch.zeros(3, dtype=torch.float64),
-                )
+                sim3 = identity_sim3()
                 inliers.append(1.0)
             else:
                 shared = [i for i, v in enumerate(indices) if v in last_points]

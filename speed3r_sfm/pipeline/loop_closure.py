@@ -37,7 +37,15 @@ import torch
 from kornia.geometry.conversions import axis_angle_to_rotation_matrix, rotation_matrix_to_axis_angle
 
 from ..eval.metrics import rotation_angle_deg
-from ..geometry import apply_sim3, compose_sim3, depth_to_world_points, invert_sim3, sim3_cam_from_world
+from ..geometry import (
+    apply_sim3,
+    camera_centers,
+    compose_sim3,
+    depth_to_world_points,
+    identity_sim3,
+    invert_sim3,
+    sim3_cam_from_world,
+)
 from ..models.prediction import Prediction
 from .checks import require_at_least, require_between, require_bool, require_integer, require_positive
 from .chunked import Predict, alignment_points, run_chunk, store_extra_chunk, stored_extra_chunk
@@ -257,11 +265,11 @@ def close_loops(
     h5_path: str | os.PathLike | None = None,
 ) -> LoopClosure:
     """Close the loops of a composed ordered-chunk ``prediction`` (:func:`~.chunked.predict_chunked`, B = 1,
-    with its depth maps) in place: its poses, depth (and world points, if kept) and ``extras["chunk_sim3"]``
-    move with the correction of the chunk that placed each view. ``predict`` and ``load`` run a loop chunk
-    as the chunks were run; ``descriptors`` (S, D) are the per-view descriptors of detection (None only when
-    disabled or with fewer than three chunks). With ``h5_path`` (the chunk file) each loop chunk is kept
-    there and a re-run reuses it."""
+    with its depth maps) in place: its poses, depth and world points (if kept) move by
+    :func:`view_corrections`, ``extras["chunk_sim3"]`` by each chunk's own correction. ``predict`` and
+    ``load`` run a loop chunk as the chunks were run; ``descriptors`` (S, D) are the per-view descriptors of
+    detection (None only when disabled or with fewer than three chunks). With ``h5_path`` (the chunk file)
+    each loop chunk is kept there and a re-run reuses it."""
     if not options.enabled:
         return LoopClosure.skipped("disabled")
     if len(chunks) < 3 or descriptors is None:
@@ -279,7 +287,7 @@ def close_loops(
     generator = torch.Generator().manual_seed(seed)
     placed = placing_chunks(chunks, num_views)
     edges = [
-        Edge(k - 1, k, _identity(), anchor=world.centre(sorted(set(chunks[k - 1]) & set(chunks[k]))))
+        Edge(k - 1, k, identity_sim3(), anchor=world.centre(sorted(set(chunks[k - 1]) & set(chunks[k]))))
         for k in range(1, len(chunks))
     ]
     loop_chunks, summaries = [], []
@@ -334,8 +342,7 @@ class _ComposedWorld:
 
     def centre(self, views: list[int]) -> torch.Tensor:
         """The mean camera centre (3,) of ``views``."""
-        rot, trans = self.cams[views, :, :3], self.cams[views, :, 3:]
-        return -(rot.transpose(-1, -2) @ trans)[..., 0].mean(dim=0)
+        return camera_centers(self.cams[views]).mean(dim=0)
 
     def align(
         self, out: dict[str, torch.Tensor], part: slice, views: list[int], generator: torch.Generator
@@ -375,14 +382,6 @@ def _loop_chunk(
     if h5_path is not None:
         store_extra_chunk(h5_path, name, views, out, summary, report)
     return out, summary, report
-
-
-def _identity() -> Sim3:
-    return (
-        torch.ones((), dtype=torch.float64),
-        torch.eye(3, dtype=torch.float64),
-        torch.zeros(3, dtype=torch.float64),
-    )
 
 
 def _rejected(
@@ -435,8 +434,7 @@ def _apply(prediction: Prediction, placed: torch.Tensor, corrections: list[Sim3]
     """Move each view of ``prediction`` (in place) by its :func:`view_corrections`; each chunk's Sim(3) in
     ``extras["chunk_sim3"]`` by its chunk's own correction."""
     cams = prediction.cam_from_world[0]
-    rot, trans = cams[..., :3].double(), cams[..., 3:].double()
-    centres = -(rot.transpose(-1, -2) @ trans)[..., 0]
+    centres = camera_centers(cams.double())
     for v, (scale, rot_v, trans_v) in enumerate(view_corrections(placed, centres, corrections)):
         cams[v] = sim3_cam_from_world(scale, rot_v, trans_v, cams[v].double()).to(cams.dtype)
         if prediction.depth.shape[-1] > 0:
