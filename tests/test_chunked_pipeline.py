@@ -415,7 +415,7 @@ def test_chunk_options_without_chunks_are_reported_unused(scene, tmp_path, caplo
     folder = scene["root"] / "ordered"
     with caplog.at_level("WARNING"):
         oracle = ChunkOracle(scene, folder)
-        run_pipeline(folder, None, model=oracle, chunk_overlap=2, chunk_h5=tmp_path / "c.h5")
+        run_pipeline(folder, None, model=oracle, chunk_overlap=2, chunk_h5=tmp_path / "c.h5", device="cpu")
     assert "chunk_h5, chunk_overlap not used: one pass over all views (no chunk_size" in caplog.text
     assert not (tmp_path / "c.h5").exists()
     caplog.clear()
