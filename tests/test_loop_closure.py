@@ -245,16 +245,22 @@ def test_an_injected_drift_is_corrected_by_a_verified_loop(scene):
 
 
 class _Reporting:
-    """A backbone that reports a token-pose tree linking the two places of a loop chunk by ``support``
-    inlier matches (``views`` 0 and 3 of the chunk), as :func:`posed_by_tokens` would."""
+    """A backbone that reports a token-pose tree linking the two places of a 3 + 2-view loop chunk by
+    ``support`` inlier matches, as :func:`posed_by_tokens` would: through one edge (2, 3), or with
+    ``revisit`` through three (each view of the second place pairs with one of the first)."""
 
-    def __init__(self, oracle, support: float) -> None:
-        self.oracle, self.support = oracle, support
+    def __init__(self, oracle, support: float, revisit: bool = False) -> None:
+        self.oracle, self.support, self.revisit = oracle, support, revisit
 
     def __call__(self, images):
         prediction = self.oracle(images)
-        edges = [[0, 1], [1, 2], [2, 3], [3, 4]]
-        support = [100.0, 100.0, self.support, 100.0]
+        if self.revisit:
+            edges, support = (
+                [[0, 1], [0, 3], [1, 3], [2, 4]],
+                [100.0, self.support, self.support, self.support],
+            )
+        else:
+            edges, support = [[0, 1], [1, 2], [2, 3], [3, 4]], [100.0, 100.0, self.support, 100.0]
         prediction.extras["chunk_report"] = {"source": "tokens", "tree_edges": edges, "tree_support": support}
         return prediction
 
@@ -295,6 +301,22 @@ def test_a_loop_whose_places_disagree_is_not_used(scene):
     assert not loop["kept"] and "no plausible drift" in loop["why"]
     assert torch.equal(prediction.cam_from_world, moved) and not torch.equal(moved, before)
     assert "chunk_correction_deg" not in closure.report
+    # one descriptor link between the places does not vouch for a large correction either
+    options = LoopOptions(window=3, max_correction_deg=20.0)
+    linked = close_loops(prediction, _Reporting(oracle, 40.0), load, descriptors, plan, options)
+    loop = linked.report["loops"][0]
+    assert not loop["kept"] and loop["crossing_links"] == 1 and "links by 1 pair(s)" in loop["why"]
+    assert torch.equal(prediction.cam_from_world, moved)
+    revisit = _Reporting(oracle, 40.0, revisit=True)
+    strict = LoopOptions(window=3, max_correction_deg=20.0, revisit_links=4)
+    assert not close_loops(prediction, revisit, load, descriptors, plan, strict).report["loops"][0]["kept"]
+    assert torch.equal(prediction.cam_from_world, moved)
+    # ... but a place seen twice (each view of one pass pairs with one of the other) does: the drift is real
+    seen_twice = close_loops(prediction, revisit, load, descriptors, plan, options)
+    loop = seen_twice.report["loops"][0]
+    assert loop["kept"] and loop["crossing_links"] == 3
+    assert loop["correction_deg"] == pytest.approx(40.0, abs=2.0)
+    assert not torch.equal(prediction.cam_from_world, moved)
     # a disabled closure runs nothing
     calls = len(oracle.calls)
     off = close_loops(prediction, oracle, load, descriptors, plan, LoopOptions(enabled=False))

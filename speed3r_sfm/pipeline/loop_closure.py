@@ -15,7 +15,10 @@ SLAM closes such loops in three steps, and so do we:
    ``C = A ∘ B⁻¹`` (the correction of the later place in the world frame of the earlier one). The loop
    is kept when both alignments have enough inliers, the correction is a plausible drift (rotation
    below ``max_correction_deg``) and, for token-posed models, the loop chunk's spanning tree links the two
-   windows by a pair with at least ``min_support`` inlier matches.
+   windows by a pair with at least ``min_support`` inlier matches. A loop whose tree links the windows by
+   ``revisit_links`` such pairs or more (the views of both passes pair up: a place seen twice) is kept at
+   any correction: a weak feed-forward model drifts by more than any fixed bound (the shipped default: 100-166
+   deg between the passes of a 240-view video, each measured by its loop chunk within 7 deg).
 3. *Correction.* One Sim(3) correction ``X_k`` per chunk (chunk 0 fixed) from a pose graph: consecutive
    chunks keep their relative placement (``X_{k-1}⁻¹ X_k = I``, weight 1) and every loop asks
    ``X_a⁻¹ X_b = C`` (weight ``loop_weight``), solved in closed form: chordal rotations, log-scales and
@@ -66,8 +69,9 @@ class LoopOptions:
     at most (None: as many as there are chunks). ``window``: views per place in a loop chunk (None: a
     quarter of the chunk size, at least 2). ``reference_distance``: detection threshold, the median
     descriptor similarity of views this far apart in the sequence (None: half the chunk overlap, at least
-    1). ``min_inlier_fraction``, ``min_support``, ``max_correction_deg``: verification (module
-    docstring). ``loop_weight``: weight of a loop against a consecutive pair of chunks in the pose graph."""
+    1). ``min_inlier_fraction``, ``min_support``, ``max_correction_deg``, ``revisit_links``: verification
+    (module docstring). ``loop_weight``: weight of a loop against a consecutive pair of chunks in the pose
+    graph."""
 
     enabled: bool = True
     max_loops: int | None = None
@@ -76,6 +80,7 @@ class LoopOptions:
     min_inlier_fraction: float = 0.5
     min_support: float = 20.0
     max_correction_deg: float = 45.0
+    revisit_links: int = 3
     loop_weight: float = 10.0
 
     def __post_init__(self) -> None:
@@ -83,6 +88,7 @@ class LoopOptions:
         for name in ("max_loops", "window", "reference_distance"):
             if getattr(self, name) is not None:
                 require_integer(self, **{name: 1})
+        require_integer(self, revisit_links=1)
         require_between(self, min_inlier_fraction=(0.0, 1.0), max_correction_deg=(0.0, 180.0))
         require_at_least(self, min_support=0.0)
         require_positive(self, "loop_weight")
@@ -304,13 +310,21 @@ def close_loops(
             "similarity": loop.similarity,
             "inlier_fraction": [fraction for _, fraction in fits],
         }
-        why = _rejected(fits, chunk_report, len(first), options)
+        links = _crossing_links(chunk_report, len(first), options.min_support)
+        if links is not None:
+            entry["crossing_links"] = links
+        why = _rejected(fits, links, options)
         if why is None:
             correction = compose_sim3(fits[0][0], invert_sim3(fits[1][0]))
             entry["correction_deg"] = rotation_deg(correction[1])
             entry["correction_scale"] = float(correction[0])
-            if entry["correction_deg"] > options.max_correction_deg:
-                why = f"correction of {entry['correction_deg']:.1f} deg is no plausible drift"
+            revisit = links is not None and links >= options.revisit_links
+            if entry["correction_deg"] > options.max_correction_deg and not revisit:
+                why = (
+                    f"correction of {entry['correction_deg']:.1f} deg is no plausible drift for a loop "
+                    f"the loop chunk links by {links or 0} pair(s) of views (a place seen twice: "
+                    f"{options.revisit_links})"
+                )
             else:
                 anchor = world.centre(second)
                 edges.append(Edge(loop.chunk_i, loop.chunk_j, correction, options.loop_weight, anchor))
@@ -384,24 +398,23 @@ def _loop_chunk(
     return out, summary, report
 
 
-def _rejected(
-    fits: list[tuple[Sim3 | None, float]], chunk_report: dict | None, first: int, options: LoopOptions
-) -> str | None:
-    """Why a loop chunk does not verify its loop (None: it does)."""
+def _crossing_links(chunk_report: dict | None, first: int, min_support: float) -> int | None:
+    """How many edges of a token-posed loop chunk's spanning tree join its first ``first`` views to the
+    others with at least ``min_support`` matches; None when the chunk was not token-posed."""
+    if chunk_report is None or chunk_report.get("source") != "tokens":
+        return None
+    supports = zip(chunk_report["tree_edges"], chunk_report.get("tree_support", []), strict=False)
+    return sum((a < first) != (b < first) and support >= min_support for (a, b), support in supports)
+
+
+def _rejected(fits: list[tuple[Sim3 | None, float]], links: int | None, options: LoopOptions) -> str | None:
+    """Why a loop chunk does not verify its loop (None: it does); ``links``: :func:`_crossing_links`."""
     if any(sim3 is None for sim3, _ in fits):
         return "too few confident points to align a window"
     if min(fraction for _, fraction in fits) < options.min_inlier_fraction:
         return "a window does not align with the composed world"
-    if chunk_report is not None and chunk_report.get("source") == "tokens":
-        crossing = [
-            support
-            for (a, b), support in zip(
-                chunk_report["tree_edges"], chunk_report.get("tree_support", []), strict=False
-            )
-            if (a < first) != (b < first)
-        ]
-        if not crossing or max(crossing) < options.min_support:
-            return "the two places share too few descriptor matches"
+    if links is not None and links == 0:
+        return "the two places share too few descriptor matches"
     return None
 
 
