@@ -186,7 +186,7 @@ def reconstruct(
     unless the model declares its selection unfit to guide: ``Backbone.guided``), "dense" (texture
     keypoints, view pairs from the predicted geometry) or "auto" (the model's own choice: GSA for official
     checkpoints (dense below 256 views per pass on CUDA); the shipped default, whose selection is untrained
-    and does not guide, dense below 64 views per pass on the CPU and 3584 on CUDA, GSA from there);
+    and does not guide, dense below 64 views per pass on the CPU and 128 on CUDA, GSA from there);
     ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS`` (distortion starts at zero and is
     refined in BA); ``shared_camera``: one camera for all images (they must have one size), or
     ``"per_folder"``: one camera per folder of the image names (``recursive`` or ``image_list``; a rig, or
