@@ -1,28 +1,28 @@
 """The whole pipeline (``reconstruct``) on one long synthetic video, one pass against ordered chunks with and
 without loop closure, scored against the ground truth (relative rotation error of every pair of views).
 
-The scene is rendered once (on CUDA when there is one) and written as a COLMAP dataset under ``--work``; each
+The scene is rendered once (on ``--device``) and written as a COLMAP dataset under ``--work``; each
 run writes its project beside it and appends one JSON line to ``--out``::
 
     python benchmarks/long_sequence_pipeline.py --views 240 --chunk-size 48 --out results.jsonl
 
-Runs (``--runs``): ``single`` (one pass, ``attention="auto"``), ``chunks`` (ordered chunks, loop closure),
-``chunks-open`` (ordered chunks, ``--loop_closure false``).
+Runs (``--runs``): ``single`` (one pass), ``chunks`` (ordered chunks, loop closure),
+``chunks-open`` (ordered chunks, ``--loop_closure false``); ``--attention`` applies to each.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import pycolmap
 import torch
+from accuracy import machine_description  # benchmarks/ (this script's folder)
+from relative_rotation_vs_truth import relative_rotation_errors
 
 import speed3r_sfm
 from speed3r_sfm.data.colmap_dataset import write_colmap_dataset
@@ -32,29 +32,10 @@ from speed3r_sfm.pipeline import LoopOptions, PipelineOptions
 RUNS = ("single", "chunks", "chunks-open")
 
 
-def rotations(model: pycolmap.Reconstruction) -> dict[str, np.ndarray]:
-    """World-to-camera rotation of every registered image, by name."""
-    return {
-        model.images[i].name: model.images[i].cam_from_world().rotation.matrix()
-        for i in model.reg_image_ids()
-    }
-
-
-def relative_rotation_errors(truth: pycolmap.Reconstruction, run: pycolmap.Reconstruction) -> np.ndarray:
-    """Degrees, one per pair of views registered in both."""
-    true_rotations, run_rotations = rotations(truth), rotations(run)
-    names = sorted(set(true_rotations) & set(run_rotations))
-    errors = []
-    for a, b in itertools.combinations(names, 2):
-        relative = run_rotations[b] @ run_rotations[a].T
-        true_relative = true_rotations[b] @ true_rotations[a].T
-        cosine = (np.trace(relative @ true_relative.T) - 1) / 2
-        errors.append(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
-    return np.asarray(errors)
-
-
 def write_scene(args: argparse.Namespace, device: str) -> Path:
-    scene = args.work / "scene"
+    """The scene of these settings under ``--work`` (rendered on ``device`` once, then reused)."""
+    name = f"scene_{args.seed}_{args.trajectory}_{args.views}v_{args.width}x{args.height}"
+    scene = args.work / name
     if (scene / "sparse" / "0").exists():
         return scene
     views = render_scene(
@@ -75,6 +56,7 @@ def run_once(name: str, scene: Path, args: argparse.Namespace) -> dict:
         scene / "images",
         output_dir=args.work / name,
         device=args.device,
+        attention=args.attention,
         shared_camera=True,
         overwrite=True,
         options=options,
@@ -87,35 +69,26 @@ def run_once(name: str, scene: Path, args: argparse.Namespace) -> dict:
         (args.reports / f"report_{name}.json").write_text(report_text)
     report = json.loads(report_text)
     errors = relative_rotation_errors(pycolmap.Reconstruction(scene / "sparse" / "0"), reconstruction)
+    if errors.size == 0:
+        errors = np.array([np.nan])  # fewer than two views registered
     chunking = report.get("chunking") or {}
     loops = chunking.get("loop_closure") or {}
+    ran_loops = bool(loops) and loops.get("why") != "disabled"
     return {
         "run": name,
         "registered": reconstruction.num_reg_images(),
         "views": args.views,
         "median_rre_deg": float(np.median(errors)),
-        "max_rre_deg": float(errors.max()),
+        "max_rre_deg": float(np.max(errors)),
         "pairs_over_5deg": float(np.mean(errors > 5)),
         "wall_s": wall,
         "timings_s": report["timings_s"],
         "attention": report.get("attention"),
         "chunks": len(chunking.get("chunks", [])) or None,
-        "loops_kept": sum(bool(entry.get("kept")) for entry in loops.get("loops", [])) if loops else None,
-        "loop_candidates": len(loops.get("loops", [])) if loops else None,
+        "loops_kept": sum(bool(entry.get("kept")) for entry in loops["loops"]) if ran_loops else None,
+        "loop_candidates": len(loops["loops"]) if ran_loops else None,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
     }
-
-
-def machine(device: str) -> dict:
-    facts = {
-        "platform": platform.platform(),
-        "cpu_count": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-    }
-    facts["pycolmap"] = pycolmap.__version__
-    if device.startswith("cuda"):
-        facts["gpu"] = torch.cuda.get_device_name()
-    return facts
 
 
 def main() -> None:
@@ -129,6 +102,7 @@ def main() -> None:
     parser.add_argument("--trajectory", default="forward")
     parser.add_argument("--chunk-size", type=int, default=48)
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--attention", choices=("auto", "dense", "gsa"), default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=Path("outputs/long_sequence_pipeline"))
     parser.add_argument("--out", type=Path, required=True)
@@ -138,7 +112,7 @@ def main() -> None:
     scene = write_scene(args, args.device)
     header = {
         "date": datetime.date.today().isoformat(),
-        "machine": machine(args.device),
+        "machine": machine_description(),
         "settings": vars(args),
     }
     header["settings"] = {k: str(v) for k, v in header["settings"].items()}

@@ -180,10 +180,13 @@ def test_loop_options_are_checked():
         "window",
         "max_loops",
         "reference_distance",
+        "revisit_links",
     ):  # 2.0 from a config file crashed after the model
         with pytest.raises(TypeError, match=f"LoopOptions.{name} must be an integer, got 2.0"):
             LoopOptions(**{name: 2.0})
     assert LoopOptions(window=np.int64(3)).window == 3
+    with pytest.raises(ValueError, match="LoopOptions.revisit_links must be at least 1"):
+        LoopOptions(revisit_links=0)
     with pytest.raises(TypeError, match="LoopOptions.enabled must be True or False, got 'false'"):
         LoopOptions(enabled="false")
     with pytest.raises(ValueError, match="min_inlier_fraction"):
@@ -245,9 +248,9 @@ def test_an_injected_drift_is_corrected_by_a_verified_loop(scene):
 
 
 class _Reporting:
-    """A backbone that reports a token-pose tree linking the two places of a 3 + 2-view loop chunk by
-    ``support`` inlier matches, as :func:`posed_by_tokens` would: through one edge (2, 3), or with
-    ``revisit`` through three (each view of the second place pairs with one of the first)."""
+    """A backbone that reports a token-pose tree over a 3 + 2-view loop chunk (views 0-2 one place, 3-4 the
+    other) that joins the places by ``support`` inlier matches, as :func:`posed_by_tokens` would: through one
+    edge (2, 3), or with ``revisit`` through three, (0, 3), (2, 3) and (1, 4)."""
 
     def __init__(self, oracle, support: float, revisit: bool = False) -> None:
         self.oracle, self.support, self.revisit = oracle, support, revisit
@@ -255,10 +258,8 @@ class _Reporting:
     def __call__(self, images):
         prediction = self.oracle(images)
         if self.revisit:
-            edges, support = (
-                [[0, 1], [0, 3], [1, 3], [2, 4]],
-                [100.0, self.support, self.support, self.support],
-            )
+            edges = [[0, 1], [0, 3], [2, 3], [1, 4]]
+            support = [100.0, self.support, self.support, self.support]
         else:
             edges, support = [[0, 1], [1, 2], [2, 3], [3, 4]], [100.0, 100.0, self.support, 100.0]
         prediction.extras["chunk_report"] = {"source": "tokens", "tree_edges": edges, "tree_support": support}
@@ -309,7 +310,11 @@ def test_a_loop_whose_places_disagree_is_not_used(scene):
     assert torch.equal(prediction.cam_from_world, moved)
     revisit = _Reporting(oracle, 40.0, revisit=True)
     strict = LoopOptions(window=3, max_correction_deg=20.0, revisit_links=4)
-    assert not close_loops(prediction, revisit, load, descriptors, plan, strict).report["loops"][0]["kept"]
+    loop = close_loops(prediction, revisit, load, descriptors, plan, strict).report["loops"][0]
+    assert not loop["kept"] and loop["crossing_links"] == 3 and "links by 3 pair(s)" in loop["why"]
+    weak = close_loops(prediction, _Reporting(oracle, 8.0, revisit=True), load, descriptors, plan, options)
+    loop = weak.report["loops"][0]  # three links, none with min_support matches
+    assert loop["crossing_links"] == 0 and loop["why"] == "the two places share too few descriptor matches"
     assert torch.equal(prediction.cam_from_world, moved)
     # ... but a place seen twice (each view of one pass pairs with one of the other) does: the drift is real
     seen_twice = close_loops(prediction, revisit, load, descriptors, plan, options)

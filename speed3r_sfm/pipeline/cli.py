@@ -84,8 +84,8 @@ def reconstruct_command(
         model: "default", a Hugging Face Hub id (facebook/VGGT-1B, yyfz233/Pi3) or a checkpoint path.
         attention: "gsa" (sparse attention; its records guide keypoints and matches unless the model
             declares them untrained, as the shipped default does), "dense", or "auto" (the model's own:
-            for the shipped default dense below 64 views per pass and GSA from 64, GSA for official
-            checkpoints).
+            for the shipped default dense below 64 views per pass and GSA from 64 (on CUDA from 128),
+            GSA for official checkpoints (on CUDA from 256)).
         device: "auto", "cpu", "cuda", "cuda:1", ...
         ba: run bundle adjustment.
         camera_model: COLMAP camera model; distortion starts at zero and is refined by bundle adjustment.

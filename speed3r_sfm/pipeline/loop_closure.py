@@ -17,8 +17,8 @@ SLAM closes such loops in three steps, and so do we:
    below ``max_correction_deg``) and, for token-posed models, the loop chunk's spanning tree links the two
    windows by a pair with at least ``min_support`` inlier matches. A loop whose tree links the windows by
    ``revisit_links`` such pairs or more (the views of both passes pair up: a place seen twice) is kept at
-   any correction: a weak feed-forward model drifts by more than any fixed bound (the shipped default: 100-166
-   deg between the passes of a 240-view video, each measured by its loop chunk within 7 deg).
+   any correction: a weak feed-forward model drifts by more than any fixed bound (the shipped default: 100-170
+   deg between the passes of a 240-view video, each measured by its loop chunk within about 7 deg).
 3. *Correction.* One Sim(3) correction ``X_k`` per chunk (chunk 0 fixed) from a pose graph: consecutive
    chunks keep their relative placement (``X_{k-1}⁻¹ X_k = I``, weight 1) and every loop asks
    ``X_a⁻¹ X_b = C`` (weight ``loop_weight``), solved in closed form: chordal rotations, log-scales and
@@ -320,11 +320,12 @@ def close_loops(
             entry["correction_scale"] = float(correction[0])
             revisit = links is not None and links >= options.revisit_links
             if entry["correction_deg"] > options.max_correction_deg and not revisit:
-                why = (
-                    f"correction of {entry['correction_deg']:.1f} deg is no plausible drift for a loop "
-                    f"the loop chunk links by {links or 0} pair(s) of views (a place seen twice: "
-                    f"{options.revisit_links})"
-                )
+                why = f"correction of {entry['correction_deg']:.1f} deg is no plausible drift"
+                if links is not None:
+                    why += (
+                        f" for a loop the loop chunk links by {links} pair(s) of views (a place seen twice: "
+                        f"{options.revisit_links})"
+                    )
             else:
                 anchor = world.centre(second)
                 edges.append(Edge(loop.chunk_i, loop.chunk_j, correction, options.loop_weight, anchor))
@@ -413,7 +414,7 @@ def _rejected(fits: list[tuple[Sim3 | None, float]], links: int | None, options:
         return "too few confident points to align a window"
     if min(fraction for _, fraction in fits) < options.min_inlier_fraction:
         return "a window does not align with the composed world"
-    if links is not None and links == 0:
+    if links == 0:
         return "the two places share too few descriptor matches"
     return None
 
