@@ -3,6 +3,7 @@ GSA record reduction, keypoint allocation, database geometry."""
 
 from __future__ import annotations
 
+import importlib
 import re
 from functools import partial
 from pathlib import Path
@@ -35,6 +36,7 @@ from speed3r_sfm.pipeline.bundle import (
     mean_reprojection_error,
     observations,
     refine_reconstruction,
+    solve_tolerance,
     weakly_linked_images,
 )
 from speed3r_sfm.pipeline.colmap_model import (
@@ -302,6 +304,23 @@ def test_an_adjusted_camera_whose_distortion_folds_its_image_is_reset():
     summary = bundle_adjust(rec, options, loss_scale=1.0)
     assert summary is not None and implausible_camera(rec.cameras[1]) is None
     assert rec.cameras[1].params[3] == 0.0 and mean_reprojection_error(rec) < 0.1
+
+
+def test_the_stopping_tolerance_shrinks_with_the_problem(monkeypatch):
+    options = BundleOptions()  # the same relative decrease per image beyond 24
+    assert solve_tolerance(options, 4) == solve_tolerance(options, 24) == options.function_tolerance
+    assert solve_tolerance(options, 240) == pytest.approx(options.function_tolerance / 10)
+    halved = options.function_tolerance / 2
+    assert solve_tolerance(BundleOptions(tolerance_views=4), 8) == pytest.approx(halved)
+    seen = []
+    bundle_module = importlib.import_module("speed3r_sfm.pipeline.bundle")
+    monkeypatch.setattr(bundle_module, "solve_tolerance", lambda options, n: seen.append(n) or 1e-4)
+    rec, _, points, _ = _scene_reconstruction(num_points=50, noise_px=0.3, seed=1)
+    manager = pycolmap.ObservationManager(rec)
+    for p in range(len(points)):
+        manager.add_point3D(points[p], pycolmap.Track([pycolmap.TrackElement(i + 1, p) for i in range(4)]))
+    assert bundle_adjust(rec, BundleOptions(refine_focal_length=False), loss_scale=1.0) is not None
+    assert seen == [4]  # the problem's images
 
 
 def test_bundle_adjustment_recovers_perturbed_poses():
@@ -872,6 +891,8 @@ def test_adjusted_shared_camera_is_the_median_of_the_registered_cameras():
         (lambda: MatchOptions(refine={}), TypeError, "MatchOptions.refine must be a RefineOptions, got dict"),
         (lambda: MatchOptions(time_limit=-1), ValueError, "MatchOptions.time_limit must be at least 0.0"),
         (lambda: BundleOptions(function_tolerance=-1), ValueError, "function_tolerance must be positive"),
+        (lambda: BundleOptions(tolerance_views=0), ValueError, "tolerance_views must be at least 1"),
+        (lambda: BundleOptions(tolerance_views=2.0), TypeError, "tolerance_views must be an integer"),
         (lambda: BundleOptions(loss="foo"), ValueError, "BundleOptions.loss must be one of"),
         (
             lambda: PipelineOptions(merge_radius=-1),

@@ -45,7 +45,7 @@ import torch
 
 from speed3r_sfm.eval.metrics import rotation_angle_deg
 
-from .checks import require_at_least, require_positive
+from .checks import require_at_least, require_integer, require_positive
 from .colmap_model import implausible_camera
 from .tracks import connected_components
 
@@ -83,6 +83,12 @@ class BundleOptions:
     # depth-perturbed runs of the six scenes (one Ceres thread), 0.4-0.6 s less per 24-view run; 1e-3 left
     # the hard orbit with 21 views (ba_function_tolerance.md)
     function_tolerance: float = 1e-4
+    # ``function_tolerance`` holds up to this many adjusted images; a larger problem stops at a
+    # proportionally smaller relative decrease: a slow correction of a few dozen views moves the cost of 240
+    # by little per iteration. A 240-view video after loop closure ended with its first 40 views bent up to
+    # 2.3 deg at 1e-4, within 0.28 deg at 1e-5 (1e-6: the same), bundle adjustment 36 s instead of 30
+    # (chunked_loop_closure.md)
+    tolerance_views: int = 24
     # bundle adjustment poses the largest group of registered images linked by pairs sharing at least this
     # many 3D points; the others keep their poses (weakly linked views are decided on after the adjustment).
     # A view with a handful of points, or a group joined to the rest by one or two, leaves the problem a free
@@ -140,6 +146,7 @@ class BundleOptions:
     def __post_init__(self) -> None:
         require_at_least(self, rounds=1, max_iterations=1, readjust_rounds=1, min_shared_points=0)
         require_at_least(self, min_adjusted_link=0, min_tri_angle=0.0)
+        require_integer(self, tolerance_views=1)
         require_positive(self, "loss_scale", "initial_loss_scale", "max_reproj_error", "function_tolerance")
         if self.loss not in LOSSES:
             raise ValueError(f"BundleOptions.loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
@@ -171,6 +178,11 @@ def correspondence_graph(
     return graph
 
 
+def solve_tolerance(options: BundleOptions, num_images: int) -> float:
+    """Ceres's function tolerance for a problem of ``num_images`` adjusted images (``tolerance_views``)."""
+    return options.function_tolerance * min(1.0, options.tolerance_views / max(num_images, 1))
+
+
 def bundle_adjust(
     rec: pycolmap.Reconstruction, options: BundleOptions, loss_scale: float, refine_intrinsics: bool = True
 ) -> pycolmap.BundleAdjustmentSummary | None:
@@ -190,7 +202,7 @@ def bundle_adjust(
     ba.ceres.loss_function_type = LOSSES[options.loss]
     ba.ceres.loss_function_scale = float(loss_scale)
     ba.ceres.solver_options.max_num_iterations = options.max_iterations
-    ba.ceres.solver_options.function_tolerance = options.function_tolerance
+    ba.ceres.solver_options.function_tolerance = solve_tolerance(options, len(image_ids))
     ba.ceres.solver_options.parameter_tolerance = 1e-8
     ba.ceres.solver_options.num_threads = options.num_threads
     ba.ceres.min_num_residuals_for_cpu_multi_threading = 0
