@@ -113,9 +113,8 @@ def main() -> None:
     header = {
         "date": datetime.date.today().isoformat(),
         "machine": machine_description(),
-        "settings": vars(args),
+        "settings": {key: str(value) for key, value in vars(args).items()},
     }
-    header["settings"] = {k: str(v) for k, v in header["settings"].items()}
     for name in args.runs:
         row = {**header, **run_once(name, scene, args)}
         print(json.dumps({k: v for k, v in row.items() if k not in ("machine", "settings")}), flush=True)

@@ -7,27 +7,31 @@ pair of views registered in both (median, maximum, share of pairs off by more th
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import numpy as np
 import pycolmap
+import torch
+
+from speed3r_sfm.eval.metrics import relative_pose_errors
 
 
-def rotations(model: pycolmap.Reconstruction) -> dict[str, np.ndarray]:
-    """World-to-camera rotation of every registered image, by name."""
+def registered_poses(model: pycolmap.Reconstruction) -> dict[str, np.ndarray]:
+    """World-to-camera pose (3, 4) of every registered image, by name."""
     images = [model.images[i] for i in model.reg_image_ids()]
-    return {image.name: image.cam_from_world().rotation.matrix() for image in images}
+    return {image.name: image.cam_from_world().matrix() for image in images}
 
 
 def relative_rotation_errors(truth: pycolmap.Reconstruction, run: pycolmap.Reconstruction) -> np.ndarray:
-    """Degrees, one per pair of views registered in both models."""
-    true_rotations, run_rotations = rotations(truth), rotations(run)
-    names = sorted(set(true_rotations) & set(run_rotations))
-    errors = []
-    for a, b in itertools.combinations(names, 2):
-        difference = (run_rotations[b] @ run_rotations[a].T) @ (true_rotations[b] @ true_rotations[a].T).T
-        errors.append(np.degrees(np.arccos(np.clip((np.trace(difference) - 1) / 2, -1.0, 1.0))))
-    return np.asarray(errors)
+    """Degrees, one per pair of views registered in both models (``eval.metrics.relative_pose_errors``)."""
+    true_poses, run_poses = registered_poses(truth), registered_poses(run)
+    names = sorted(set(true_poses) & set(run_poses))
+    if len(names) < 2:
+        return np.empty(0)
+
+    def stacked(poses: dict[str, np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([poses[name] for name in names]))
+
+    return relative_pose_errors(stacked(run_poses), stacked(true_poses))[0].numpy()
 
 
 def main() -> None:
@@ -37,7 +41,7 @@ def main() -> None:
     parser.add_argument("run")
     args = parser.parse_args()
     truth, model = pycolmap.Reconstruction(args.truth), pycolmap.Reconstruction(args.run)
-    run = rotations(model)
+    run = registered_poses(model)
     errors = relative_rotation_errors(truth, model)
     print(
         f"registered {len(run)}/{truth.num_reg_images()}, median RRE {np.median(errors):.3f} deg, "
