@@ -835,6 +835,42 @@ def test_matching_time_limit_skips_pairs_with_a_warning(scene_data, caplog):
     assert failed.value.report["counts"]["refined_matches"] == 0
 
 
+def test_grayscale_images_get_the_models_own_warning(scene_data, tmp_path, caplog, capsys):
+    """A model that declares a weakness on grayscale input (the shipped default's sidecar
+    ``input_warnings``) has it logged, kept in report.json and printed in the CLI summary when a run's
+    images are grayscale, and only then; the default model carries the warning, fine-tuned weights do not
+    inherit it (``PIPELINE_KEYS``)."""
+    from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
+    from speed3r_sfm.training.backbone import PIPELINE_KEYS
+
+    assert "grayscale" in load_backbone("default", device="cpu").input_warnings
+    assert "input_warnings" not in PIPELINE_KEYS
+    assert "grayscale" in json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())["input_warnings"]
+
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    names = sorted(p.name for p in scene_data["folder"].iterdir())
+    for i, name in enumerate(names):  # two of the views kept in colour
+        image = Image.open(scene_data["folder"] / name)
+        (image if i < 2 else image.convert("L")).save(gray / name)
+    model = _oracle(scene_data)
+    model.input_warnings = {"grayscale": "trained on colour only"}
+    with caplog.at_level(logging.WARNING, logger="speed3r_sfm"):
+        result = run_pipeline(gray, tmp_path / "out", model=model, attention="dense")
+    expected = f"{VIEWS - 2} of {VIEWS} images are grayscale: trained on colour only"
+    assert result.report["input_warnings"] == [expected]
+    assert expected in caplog.text
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["input_warnings"] == [expected]
+    assert f"warning: {expected}" in pipeline_cli.summary_text(result)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="speed3r_sfm"):
+        colour = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
+    assert colour.report["input_warnings"] == [] and "grayscale" not in caplog.text
+    model.input_warnings = {}
+    assert run_pipeline(gray, None, model=model, attention="dense").report["input_warnings"] == []
+
+
 def test_views_not_linked_well_enough_are_reported_not_registered(scene_data, tmp_path, capsys):
     """With a link threshold no view pair reaches, only one view stays registered: no reconstruction, and
     the error's report names the others and says why; nothing is written."""

@@ -323,3 +323,28 @@ def test_recursive_listing_skips_earlier_projects_inside_the_folder(tmp_path, ca
         paths = select_images(tmp_path, recursive=True)
     assert [p.relative_to(tmp_path).as_posix() for p in paths] == ["a.png", "cam0/b.png"]
     assert f"skipped the images of {project}" in caplog.text
+
+
+def test_grayscale_views_are_recognised_in_any_file_mode(tmp_path):
+    """L and LA PNGs, a grayscale JPEG saved as RGB (chroma rounding of a level or two) and a 16-bit
+    grayscale PNG read as grayscale; a colour image and a nearly gray one with a tinted corner do not."""
+    rng = np.random.default_rng(0)
+    gray = (rng.random((64, 80)) * 255).astype(np.uint8)
+    colour = (rng.random((64, 80, 3)) * 255).astype(np.uint8)
+    tinted = np.repeat(gray[..., None], 3, axis=2)
+    tinted[:8, :8, 0] = 255 - tinted[:8, :8, 1] // 2  # a red corner
+    Image.fromarray(gray).save(tmp_path / "a_l.png")
+    Image.fromarray(gray).convert("LA").save(tmp_path / "b_la.png")
+    Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(tmp_path / "c_rgb.jpg", quality=90)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "d_16bit.png")
+    Image.fromarray(colour).save(tmp_path / "e_colour.png")
+    Image.fromarray(tinted).save(tmp_path / "f_tinted.png")
+    views, _, _ = load_views(select_images(tmp_path), tmp_path, Preprocessing("crop", 56), 1600, 0.5)
+    assert {v.name: v.grayscale for v in views} == {
+        "a_l.png": True,
+        "b_la.png": True,
+        "c_rgb.jpg": True,
+        "d_16bit.png": True,
+        "e_colour.png": False,
+        "f_tinted.png": False,
+    }

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,6 +74,9 @@ class Backbone:
     gsa_guidance: bool = True
     # ``predict`` plus ``extras["tracker"]`` (models with a track head, e.g. VGGT-1B); None without one
     predict_with_tracker: Callable[[torch.Tensor], Prediction] | None = None
+    # what the model's makers measured it to do badly on, by kind of input ("grayscale": ...), logged when
+    # a run's images are of that kind (an exported model's sidecar ``input_warnings``)
+    input_warnings: dict[str, str] = field(default_factory=dict)
 
     @property
     def guided(self) -> bool:
@@ -182,11 +185,20 @@ def load_backbone(
             attention=attention,
             gsa_guidance=guidance,
             predict_with_tracker=with_tracker,
+            input_warnings=dict(getattr(model, "input_warnings", {})),
         )
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         kind = "gsa" if attention == "auto" else attention  # a callable exports records or it does not
-        return Backbone(model, spec, getattr(model, "name", name), dev, attention=kind, gsa_guidance=guidance)
+        return Backbone(
+            model,
+            spec,
+            getattr(model, "name", name),
+            dev,
+            attention=kind,
+            gsa_guidance=guidance,
+            input_warnings=dict(getattr(model, "input_warnings", {})),
+        )
     raise TypeError(
         f"model must be 'default', a Hub id, a checkpoint path, an nn.Module with predict() or a callable "
         f"returning a Prediction; got {type(model).__name__}"

@@ -242,6 +242,8 @@ def summary_text(result: PipelineResult) -> str:
             f"  adjusted again with the adjusted camera held fixed: {fixed['registered_before']} -> "
             f"{fixed['registered_after']} registered images"
         )
+    for warning in r.get("input_warnings", []):
+        lines.append(f"  warning: {warning}")
     for entry in r.get("unregistered_images", []):
         lines.append(f"  not registered: {entry['name']} ({entry['why']})")
     if result.output_dir is not None:

@@ -79,6 +79,12 @@ class View:
         """(sx, sy) = work size / original size (a pure scale in COLMAP's pixel convention)."""
         return self.work_size[0] / self.original_size[0], self.work_size[1] / self.original_size[1]
 
+    @property
+    def grayscale(self) -> bool:
+        """A grayscale image read as RGB: its channels equal within 2 levels (JPEG's chroma rounding)."""
+        rgb = self.work_rgb.astype(np.int16)
+        return bool(np.abs(rgb[..., 1:] - rgb[..., :1]).max(initial=0) <= 2)
+
     def gray(self) -> torch.Tensor:
         """(h, w) float32 luminance in [0, 1] of the work image."""
         rgb = torch.from_numpy(self.work_rgb).float() / 255.0

@@ -318,6 +318,7 @@ def run_pipeline(
         views, model_images, skipped = load_views(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
+        input_warnings = _input_warnings(backbone, views)
         calibration = None if known_params is None else known_camera(camera_model, known_params, views)
         grays = [v.gray() for v in views]
         # original pixels per work pixel: losses are in work pixels, COLMAP's thresholds in original ones
@@ -445,6 +446,7 @@ def run_pipeline(
                 "shared_camera": shared_camera,
                 "camera_params": known_params,
                 "bundle_adjustment": ba,
+                "input_warnings": input_warnings,
                 "options": asdict(options),
                 "chunking": chunking,
                 "poses": pose_source,
@@ -485,6 +487,17 @@ def run_pipeline(
         stages.close()
     names = [v.name for v in views]
     return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses)
+
+
+def _input_warnings(backbone: Backbone, views: list) -> list[str]:
+    """The model's own warnings (``Backbone.input_warnings``) that apply to these images, each logged."""
+    found = []
+    gray = sum(view.grayscale for view in views)
+    if gray and "grayscale" in backbone.input_warnings:
+        found.append(f"{gray} of {len(views)} images are grayscale: {backbone.input_warnings['grayscale']}")
+    for message in found:
+        logger.warning(message)
+    return found
 
 
 @dataclass

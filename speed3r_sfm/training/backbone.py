@@ -298,9 +298,10 @@ def load_exported(
     device: torch.device | str = "cpu",
 ) -> nn.Module:
     """A model from :func:`export_weights` output, in float32 and eval mode, with the sidecar's
-    ``preprocessing`` and ``gsa_guidance`` as attributes (what ``reconstruct(model=module)`` reads).
-    ``attention`` replaces the stored global attention (e.g. dense weights run as training-free GSA: GSA
-    gates missing from the file keep their init; GSA gates in the file are dropped for a dense model)."""
+    ``preprocessing``, ``gsa_guidance`` and ``input_warnings`` as attributes (what
+    ``reconstruct(model=module)`` reads). ``attention`` replaces the stored global attention (e.g. dense
+    weights run as training-free GSA: GSA gates missing from the file keep their init; GSA gates in the file
+    are dropped for a dense model)."""
     meta = json.loads(sidecar(path).read_text())
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{sidecar(path)} is not a {EXPORT_FORMAT} sidecar")
@@ -317,6 +318,8 @@ def load_exported(
     if "preprocessing" in meta:
         model.preprocessing = dict(meta["preprocessing"])
     model.gsa_guidance = bool(meta.get("gsa_guidance", True))
+    # Backbone.input_warnings; not among PIPELINE_KEYS: what fine-tuning changes may lift them
+    model.input_warnings = dict(meta.get("input_warnings", {}))
     return model.float().eval().to(device)
 
 
