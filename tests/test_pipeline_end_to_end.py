@@ -835,17 +835,27 @@ def test_matching_time_limit_skips_pairs_with_a_warning(scene_data, caplog):
     assert failed.value.report["counts"]["refined_matches"] == 0
 
 
-def test_grayscale_images_get_the_models_own_warning(scene_data, tmp_path, caplog, capsys):
+def test_grayscale_images_get_the_models_own_warning(scene_data, tmp_path, caplog):
     """A model that declares a weakness on grayscale input (the shipped default's sidecar
     ``input_warnings``) has it logged, kept in report.json and printed in the CLI summary when a run's
-    images are grayscale, and only then; the default model carries the warning, fine-tuned weights do not
-    inherit it (``PIPELINE_KEYS``)."""
+    images are grayscale, and only then; the default model carries the warning, and weights fine-tuned from
+    it keep it (``PIPELINE_KEYS``) until their sidecar says otherwise."""
     from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
-    from speed3r_sfm.training.backbone import PIPELINE_KEYS
+    from speed3r_sfm.training.backbone import (
+        BackboneSpec,
+        export_weights,
+        inherit_pipeline_settings,
+        load_exported,
+    )
 
-    assert "grayscale" in load_backbone("default", device="cpu").input_warnings
-    assert "input_warnings" not in PIPELINE_KEYS
-    assert "grayscale" in json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())["input_warnings"]
+    declared = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())["input_warnings"]
+    assert "grayscale" in declared
+    assert load_backbone("default", device="cpu").input_warnings == declared
+    module = load_exported(DEFAULT_WEIGHTS)  # fine-tuning from it: the pipeline settings it keeps
+    spec = BackboneSpec(name="vggt", preset="small")
+    settings = inherit_pipeline_settings(DEFAULT_WEIGHTS, module)
+    fine_tuned = export_weights(module, spec, tmp_path / "fine_tuned.safetensors", pipeline=settings)
+    assert load_backbone(str(fine_tuned), device="cpu").input_warnings == declared
 
     gray = tmp_path / "gray"
     gray.mkdir()

@@ -326,25 +326,42 @@ def test_recursive_listing_skips_earlier_projects_inside_the_folder(tmp_path, ca
 
 
 def test_grayscale_views_are_recognised_in_any_file_mode(tmp_path):
-    """L and LA PNGs, a grayscale JPEG saved as RGB (chroma rounding of a level or two) and a 16-bit
-    grayscale PNG read as grayscale; a colour image and a nearly gray one with a tinted corner do not."""
+    """L, LA and 16-bit grayscale PNGs, gray saved as an RGB JPEG, gray with channels 2 levels apart and gray
+    with a small coloured time stamp read as grayscale; a colour image, channels 3 levels apart and a gray
+    image with a larger coloured corner do not (``GRAY_COLOUR_SHARE``)."""
     rng = np.random.default_rng(0)
-    gray = (rng.random((64, 80)) * 255).astype(np.uint8)
-    colour = (rng.random((64, 80, 3)) * 255).astype(np.uint8)
-    tinted = np.repeat(gray[..., None], 3, axis=2)
-    tinted[:8, :8, 0] = 255 - tinted[:8, :8, 1] // 2  # a red corner
+    gray = (rng.random((64, 80)) * 200 + 20).astype(np.uint8)
+    as_rgb = np.repeat(gray[..., None], 3, axis=2)
+
+    def shifted(levels: int) -> np.ndarray:
+        rgb = as_rgb.astype(np.int16)
+        rgb[..., 0] += levels
+        return rgb.astype(np.uint8)
+
+    def corner(size: int) -> np.ndarray:  # a red square in the top-left corner
+        rgb = as_rgb.copy()
+        rgb[:size, :size] = (230, 20, 20)
+        return rgb
+
     Image.fromarray(gray).save(tmp_path / "a_l.png")
     Image.fromarray(gray).convert("LA").save(tmp_path / "b_la.png")
-    Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(tmp_path / "c_rgb.jpg", quality=90)
+    Image.fromarray(as_rgb).save(tmp_path / "c_rgb.jpg", quality=90)
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "d_16bit.png")
-    Image.fromarray(colour).save(tmp_path / "e_colour.png")
-    Image.fromarray(tinted).save(tmp_path / "f_tinted.png")
+    Image.fromarray(shifted(2)).save(tmp_path / "e_two_levels.png")
+    Image.fromarray(corner(4)).save(tmp_path / "f_time_stamp.png")  # 16 of 5120 pixels
+    Image.fromarray((rng.random((64, 80, 3)) * 255).astype(np.uint8)).save(tmp_path / "g_colour.png")
+    Image.fromarray(shifted(3)).save(tmp_path / "h_three_levels.png")
+    Image.fromarray(corner(12)).save(tmp_path / "i_coloured_corner.png")  # 144 of 5120 pixels
     views, _, _ = load_views(select_images(tmp_path), tmp_path, Preprocessing("crop", 56), 1600, 0.5)
-    assert {v.name: v.grayscale for v in views} == {
+    found = {v.name: v.grayscale for v in views}
+    assert found == {
         "a_l.png": True,
         "b_la.png": True,
         "c_rgb.jpg": True,
         "d_16bit.png": True,
-        "e_colour.png": False,
-        "f_tinted.png": False,
+        "e_two_levels.png": True,
+        "f_time_stamp.png": True,
+        "g_colour.png": False,
+        "h_three_levels.png": False,
+        "i_coloured_corner.png": False,
     }

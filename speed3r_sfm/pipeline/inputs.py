@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 PreprocessMode = Literal["crop", "pad", "pixel_limit"]
 
 
+GRAY_COLOUR_SHARE = 0.005  # a grayscale image may have this share of coloured pixels (View.grayscale)
 MIN_IMAGE_SIDE = 32  # pixels: smaller images are skipped (a handful of 14-pixel patches, no keypoints)
 
 
@@ -81,9 +82,11 @@ class View:
 
     @property
     def grayscale(self) -> bool:
-        """A grayscale image read as RGB: its channels equal within 2 levels (JPEG's chroma rounding)."""
-        rgb = self.work_rgb.astype(np.int16)
-        return bool(np.abs(rgb[..., 1:] - rgb[..., :1]).max(initial=0) <= 2)
+        """A grayscale image read as RGB: its channels equal within 2 levels (JPEG's chroma rounding) at all
+        but ``GRAY_COLOUR_SHARE`` of its pixels (a coloured time stamp); every 4th pixel of each axis."""
+        rgb = self.work_rgb[::4, ::4].astype(np.int16)
+        coloured = np.abs(rgb[..., 1:] - rgb[..., :1]).max(axis=-1) > 2
+        return bool(coloured.mean() <= GRAY_COLOUR_SHARE) if coloured.size else True
 
     def gray(self) -> torch.Tensor:
         """(h, w) float32 luminance in [0, 1] of the work image."""

@@ -74,7 +74,7 @@ from .colmap_model import (
 )
 from .export import check_output, write_project
 from .frames import SceneGeometry
-from .inputs import ImageList, Preprocessing, load_views, select_images
+from .inputs import ImageList, Preprocessing, View, load_views, select_images
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .loop_closure import LoopClosure, LoopOptions, close_loops
 from .matching import (
@@ -489,11 +489,11 @@ def run_pipeline(
     return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses)
 
 
-def _input_warnings(backbone: Backbone, views: list) -> list[str]:
-    """The model's own warnings (``Backbone.input_warnings``) that apply to these images, each logged."""
-    found = []
-    gray = sum(view.grayscale for view in views)
-    if gray and "grayscale" in backbone.input_warnings:
+def _input_warnings(backbone: Backbone, views: list[View]) -> list[str]:
+    """The model's own warnings (``Backbone.input_warnings``) that apply to these images, each logged; the
+    pipeline knows one kind of input, ``"grayscale"``."""
+    found: list[str] = []
+    if "grayscale" in backbone.input_warnings and (gray := sum(view.grayscale for view in views)):
         found.append(f"{gray} of {len(views)} images are grayscale: {backbone.input_warnings['grayscale']}")
     for message in found:
         logger.warning(message)

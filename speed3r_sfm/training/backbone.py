@@ -251,6 +251,9 @@ PIPELINE_KEYS = (
     "gsa_from_views_why",
     "gsa_guidance",
     "gsa_guidance_why",
+    # inputs the model was measured to fail on; a fine-tune keeps them until they are measured again (a
+    # model fine-tuned for such inputs: edit its sidecar)
+    "input_warnings",
     "pipeline_settings_from",
 )
 
@@ -318,7 +321,6 @@ def load_exported(
     if "preprocessing" in meta:
         model.preprocessing = dict(meta["preprocessing"])
     model.gsa_guidance = bool(meta.get("gsa_guidance", True))
-    # Backbone.input_warnings; not among PIPELINE_KEYS: what fine-tuning changes may lift them
     model.input_warnings = dict(meta.get("input_warnings", {}))
     return model.float().eval().to(device)
 
