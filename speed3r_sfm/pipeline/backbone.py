@@ -164,6 +164,7 @@ def load_backbone(
     else:
         name = type(model).__name__
     guidance = bool(getattr(model, "gsa_guidance", True))  # see Backbone.gsa_guidance
+    declared = dict(getattr(model, "input_warnings", {}))  # see Backbone.input_warnings
     if isinstance(model, nn.Module):
         if attention == "auto":
             from speed3r_sfm.training.backbone import uses_gsa
@@ -185,19 +186,14 @@ def load_backbone(
             attention=attention,
             gsa_guidance=guidance,
             predict_with_tracker=with_tracker,
-            input_warnings=dict(getattr(model, "input_warnings", {})),
+            input_warnings=declared,
         )
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
         kind = "gsa" if attention == "auto" else attention  # a callable exports records or it does not
+        name = getattr(model, "name", name)
         return Backbone(
-            model,
-            spec,
-            getattr(model, "name", name),
-            dev,
-            attention=kind,
-            gsa_guidance=guidance,
-            input_warnings=dict(getattr(model, "input_warnings", {})),
+            model, spec, name, dev, attention=kind, gsa_guidance=guidance, input_warnings=declared
         )
     raise TypeError(
         f"model must be 'default', a Hub id, a checkpoint path, an nn.Module with predict() or a callable "
