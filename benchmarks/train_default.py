@@ -25,7 +25,8 @@ Stages (each resumable; run them in order, as separate device calls if needed)::
   consecutive views with the patch-correspondence loss; exports ``<run-dir>/pose_dense.safetensors``.
   ``evaluate --candidate pose`` compares it (dense and as training-free GSA) with the shipped default;
   ``ship --candidate pose`` ships it as GSA (gates at their training-free init) with a new model card.
-- ``ship``: copies the student to speed3r_sfm/weights/default.safetensors + default.json and writes
+- ``ship``: copies the student to speed3r_sfm/weights/default.safetensors + default.json (keeping the
+  shipped sidecar's pipeline settings the student does not set, e.g. ``input_warnings``) and writes
   speed3r_sfm/weights/MODEL_CARD.md (data, steps, time, accuracy table).
 
 ``--set KEY=VALUE`` overrides entries of the stage's YAML (dotted keys, YAML values). ``--out DIR`` (e.g.
@@ -324,6 +325,23 @@ def _table(evaluation: dict) -> list[str]:
     return lines
 
 
+def student_sidecar(student: dict, previous: dict, stages: list[dict], width: int) -> tuple[dict, list[str]]:
+    """The shipped sidecar of a stage-2 student: its own, with the stage log, the crop preprocessing at the
+    trained ``width`` and, of the ``previous`` shipped sidecar's pipeline settings, those the student does not
+    set (input warnings, attention choices: kept until measured on the new weights, as fine-tunes keep them).
+    Returns it and the names of the keys kept."""
+    from speed3r_sfm.training.backbone import PIPELINE_KEYS
+
+    meta = json.loads(json.dumps(student))
+    meta["info"]["stages"] = [{k: v for k, v in s.items() if k != "config"} for s in stages]
+    meta["info"].pop("teacher_checkpoint", None)
+    # The pipeline feeds the model images of the width it was trained at (VGGT "crop" preprocessing).
+    meta["preprocessing"] = {"mode": "crop", "target_size": width, "patch_size": 14}
+    kept = [key for key in PIPELINE_KEYS if key in previous and key not in meta]
+    meta.update({key: previous[key] for key in kept})
+    return meta, kept
+
+
 def ship_stage(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     student = run_dir / STAGE_WEIGHTS["distil"]
@@ -332,16 +350,18 @@ def ship_stage(args: argparse.Namespace) -> None:
     size = student.stat().st_size
     if size > 25e6:
         raise SystemExit(f"{student} is {size / 1e6:.1f} MB, above the 25 MB budget")
-    shutil.copy2(student, target / "default.safetensors")
-    meta = json.loads(sidecar(student).read_text())
-    stages = json.loads((run_dir / "stages.json").read_text()) if (run_dir / "stages.json").exists() else []
+    stages = read_stage_log(run_dir)
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    meta["info"]["stages"] = [{k: v for k, v in s.items() if k != "config"} for s in stages]
     dense_data = load_config(PIPELINES / STAGE_CONFIG["dense"])["data"]
-    # The pipeline feeds the model images of the width it was trained at (VGGT "crop" preprocessing).
-    meta["preprocessing"] = {"mode": "crop", "target_size": dense_data["width"], "patch_size": 14}
-    meta["info"].pop("teacher_checkpoint", None)
-    (target / "default.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shipped = target / "default.json"
+    previous = json.loads(shipped.read_text()) if shipped.is_file() else {}
+    meta, kept = student_sidecar(
+        json.loads(sidecar(student).read_text()), previous, stages, dense_data["width"]
+    )
+    if kept:
+        print(f"kept from the shipped {shipped}: {', '.join(kept)} (edit default.json once measured anew)")
+    shutil.copy2(student, target / "default.safetensors")
+    shipped.write_text(json.dumps(meta, indent=2) + "\n")
 
     def last_of(stage):
         entries = [s for s in stages if s["stage"] == stage]

@@ -1,4 +1,4 @@
-"""benchmarks/pose_candidate.py: a pose-stage export becomes a candidate default that reconstruct can load."""
+"""benchmarks/pose_candidate.py and train_default.py ship: candidate defaults keep the shipped pipeline settings."""
 
 from __future__ import annotations
 
@@ -36,3 +36,26 @@ def test_candidate_keeps_the_weights_and_takes_the_shipped_pipeline_keys(tmp_pat
     backbone = load_backbone(str(target), "auto", "cpu", None, num_views=24)
     assert backbone.preprocessing.target_size == 224
     assert backbone.attention == shipped["pipeline_attention"]
+
+
+def test_a_shipped_student_keeps_the_shipped_pipeline_settings_it_does_not_set(load_benchmark):
+    student_sidecar = load_benchmark("train_default").student_sidecar
+    shipped = json.loads((ROOT / "speed3r_sfm" / "weights" / "default.json").read_text())
+    student = {
+        "format": shipped["format"],
+        "config": {"attention": {"kind": "gsa"}},
+        "info": {"global_step": 10, "teacher_checkpoint": "/run/teacher.safetensors"},
+        "gsa_guidance": True,  # the student's own setting wins
+    }
+    stages = [{"stage": "distil", "global_step": 10, "config": {"lr": 1}}]
+
+    meta, kept = student_sidecar(student, shipped, stages, width=294)
+
+    assert meta["input_warnings"] == shipped["input_warnings"]
+    assert meta["pipeline_attention"] == shipped["pipeline_attention"]
+    assert meta["gsa_guidance"] is True and "gsa_guidance" not in kept
+    assert "input_warnings" in kept and "preprocessing" not in kept
+    assert meta["preprocessing"] == {"mode": "crop", "target_size": 294, "patch_size": 14}
+    assert meta["info"]["stages"] == [{"stage": "distil", "global_step": 10}]
+    assert "teacher_checkpoint" not in meta["info"] and "teacher_checkpoint" in student["info"]
+    assert student_sidecar(student, {}, stages, width=294)[1] == []
