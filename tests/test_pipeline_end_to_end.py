@@ -37,7 +37,7 @@ from speed3r_sfm.pipeline.backbone import (
 )
 from speed3r_sfm.pipeline.bundle import triangulator_options
 from speed3r_sfm.pipeline.export import OutputExistsError, OutputPathError
-from speed3r_sfm.pipeline.inputs import InputError, Preprocessing
+from speed3r_sfm.pipeline.inputs import LOW_COLOUR_SCORE, InputError, Preprocessing
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import (
     PipelineOptions,
@@ -835,11 +835,11 @@ def test_matching_time_limit_skips_pairs_with_a_warning(scene_data, caplog):
     assert failed.value.report["counts"]["refined_matches"] == 0
 
 
-def test_grayscale_images_get_the_models_own_warning(scene_data, tmp_path, caplog):
-    """A model that declares a weakness on grayscale input (the shipped default's sidecar
-    ``input_warnings``) has it logged, kept in report.json and printed in the CLI summary when a run's
-    images are grayscale, and only then; the default model carries the warning, and weights fine-tuned from
-    it keep it (``PIPELINE_KEYS``) until their sidecar says otherwise."""
+def test_images_with_little_colour_get_the_models_own_warning(scene_data, tmp_path, caplog):
+    """A model that declares a weakness on images with little colour or on grayscale ones (the shipped
+    default's sidecar ``input_warnings``: ``low_colour``) has it logged, kept in report.json and printed in
+    the CLI summary when a run's images are of that kind, and only then; the default model carries the
+    warning, and weights fine-tuned from it keep it (``PIPELINE_KEYS``) until their sidecar says otherwise."""
     from speed3r_sfm.pipeline.backbone import DEFAULT_WEIGHTS, load_backbone
     from speed3r_sfm.training.backbone import (
         BackboneSpec,
@@ -849,7 +849,7 @@ def test_grayscale_images_get_the_models_own_warning(scene_data, tmp_path, caplo
     )
 
     declared = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())["input_warnings"]
-    assert "grayscale" in declared
+    assert "low_colour" in declared
     assert load_backbone("default", device="cpu").input_warnings == declared
     module = load_exported(DEFAULT_WEIGHTS)  # fine-tuning from it: the pipeline settings it keeps
     spec = BackboneSpec(name="vggt", preset="small")
@@ -864,19 +864,23 @@ def test_grayscale_images_get_the_models_own_warning(scene_data, tmp_path, caplo
         image = Image.open(scene_data["folder"] / name)
         (image if i < 2 else image.convert("L")).save(gray / name)
     model = _oracle(scene_data)
-    model.input_warnings = {"grayscale": "trained on colour only"}
+    model.input_warnings = {"low_colour": "trained on colour only", "grayscale": "no gray in training"}
     with caplog.at_level(logging.WARNING, logger="speed3r_sfm"):
         result = run_pipeline(gray, tmp_path / "out", model=model, attention="dense")
-    expected = f"{VIEWS - 2} of {VIEWS} images are grayscale: trained on colour only"
-    assert result.report["input_warnings"] == [expected]
-    assert expected in caplog.text
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["input_warnings"] == [expected]
-    assert f"warning: {expected}" in pipeline_cli.summary_text(result)
+    expected = [
+        f"{VIEWS - 2} of {VIEWS} images have little colour (median colour score 0.0, below"
+        f" {LOW_COLOUR_SCORE}): trained on colour only",
+        f"{VIEWS - 2} of {VIEWS} images are grayscale: no gray in training",
+    ]
+    assert result.report["input_warnings"] == expected
+    assert all(message in caplog.text for message in expected)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["input_warnings"] == expected
+    assert all(f"warning: {message}" in pipeline_cli.summary_text(result) for message in expected)
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="speed3r_sfm"):
         colour = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
-    assert colour.report["input_warnings"] == [] and "grayscale" not in caplog.text
+    assert colour.report["input_warnings"] == [] and "little colour" not in caplog.text
     model.input_warnings = {}
     assert run_pipeline(gray, None, model=model, attention="dense").report["input_warnings"] == []
 

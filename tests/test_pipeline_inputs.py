@@ -21,7 +21,15 @@ from speed3r_sfm.pipeline.frames import (
     work_to_model,
     work_to_original,
 )
-from speed3r_sfm.pipeline.inputs import InputError, Preprocessing, find_images, load_views, select_images
+from speed3r_sfm.pipeline.inputs import (
+    LOW_COLOUR_SCORE,
+    InputError,
+    Preprocessing,
+    colour_score,
+    find_images,
+    load_views,
+    select_images,
+)
 
 
 def _image(path, width, height, seed=0):
@@ -365,3 +373,41 @@ def test_grayscale_views_are_recognised_in_any_file_mode(tmp_path):
         "h_three_levels.png": False,
         "i_coloured_corner.png": False,
     }
+
+
+def _colour_score_reference(rgb: np.ndarray, step: int) -> float:
+    """colour_score on every ``step``-th pixel, one luminance level at a time, in float64."""
+    by_level: dict[int, list[tuple[float, float]]] = {}
+    for y in range(0, rgb.shape[0], step):
+        for x in range(0, rgb.shape[1], step):
+            r, g, b = (float(c) for c in rgb[y, x])
+            luminance = 0.299 * r + 0.587 * g + 0.114 * b
+            by_level.setdefault(min(255, max(0, round(luminance))), []).append((b - luminance, r - luminance))
+    distances = []
+    for chroma in by_level.values():
+        mean = np.mean(chroma, axis=0)
+        distances += [float(np.hypot(*(np.array(c) - mean))) for c in chroma]
+    return float(np.mean(distances))
+
+
+def test_colour_score_measures_colour_that_brightness_does_not_explain():
+    """Against a per-level float64 reference (every pixel of a small image, every 2nd of one with 4x
+    ``max_pixels``); 0 for gray and for a tint that is a function of brightness (sepia), half for half the
+    saturation, and a coloured image well above ``LOW_COLOUR_SCORE``."""
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    assert colour_score(small) == pytest.approx(_colour_score_reference(small, step=1), rel=1e-9)
+    large = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    assert colour_score(large) == pytest.approx(_colour_score_reference(large, step=2), rel=1e-9)
+
+    smooth = np.stack(np.meshgrid(np.linspace(0, 255, 64), np.linspace(0, 255, 48)), axis=-1)
+    colour = np.concatenate([smooth, smooth[..., :1][:, ::-1]], axis=-1).round().astype(np.uint8)
+    luminance = colour.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    gray = np.repeat(luminance.round()[..., None], 3, axis=2).astype(np.uint8)
+    sepia = np.clip(luminance[..., None] * np.array([1.07, 0.95, 0.74]), 0, 255).round().astype(np.uint8)
+    half = (luminance[..., None] + 0.5 * (colour - luminance[..., None])).round().astype(np.uint8)
+    assert colour_score(colour) > 10 * LOW_COLOUR_SCORE
+    assert colour_score(gray) == 0.0
+    assert colour_score(sepia) < 0.5
+    assert colour_score(half) == pytest.approx(colour_score(colour) / 2, rel=0.02)
+    assert colour_score(colour[:0]) == 0.0

@@ -1,4 +1,4 @@
-"""benchmarks/pose_candidate.py and train_default.py ship: candidate defaults keep the shipped pipeline settings."""
+"""benchmarks/pose_candidate.py, train_default.py ship: candidate defaults keep the pipeline settings."""
 
 from __future__ import annotations
 

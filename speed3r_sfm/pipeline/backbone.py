@@ -74,8 +74,8 @@ class Backbone:
     gsa_guidance: bool = True
     # ``predict`` plus ``extras["tracker"]`` (models with a track head, e.g. VGGT-1B); None without one
     predict_with_tracker: Callable[[torch.Tensor], Prediction] | None = None
-    # what the model's makers measured it to do badly on, by kind of input ("grayscale": ...), logged when
-    # a run's images are of that kind (an exported model's sidecar ``input_warnings``)
+    # what the model's makers measured it to do badly on, by kind of input ("low_colour", "grayscale"),
+    # logged when a run's images are of that kind (an exported model's sidecar ``input_warnings``)
     input_warnings: dict[str, str] = field(default_factory=dict)
 
     @property

@@ -74,7 +74,7 @@ from .colmap_model import (
 )
 from .export import check_output, write_project
 from .frames import SceneGeometry
-from .inputs import ImageList, Preprocessing, View, load_views, select_images
+from .inputs import LOW_COLOUR_SCORE, ImageList, Preprocessing, View, load_views, select_images
 from .keypoints import KeypointOptions, confidence_thresholds, detect_keypoints
 from .loop_closure import LoopClosure, LoopOptions, close_loops
 from .matching import (
@@ -491,10 +491,18 @@ def run_pipeline(
 
 def _input_warnings(backbone: Backbone, views: list[View]) -> list[str]:
     """The model's own warnings (``Backbone.input_warnings``) that apply to these images, each logged; the
-    pipeline knows one kind of input, ``"grayscale"``."""
-    found: list[str] = []
-    if "grayscale" in backbone.input_warnings and (gray := sum(view.grayscale for view in views)):
-        found.append(f"{gray} of {len(views)} images are grayscale: {backbone.input_warnings['grayscale']}")
+    pipeline knows two kinds of input: ``"low_colour"`` (the median view's :func:`~.inputs.colour_score`
+    below ``LOW_COLOUR_SCORE``: gray, tinted or washed out) and ``"grayscale"`` (any grayscale view)."""
+    declared, found = backbone.input_warnings, []
+    if "low_colour" in declared:
+        scores = np.array([view.colour_score for view in views])
+        if (median := float(np.median(scores))) < LOW_COLOUR_SCORE:
+            found.append(
+                f"{int((scores < LOW_COLOUR_SCORE).sum())} of {len(views)} images have little colour (median"
+                f" colour score {median:.1f}, below {LOW_COLOUR_SCORE}): {declared['low_colour']}"
+            )
+    if "grayscale" in declared and (gray := sum(view.grayscale for view in views)):
+        found.append(f"{gray} of {len(views)} images are grayscale: {declared['grayscale']}")
     for message in found:
         logger.warning(message)
     return found
