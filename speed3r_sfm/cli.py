@@ -18,6 +18,7 @@ import inspect
 import signal
 import sys
 import threading
+import traceback
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable, Iterator
 
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except (TypeError, ValueError) as error:
+        if (refused := refused_option(error)) is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
+        sys.exit(2)
     except Terminated:
         print("\nterminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
@@ -122,6 +128,22 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
     """jsonargparse's help with each option's type and default, the description kept as written."""
+
+
+def refused_option(error: BaseException) -> BaseException | None:
+    """The error of an options dataclass (``--options.*``) that refused a value (raised in its
+    ``__post_init__``) where jsonargparse, building it, failed with ``error``; None for any other error."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames or "jsonargparse" not in frames[-1].filename:
+        return None
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return (
+        root
+        if any(frame.name == "__post_init__" for frame in traceback.extract_tb(root.__traceback__))
+        else None
+    )
 
 
 def with_bool_values(args: list[str], command: Callable) -> list[str]:

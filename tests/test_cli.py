@@ -243,3 +243,51 @@ def test_synthetic_fills_an_empty_folder_and_replaces_a_scene_only_when_asked(tm
     assert exit_info.value.code == 1 and "holds a scene already" in capsys.readouterr().err
     main([*args, "--overwrite", "true"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]  # no temporary folder left
+
+
+@pytest.fixture
+def pipeline_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments (options included) of every ``run_pipeline`` call of ``reconstruct``."""
+    seen: list[dict] = []
+    monkeypatch.setattr(pipeline_cli, "run_pipeline", lambda image_dir, output, **kwargs: seen.append(kwargs))
+    return seen
+
+
+def test_every_pipeline_option_is_an_argument_and_the_shortcuts_win(pipeline_calls, tmp_path):
+    """``--options.STAGE.NAME`` reaches ``PipelineOptions``; a shortcut given (``--max_keypoints``) wins over
+    it, one not given leaves it; without either, the documented defaults."""
+    base = ["reconstruct", str(tmp_path), "-o", str(tmp_path / "out"), "--quiet"]
+    main([*base, "--options.bundle.max_reproj_error", "2", "--options.keypoints.max_keypoints", "300"])
+    main([*base, "--options.keypoints.max_keypoints", "300", "--max_keypoints", "500", "--deterministic"])
+    main([*base, "--max_image_size", "800", "--loop_closure", "false", "--readjust", "false"])
+    main(base)
+    first, second, third, plain = (call["options"] for call in pipeline_calls)
+    assert first.bundle.max_reproj_error == 2.0 and first.keypoints.max_keypoints == 300
+    assert second.keypoints.max_keypoints == 500 and second.bundle.num_threads == 1
+    assert third.max_image_size == 800 and not third.loops.enabled and not third.bundle.readjust
+    assert third.keypoints.max_keypoints == 1024 and third.bundle.num_threads == -1
+    assert plain == pipeline_cli.PipelineOptions()
+
+
+def test_ready_pipeline_configs_parse_and_set_what_they_say(pipeline_calls, tmp_path):
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    configs = sorted(root.glob("reconstruct_*.yaml"))
+    assert [p.name for p in configs] == ["reconstruct_splatting.yaml", "reconstruct_video.yaml"]
+    for config in configs:
+        main(["reconstruct", "--config", str(config), str(tmp_path), "-o", str(tmp_path / "out"), "--quiet"])
+    splatting, video = pipeline_calls
+    assert splatting["shared_camera"] is True and splatting["undistort"] is True
+    assert video["shared_camera"] is True and video["chunk_size"] == 48 and video["ordered"] is True
+    assert video["options"].loops.enabled and video["options"].loops.revisit_links == 3
+
+
+def test_an_option_value_its_stage_refuses_is_a_one_line_error(pipeline_calls, tmp_path, capsys):
+    for option, message in (
+        (["--options.bundle.rounds", "0"], "BundleOptions.rounds must be at least 1, got 0"),
+        (["--options.matching.refine.patch_size", "10"], "RefineOptions.patch_size must be odd, got 10"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(["reconstruct", str(tmp_path), "-o", str(tmp_path / "out"), *option])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert pipeline_calls == []

@@ -8,25 +8,22 @@ code (0 on success, 1 when the input or the output folder is unusable, with the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from speed3r_sfm.models.checkpoint import CheckpointError
 
 from .backbone import ModelNotAvailableError, resolve_device
-from .bundle import BundleOptions
 from .chunked import ChunkFileError
 from .colmap_model import parse_camera_params
 from .export import OutputExistsError, OutputPathError
 from .inputs import InputError
-from .keypoints import KeypointOptions
-from .loop_closure import LoopOptions
-from .matching import MatchOptions
 from .reconstruct import (
     PipelineOptions,
     PipelineResult,
@@ -60,23 +57,29 @@ def reconstruct_command(
     shared_camera: bool | Literal["per_folder"] = False,
     camera_params: str | None = None,
     overwrite: bool = False,
-    max_keypoints: int = 1024,
-    max_image_size: int = 1600,
-    min_work_scale: float = 0.5,
-    track_verification: bool = True,
-    readjust: bool = True,
+    max_keypoints: int | None = None,
+    max_image_size: int | None = None,
+    min_work_scale: float | None = None,
+    track_verification: bool | None = None,
+    readjust: bool | None = None,
     deterministic: bool = False,
     chunk_size: int | None = None,
     chunk_overlap: int | None = None,
     ordered: bool = True,
-    loop_closure: bool = True,
+    loop_closure: bool | None = None,
     chunk_h5: str | None = None,
     undistort: bool = False,
     image_list: str | None = None,
     recursive: bool = False,
+    options: PipelineOptions | None = None,
     quiet: bool = False,
 ) -> int:
     """Reconstruct the images in IMAGE_DIR into the COLMAP project OUT.
+
+    Every setting of every stage is an ``--options.*`` argument (``--options.bundle.max_reproj_error 2``;
+    ``speed3r_sfm.pipeline.PipelineOptions``, report.json's ``options``); a ``--config`` YAML file holds any
+    of them (``pipelines/reconstruct_*.yaml``). The shortcuts below (max_keypoints, ...) set one of them
+    each and win over ``options`` when given.
 
     Args:
         image_dir: folder of images (jpg, png, tif, bmp, webp); unreadable files and duplicates are skipped.
@@ -96,20 +99,22 @@ def reconstruct_command(
             "fx,fy,cx,cy" for PINHOLE); held fixed by bundle adjustment; images of one size.
         overwrite: replace OUT if it holds a project (report.json, sparse/ or database.db); an empty OUT is
             used without it, any other existing OUT is refused.
-        max_keypoints: keypoints per image.
+        max_keypoints: keypoints per image (options.keypoints.max_keypoints, 1024).
         max_image_size: long side of the copies used for keypoints and matching (bigger images are read
-            downscaled; observations are still in original pixels).
+            downscaled; observations are still in original pixels; options.max_image_size, 1600).
         min_work_scale: those copies keep at least this fraction of the original resolution (0.5 keeps
-            the reprojection error of large photos within 1 px of the original; 0: max_image_size only).
+            the reprojection error of large photos within 1 px of the original; 0: max_image_size only;
+            options.min_work_scale, 0.5).
         track_verification: with a model that has a track head (VGGT-1B), keep only the matches its tracks
-            agree with (on an H200 about 0.8 s at 24 views, 4 s at 128).
+            agree with (on an H200 about 0.8 s at 24 views, 4 s at 128; options.matching.track_verification,
+            true).
         readjust: after bundle adjustment, rebuild every observation at the adjusted poses and adjust once
             more (undoes wrong joins of groups of views the first adjustment locked in; about one more
-            bundle adjustment of time).
+            bundle adjustment of time; options.bundle.readjust, true).
         deterministic: bundle adjustment on one thread, so that a run repeats bit for bit on the same
             machine (multi-threaded solves differ in the last bits, which a poorly conditioned scene can
             turn into other registered views); about 0.16 s slower at 24 views. Checked on the CPU, not
-            with the model on CUDA.
+            with the model on CUDA (true: options.bundle.num_threads 1).
         chunk_size: views per model pass for long sequences; chunks overlap and are aligned by robust Sim(3).
             Default: one pass on CPU, on CUDA as many views as fit in free GPU memory.
         chunk_overlap: views shared by consecutive chunks (default: a quarter of chunk_size).
@@ -118,7 +123,7 @@ def reconstruct_command(
         loop_closure: ordered chunks (three or more): find the places the sequence returns to by the
             model's own tokens, verify each by one more model pass over both places, and correct the drift
             of the chunks between them before matching (one model pass of half a chunk per loop, at most as
-            many loops as chunks).
+            many loops as chunks; options.loops.enabled, true).
         chunk_h5: HDF5 file keeping each chunk's output; a re-run with the same file resumes.
         undistort: also write OUT/undistorted: undistorted images and PINHOLE cameras (images/,
             sparse/0/), the folder Gaussian-splatting and NeRF tools (3DGS, gsplat, nerfstudio) read.
@@ -126,6 +131,7 @@ def reconstruct_command(
             --ImageReader.image_list_path; subfolders allowed, "#" comments), in that order.
         recursive: read the images of IMAGE_DIR's subfolders too (names "sub/img.jpg"); OUT must then lie
             outside IMAGE_DIR.
+        options: every stage's settings (``--options.STAGE.NAME``; the defaults are the documented ones).
         quiet: errors only: no progress bar, warnings (skipped inputs, unregistered views) or summary.
     """
     if output is None:
@@ -136,13 +142,15 @@ def reconstruct_command(
         resolve_device(device)
         if camera_params is not None:
             parse_camera_params(camera_model, camera_params)
-        options = PipelineOptions(
-            keypoints=KeypointOptions(max_keypoints=max_keypoints),
-            matching=MatchOptions(track_verification=track_verification),
-            bundle=BundleOptions(readjust=readjust, num_threads=1 if deterministic else -1),
-            loops=LoopOptions(enabled=loop_closure),
+        options = with_shortcuts(
+            options or PipelineOptions(),
+            max_keypoints=max_keypoints,
             max_image_size=max_image_size,
             min_work_scale=min_work_scale,
+            track_verification=track_verification,
+            readjust=readjust,
+            num_threads=1 if deterministic else None,
+            loop_closure=loop_closure,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -180,6 +188,32 @@ def reconstruct_command(
     if not quiet:
         print(summary_text(result))
     return 0
+
+
+# where each shortcut argument of reconstruct_command lives in PipelineOptions
+SHORTCUTS = {
+    "max_keypoints": ("keypoints", "max_keypoints"),
+    "max_image_size": (None, "max_image_size"),
+    "min_work_scale": (None, "min_work_scale"),
+    "track_verification": ("matching", "track_verification"),
+    "readjust": ("bundle", "readjust"),
+    "num_threads": ("bundle", "num_threads"),
+    "loop_closure": ("loops", "enabled"),
+}
+
+
+def with_shortcuts(options: PipelineOptions, **values: Any) -> PipelineOptions:
+    """``options`` with the given (not None) :data:`SHORTCUTS` set; every part validated anew."""
+    parts: dict[str | None, dict[str, Any]] = {}
+    for name, value in values.items():
+        if value is not None:
+            stage, field_name = SHORTCUTS[name]
+            parts.setdefault(stage, {})[field_name] = value
+    top = parts.pop(None, {})
+    stages = {
+        stage: dataclasses.replace(getattr(options, stage), **fields) for stage, fields in parts.items()
+    }
+    return dataclasses.replace(options, **stages, **top)
 
 
 @contextlib.contextmanager
