@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--trajectories", nargs="+", default=["forward", "orbit"])
     parser.add_argument("--model", default="default")
     parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per scene and variant (they vary a little)"
+    )
+    parser.add_argument(
         "--cache", default=str(harness.RESULTS.parents[1] / "outputs" / "pipeline_bench_cache")
     )
     parser.add_argument("--out", required=True, help="a .jsonl file the rows are appended to")
@@ -110,13 +113,19 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     folder = Path(tmp)
                     write_variant(views.images, name, folder)
-                    row = {"scene": f"{trajectory} {seed}", "variant": name}
-                    row["colour_score"] = round(median_colour_score(folder), 2)
-                    row.update(evaluate(folder, views.cam_from_world.double(), args.model))
-                row.update(meta)
-                print(json.dumps(row), flush=True)
-                with open(args.out, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                    score = round(median_colour_score(folder), 2)
+                    for run in range(args.repeats):
+                        row = {
+                            "scene": f"{trajectory} {seed}",
+                            "variant": name,
+                            "run": run,
+                            "colour_score": score,
+                        }
+                        row.update(evaluate(folder, views.cam_from_world.double(), args.model))
+                        row.update(meta)
+                        print(json.dumps(row), flush=True)
+                        with open(args.out, "a") as handle:
+                            handle.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ PreprocessMode = Literal["crop", "pad", "pixel_limit"]
 
 
 GRAY_COLOUR_SHARE = 0.005  # a grayscale image may have this share of coloured pixels (View.grayscale)
-# a run whose median view has a colour score (colour_score) below this has little colour: the shipped default
-# failed on held-out scenes at a median score of 4.0 or less (washed out to 35 % of their colour and less,
-# sepia, gray) and worked at 4.8 and more but on the hard orbit (grayscale_input.md); its training renders
-# score 6-29, real photographs 2.4 (an overcast studio) to 29
+# a run whose median view has a colour score (colour_score) below this has little colour. The shipped default
+# failed two or three of six held-out scenes at 2.2 and less (gray, sepia, 10 % of the colour), forward
+# 1000001 hinged at 2.8-3.9 (25-35 %) in one of two sets of copies, the others held at 4.8-5.5 but the hard
+# orbit in 2 of 5 runs (grayscale_input.md); its training renders score 6-29, real photographs 2.4-29
 LOW_COLOUR_SCORE = 4.5
 MIN_IMAGE_SIDE = 32  # pixels: smaller images are skipped (a handful of 14-pixel patches, no keypoints)
 
