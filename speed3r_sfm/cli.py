@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
         return
+    with sigterm_deferred():
+        _run_command(args)
+
+
+def _run_command(args: list[str]) -> None:
+    """Every command but ``fit``, through jsonargparse."""
     from jsonargparse import auto_cli
 
     from .demo import demo_command, synthetic_command
@@ -121,9 +127,26 @@ def terminate_as_interrupt() -> Iterator[None]:
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # one held by sigterm_deferred: now
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """Hold SIGTERM back (block it in the main thread, and in the threads it starts) until
+    :func:`terminate_as_interrupt` takes it: importing pycolmap installs glog's crash handler, which printed
+    a stack trace for a SIGTERM received before ours was set. The previous signal mask is restored at the
+    end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):

@@ -224,6 +224,25 @@ def test_sigterm_exits_like_ctrl_c_and_leaves_no_temporary_output(tmp_path, caps
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sigterm_before_the_handler_is_set_waits_for_it():
+    """A SIGTERM received while the commands import (pycolmap's glog installs a crash handler that printed a
+    stack trace) is held back and taken by the handler once it is set; the signal mask is restored."""
+    import signal
+    import threading
+
+    from speed3r_sfm.cli import Terminated, sigterm_deferred, terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        with sigterm_deferred():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+            assert signal.SIGTERM in signal.sigpending()
+            with terminate_as_interrupt():
+                pytest.fail("the block ran after a SIGTERM")
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_top_level_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
