@@ -37,7 +37,7 @@ from speed3r_sfm.pipeline.backbone import (
 )
 from speed3r_sfm.pipeline.bundle import triangulator_options
 from speed3r_sfm.pipeline.export import OutputExistsError, OutputPathError
-from speed3r_sfm.pipeline.inputs import LOW_COLOUR_SCORE, InputError, Preprocessing
+from speed3r_sfm.pipeline.inputs import LOW_COLOUR_SCORE, InputError, Preprocessing, select_images
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import (
     PipelineOptions,
@@ -1352,10 +1352,11 @@ def test_sparse_model_holds_registered_images_only_and_the_database_all(scene_da
     assert not (out / "points.glb").exists() and (out / "database.db").is_file()
 
 
-def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch, caplog):
+def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch, caplog, tmp_path):
     """A quarter of the views or more left unregistered: the run says that views of another scene degrade
     the model's predictions for the rest (a scene kept from two mixed in one folder was 5 deg off, 0.8 deg
-    alone) and what to do. The loss of the views is simulated."""
+    alone) and what to do; the project lists the unregistered views in unregistered_images.txt, an
+    ``image_list`` that a run of their own takes. The loss of the views is simulated."""
     real = pipeline_reconstruct._adjust_rescue_readjust
 
     def lose_views(adjust, **kwargs):
@@ -1367,8 +1368,17 @@ def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch
 
     monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
     with caplog.at_level(logging.WARNING):
-        run_pipeline(scene_data["folder"], None, model=_oracle(scene_data))
+        result = run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data))
     assert f"2 of {VIEWS} views did not register. If they show another scene, reconstruct each" in caplog.text
+    lost = result.image_names[VIEWS - 2 :]
+    listed = tmp_path / "out" / "unregistered_images.txt"
+    assert [line for line in listed.read_text().splitlines() if not line.startswith("#")] == lost
+    selected = select_images(scene_data["folder"], image_list=listed)
+    assert [path.relative_to(scene_data["folder"]).as_posix() for path in selected] == lost
+
+    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", real)
+    run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data), overwrite=True)
+    assert not listed.exists()  # every view registered: no list
 
 
 def test_views_without_a_baseline_are_named_as_the_cause():

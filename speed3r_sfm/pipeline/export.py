@@ -8,6 +8,8 @@ Layout::
     OUT/report.json                                          timings, counts, reprojection errors
     OUT/undistorted/{images,sparse/0}                        with ``undistort``: undistorted images and
                                                              PINHOLE cameras (``undistort.py``)
+    OUT/unregistered_images.txt                              where views did not register: their names, an
+                                                             ``--image_list`` for a run of their own
 
 An existing OUT is refused unless ``overwrite``; then the old folder is moved aside, the new one moved
 in, and the old one deleted. A failure at any point removes the temporary folder and leaves OUT as it was.
@@ -43,7 +45,16 @@ class OutputPathError(OSError):
 
 # what a project folder holds (module docstring): ``overwrite`` replaces a folder of these only
 # a project's entries, and points.glb that `speed3r-sfm export OUT` writes by default
-PROJECT_ENTRIES = ("sparse", "database.db", "points.ply", "report.json", "undistorted", "points.glb")
+UNREGISTERED_LIST = "unregistered_images.txt"  # names of the views that did not register (--image_list)
+PROJECT_ENTRIES = (
+    "sparse",
+    "database.db",
+    "points.ply",
+    "report.json",
+    "undistorted",
+    "points.glb",
+    UNREGISTERED_LIST,
+)
 IGNORED_ENTRIES = (".DS_Store",)  # left by file browsers
 
 
@@ -193,6 +204,12 @@ def replace_folder(staged: Path, output: Path, overwrite: bool) -> None:
         os.replace(staged, output)
 
 
+def write_image_list(path: Path, names: list[str]) -> None:
+    """The image names (relative to the image folder), one per line, as ``--image_list`` reads them."""
+    header = "# did not register; speed3r-sfm reconstruct IMAGE_DIR -o OUT2 --image_list THIS_FILE"
+    path.write_text("\n".join([header, *names]) + "\n", encoding="utf-8")
+
+
 def write_project(
     output: str | os.PathLike,
     rec: pycolmap.Reconstruction,
@@ -220,6 +237,8 @@ def write_project(
         rec.export_PLY(staged / "points.ply")
         if undistort_sources is not None:
             report["undistorted"] = write_undistorted(staged / "undistorted", rec, sparse, undistort_sources)
+        if unregistered := [entry["name"] for entry in report.get("unregistered_images", [])]:
+            write_image_list(staged / UNREGISTERED_LIST, unregistered)
         write_report(staged / "report.json", report)
         replace_folder(staged, output, overwrite)
     except BaseException:

@@ -235,9 +235,10 @@ def reconstruct(
 
 MANY_UNREGISTERED = 0.25  # share of the views left unregistered from which the run warns (below)
 UNRELATED_VIEWS_HINT = (
-    "%d of %d views did not register. If they show another scene, reconstruct each scene on its own: the "
-    "model sees all views at once, and unrelated views degrade its predictions for the others (a scene "
-    "kept from two mixed in one folder was 5 deg off, alone 0.8 deg)"
+    "%d of %d views did not register. If they show another scene, reconstruct each scene on its own (a "
+    "project's unregistered_images.txt lists them for --image_list): the model sees all views at once, and "
+    "unrelated views degrade its predictions for the others (a scene kept from two mixed in one folder was "
+    "5 deg off, alone 0.8 deg)"
 )
 
 
