@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+from unittest import mock
 
 import numpy as np
 import pycolmap
@@ -24,6 +25,7 @@ from speed3r_sfm.data.colmap_dataset import to_uint8_image
 from speed3r_sfm.data.synthetic import make_cameras, make_scene, render_views
 from speed3r_sfm.eval.metrics import relative_pose_errors
 from speed3r_sfm.geometry import camera_centers, compose_poses, intrinsics_to_colmap, resize_intrinsics
+from speed3r_sfm.models.prediction import Prediction
 from speed3r_sfm.models.vggt import VGGT, VGGTConfig
 from speed3r_sfm.pipeline import cli as pipeline_cli
 from speed3r_sfm.pipeline import export as pipeline_export
@@ -41,6 +43,7 @@ from speed3r_sfm.pipeline.inputs import LOW_COLOUR_SCORE, InputError, Preprocess
 from speed3r_sfm.pipeline.oracle import SceneOracle
 from speed3r_sfm.pipeline.reconstruct import (
     PipelineOptions,
+    PipelineResult,
     ReconstructionError,
     reconstruct,
     run_pipeline,
@@ -1369,7 +1372,10 @@ def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch
     monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
     with caplog.at_level(logging.WARNING):
         result = run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data))
-    assert f"2 of {VIEWS} views did not register. If they show another scene, reconstruct each" in caplog.text
+    assert (
+        f"2 of {VIEWS} views registered in no model. If they show another scene, reconstruct each"
+        in caplog.text
+    )
     lost = result.image_names[VIEWS - 2 :]
     listed = tmp_path / "out" / "unregistered_images.txt"
     assert [line for line in listed.read_text().splitlines() if not line.startswith("#")] == lost
@@ -1379,6 +1385,115 @@ def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch
     monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", real)
     run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data), overwrite=True)
     assert not listed.exists()  # every view registered: no list
+
+
+class _OraclesByViewCount:
+    """A model answering each call with the oracle built for that many views (a run's views, or the views
+    a first run left unregistered)."""
+
+    name = "oracle"
+
+    def __init__(self, oracles: dict[int, SceneOracle]) -> None:
+        self.oracles = oracles
+        self.preprocessing = next(iter(oracles.values())).preprocessing
+        self.calls: list[int] = []
+
+    def __call__(self, images: torch.Tensor) -> Prediction:
+        self.calls.append(images.shape[-4])
+        return self.oracles[images.shape[-4]](images)
+
+
+def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkeypatch, tmp_path):
+    """The views a run did not register (simulated) are reconstructed on their own when at least
+    ``min_model_views`` are left: written as sparse/1, listed in report.json and the CLI summary, in no
+    unregistered_images.txt; with fewer left, or ``max_models=1``, nothing more runs."""
+    real = pipeline_reconstruct._adjust_rescue_readjust
+    lost = 3
+
+    def lose_views(adjust, **kwargs):
+        result = real(adjust, **kwargs)
+        rec = result.adjusted.rec
+        if rec.num_images() == VIEWS:  # the first run only
+            for image_id in range(VIEWS - lost + 1, VIEWS + 1):
+                rec.deregister_frame(rec.image(image_id).frame_id)
+            result.adjusted.dropped = list(range(VIEWS - lost + 1, VIEWS + 1))
+        return result
+
+    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
+    views = scene_data["views"]
+    tail = slice(VIEWS - lost, VIEWS)
+    subset = SceneOracle(
+        views.intrinsics[tail],
+        views.cam_from_world[tail],
+        [(WIDTH, HEIGHT)] * lost,
+        Preprocessing("crop", WIDTH),
+        depth=list(views.depth[tail]),
+        rotation_noise_deg=NOISE_DEG,
+        translation_noise=0.03,
+        seed=3,
+    )
+    model = _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
+    options = PipelineOptions(min_model_views=lost)
+    result = run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=options)
+
+    names = result.image_names[VIEWS - lost :]
+    assert model.calls == [VIEWS, lost]
+    assert result.reconstruction.num_reg_images() == VIEWS - lost
+    [further] = result.further_models
+    assert sorted(further.image_names) == names and further.reconstruction.num_reg_images() == lost
+    entry = result.report["further_models"][0]
+    assert entry["path"] == "sparse/1" and entry["images"] == names and entry["registered_images"] == lost
+    assert result.report["registered_in_no_model"] == []
+    written = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "1")
+    assert sorted(image.name for image in written.images.values()) == names
+    assert pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").num_reg_images() == VIEWS - lost
+    assert not (tmp_path / "out" / "unregistered_images.txt").exists()
+    summary = pipeline_cli.summary_text(result)
+    assert f"further model sparse/1: {lost} of the images sparse/0 did not register" in summary
+    assert "not registered:" not in summary
+
+    model.calls.clear()
+    for fewer in (
+        PipelineOptions(min_model_views=lost + 1),
+        PipelineOptions(min_model_views=lost, max_models=1),
+    ):
+        alone = run_pipeline(scene_data["folder"], None, model=model, options=fewer)
+        assert alone.further_models == [] and alone.report["registered_in_no_model"] == names
+    assert model.calls == [VIEWS, VIEWS]
+
+
+def test_further_models_stop_when_a_run_fails_or_registers_too_few():
+    """further_models: each run takes what the last one left, while enough are left; a run that fails or
+    registers fewer than min_model_views ends it, its views registered in no model."""
+
+    def fake(registered: int, left: list[str]) -> PipelineResult:
+        rec = mock.Mock()
+        rec.num_reg_images.return_value = registered
+        report = {"unregistered_images": [{"name": name, "why": ""} for name in left]}
+        return PipelineResult(rec, report, None, [], torch.zeros(0, 3, 4), torch.zeros(0, 3, 4))
+
+    names = [f"v{i}" for i in range(30)]
+    runs = iter([fake(15, names[15:]), fake(12, names[27:])])
+    calls = []
+
+    def run(subset):
+        calls.append(list(subset))
+        return next(runs)
+
+    models, left = pipeline_reconstruct.further_models(run, names, PipelineOptions(min_model_views=10))
+    assert [m.reconstruction.num_reg_images() for m in models] == [15, 12]
+    assert calls == [names, names[15:]] and left == names[27:]  # 3 left: fewer than 10, no third run
+
+    def failing(subset):
+        raise ReconstructionError("no reconstruction")
+
+    assert pipeline_reconstruct.further_models(failing, names, PipelineOptions()) == ([], names)
+    too_few = pipeline_reconstruct.further_models(
+        lambda subset: fake(9, names[9:]), names, PipelineOptions(min_model_views=10)
+    )
+    assert too_few == ([], names)
+    capped = pipeline_reconstruct.further_models(run, names, PipelineOptions(max_models=1))
+    assert capped == ([], names)
 
 
 def test_views_without_a_baseline_are_named_as_the_cause():

@@ -278,8 +278,16 @@ def summary_text(result: PipelineResult) -> str:
         )
     for warning in r.get("input_warnings", []):
         lines.append(f"  warning: {warning}")
+    for entry in r.get("further_models", []):
+        error = entry["reprojection_error_px"]
+        lines.append(
+            f"  further model {entry['path']}: {entry['registered_images']} of the images sparse/0 did not"
+            f" register, {entry['points3D']} points" + (f", {error:.2f} px" if error is not None else "")
+        )
+    in_no_model = set(r.get("registered_in_no_model", [e["name"] for e in r.get("unregistered_images", [])]))
     for entry in r.get("unregistered_images", []):
-        lines.append(f"  not registered: {entry['name']} ({entry['why']})")
+        if entry["name"] in in_no_model:
+            lines.append(f"  not registered: {entry['name']} ({entry['why']})")
     if result.output_dir is not None:
         lines.append(f"  written to {result.output_dir}")
     undistorted = r.get("undistorted")

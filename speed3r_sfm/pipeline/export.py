@@ -3,12 +3,15 @@
 Layout::
 
     OUT/sparse/0/{cameras,images,points3D,rigs,frames}.bin   the reconstruction (after bundle adjustment)
+    OUT/sparse/1, sparse/2, ...                              further models: views sparse/0 did not register,
+                                                             reconstructed on their own (not in database.db
+                                                             or points.ply)
     OUT/database.db                                          keypoints, matches, two-view geometries
     OUT/points.ply                                           the 3D points (after bundle adjustment)
     OUT/report.json                                          timings, counts, reprojection errors
     OUT/undistorted/{images,sparse/0}                        with ``undistort``: undistorted images and
                                                              PINHOLE cameras (``undistort.py``)
-    OUT/unregistered_images.txt                              where views did not register: their names, an
+    OUT/unregistered_images.txt                              views registered in no model: their names, an
                                                              ``--image_list`` for a run of their own
 
 An existing OUT is refused unless ``overwrite``; then the old folder is moved aside, the new one moved
@@ -218,9 +221,11 @@ def write_project(
     report: dict,
     overwrite: bool = False,
     undistort_sources: dict[str, tuple[Path, int]] | None = None,
+    further: Sequence[pycolmap.Reconstruction] = (),
 ) -> Path:
     """Write the project folder (module docstring) atomically; returns its path. ``undistort_sources``
-    (per image name, its file and EXIF orientation): also write ``undistorted/``."""
+    (per image name, its file and EXIF orientation): also write ``undistorted/``; ``further`` models go to
+    ``sparse/1``, ``sparse/2``, ..."""
     output = check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -228,16 +233,18 @@ def write_project(
         normal_permissions(staged, folder=True)
         sparse = staged / "sparse" / "0"
         sparse.mkdir(parents=True)
-        registered = pycolmap.Reconstruction(rec)
-        registered.tear_down()  # as COLMAP's mapper writes it: no camera or rig of an unregistered image
-        registered.write(sparse)
+        for index, model in enumerate([rec, *further]):
+            registered = pycolmap.Reconstruction(model)
+            registered.tear_down()  # as COLMAP's mapper writes it: no camera or rig of an unregistered image
+            (staged / "sparse" / str(index)).mkdir(parents=True, exist_ok=True)
+            registered.write(staged / "sparse" / str(index))
         report.setdefault("database", {}).update(
             write_database(staged / "database.db", rec, keypoints, pair_matches)
         )
         rec.export_PLY(staged / "points.ply")
         if undistort_sources is not None:
             report["undistorted"] = write_undistorted(staged / "undistorted", rec, sparse, undistort_sources)
-        if unregistered := [entry["name"] for entry in report.get("unregistered_images", [])]:
+        if unregistered := report.get("registered_in_no_model", []):
             write_image_list(staged / UNREGISTERED_LIST, unregistered)
         write_report(staged / "report.json", report)
         replace_folder(staged, output, overwrite)

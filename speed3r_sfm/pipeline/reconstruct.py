@@ -55,7 +55,7 @@ from .bundle import (
     mean_reprojection_error,
     refine_reconstruction,
 )
-from .checks import require_at_least, require_positive
+from .checks import require_at_least, require_integer, require_positive
 from .chunked import predict_chunked, stored_plan
 from .chunking import default_chunk_size, group_views_by_similarity, plan_chunks
 from .colmap_model import (
@@ -116,6 +116,12 @@ class PipelineOptions:
     # within 1 px of the original (a 4144 x 3136 photo: 1.1-1.4 px mean reprojection error at 1600)
     min_work_scale: float = 0.5
     no_ba_max_reproj_error: float = 16.0  # work pixels, point filter when ba=False
+    # views that did not register are reconstructed on their own, as further models (sparse/1, sparse/2,
+    # ...), while at least ``min_model_views`` of them are left and such a run registers that many, up to
+    # ``max_models`` models in all, as COLMAP's mapper starts new models (its min_model_size is 10). A folder
+    # of two scenes left the second one unregistered (mixed_scenes_cpu.jsonl). 1: the first model only
+    max_models: int = 5
+    min_model_views: int = 10
 
     def __post_init__(self) -> None:
         for name, kind in (
@@ -130,6 +136,7 @@ class PipelineOptions:
                 got = type(getattr(self, name)).__name__
                 raise TypeError(f"PipelineOptions.{name} must be a {kind.__name__}, got {got}")
         require_at_least(self, max_image_size=1, merge_radius=0.0)
+        require_integer(self, max_models=1, min_model_views=2)
         require_positive(self, "no_ba_max_reproj_error")
         if not 0.0 <= self.min_work_scale <= 1.0:
             raise ValueError(f"min_work_scale must lie in [0, 1], got {self.min_work_scale}")
@@ -155,6 +162,8 @@ class PipelineResult:
     feedforward_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the poses BA started from (model frame)
     head_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the camera head's poses (same as above unless
     # token poses replaced them, see report["poses"]; in chunks, token-posed chunks are composed as they are)
+    # the views this run did not register, reconstructed on their own (PipelineOptions.max_models)
+    further_models: list[PipelineResult] = field(default_factory=list)
 
 
 def reconstruct(
@@ -235,7 +244,7 @@ def reconstruct(
 
 MANY_UNREGISTERED = 0.25  # share of the views left unregistered from which the run warns (below)
 UNRELATED_VIEWS_HINT = (
-    "%d of %d views did not register. If they show another scene, reconstruct each scene on its own (a "
+    "%d of %d views registered in no model. If they show another scene, reconstruct each scene on its own (a "
     "project's unregistered_images.txt lists them for --image_list): the model sees all views at once, and "
     "unrelated views degrade its predictions for the others (a scene kept from two mixed in one folder was "
     "5 deg off, alone 0.8 deg)"
@@ -276,6 +285,7 @@ def run_pipeline(
     ba, overwrite, progress = _flag("ba", ba), _flag("overwrite", overwrite), _flag("progress", progress)
     ordered, undistort = _flag("ordered", ordered), _flag("undistort", undistort)
     recursive = _flag("recursive", recursive)
+    requested_attention = attention  # further models resolve "auto" for their own number of views
     if not isinstance(shared_camera, bool | np.bool_ | str) or shared_camera not in (
         True,
         False,
@@ -428,8 +438,6 @@ def run_pipeline(
         ]
         for entry in unregistered:
             logger.warning("not registered: %s: %s", entry["name"], entry["why"])
-        if len(unregistered) >= max(2, MANY_UNREGISTERED * len(views)) and rec.num_reg_images() >= 2:
-            logger.warning(UNRELATED_VIEWS_HINT, len(unregistered), len(views))
         stages.timings["total"] = stages.elapsed()
 
         report = build_report(
@@ -477,17 +485,93 @@ def run_pipeline(
                 report,
             )
 
-        # 7. the project folder, atomically
+        # 7. the views that did not register, reconstructed on their own as further models
+        further, left = further_models(
+            lambda names: run_pipeline(
+                image_dir,
+                None,
+                image_list=names,
+                model=model,
+                attention=requested_attention,
+                device=device,
+                ba=ba,
+                camera_model=camera_model,
+                shared_camera=shared_camera,
+                camera_params=camera_params,
+                preprocessing=preprocessing,
+                options=replace(options, max_models=1),
+                chunk_size=chunk_size,
+                chunk_overlap=chunk_overlap,
+                ordered=ordered,
+            ),
+            [entry["name"] for entry in unregistered],
+            options,
+        )
+        report["further_models"] = [_model_entry(k + 1, result) for k, result in enumerate(further)]
+        report["registered_in_no_model"] = left
+        if len(left) >= max(2, MANY_UNREGISTERED * len(views)):
+            logger.warning(UNRELATED_VIEWS_HINT, len(left), len(views))
+        if further:
+            stages.timings["further models"] = sum(r.report["timings_s"]["total"] for r in further)
+            stages.timings["total"] = stages.elapsed()
+
+        # 8. the project folder, atomically
         output = None
         if output_dir is not None:
             stages.start("writing")
             sources = {v.name: (v.path, v.exif_orientation) for v in views} if undistort else None
-            output = write_project(output_dir, rec, points2d, pair_matches, report, overwrite, sources)
+            others = [r.reconstruction for r in further]
+            output = write_project(
+                output_dir, rec, points2d, pair_matches, report, overwrite, sources, others
+            )
             stages.done("write")
     finally:
         stages.close()
     names = [v.name for v in views]
-    return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses)
+    return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses, further)
+
+
+def further_models(
+    run: Callable[[list[str]], PipelineResult], unregistered: list[str], options: PipelineOptions
+) -> tuple[list[PipelineResult], list[str]]:
+    """Reconstruct the ``unregistered`` image names on their own (``run(names)``), then those that run left
+    unregistered, and so on, while ``options.min_model_views`` or more are left and a run registers that
+    many, up to ``options.max_models`` models with the first. Returns the further models and the names
+    registered in none."""
+    models: list[PipelineResult] = []
+    left = list(unregistered)
+    while len(models) + 1 < options.max_models and len(left) >= options.min_model_views:
+        logger.info("reconstructing the %d views that did not register on their own", len(left))
+        try:
+            result = run(left)
+        except ReconstructionError as error:
+            logger.info("no further model from them: %s", error)
+            break
+        if result.reconstruction.num_reg_images() < options.min_model_views:
+            logger.info(
+                "no further model from them: %d registered, fewer than min_model_views (%d)",
+                result.reconstruction.num_reg_images(),
+                options.min_model_views,
+            )
+            break
+        models.append(result)
+        left = [entry["name"] for entry in result.report["unregistered_images"]]
+    return models, left
+
+
+def _model_entry(index: int, result: PipelineResult) -> dict:
+    """report.json's entry of further model ``index`` (written to sparse/index)."""
+    rec = result.reconstruction
+    return {
+        "path": f"sparse/{index}",
+        "images": [
+            image.name for image in sorted(rec.images.values(), key=lambda im: im.name) if image.has_pose
+        ],
+        "registered_images": rec.num_reg_images(),
+        "points3D": rec.num_points3D(),
+        "reprojection_error_px": result.report["reprojection_error_px"]["final"],
+        "time_s": result.report["timings_s"]["total"],
+    }
 
 
 def _input_warnings(backbone: Backbone, views: list[View]) -> list[str]:
