@@ -9,6 +9,7 @@ views) and the input warnings the run gave (``report["input_warnings"]``)::
 
     python benchmarks/colour_input.py --variants colour gray sepia sepia_jpg sat0.5 sat0.35 sat0.25 sat0.1 \
         --out benchmarks/results/colour_input_cpu.jsonl
+    python benchmarks/colour_input.py --photos PHOTO... --out benchmarks/results/colour_score_photos.jsonl
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_synthetic as harness  # noqa: E402
 
 from speed3r_sfm.data.colmap_dataset import to_uint8_image  # noqa: E402
+from speed3r_sfm.data.images import read_image_upright  # noqa: E402
 from speed3r_sfm.eval.metrics import relative_pose_errors  # noqa: E402
-from speed3r_sfm.pipeline.inputs import Preprocessing, load_views, select_images  # noqa: E402
+from speed3r_sfm.pipeline.inputs import Preprocessing, colour_score, load_views, select_images  # noqa: E402
 from speed3r_sfm.pipeline.reconstruct import ReconstructionError, run_pipeline  # noqa: E402
 
 SEPIA = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
@@ -101,8 +103,20 @@ def main() -> None:
         "--cache", default=str(harness.RESULTS.parents[1] / "outputs" / "pipeline_bench_cache")
     )
     parser.add_argument("--out", required=True, help="a .jsonl file the rows are appended to")
+    parser.add_argument(
+        "--photos", nargs="+", default=None, help="instead: the colour score of each of these image files"
+    )
     args = parser.parse_args()
     meta = {"date": datetime.date.today().isoformat(), **harness.machine()}
+    if args.photos:
+        for path in map(Path, args.photos):
+            image, _, size = read_image_upright(path, max_size=1600)  # as the pipeline's work copy
+            score = round(colour_score(np.asarray(image.convert("RGB"))), 2)
+            row = {"photo": path.name, "size": list(size), "colour_score": score, **meta}
+            print(json.dumps(row), flush=True)
+            with open(args.out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        return
     for trajectory in args.trajectories:
         scene = argparse.Namespace(
             views=24, height=392, width=518, supersample=2, trajectory=trajectory, fov=None, cache=args.cache

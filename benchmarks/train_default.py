@@ -338,6 +338,8 @@ def student_sidecar(student: dict, previous: dict, stages: list[dict], width: in
     # The pipeline feeds the model images of the width it was trained at (VGGT "crop" preprocessing).
     meta["preprocessing"] = {"mode": "crop", "target_size": width, "patch_size": 14}
     kept = [key for key in PIPELINE_KEYS if key in previous and key not in meta]
+    # an explanation goes with its setting: none for a setting the student sets itself
+    kept = [key for key in kept if not (key.endswith("_why") and key.removesuffix("_why") not in kept)]
     meta.update({key: previous[key] for key in kept})
     return meta, kept
 

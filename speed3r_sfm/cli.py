@@ -14,11 +14,13 @@ yes/no option given without a value (``--shared_camera``) means ``true``.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import signal
 import sys
 import threading
 import traceback
+import types
+import typing
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable, Iterator
 
@@ -92,7 +94,7 @@ def _run_command(args: list[str]) -> None:
         if (refused := refused_option(error)) is None:
             raise
         print(f"error: {refused}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(1)  # as the same value given through a shortcut (reconstruct --min_work_scale 2)
     except Terminated:
         print("\nterminated", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
@@ -171,15 +173,36 @@ def refused_option(error: BaseException) -> BaseException | None:
 
 def with_bool_values(args: list[str], command: Callable) -> list[str]:
     """``args`` with ``true`` after every yes/no option of ``command`` that is given without a value (the
-    last argument, or followed by another option): jsonargparse's bool options take one."""
-    parameters = inspect.signature(command).parameters.values()
-    flags = {f"--{p.name}" for p in parameters if str(p.annotation).startswith(("bool", "<class 'bool'>"))}
+    last argument, or followed by another option): jsonargparse's bool options take one. The fields of a
+    dataclass parameter count too (``--options.bundle.readjust``)."""
+    flags = bool_options(command)
     out = []
     for i, arg in enumerate(args):
         out.append(arg)
         if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("-")):
             out.append("true")
     return out
+
+
+def bool_options(command: Callable) -> set[str]:
+    """The yes/no options of ``command`` (``--name``), with those of its dataclass parameters' fields
+    (``--name.field``, nested)."""
+    found: set[str] = set()
+
+    def walk(flag: str, hint: object) -> None:
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        choices = typing.get_args(hint) if union else (hint,)
+        if bool in choices:
+            found.add(flag)
+        for choice in choices:
+            if dataclasses.is_dataclass(choice):
+                for name, field_hint in typing.get_type_hints(choice).items():
+                    walk(f"{flag}.{name}", field_hint)
+
+    for name, hint in typing.get_type_hints(command).items():
+        if name != "return":
+            walk(f"--{name}", hint)
+    return found
 
 
 if __name__ == "__main__":

@@ -181,6 +181,19 @@ def test_readme_reconstruct_examples_parse(reconstruct_calls):
 
 
 def test_yes_no_options_given_without_a_value_mean_true(reconstruct_calls):
+    main(
+        [
+            "reconstruct",
+            "images",
+            "-o",
+            "out",
+            "--options.bundle.polish",
+            "false",
+            "--options.bundle.refine_principal_point",
+        ]
+    )
+    options = reconstruct_calls.pop()["options"]
+    assert options.bundle.polish is False and options.bundle.refine_principal_point is True
     main(["reconstruct", "images", "-o", "out", "--shared_camera", "--undistort", "--readjust", "false"])
     main(["reconstruct", "images", "-o", "out", "--deterministic"])
     main(["reconstruct", "images", "-o", "out", "--shared_camera", "per_folder", "--recursive"])
@@ -297,7 +310,15 @@ def test_ready_pipeline_configs_parse_and_set_what_they_say(pipeline_calls, tmp_
     splatting, video = pipeline_calls
     assert splatting["shared_camera"] is True and splatting["undistort"] is True
     assert video["shared_camera"] is True and video["chunk_size"] == 48 and video["ordered"] is True
-    assert video["options"].loops.enabled and video["options"].loops.revisit_links == 3
+    assert video["options"].loops.enabled
+
+    own = tmp_path / "own.yaml"  # a stage's setting from a file, and a shortcut after --config over it
+    own.write_text("options:\n  bundle:\n    max_reproj_error: 2.5\n  keypoints:\n    max_keypoints: 300\n")
+    main(
+        ["reconstruct", "--config", str(own), str(tmp_path), "-o", "out", "--max_keypoints", "700", "--quiet"]
+    )
+    options = pipeline_calls[-1]["options"]
+    assert options.bundle.max_reproj_error == 2.5 and options.keypoints.max_keypoints == 700
 
 
 def test_an_option_value_its_stage_refuses_is_a_one_line_error(pipeline_calls, tmp_path, capsys):
@@ -307,6 +328,12 @@ def test_an_option_value_its_stage_refuses_is_a_one_line_error(pipeline_calls, t
     ):
         with pytest.raises(SystemExit) as stopped:
             main(["reconstruct", str(tmp_path), "-o", str(tmp_path / "out"), *option])
-        assert stopped.value.code == 2
+        assert stopped.value.code == 1
         assert capsys.readouterr().err.strip() == f"error: {message}"
     assert pipeline_calls == []
+    for option in ("--options.min_work_scale", "--min_work_scale"):  # one value, two ways: one exit code
+        with pytest.raises(SystemExit) as stopped:
+            main(["reconstruct", str(tmp_path), "-o", str(tmp_path / "out"), option, "2"])
+        assert stopped.value.code == 1
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == ["error: min_work_scale must lie in [0, 1], got 2.0"] * 2

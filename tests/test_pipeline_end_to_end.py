@@ -1463,8 +1463,9 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
 
 
 def test_further_models_stop_when_a_run_fails_or_registers_too_few():
-    """further_models: each run takes what the last one left, while enough are left; a run that fails or
-    registers fewer than min_model_views ends it, its views registered in no model."""
+    """further_models: each run takes what the last one left, while enough are left; a run that fails (a
+    ReconstructionError or any other error) or registers fewer than min_model_views ends it, its views
+    registered in no model."""
 
     def fake(registered: int, left: list[str]) -> PipelineResult:
         rec = mock.Mock()
@@ -1488,6 +1489,11 @@ def test_further_models_stop_when_a_run_fails_or_registers_too_few():
         raise ReconstructionError("no reconstruction")
 
     assert pipeline_reconstruct.further_models(failing, names, PipelineOptions()) == ([], names)
+
+    def broken(subset):  # any other error of a further run leaves the first model as it is
+        raise ValueError("out of memory")
+
+    assert pipeline_reconstruct.further_models(broken, names, PipelineOptions()) == ([], names)
     too_few = pipeline_reconstruct.further_models(
         lambda subset: fake(9, names[9:]), names, PipelineOptions(min_model_views=10)
     )

@@ -54,6 +54,8 @@ def test_a_shipped_student_keeps_the_shipped_pipeline_settings_it_does_not_set(l
     assert meta["input_warnings"] == shipped["input_warnings"]
     assert meta["pipeline_attention"] == shipped["pipeline_attention"]
     assert meta["gsa_guidance"] is True and "gsa_guidance" not in kept
+    assert "gsa_guidance_why" not in meta  # the shipped explanation of the shipped setting goes with it
+    assert meta["pipeline_attention_why"] == shipped["pipeline_attention_why"]
     assert "input_warnings" in kept and "preprocessing" not in kept
     assert meta["preprocessing"] == {"mode": "crop", "target_size": 294, "patch_size": 14}
     assert meta["info"]["stages"] == [{"stage": "distil", "global_step": 10}]

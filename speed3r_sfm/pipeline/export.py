@@ -4,8 +4,9 @@ Layout::
 
     OUT/sparse/0/{cameras,images,points3D,rigs,frames}.bin   the reconstruction (after bundle adjustment)
     OUT/sparse/1, sparse/2, ...                              further models: views sparse/0 did not register,
-                                                             reconstructed on their own (not in database.db
-                                                             or points.ply)
+                                                             reconstructed on their own, with their own image
+                                                             and camera ids and 2D points (database.db and
+                                                             points.ply are sparse/0's)
     OUT/database.db                                          keypoints, matches, two-view geometries
     OUT/points.ply                                           the 3D points (after bundle adjustment)
     OUT/report.json                                          timings, counts, reprojection errors

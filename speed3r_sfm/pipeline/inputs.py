@@ -45,7 +45,7 @@ GRAY_COLOUR_SHARE = 0.005  # a grayscale image may have this share of coloured p
 # a run whose median view has a colour score (colour_score) below this has little colour. The shipped default
 # failed two or three of six held-out scenes at 2.2 and less (gray, sepia, 10 % of the colour), forward
 # 1000001 hinged at 2.8-3.9 (25-35 %) in one of two sets of copies, the others held at 4.8-5.5 but the hard
-# orbit in 2 of 5 runs (grayscale_input.md); its training renders score 6-29, real photographs 2.4-29
+# orbit in 2 of 5 runs (grayscale_input.md); its held-out renders score 11-22, real photographs 2.3-28
 LOW_COLOUR_SCORE = 4.5
 MIN_IMAGE_SIDE = 32  # pixels: smaller images are skipped (a handful of 14-pixel patches, no keypoints)
 

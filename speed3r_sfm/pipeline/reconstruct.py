@@ -280,8 +280,11 @@ def run_pipeline(
     undistort: bool = False,
     image_list: ImageList | None = None,
     recursive: bool = False,
+    *,
+    _further: bool = False,
 ) -> PipelineResult:
-    """:func:`reconstruct` with everything it computed (report, feed-forward poses)."""
+    """:func:`reconstruct` with everything it computed (report, feed-forward poses, further models).
+    ``_further``: this run makes a further model of another run (which gives the hints)."""
     ba, overwrite, progress = _flag("ba", ba), _flag("overwrite", overwrite), _flag("progress", progress)
     ordered, undistort = _flag("ordered", ordered), _flag("undistort", undistort)
     recursive = _flag("recursive", recursive)
@@ -434,7 +437,7 @@ def run_pipeline(
         )
         unregistered = [
             {"name": views[image_id - 1].name, "why": hinge if image_id in hinged else weak}
-            for image_id in dropped
+            for image_id in sorted(dropped)  # in file order (a further model's image_list)
         ]
         for entry in unregistered:
             logger.warning("not registered: %s: %s", entry["name"], entry["why"])
@@ -486,11 +489,16 @@ def run_pipeline(
             )
 
         # 7. the views that did not register, reconstructed on their own as further models
+        if options.max_models > 1 and len(unregistered) >= options.min_model_views:
+            backbone = model_images = grays = keypoints = None  # one model in memory at a time
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         further, left = further_models(
             lambda names: run_pipeline(
                 image_dir,
                 None,
                 image_list=names,
+                _further=True,
                 model=model,
                 attention=requested_attention,
                 device=device,
@@ -509,7 +517,7 @@ def run_pipeline(
         )
         report["further_models"] = [_model_entry(k + 1, result) for k, result in enumerate(further)]
         report["registered_in_no_model"] = left
-        if len(left) >= max(2, MANY_UNREGISTERED * len(views)):
+        if len(left) >= max(2, MANY_UNREGISTERED * len(views)) and not _further:
             logger.warning(UNRELATED_VIEWS_HINT, len(left), len(views))
         if further:
             stages.timings["further models"] = sum(r.report["timings_s"]["total"] for r in further)
@@ -546,6 +554,9 @@ def further_models(
             result = run(left)
         except ReconstructionError as error:
             logger.info("no further model from them: %s", error)
+            break
+        except Exception as error:  # the first model is done: keep it whatever befalls a further one
+            logger.warning("no further model from them: %s: %s", type(error).__name__, error)
             break
         if result.reconstruction.num_reg_images() < options.min_model_views:
             logger.info(
