@@ -215,8 +215,10 @@ def reconstruct(
     ``image_list_path``); COLMAP names the images by those relative paths. See
     :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction. It holds every input image,
     those left unregistered without a pose (``has_pose`` False: loop over ``rec.reg_image_ids()``);
-    ``output_dir/sparse/0`` holds the registered ones, as COLMAP's mapper writes them. Errors the caller
-    can fix are exported at the top level (``speed3r_sfm.InputError``, ``ReconstructionError``, ...).
+    ``output_dir/sparse/0`` holds the registered ones, as COLMAP's mapper writes them. Views it did not
+    register go on to further models (``PipelineOptions.max_models``), written to ``sparse/1``, ... and
+    returned by :func:`run_pipeline` (``PipelineResult.further_models``). Errors the caller can fix are
+    exported at the top level (``speed3r_sfm.InputError``, ``ReconstructionError``, ...).
     """
     return run_pipeline(
         image_dir,
