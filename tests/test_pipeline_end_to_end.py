@@ -1403,7 +1403,7 @@ class _OraclesByViewCount:
         return self.oracles[images.shape[-4]](images)
 
 
-def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkeypatch, tmp_path):
+def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkeypatch, tmp_path, caplog):
     """The views a run did not register (simulated) are reconstructed on their own when at least
     ``min_model_views`` are left: written as sparse/1, listed in report.json and the CLI summary, in no
     unregistered_images.txt; with fewer left, or ``max_models=1``, nothing more runs."""
@@ -1434,7 +1434,8 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     )
     model = _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
     options = PipelineOptions(min_model_views=lost)
-    result = run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=options)
+    with caplog.at_level(logging.WARNING):
+        result = run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=options)
 
     names = result.image_names[VIEWS - lost :]
     assert model.calls == [VIEWS, lost]
@@ -1449,17 +1450,24 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     assert pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").num_reg_images() == VIEWS - lost
     assert not (tmp_path / "out" / "unregistered_images.txt").exists()
     summary = pipeline_cli.summary_text(result)
+    assert summary.startswith(f"reconstructed {VIEWS - lost}/{VIEWS} images; {VIEWS}/{VIEWS} in 2 models\n")
     assert f"further model sparse/1: {lost} of the images sparse/0 did not register" in summary
-    assert "not registered:" not in summary
+    assert "not registered:" not in summary and "not registered:" not in caplog.text
 
     model.calls.clear()
     for fewer in (
         PipelineOptions(min_model_views=lost + 1),
         PipelineOptions(min_model_views=lost, max_models=1),
     ):
-        alone = run_pipeline(scene_data["folder"], None, model=model, options=fewer)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            alone = run_pipeline(scene_data["folder"], None, model=model, options=fewer)
         assert alone.further_models == [] and alone.report["registered_in_no_model"] == names
+        assert all(f"not registered: {name}" in caplog.text for name in names)
     assert model.calls == [VIEWS, VIEWS]
+    # a project with a further model is a project of ours: overwrite replaces it (sparse/1 included)
+    run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=fewer, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out" / "sparse").iterdir()) == ["0"]
 
 
 def test_further_models_stop_when_a_run_fails_or_registers_too_few():

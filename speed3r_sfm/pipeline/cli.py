@@ -235,9 +235,12 @@ def summary_text(result: PipelineResult) -> str:
     r = result.report
     counts, errors, timings = r["counts"], r["reprojection_error_px"], r["timings_s"]
     images = r["images"]
+    further = r.get("further_models", [])
+    in_models = counts["registered_images"] + sum(entry["registered_images"] for entry in further)
     lines = [
         f"reconstructed {counts['registered_images']}/{images['used']} images"
-        + (f" ({len(images['skipped'])} skipped)" if images["skipped"] else ""),
+        + (f" ({len(images['skipped'])} skipped)" if images["skipped"] else "")
+        + (f"; {in_models}/{images['used']} in {len(further) + 1} models" if further else ""),
         f"  model {r['model']} on {r['device']}, attention {r['attention']}"
         + (" (GSA records)" if r["gsa_records"] else " (texture keypoints)")
         + (f", poses from {r['poses']['source']}" if "poses" in r else ""),
@@ -278,7 +281,7 @@ def summary_text(result: PipelineResult) -> str:
         )
     for warning in r.get("input_warnings", []):
         lines.append(f"  warning: {warning}")
-    for entry in r.get("further_models", []):
+    for entry in further:
         error = entry["reprojection_error_px"]
         lines.append(
             f"  further model {entry['path']}: {entry['registered_images']} of the images sparse/0 did not"

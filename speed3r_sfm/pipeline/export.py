@@ -114,10 +114,11 @@ def check_output(
     if output.is_dir() and any(output.iterdir()):
         foreign = sorted({p.name for p in output.iterdir()} - set(PROJECT_ENTRIES) - set(IGNORED_ENTRIES))
         sparse = output / "sparse"
-        if sparse.is_dir():  # a project holds sparse/0 only (a COLMAP mapper run may add sparse/1 ...)
-            foreign += sorted(
-                f"sparse/{p.name}" for p in sparse.iterdir() if p.name not in ("0", *IGNORED_ENTRIES)
-            )
+        if (
+            sparse.is_dir()
+        ):  # sparse/0 and the further models its report lists (a COLMAP mapper run may add more)
+            ours = {"0", *_further_model_folders(output / "report.json"), *IGNORED_ENTRIES}
+            foreign += sorted(f"sparse/{p.name}" for p in sparse.iterdir() if p.name not in ours)
         if foreign:  # said first: overwrite would not help
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise OutputExistsError(
@@ -132,6 +133,15 @@ def check_output(
             )
     check_writable(output)
     return output
+
+
+def _further_model_folders(report: Path) -> list[str]:
+    """The sparse/ folder names of the further models a project's report.json lists ([] if unreadable)."""
+    try:
+        entries = json.loads(report.read_text()).get("further_models", [])
+        return [str(entry["path"]).removeprefix("sparse/") for entry in entries]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return []
 
 
 def current_folder() -> Path:

@@ -441,8 +441,6 @@ def run_pipeline(
             {"name": views[image_id - 1].name, "why": hinge if image_id in hinged else weak}
             for image_id in sorted(dropped)  # in file order (a further model's image_list)
         ]
-        for entry in unregistered:
-            logger.warning("not registered: %s: %s", entry["name"], entry["why"])
         stages.timings["total"] = stages.elapsed()
 
         report = build_report(
@@ -519,6 +517,10 @@ def run_pipeline(
         )
         report["further_models"] = [_model_entry(k + 1, result) for k, result in enumerate(further)]
         report["registered_in_no_model"] = left
+        for entry in unregistered:  # those of a further run: the run that made it tells of those in none
+            if entry["name"] in left:
+                level = logging.INFO if _further else logging.WARNING
+                logger.log(level, "not registered: %s: %s", entry["name"], entry["why"])
         if len(left) >= max(2, MANY_UNREGISTERED * len(views)) and not _further:
             logger.warning(UNRELATED_VIEWS_HINT, len(left), len(views))
         if further:
