@@ -55,9 +55,10 @@ def main() -> None:
     make_cameras = colmap_model.make_cameras
     factor: float | None = None
 
-    def with_focal(*a, **k):
-        cameras, ids = make_cameras(*a, **k)
-        for camera in cameras if factor is not None else []:
+    def with_focal(views, geometry, camera_model, shared_camera, calibration=None):
+        cameras, ids = make_cameras(views, geometry, camera_model, shared_camera, calibration)
+        # the predicted cameras only: a calibration (the fixed-camera pass's adjusted camera) stays
+        for camera in cameras if factor is not None and calibration is None else []:
             params = camera.params.copy()
             params[0] = true_focal * factor
             camera.params = params

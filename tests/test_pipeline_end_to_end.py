@@ -1404,19 +1404,23 @@ class _OraclesByViewCount:
 
 
 def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkeypatch, tmp_path, caplog):
-    """The views a run did not register (simulated) are reconstructed on their own when at least
-    ``min_model_views`` are left: written as sparse/1, listed in report.json and the CLI summary, in no
-    unregistered_images.txt; with fewer left, or ``max_models=1``, nothing more runs."""
+    """The views a run did not register (simulated: the last four) are reconstructed on their own when at
+    least ``min_model_views`` are left: written as sparse/1, listed in report.json and the CLI summary; the
+    one view that further run also loses (simulated) is registered in no model, warned of once and listed in
+    unregistered_images.txt. With fewer left, or ``max_models=1``, nothing more runs; overwrite replaces such
+    a project, not one with a sparse/N its report does not list."""
     real = pipeline_reconstruct._adjust_rescue_readjust
-    lost = 3
+    lost = 4
 
     def lose_views(adjust, **kwargs):
         result = real(adjust, **kwargs)
         rec = result.adjusted.rec
-        if rec.num_images() == VIEWS:  # the first run only
-            for image_id in range(VIEWS - lost + 1, VIEWS + 1):
-                rec.deregister_frame(rec.image(image_id).frame_id)
-            result.adjusted.dropped = list(range(VIEWS - lost + 1, VIEWS + 1))
+        dropped = (
+            range(VIEWS - lost + 1, VIEWS + 1) if rec.num_images() == VIEWS else [lost]
+        )  # first / further
+        for image_id in dropped:
+            rec.deregister_frame(rec.image(image_id).frame_id)
+        result.adjusted.dropped = list(dropped)
         return result
 
     monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
@@ -1433,41 +1437,83 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
         seed=3,
     )
     model = _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
-    options = PipelineOptions(min_model_views=lost)
-    with caplog.at_level(logging.WARNING):
+    options = PipelineOptions(min_model_views=lost - 1)
+    with caplog.at_level(logging.INFO):
         result = run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=options)
 
     names = result.image_names[VIEWS - lost :]
     assert model.calls == [VIEWS, lost]
     assert result.reconstruction.num_reg_images() == VIEWS - lost
     [further] = result.further_models
-    assert sorted(further.image_names) == names and further.reconstruction.num_reg_images() == lost
+    assert sorted(further.image_names) == names and further.reconstruction.num_reg_images() == lost - 1
     entry = result.report["further_models"][0]
-    assert entry["path"] == "sparse/1" and entry["images"] == names and entry["registered_images"] == lost
-    assert result.report["registered_in_no_model"] == []
+    assert (
+        entry["path"] == "sparse/1"
+        and entry["images"] == names[:-1]
+        and entry["registered_images"] == lost - 1
+    )
+    assert result.report["registered_in_no_model"] == names[-1:]
     written = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "1")
-    assert sorted(image.name for image in written.images.values()) == names
+    assert sorted(written.image(i).name for i in written.reg_image_ids()) == names[:-1]
     assert pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").num_reg_images() == VIEWS - lost
-    assert not (tmp_path / "out" / "unregistered_images.txt").exists()
+    listed = (tmp_path / "out" / "unregistered_images.txt").read_text().splitlines()
+    assert [line for line in listed if not line.startswith("#")] == names[-1:]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "not registered:" in r.getMessage()]
+    assert [level for level, message in lines if names[-1] in message] == [logging.INFO, logging.WARNING]
+    assert not any(level == logging.WARNING for level, message in lines if names[-1] not in message)
     summary = pipeline_cli.summary_text(result)
-    assert summary.startswith(f"reconstructed {VIEWS - lost}/{VIEWS} images; {VIEWS}/{VIEWS} in 2 models\n")
-    assert f"further model sparse/1: {lost} of the images sparse/0 did not register" in summary
-    assert "not registered:" not in summary and "not registered:" not in caplog.text
+    assert summary.startswith(
+        f"reconstructed {VIEWS - lost}/{VIEWS} images; {VIEWS - 1}/{VIEWS} in 2 models\n"
+    )
+    assert f"further model sparse/1: {lost - 1} of the images sparse/0 did not register" in summary
+    assert f"not registered: {names[-1]}" in summary and f"not registered: {names[0]}" not in summary
 
+    # an overwrite: a sparse/N its report does not list is not the project's; the listed one is
+    (tmp_path / "out" / "sparse" / "2").mkdir()
+    with pytest.raises(OutputExistsError, match=r"holds more than a speed3r-sfm project \(sparse/2\)"):
+        run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=options, overwrite=True)
+    (tmp_path / "out" / "sparse" / "2").rmdir()
     model.calls.clear()
     for fewer in (
         PipelineOptions(min_model_views=lost + 1),
-        PipelineOptions(min_model_views=lost, max_models=1),
+        PipelineOptions(min_model_views=lost - 1, max_models=1),
     ):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            alone = run_pipeline(scene_data["folder"], None, model=model, options=fewer)
+            alone = run_pipeline(
+                scene_data["folder"], tmp_path / "out", model=model, options=fewer, overwrite=True
+            )
         assert alone.further_models == [] and alone.report["registered_in_no_model"] == names
         assert all(f"not registered: {name}" in caplog.text for name in names)
     assert model.calls == [VIEWS, VIEWS]
-    # a project with a further model is a project of ours: overwrite replaces it (sparse/1 included)
-    run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=fewer, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "out" / "sparse").iterdir()) == ["0"]
+
+
+def test_only_further_models_a_report_lists_count_as_the_projects(tmp_path):
+    """check_output: sparse/N folders are the project's only where its report.json lists them as further
+    models by their path (sparse/1 ...); other names, non-strings, a report that is not JSON or is nested too
+    deep to read leave them foreign, so overwrite refuses the folder."""
+    from speed3r_sfm.pipeline.export import check_output
+
+    project = tmp_path / "out"
+    for name in ("0", "1", "mine"):
+        (project / "sparse" / name).mkdir(parents=True)
+    report = project / "report.json"
+    for listed, foreign in (
+        ([{"path": "sparse/1"}], "sparse/mine"),
+        ([{"path": "sparse/1"}, {"path": "mine"}, {"path": "sparse/mine"}], "sparse/mine"),
+        ([{"path": 1}, {"path": "sparse/../mine"}], "sparse/1, sparse/mine"),
+    ):
+        report.write_text(json.dumps({"further_models": listed}))
+        with pytest.raises(OutputExistsError, match=re.escape(f"project ({foreign})")):
+            check_output(project, overwrite=True)
+    (project / "sparse" / "mine").rmdir()
+    report.write_text(json.dumps({"further_models": [{"path": "sparse/1"}]}))
+    assert check_output(project, overwrite=True) == project
+    for broken in ("not json", "[" * 100_000 + "]" * 100_000, json.dumps({"further_models": 3})):
+        report.write_text(broken)
+        with pytest.raises(OutputExistsError, match=re.escape("project (sparse/1)")):
+            check_output(project, overwrite=True)
 
 
 def test_further_models_stop_when_a_run_fails_or_registers_too_few():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -49,6 +50,8 @@ class OutputPathError(OSError):
 
 # what a project folder holds (module docstring): ``overwrite`` replaces a folder of these only
 # a project's entries, and points.glb that `speed3r-sfm export OUT` writes by default
+FURTHER = re.compile(r"sparse/[1-9][0-9]{0,3}")  # a further model's folder as report.json names it
+MAX_REPORT_BYTES = 64 << 20  # a report.json larger than this is not one of ours
 UNREGISTERED_LIST = "unregistered_images.txt"  # names of the views that did not register (--image_list)
 PROJECT_ENTRIES = (
     "sparse",
@@ -117,7 +120,7 @@ def check_output(
         if (
             sparse.is_dir()
         ):  # sparse/0 and the further models its report lists (a COLMAP mapper run may add more)
-            ours = {"0", *_further_model_folders(output / "report.json"), *IGNORED_ENTRIES}
+            ours = {"0", *_further_model_folders(output), *IGNORED_ENTRIES}
             foreign += sorted(f"sparse/{p.name}" for p in sparse.iterdir() if p.name not in ours)
         if foreign:  # said first: overwrite would not help
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -135,13 +138,21 @@ def check_output(
     return output
 
 
-def _further_model_folders(report: Path) -> list[str]:
-    """The sparse/ folder names of the further models a project's report.json lists ([] if unreadable)."""
+def _further_model_folders(output: Path) -> list[str]:
+    """The sparse/N folders (N >= 1) of the further models a project's report.json lists; [] for a report
+    that is missing, not a small regular file or not one this package writes."""
+    report = output / "report.json"
     try:
+        if not report.is_file() or report.stat().st_size > MAX_REPORT_BYTES:
+            return []
         entries = json.loads(report.read_text()).get("further_models", [])
-        return [str(entry["path"]).removeprefix("sparse/") for entry in entries]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        paths = [entry.get("path") for entry in entries]
+    except Exception:  # unreadable, not JSON, nested too deep, not the expected layout: no model is ours
         return []
+    names = [
+        path.removeprefix("sparse/") for path in paths if isinstance(path, str) and FURTHER.fullmatch(path)
+    ]
+    return [name for name in names if (output / "sparse" / name).is_dir()]
 
 
 def current_folder() -> Path:

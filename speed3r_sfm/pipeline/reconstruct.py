@@ -474,6 +474,7 @@ def run_pipeline(
         )
 
         if rec.num_points3D() == 0 or rec.num_reg_images() < 2:
+            _log_unregistered(unregistered, _further)
             # many matches and still no point: rays that do not cross (no baseline)
             why = (
                 "the camera may not have moved between the views (a still camera, or a pure rotation): "
@@ -517,10 +518,8 @@ def run_pipeline(
         )
         report["further_models"] = [_model_entry(k + 1, result) for k, result in enumerate(further)]
         report["registered_in_no_model"] = left
-        for entry in unregistered:  # those of a further run: the run that made it tells of those in none
-            if entry["name"] in left:
-                level = logging.INFO if _further else logging.WARNING
-                logger.log(level, "not registered: %s: %s", entry["name"], entry["why"])
+        # a further run's views in no model: the run that made it tells of them
+        _log_unregistered([entry for entry in unregistered if entry["name"] in left], _further)
         if len(left) >= max(2, MANY_UNREGISTERED * len(views)) and not _further:
             logger.warning(UNRELATED_VIEWS_HINT, len(left), len(views))
         if further:
@@ -541,6 +540,14 @@ def run_pipeline(
         stages.close()
     names = [v.name for v in views]
     return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses, further)
+
+
+def _log_unregistered(entries: list[dict], further: bool) -> None:
+    """One line per view left unregistered: a warning, or INFO in a further model's run (the run that
+    made it tells of the views in no model)."""
+    level = logging.INFO if further else logging.WARNING
+    for entry in entries:
+        logger.log(level, "not registered: %s: %s", entry["name"], entry["why"])
 
 
 def further_models(
