@@ -27,7 +27,9 @@ Stages (each resumable; run them in order, as separate device calls if needed)::
   ``ship --candidate pose`` ships it as GSA (gates at their training-free init) with a new model card.
 - ``ship``: copies the student to speed3r_sfm/weights/default.safetensors + default.json (keeping the
   shipped sidecar's pipeline settings the student does not set, e.g. ``input_warnings``) and writes
-  speed3r_sfm/weights/MODEL_CARD.md (data, steps, time, accuracy table).
+  speed3r_sfm/weights/MODEL_CARD.md (data, steps, time, accuracy table; the replaced card's Limitations
+  section is kept under the new one, marked as measured on the previous weights). ``ship --candidate pose``
+  keeps it the same way.
 
 ``--set KEY=VALUE`` overrides entries of the stage's YAML (dotted keys, YAML values). ``--out DIR`` (e.g.
 ``--out $OUT`` on the device machine) copies the small artefacts of the stage there (weights ≤ 16 MB each,
@@ -325,6 +327,23 @@ def _table(evaluation: dict) -> list[str]:
     return lines
 
 
+def previous_limitations(card: Path, date: str) -> list[str]:
+    """The "Limitations" section of the model card ``card`` replaces, kept under the new card's own (its
+    measurements were made on the weights shipped before ``date``: measure them again, then edit the card);
+    [] without a card or such a section."""
+    if not card.is_file():
+        return []
+    lines = card.read_text().splitlines()
+    if "## Limitations" not in lines:
+        return []
+    start = lines.index("## Limitations") + 1
+    end = next((k for k in range(start, len(lines)) if lines[k].startswith("## ")), len(lines))
+    body = "\n".join(lines[start:end]).strip()
+    if not body:
+        return []
+    return [f"Measured on the weights shipped before {date}, to be measured again on these:", "", body, ""]
+
+
 def student_sidecar(student: dict, previous: dict, stages: list[dict], width: int) -> tuple[dict, list[str]]:
     """The shipped sidecar of a stage-2 student: its own, with the stage log, the crop preprocessing at the
     trained ``width`` and, of the ``previous`` shipped sidecar's pipeline settings, those the student does not
@@ -427,6 +446,7 @@ def ship_stage(args: argparse.Namespace) -> None:
         " `speed3r-sfm reconstruct IMAGES -o OUT --model facebook/VGGT-1B --attention gsa` (they load"
         " strictly; this repository has not yet compared its outputs with upstream on the real weights).",
         "",
+        *previous_limitations(target / "MODEL_CARD.md", datetime.date.today().isoformat()),
     ]
     (target / "MODEL_CARD.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -519,6 +539,7 @@ def ship_pose_stage(args: argparse.Namespace) -> None:
         " `speed3r-sfm reconstruct IMAGES -o OUT --model facebook/VGGT-1B --attention gsa` (they load"
         " strictly; this repository has not yet compared its outputs with upstream on the real weights).",
         "",
+        *previous_limitations(target / "MODEL_CARD.md", datetime.date.today().isoformat()),
     ]
     (staging / "MODEL_CARD.md").write_text("\n".join(lines))
     for name in ("default.safetensors", "default.json", "MODEL_CARD.md"):

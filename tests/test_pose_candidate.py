@@ -61,3 +61,16 @@ def test_a_shipped_student_keeps_the_shipped_pipeline_settings_it_does_not_set(l
     assert meta["info"]["stages"] == [{"stage": "distil", "global_step": 10}]
     assert "teacher_checkpoint" not in meta["info"] and "teacher_checkpoint" in student["info"]
     assert student_sidecar(student, {}, stages, width=294)[1] == []
+
+
+def test_a_new_model_card_keeps_the_limitations_measured_on_the_weights_it_replaces(tmp_path, load_benchmark):
+    previous_limitations = load_benchmark("train_default").previous_limitations
+    shipped = (ROOT / "speed3r_sfm" / "weights" / "MODEL_CARD.md").read_text()
+    kept = previous_limitations(ROOT / "speed3r_sfm" / "weights" / "MODEL_CARD.md", "2027-01-01")
+    assert kept[0] == "Measured on the weights shipped before 2027-01-01, to be measured again on these:"
+    assert kept[2] in shipped and "low_colour" in kept[2] and "## " not in kept[2]
+    card = tmp_path / "MODEL_CARD.md"
+    card.write_text("# Model\n\n## Limitations\n\nNarrow lenses fail.\n\n## Later\n\nother\n")
+    assert previous_limitations(card, "d")[2] == "Narrow lenses fail."
+    card.write_text("# Model\n\n## Training\n\nsteps\n")
+    assert previous_limitations(card, "d") == [] and previous_limitations(tmp_path / "none.md", "d") == []
