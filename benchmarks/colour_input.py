@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 import time
@@ -113,9 +112,7 @@ def main() -> None:
             image, _, size = read_image_upright(path, max_size=1600)  # as the pipeline's work copy
             score = round(colour_score(np.asarray(image.convert("RGB"))), 2)
             row = {"photo": path.name, "size": list(size), "colour_score": score, **meta}
-            print(json.dumps(row), flush=True)
-            with open(args.out, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            harness.record(row, args.out)
         return
     for trajectory in args.trajectories:
         scene = argparse.Namespace(
@@ -137,9 +134,7 @@ def main() -> None:
                         }
                         row.update(evaluate(folder, views.cam_from_world.double(), args.model))
                         row.update(meta)
-                        print(json.dumps(row), flush=True)
-                        with open(args.out, "a") as handle:
-                            handle.write(json.dumps(row) + "\n")
+                        harness.record(row, args.out)
 
 
 if __name__ == "__main__":

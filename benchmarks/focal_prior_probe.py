@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -88,9 +87,7 @@ def main() -> None:
                     "wall": round(result.report["timings_s"]["total"], 1),
                     **meta,
                 }
-                print(json.dumps(row), flush=True)
-                with open(args.out, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                harness.record(row, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import shutil
 import sys
@@ -134,9 +133,7 @@ def main() -> None:
         images = torch.cat([v.images[: args.views] for v in views.values()])
         row["tokens"] = separation(images, args.views, args.model)
         row.update(meta)
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        harness.record(row, args.out)
 
 
 if __name__ == "__main__":

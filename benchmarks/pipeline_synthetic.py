@@ -66,6 +66,13 @@ def machine() -> dict[str, str]:
     return info
 
 
+def record(row: dict, out: str | Path) -> None:
+    """Print one result row and append it to the .jsonl file ``out``."""
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def load_scene(seed: int, args: argparse.Namespace) -> RenderedViews:
     fov = getattr(args, "fov", None)
     fov_tag = "" if fov is None else f"_fov{fov:g}"
