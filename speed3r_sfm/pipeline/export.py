@@ -117,9 +117,8 @@ def check_output(
     if output.is_dir() and any(output.iterdir()):
         foreign = sorted({p.name for p in output.iterdir()} - set(PROJECT_ENTRIES) - set(IGNORED_ENTRIES))
         sparse = output / "sparse"
-        if (
-            sparse.is_dir()
-        ):  # sparse/0 and the further models its report lists (a COLMAP mapper run may add more)
+        # sparse/0 and the further models its report lists (a COLMAP mapper run may add more)
+        if sparse.is_dir():
             ours = {"0", *_further_model_folders(output), *IGNORED_ENTRIES}
             foreign += sorted(f"sparse/{p.name}" for p in sparse.iterdir() if p.name not in ours)
         if foreign:  # said first: overwrite would not help

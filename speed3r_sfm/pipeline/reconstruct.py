@@ -533,7 +533,7 @@ def run_pipeline(
             sources = {v.name: (v.path, v.exif_orientation) for v in views} if undistort else None
             others = [r.reconstruction for r in further]
             output = write_project(
-                output_dir, rec, points2d, pair_matches, report, overwrite, sources, others
+                output_dir, rec, points2d, pair_matches, report, overwrite, sources, further=others
             )
             stages.done("write")
     finally:
