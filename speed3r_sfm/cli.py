@@ -164,11 +164,8 @@ def refused_option(error: BaseException) -> BaseException | None:
     root = error
     while root.__cause__ is not None:
         root = root.__cause__
-    return (
-        root
-        if any(frame.name == "__post_init__" for frame in traceback.extract_tb(root.__traceback__))
-        else None
-    )
+    raised_in = {frame.name for frame in traceback.extract_tb(root.__traceback__)}
+    return root if "__post_init__" in raised_in else None
 
 
 def with_bool_values(args: list[str], command: Callable) -> list[str]:
