@@ -200,16 +200,14 @@ def finite_median(errors: torch.Tensor) -> float:
 
 def registered_poses(result) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) bool: which views of a ``run_pipeline`` result are registered; (S, 3, 4) float64 their
-    cam_from_world (NaN where not registered)."""
+    cam_from_world (NaN where not registered; a further model holds its registered views only)."""
     rec = result.reconstruction
     images = [rec.find_image_with_name(name) for name in result.image_names]
-    registered = torch.tensor([image.has_pose for image in images])
+    registered = torch.tensor([image is not None and image.has_pose for image in images])
     poses = torch.stack(
         [
-            torch.from_numpy(image.cam_from_world().matrix())
-            if image.has_pose
-            else torch.full((3, 4), math.nan)
-            for image in images
+            torch.from_numpy(image.cam_from_world().matrix()) if posed else torch.full((3, 4), math.nan)
+            for image, posed in zip(images, registered.tolist(), strict=True)
         ]
     ).double()
     return registered, poses

@@ -1439,7 +1439,9 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     model = _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
     options = PipelineOptions(min_model_views=lost - 1)
     with caplog.at_level(logging.INFO):
-        result = run_pipeline(scene_data["folder"], tmp_path / "out", model=model, options=options)
+        result = run_pipeline(
+            scene_data["folder"], tmp_path / "out", model=model, options=options, undistort=True
+        )
 
     names = result.image_names[VIEWS - lost :]
     assert model.calls == [VIEWS, lost]
@@ -1455,6 +1457,12 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     assert result.report["registered_in_no_model"] == names[-1:]
     written = pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "1")
     assert sorted(written.image(i).name for i in written.reg_image_ids()) == names[:-1]
+    undistorted = pycolmap.Reconstruction(tmp_path / "out" / "undistorted" / "sparse" / "1")
+    assert {c.model.name for c in undistorted.cameras.values()} == {"PINHOLE"}
+    assert sorted(undistorted.image(i).name for i in undistorted.reg_image_ids()) == names[:-1]
+    everything = sorted(p.name for p in (tmp_path / "out" / "undistorted" / "images").iterdir())
+    assert everything == sorted(set(result.image_names) - {names[-1]})
+    assert result.report["undistorted"]["images"] == VIEWS - 1
     assert pycolmap.Reconstruction(tmp_path / "out" / "sparse" / "0").num_reg_images() == VIEWS - lost
     listed = (tmp_path / "out" / "unregistered_images.txt").read_text().splitlines()
     assert [line for line in listed if not line.startswith("#")] == names[-1:]
@@ -1467,6 +1475,7 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     )
     assert f"further model sparse/1: {lost - 1} of the images sparse/0 did not register" in summary
     assert f"not registered: {names[-1]}" in summary and f"not registered: {names[0]}" not in summary
+    assert "PINHOLE cameras in" in summary and "(images/, sparse/0/, sparse/1/)" in summary
 
     # an overwrite: a sparse/N its report does not list is not the project's; the listed one is
     (tmp_path / "out" / "sparse" / "2").mkdir()
@@ -1487,6 +1496,81 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
         assert all(f"not registered: {name}" in caplog.text for name in names)
     assert model.calls == [VIEWS, VIEWS]
     assert sorted(p.name for p in (tmp_path / "out" / "sparse").iterdir()) == ["0"]
+
+
+def test_further_models_share_the_database_ids_as_colmaps_models_do(scene_data, monkeypatch, tmp_path):
+    """A further model (the last four views, simulated lost by the first run) has the image and camera ids
+    its views have in database.db, whose keypoints of those views are that model's 2D points, matched and
+    verified among them (not against sparse/0's keypoints): COLMAP's point triangulator reads sparse/1 with
+    the database. The returned further reconstruction is the one written."""
+    real = pipeline_reconstruct._adjust_rescue_readjust
+    lost = 4
+
+    def lose_views(adjust, **kwargs):
+        result = real(adjust, **kwargs)
+        if result.adjusted.rec.num_images() == VIEWS:
+            for image_id in range(VIEWS - lost + 1, VIEWS + 1):
+                result.adjusted.rec.deregister_frame(result.adjusted.rec.image(image_id).frame_id)
+            result.adjusted.dropped = list(range(VIEWS - lost + 1, VIEWS + 1))
+        return result
+
+    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
+    views = scene_data["views"]
+    tail = slice(VIEWS - lost, VIEWS)
+    subset = SceneOracle(
+        views.intrinsics[tail],
+        views.cam_from_world[tail],
+        [(WIDTH, HEIGHT)] * lost,
+        Preprocessing("crop", WIDTH),
+        depth=list(views.depth[tail]),
+        rotation_noise_deg=NOISE_DEG,
+        translation_noise=0.03,
+        seed=3,
+    )
+    model = _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
+    out = tmp_path / "out"
+    result = run_pipeline(
+        scene_data["folder"], out, model=model, options=PipelineOptions(min_model_views=lost)
+    )
+    [further] = result.further_models
+    written = pycolmap.Reconstruction(out / "sparse" / "1")
+    assert written.num_reg_images() == further.reconstruction.num_reg_images() == lost
+    first_ids = {name: k + 1 for k, name in enumerate(result.image_names)}
+    with pycolmap.Database.open(out / "database.db") as db:
+        assert db.num_images() == VIEWS
+        for image_id, image in written.images.items():
+            assert image_id == first_ids[image.name] == db.read_image_with_name(image.name).image_id
+            assert image.camera_id == db.read_image(image_id).camera_id
+            assert db.read_camera(image.camera_id).params == pytest.approx(image.camera.params)
+            xy = np.stack([p.xy for p in image.points2D])
+            assert np.allclose(db.read_keypoints(image_id)[:, :2], xy, atol=1e-3)
+            assert np.allclose(xy, np.stack([p.xy for p in further.reconstruction.image(image_id).points2D]))
+        ids = sorted(written.images)
+        pair_ids, geometries = db.read_two_view_geometries()
+        pairs = {
+            pycolmap.pair_id_to_image_pair(pair_id): g
+            for pair_id, g in zip(pair_ids, geometries, strict=True)
+        }
+        within = [pair for pair in pairs if pair[0] in ids and pair[1] in ids]
+        assert len(within) >= lost - 1
+        for id1, id2 in within:  # inliers are observations of one 3D point of sparse/1
+            inliers = pairs[(id1, id2)].inlier_matches
+            p1 = [written.image(id1).points2D[int(a)].point3D_id for a in inliers[:20, 0]]
+            p2 = [written.image(id2).points2D[int(b)].point3D_id for b in inliers[:20, 1]]
+            assert p1 == p2
+        # no match between a view of sparse/1 and one of sparse/0: their keypoints are another run's
+        assert not any((id1 in ids) != (id2 in ids) for id1, id2 in pairs)
+        assert all(not db.exists_matches(i, j) for i in ids for j in range(1, VIEWS - lost + 1))
+    bare = pycolmap.Reconstruction(written)
+    for point_id in list(bare.points3D):
+        bare.delete_point3D(point_id)
+    retriangulated = pycolmap.triangulate_points(
+        bare, out / "database.db", scene_data["folder"], tmp_path / "tri"
+    )
+    assert (
+        retriangulated.num_reg_images() == lost
+        and retriangulated.num_points3D() >= 0.5 * written.num_points3D()
+    )
 
 
 def test_only_further_models_a_report_lists_count_as_the_projects(tmp_path):

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, JpegImagePlugin
 
 from speed3r_sfm.geometry import intrinsics_from_fov
 from speed3r_sfm.pipeline.colmap_model import camera_groups, make_cameras
+from speed3r_sfm.pipeline.export import write_image_list
 from speed3r_sfm.pipeline.frames import (
     SceneGeometry,
     intrinsics_to_original,
@@ -86,6 +87,19 @@ def test_bad_image_lists_name_the_entry(tmp_path, entries, message):
     _image(tmp_path / "a.png", 64, 48)
     with pytest.raises(InputError, match=message):
         select_images(tmp_path, entries)
+
+
+def test_a_written_image_list_reads_back_names_that_look_like_comments(tmp_path):
+    names = ["#1.png", "a.png", "sub/#2.png"]
+    for seed, name in enumerate(names):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        _image(tmp_path / name, 64, 48, seed=seed)
+    write_image_list(tmp_path / "list.txt", names)
+    assert select_images(tmp_path, tmp_path / "list.txt") == [tmp_path / name for name in names]
+    views, _, _ = load_views(
+        select_images(tmp_path, tmp_path / "list.txt"), tmp_path, Preprocessing("crop", 56)
+    )
+    assert [v.name for v in views] == names
 
 
 def test_missing_image_list_file_is_named(tmp_path):

@@ -126,7 +126,8 @@ def reconstruct_command(
             many loops as chunks; options.loops.enabled, true).
         chunk_h5: HDF5 file keeping each chunk's output; a re-run with the same file resumes.
         undistort: also write OUT/undistorted: undistorted images and PINHOLE cameras (images/,
-            sparse/0/), the folder Gaussian-splatting and NeRF tools (3DGS, gsplat, nerfstudio) read.
+            sparse/0/; further models' in sparse/1/, ...), the folder Gaussian-splatting and NeRF tools
+            (3DGS, gsplat, nerfstudio) read.
         image_list: text file naming the images to use, one per line, relative to IMAGE_DIR (as COLMAP's
             --ImageReader.image_list_path; subfolders allowed, "#" comments), in that order.
         recursive: read the images of IMAGE_DIR's subfolders too (names "sub/img.jpg"); OUT must then lie
@@ -297,7 +298,9 @@ def summary_text(result: PipelineResult) -> str:
     if undistorted:
         lines.append(
             f"  undistorted: {undistorted['images']} images, {'/'.join(undistorted['camera_models'])} "
-            f"cameras in {result.output_dir / undistorted['path']} (images/, sparse/0/)"
+            f"cameras in {result.output_dir / undistorted['path']} (images/, "
+            + ", ".join(f"sparse/{k}/" for k in range(undistorted.get("models", 1)))
+            + ")"
         )
     return "\n".join(lines)
 

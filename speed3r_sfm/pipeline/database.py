@@ -8,6 +8,9 @@ cameras (configuration CALIBRATED; no homography is estimated). Pairs left witho
 no two-view geometry (COLMAP's geometric verification can still be run on them). There are no descriptors:
 COLMAP's matchers cannot match other images against these keypoints.
 
+Further models (``sparse/1``, ...) share the database's ids, as the models of COLMAP's mapper do: the
+images they register have their 2D points as keypoints, and matches among themselves (``write_database``).
+
 COLMAP's mappers take the file as it is: the incremental mapper continues from ``sparse/0``
 (``input_path``; ``colmap mapper --input_path OUT/sparse/0``) and the global mapper starts from scratch
 with their default options. The incremental mapper from scratch needs :func:`mapper_options`: the
@@ -61,11 +64,18 @@ def write_database(
     rec: pycolmap.Reconstruction,
     keypoints: Sequence[np.ndarray],
     pair_matches: dict[tuple[int, int], np.ndarray],
+    further: Sequence[tuple[pycolmap.Reconstruction, dict[tuple[int, int], np.ndarray]]] = (),
 ) -> dict[str, int]:
-    """Write ``path`` (a new file) from the reconstruction and all matches; returns counts."""
+    """Write ``path`` (a new file) from the reconstruction and all matches; returns counts.
+
+    ``further``: further models in ``rec``'s ids (``model_ids.py``) with their matches. An image one of them
+    registers has that model's 2D points as keypoints and that model's matches with the other images it
+    registers (its matches with ``rec``'s keypoints are dropped); a camera only such images use has that
+    model's parameters."""
     if os.path.exists(path):
         raise FileExistsError(f"database {path} already exists")
-    ids = point3d_ids(rec)
+    models = [(rec, pair_matches), *further]
+    owner = {image_id: k for k, (model, _) in enumerate(models) if k for image_id in model.reg_image_ids()}
     counts = {
         "images": 0,
         "keypoints": 0,
@@ -76,7 +86,11 @@ def write_database(
     }
     with pycolmap.Database.open(path) as db:
         for camera_id in sorted(rec.cameras):
-            db.write_camera(rec.cameras[camera_id], use_camera_id=True)
+            users = {
+                owner.get(image.image_id, 0) for image in rec.images.values() if image.camera_id == camera_id
+            }
+            source = models[users.pop()][0] if len(users) == 1 else rec
+            db.write_camera(source.cameras[camera_id], use_camera_id=True)
         for rig_id in sorted(rec.rigs):
             db.write_rig(rec.rigs[rig_id], use_rig_id=True)
         for frame_id in sorted(rec.frames):
@@ -87,20 +101,31 @@ def write_database(
                 pycolmap.Image(name=image.name, camera_id=image.camera_id, image_id=image_id),
                 use_image_id=True,
             )
-            db.write_keypoints(image_id, np.ascontiguousarray(keypoints[image_id - 1], dtype=np.float32))
+            if image_id in owner:
+                points = models[owner[image_id]][0].images[image_id].points2D
+                image_keypoints = np.array([point.xy for point in points], dtype=np.float32).reshape(-1, 2)
+            else:
+                image_keypoints = np.asarray(keypoints[image_id - 1], dtype=np.float32)
+            db.write_keypoints(image_id, np.ascontiguousarray(image_keypoints))
             counts["images"] += 1
-            counts["keypoints"] += len(keypoints[image_id - 1])
-        for (a, b), matches in pair_matches.items():
-            id1, id2 = a + 1, b + 1
-            matches = np.ascontiguousarray(matches, dtype=np.uint32)
-            db.write_matches(id1, id2, matches)
-            counts["matched_pairs"] += 1
-            counts["matches"] += len(matches)
-            inliers = inlier_matches(ids[id1], ids[id2], matches.astype(np.int64))
-            if len(inliers) and rec.image(id1).has_pose and rec.image(id2).has_pose:
-                db.write_two_view_geometry(id1, id2, two_view_geometry(rec, id1, id2, inliers))
-                counts["verified_pairs"] += 1
-                counts["inliers"] += len(inliers)
+            counts["keypoints"] += len(image_keypoints)
+        for k, (model, matches_of_model) in enumerate(models):
+            ids = point3d_ids(model)
+            for (a, b), matches in matches_of_model.items():
+                id1, id2 = a + 1, b + 1
+                if owner.get(id1, 0) != k or owner.get(id2, 0) != k:
+                    continue  # another model's keypoints
+                matches = np.ascontiguousarray(matches, dtype=np.uint32)
+                db.write_matches(id1, id2, matches)
+                counts["matched_pairs"] += 1
+                counts["matches"] += len(matches)
+                if id1 not in ids or id2 not in ids:
+                    continue
+                inliers = inlier_matches(ids[id1], ids[id2], matches.astype(np.int64))
+                if len(inliers) and model.image(id1).has_pose and model.image(id2).has_pose:
+                    db.write_two_view_geometry(id1, id2, two_view_geometry(model, id1, id2, inliers))
+                    counts["verified_pairs"] += 1
+                    counts["inliers"] += len(inliers)
     return counts
 
 

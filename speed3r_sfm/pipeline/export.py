@@ -4,14 +4,14 @@ Layout::
 
     OUT/sparse/0/{cameras,images,points3D,rigs,frames}.bin   the reconstruction (after bundle adjustment)
     OUT/sparse/1, sparse/2, ...                              further models: views sparse/0 did not register,
-                                                             reconstructed on their own, with their own image
-                                                             and camera ids and 2D points (database.db and
-                                                             points.ply are sparse/0's)
+                                                             reconstructed on their own (the database's ids;
+                                                             points.ply is sparse/0's)
     OUT/database.db                                          keypoints, matches, two-view geometries
     OUT/points.ply                                           the 3D points (after bundle adjustment)
     OUT/report.json                                          timings, counts, reprojection errors
     OUT/undistorted/{images,sparse/0}                        with ``undistort``: undistorted images and
-                                                             PINHOLE cameras (``undistort.py``)
+                                                             PINHOLE cameras (``undistort.py``); further
+                                                             models' in undistorted/sparse/1, ...
     OUT/unregistered_images.txt                              views registered in no model: their names, an
                                                              ``--image_list`` for a run of their own
 
@@ -37,7 +37,7 @@ import pycolmap
 from speed3r_sfm.fileio import normal_permissions
 
 from .database import write_database
-from .undistort import write_undistorted
+from .undistort import write_undistorted_models
 
 
 class OutputExistsError(FileExistsError):
@@ -229,9 +229,11 @@ def replace_folder(staged: Path, output: Path, overwrite: bool) -> None:
 
 
 def write_image_list(path: Path, names: list[str]) -> None:
-    """The image names (relative to the image folder), one per line, as ``--image_list`` reads them."""
+    """The image names (relative to the image folder), one per line, as ``--image_list`` reads them (a
+    name starting with "#" as "./#...", not a comment)."""
     header = "# did not register; speed3r-sfm reconstruct IMAGE_DIR -o OUT2 --image_list THIS_FILE"
-    path.write_text("\n".join([header, *names]) + "\n", encoding="utf-8")
+    lines = [f"./{name}" if name.startswith("#") else name for name in names]
+    path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
 
 
 def write_project(
@@ -242,29 +244,30 @@ def write_project(
     report: dict,
     overwrite: bool = False,
     undistort_sources: dict[str, tuple[Path, int]] | None = None,
-    further: Sequence[pycolmap.Reconstruction] = (),
+    further: Sequence[tuple[pycolmap.Reconstruction, dict[tuple[int, int], np.ndarray]]] = (),
 ) -> Path:
     """Write the project folder (module docstring) atomically; returns its path. ``undistort_sources``
-    (per image name, its file and EXIF orientation): also write ``undistorted/``; ``further`` models go to
-    ``sparse/1``, ``sparse/2``, ..."""
+    (per image name, its file and EXIF orientation): also write ``undistorted/``; ``further`` models, in
+    ``rec``'s ids (``model_ids.py``) with their matches, go to ``sparse/1``, ``sparse/2``, ..."""
     output = check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         normal_permissions(staged, folder=True)
-        sparse = staged / "sparse" / "0"
-        sparse.mkdir(parents=True)
-        for index, model in enumerate([rec, *further]):
+        models = [rec, *(model for model, _ in further)]
+        for index, model in enumerate(models):
             registered = pycolmap.Reconstruction(model)
             registered.tear_down()  # as COLMAP's mapper writes it: no camera or rig of an unregistered image
             (staged / "sparse" / str(index)).mkdir(parents=True, exist_ok=True)
             registered.write(staged / "sparse" / str(index))
         report.setdefault("database", {}).update(
-            write_database(staged / "database.db", rec, keypoints, pair_matches)
+            write_database(staged / "database.db", rec, keypoints, pair_matches, further)
         )
         rec.export_PLY(staged / "points.ply")
         if undistort_sources is not None:
-            report["undistorted"] = write_undistorted(staged / "undistorted", rec, sparse, undistort_sources)
+            report["undistorted"] = write_undistorted_models(
+                staged / "undistorted", models, staged / "sparse", undistort_sources
+            )
         if unregistered := report.get("registered_in_no_model", []):
             write_image_list(staged / UNREGISTERED_LIST, unregistered)
         write_report(staged / "report.json", report)

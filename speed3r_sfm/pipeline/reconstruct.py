@@ -85,6 +85,7 @@ from .matching import (
     matching_pyramids,
     refinement_device,
 )
+from .model_ids import in_first_model_ids, matches_in_first_model_ids
 from .records import AttentionSummary, merge_chunk_summaries, summarize_records
 from .refine import PyramidStack
 from .report import build_report
@@ -162,8 +163,11 @@ class PipelineResult:
     feedforward_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the poses BA started from (model frame)
     head_cam_from_world: torch.Tensor  # (S, 3, 4) float64, the camera head's poses (same as above unless
     # token poses replaced them, see report["poses"]; in chunks, token-posed chunks are composed as they are)
-    # the views this run did not register, reconstructed on their own (PipelineOptions.max_models)
+    # the views this run did not register, reconstructed on their own (PipelineOptions.max_models); their
+    # reconstructions have this one's image and camera ids (as in the project; ``model_ids.py``)
     further_models: list[PipelineResult] = field(default_factory=list)
+    # per pair of image ids less one, the indices of the 2D points matched between them (database.db's)
+    pair_matches: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
 
 def reconstruct(
@@ -516,6 +520,9 @@ def run_pipeline(
             [entry["name"] for entry in unregistered],
             options,
         )
+        for result in further:  # in this run's ids, as COLMAP's models of one database
+            result.reconstruction = in_first_model_ids(result.reconstruction, rec)
+            result.pair_matches = matches_in_first_model_ids(result.pair_matches, result.image_names, rec)
         report["further_models"] = [_model_entry(k + 1, result) for k, result in enumerate(further)]
         report["registered_in_no_model"] = left
         # a further run's views in no model: the run that made it tells of them
@@ -531,7 +538,7 @@ def run_pipeline(
         if output_dir is not None:
             stages.start("writing")
             sources = {v.name: (v.path, v.exif_orientation) for v in views} if undistort else None
-            others = [r.reconstruction for r in further]
+            others = [(r.reconstruction, r.pair_matches) for r in further]
             output = write_project(
                 output_dir, rec, points2d, pair_matches, report, overwrite, sources, further=others
             )
@@ -539,7 +546,16 @@ def run_pipeline(
     finally:
         stages.close()
     names = [v.name for v in views]
-    return PipelineResult(rec, report, output, names, geometry.cam_from_world.clone(), head_poses, further)
+    return PipelineResult(
+        rec,
+        report,
+        output,
+        names,
+        geometry.cam_from_world.clone(),
+        head_poses,
+        further_models=further,
+        pair_matches=pair_matches,
+    )
 
 
 def _log_unregistered(entries: list[dict], further: bool) -> None:

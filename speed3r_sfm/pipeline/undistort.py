@@ -7,6 +7,7 @@ reconstruction; its output is rearranged into that layout::
 
     OUT/undistorted/images/...           undistorted images, same names as the originals
     OUT/undistorted/sparse/0/*.bin       PINHOLE cameras, the same poses and 3D points
+    OUT/undistorted/sparse/1, ...        the same for the further models (``sparse/1``, ...)
 
 COLMAP reads the stored pixels and ignores EXIF orientation, while the project's coordinates are those of
 the upright image: rotated images are given to it as upright copies (JPEG at quality 95). Formats its image
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pycolmap
@@ -167,6 +168,38 @@ def write_undistorted(
         "camera_models": sorted({undistorted.camera(c).model.name for c in used}),
         "time_s": time.perf_counter() - start,
     }
+
+
+def write_undistorted_models(
+    folder: str | os.PathLike,
+    models: Sequence[pycolmap.Reconstruction],
+    sparse: str | os.PathLike,
+    sources: Mapping[str, tuple[Path, int]],
+) -> dict:
+    """:func:`write_undistorted` for every model of a project (``models`` written to ``sparse``/0,
+    ``sparse``/1, ...): their images in one ``folder/images`` (a view is registered in one model only),
+    model k's cameras in ``folder/sparse/k``. Returns the report entry (counts summed)."""
+    folder = Path(folder)
+    entry = write_undistorted(folder, models[0], Path(sparse) / "0", sources)
+    camera_models = set(entry["camera_models"])
+    for index, rec in enumerate(models[1:], start=1):
+        side = folder.parent / f".{folder.name}-{index}"
+        try:
+            more = write_undistorted(side, rec, Path(sparse) / str(index), sources)
+            for path in sorted((side / "images").rglob("*")):
+                if path.is_file():
+                    moved = folder / "images" / path.relative_to(side / "images")
+                    moved.parent.mkdir(parents=True, exist_ok=True)
+                    path.rename(moved)
+            (side / "sparse" / "0").rename(folder / "sparse" / str(index))
+        finally:
+            shutil.rmtree(side, ignore_errors=True)
+        entry["images"] += more["images"]
+        entry["time_s"] += more["time_s"]
+        camera_models |= set(more["camera_models"])
+    entry["camera_models"] = sorted(camera_models)
+    entry["models"] = len(models)
+    return entry
 
 
 def as_pinhole(camera: pycolmap.Camera) -> None:
