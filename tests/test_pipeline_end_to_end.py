@@ -51,6 +51,7 @@ from speed3r_sfm.pipeline.reconstruct import (
 
 # the module, not the function of the same name that speed3r_sfm.pipeline exports
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
+pipeline_rescue = importlib.import_module("speed3r_sfm.pipeline.rescue")
 
 SEED, VIEWS, HEIGHT, WIDTH = 11, 8, 168, 224
 NOISE_DEG = 1.5
@@ -1158,6 +1159,7 @@ def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, mon
     monkeypatch.setattr(pipeline_reconstruct, "_match_and_adjust", bent_first_pass)
     options = PipelineOptions()
     options.bundle.readjust = readjust
+    options.bundle.recheck_min_shared_points = 0  # its own test
     result = run_pipeline(
         scene_data["folder"], None, model=_oracle(scene_data), attention="dense", options=options
     )
@@ -1175,6 +1177,58 @@ def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, mon
     else:
         assert matched == [True] and entry == {"ran": False}
         assert float(rre.max()) > 6.0
+
+
+@pytest.mark.parametrize("recheck", [0, 40])
+def test_a_view_on_few_points_is_posed_again_by_sift(scene_data, monkeypatch, recheck):
+    """The readjustment ends with the last view turned 10 degrees and held by 35 observations, as a view
+    whose few matches were found around a wrong feed-forward pose agrees with it. The re-check
+    (``recheck_min_shared_points``) de-registers it, SIFT poses it again and the adjustment joins it
+    right; without the re-check it stays off. If SIFT cannot pose it, the readjusted model is kept as it
+    was (simulated)."""
+    real = pipeline_reconstruct._readjust
+
+    def bent_readjustment(*args, **kwargs):
+        adjusted, entry = real(*args, **kwargs)
+        rec = adjusted.rec
+        observed = [k for k, p in enumerate(rec.image(VIEWS).points2D) if p.has_point3D()]
+        for k in observed[35:]:
+            rec.delete_observation(VIEWS, k)
+        frame = rec.frame(rec.image(VIEWS).frame_id)
+        turn = axis_angle_to_rotation_matrix(torch.tensor([[0.0, math.radians(10.0), 0.0]]))[0].numpy()
+        frame.rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(turn), np.zeros(3)) * frame.rig_from_world
+        return adjusted, entry
+
+    monkeypatch.setattr(pipeline_reconstruct, "_readjust", bent_readjustment)
+    options = PipelineOptions()
+    options.bundle.recheck_min_shared_points = recheck
+    gt = scene_data["views"].cam_from_world.double()
+
+    def run():
+        result = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), options=options)
+        rre, _ = relative_pose_errors(_poses(result.reconstruction, result.image_names), gt)
+        return result, float(rre.max())
+
+    result, worst = run()
+    assert result.reconstruction.num_reg_images() == VIEWS
+    if not recheck:
+        assert result.report["recheck"] == {"views": []} and worst > 5.0
+        return
+    entry = result.report["recheck"]
+    assert entry["views"] == [f"view_{VIEWS - 1:02d}.png"] and entry["kept"]
+    assert [view["how"] for view in entry["rounds"][0]["views"]] == ["sift"]  # not PnP on its own matches
+    assert worst < 1.0
+    assert result.reconstruction.image(VIEWS).num_points3D > 35
+    summary = pipeline_cli.summary_text(result)
+    line = f"  views on few shared points posed again by SIFT: view_{VIEWS - 1:02d}.png"
+    assert line in summary.splitlines()
+
+    monkeypatch.setattr(pipeline_rescue, "sift_pose", lambda *args, **kwargs: None)
+    result, worst = run()
+    entry = result.report["recheck"]
+    assert entry["views"] == [f"view_{VIEWS - 1:02d}.png"] and not entry["kept"]
+    assert result.reconstruction.num_reg_images() == VIEWS and worst > 5.0
+    assert result.reconstruction.image(VIEWS).num_points3D == 35
 
 
 @pytest.mark.parametrize("ba", [True, False])

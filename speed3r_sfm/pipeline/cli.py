@@ -274,6 +274,12 @@ def summary_text(result: PipelineResult) -> str:
             f"  weakly linked views re-posed and matched again: {kept[0]['registered_before']} -> "
             f"{kept[-1]['registered_after']} registered images"
         )
+    recheck = r.get("recheck", {})
+    if recheck.get("kept"):
+        lines.append(
+            f"  views on few shared points posed again by SIFT: {', '.join(recheck['views'][:3])}"
+            + (f" and {len(recheck['views']) - 3} more" if len(recheck["views"]) > 3 else "")
+        )
     fixed = r.get("fixed_camera_pass", {})
     if fixed.get("kept"):
         lines.append(

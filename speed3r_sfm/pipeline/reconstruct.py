@@ -426,6 +426,7 @@ def run_pipeline(
                 chosen = second
             stages.done("fixed-camera pass")
         adjusted, rescue, readjustment = chosen.adjusted, chosen.rescue, chosen.readjustment
+        recheck = chosen.recheck
         contradicted, hinged = chosen.contradicted, chosen.hinged
         del tracker, adjust
         rec, matches, tracks, points2d = adjusted.rec, adjusted.matches, adjusted.tracks, adjusted.points2d
@@ -469,6 +470,7 @@ def run_pipeline(
                 "unregistered_images": unregistered,
                 "rescue": rescue,
                 "readjustment": readjustment,
+                "recheck": recheck,
                 "fixed_camera_pass": fixed_camera_pass,
             },
             initial_error=adjusted.initial_error,
@@ -767,6 +769,9 @@ class _Pass:
     adjusted: _Adjusted
     rescue: dict[str, Any]
     readjustment: dict[str, Any]
+    recheck: dict[
+        str, Any
+    ]  # views on few shared points posed again (BundleOptions.recheck_min_shared_points)
     contradicted: set[tuple[int, int]]  # view pairs whose link contradicted the feed-forward poses, any pass
     hinged: set[int]  # image ids de-registered beyond a hinge in any pass (bundle.hinged_links)
     first_matches: Matches  # the matches of its first adjustment
@@ -812,7 +817,50 @@ def _adjust_rescue_readjust(
         contradicted.update(tuple(pair) for pair in readjustment["contradicted_links"])
         if stages:
             stages.done("readjustment")
-    return _Pass(adjusted, rescue, readjustment, contradicted, hinged, first_matches)
+    bound = options.bundle.recheck_min_shared_points
+    rechecked: dict[str, Any] = {"views": []}
+    if bound and options.rescue.enabled and options.rescue.sift and adjusted.rec.num_reg_images() >= 2:
+        near_solution = partial(adjust, options=_readjust_options(options))
+        recheck = partial(_rescue_weak_views, adjust=near_solution, views=views, options=options.rescue)
+        adjusted, rechecked = _recheck_weak_views(
+            adjusted, geometry, recheck, views, bound, pixel_scale, tree_edges, reference
+        )
+    return _Pass(adjusted, rescue, readjustment, rechecked, contradicted, hinged, first_matches)
+
+
+def _recheck_weak_views(
+    adjusted: _Adjusted,
+    geometry: SceneGeometry,
+    rescue: Callable[..., tuple[_Adjusted, dict[str, Any], torch.Tensor]],
+    views: list,
+    min_shared_points: int,
+    pixel_scale: float,
+    tree_edges: list,
+    reference: torch.Tensor,
+) -> tuple[_Adjusted, dict[str, Any]]:
+    """Registered views linked by fewer than ``min_shared_points`` shared points (``BundleOptions.
+    recheck_min_shared_points``) de-registered, posed again by SIFT and adjusted with the rest (one round of
+    ``rescue``, :func:`_rescue_weak_views`); kept if as many views register. Their own matches were found
+    around their feed-forward pose and may agree with a wrong one."""
+    rec = pycolmap.Reconstruction(adjusted.rec)
+    manager = pycolmap.ObservationManager(rec)
+    suspects = drop_weakly_linked_images(rec, manager, min_shared_points, adjusted.distrusted)
+    if not suspects:
+        return adjusted, {"views": []}
+    before = adjusted.rec.num_reg_images()
+    start = replace(adjusted, rec=rec, dropped=suspects)
+    again, entry, _ = rescue(
+        start,
+        adjusted_geometry(rec, views, geometry),
+        pixel_scale=pixel_scale,
+        tree_edges=tree_edges,
+        reference=reference,
+        max_rounds=1,
+        pnp=False,
+    )
+    kept = bool(entry["rounds"]) and again.rec.num_reg_images() >= before
+    names = [views[image_id - 1].name for image_id in suspects]
+    return (again if kept else adjusted), {"views": names, "kept": kept, **entry}
 
 
 def _rescue_weak_views(
@@ -824,16 +872,19 @@ def _rescue_weak_views(
     pixel_scale: float,
     tree_edges: list,
     reference: torch.Tensor,
+    max_rounds: int | None = None,
+    pnp: bool = True,
 ) -> tuple[_Adjusted, dict[str, Any], torch.Tensor]:
     """Rounds of :func:`~.rescue.rescued_geometry` and steps 4-6 again (``adjust``), keeping the weak views'
-    earlier matches, while that registers more views; the best result, the report entry and the poses the
+    earlier matches, while that registers more views (``max_rounds``: at most that many, else the options';
+    ``pnp``: rescued_geometry's); the best result, the report entry and the poses the
     pose tree's links are checked against from then on (``reference``, the feed-forward poses, until a
     round is kept). A round checks them against the poses it starts from (adjusted, re-posed by the
     rescue, else feed-forward): checked against a re-posed view's feed-forward pose, the wrong one, its
     now right links would be cut, and the rescue's poses are in the adjusted poses' frame."""
     rounds = []
     features = SiftFeatures(views, options.sift_image_size, options.sift_ratio)  # kept between rounds
-    for _ in range(options.max_rounds):
+    for _ in range(options.max_rounds if max_rounds is None else max_rounds):
         rescued = rescued_geometry(
             adjusted.rec,
             views,
@@ -845,6 +896,7 @@ def _rescue_weak_views(
             pixel_scale,
             tree_edges,
             features,
+            pnp=pnp,
         )
         if rescued is None:
             break

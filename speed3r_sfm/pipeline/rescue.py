@@ -124,6 +124,7 @@ def rescued_geometry(
     pixel_scale: float = 1.0,
     tree_edges: Sequence[tuple[int, int]] = (),
     features: SiftFeatures | None = None,
+    pnp: bool = True,
 ) -> tuple[SceneGeometry, list[dict]] | None:
     """The geometry to match again with (module docstring) and what happened to each dropped view, or None
     when no dropped view could be re-posed.
@@ -131,7 +132,8 @@ def rescued_geometry(
     ``dropped``: image ids de-registered as weakly linked; ``rec``: after the drop, in the same world frame
     as ``geometry`` (the geometry its pass matched with); ``pair_matches`` and ``points2d``: that pass's;
     ``tree_edges``: the feed-forward pose tree (view pairs), which picks the views SIFT matches a view to;
-    ``features``: SIFT features kept between rounds (made here when None).
+    ``features``: SIFT features kept between rounds (made here when None); ``pnp``: False to pose the views
+    by SIFT only (where their own matches are suspect).
     """
     poses = registered_poses(rec, geometry)
     intrinsics = geometry.intrinsics.clone()
@@ -155,7 +157,7 @@ def rescued_geometry(
 
     for view, (xy, xyz) in seen.items():
         placed[view] = {"name": views[view].name, "correspondences": len(xy), "how": "not re-posed"}
-        if len(xy) >= max(options.min_inliers, 4):
+        if pnp and len(xy) >= max(options.min_inliers, 4):
             camera, error = pnp_camera(rec, views, geometry, view), options.max_error * pixel_scale
             found = absolute_pose(xy, xyz, camera, error, estimates_focal(view))
             if found is not None and int(found[0]["num_inliers"]) >= options.min_inliers:
