@@ -54,6 +54,7 @@ from .bundle import (
     matched_rotation,
     mean_reprojection_error,
     refine_reconstruction,
+    weakly_linked_images,
 )
 from .checks import require_at_least, require_integer, require_positive
 from .chunked import predict_chunked, stored_plan
@@ -819,34 +820,40 @@ def _adjust_rescue_readjust(
             stages.done("readjustment")
     bound = options.bundle.recheck_min_shared_points
     rechecked: dict[str, Any] = {"views": []}
+    suspects = []
     if bound and options.rescue.enabled and options.rescue.sift and adjusted.rec.num_reg_images() >= 2:
+        suspects = weakly_linked_images(adjusted.rec, bound, adjusted.distrusted)
+    if suspects:
+        if stages:
+            stages.add_stage("posing views on few shared points again")
         near_solution = partial(adjust, options=_readjust_options(options))
         recheck = partial(_rescue_weak_views, adjust=near_solution, views=views, options=options.rescue)
         adjusted, rechecked = _recheck_weak_views(
-            adjusted, geometry, recheck, views, bound, pixel_scale, tree_edges, reference
+            adjusted, suspects, geometry, recheck, views, pixel_scale, tree_edges, reference
         )
+        if stages:
+            stages.done("re-check")
     return _Pass(adjusted, rescue, readjustment, rechecked, contradicted, hinged, first_matches)
 
 
 def _recheck_weak_views(
     adjusted: _Adjusted,
+    suspects: list[int],
     geometry: SceneGeometry,
     rescue: Callable[..., tuple[_Adjusted, dict[str, Any], torch.Tensor]],
     views: list,
-    min_shared_points: int,
     pixel_scale: float,
     tree_edges: list,
     reference: torch.Tensor,
 ) -> tuple[_Adjusted, dict[str, Any]]:
-    """Registered views linked by fewer than ``min_shared_points`` shared points (``BundleOptions.
+    """The ``suspects`` (image ids of registered views linked by few shared points, ``BundleOptions.
     recheck_min_shared_points``) de-registered, posed again by SIFT and adjusted with the rest (one round of
     ``rescue``, :func:`_rescue_weak_views`); kept if as many views register. Their own matches were found
     around their feed-forward pose and may agree with a wrong one."""
     rec = pycolmap.Reconstruction(adjusted.rec)
     manager = pycolmap.ObservationManager(rec)
-    suspects = drop_weakly_linked_images(rec, manager, min_shared_points, adjusted.distrusted)
-    if not suspects:
-        return adjusted, {"views": []}
+    for image_id in suspects:
+        manager.deregister_frame(rec.image(image_id).frame_id)
     before = adjusted.rec.num_reg_images()
     start = replace(adjusted, rec=rec, dropped=suspects)
     again, entry, _ = rescue(
