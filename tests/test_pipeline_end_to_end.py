@@ -1179,57 +1179,86 @@ def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, mon
         assert float(rre.max()) > 6.0
 
 
+@pytest.mark.parametrize("turn", [10.0, 0.0])
 @pytest.mark.parametrize("recheck", [0, 40])
-def test_a_view_on_few_points_is_posed_again_by_sift(scene_data, monkeypatch, recheck):
-    """The readjustment ends with the last view turned 10 degrees and held by 35 observations, as a view
-    whose few matches were found around a wrong feed-forward pose agrees with it. The re-check
-    (``recheck_min_shared_points``) de-registers it, SIFT poses it again and the adjustment joins it
-    right; without the re-check it stays off. If SIFT cannot pose it, the readjusted model is kept as it
-    was (simulated)."""
+def test_a_view_on_few_points_is_posed_again_by_sift(scene_data, monkeypatch, recheck, turn):
+    """The readjustment ends with the last view held by 35 observations and turned ``turn`` degrees, as a
+    view whose few matches were found around a wrong feed-forward pose agrees with it. The re-check
+    (``recheck_min_shared_points``) poses it again by SIFT: turned, it is matched and adjusted again and
+    joins right; not turned, SIFT agrees with its pose and the model stays as it was. Without the re-check
+    a turned view stays off; if SIFT cannot pose it (simulated), the model stays as it was."""
     real = pipeline_reconstruct._readjust
+    kept_models = []
 
-    def bent_readjustment(*args, **kwargs):
+    def thinned_readjustment(*args, **kwargs):
         adjusted, entry = real(*args, **kwargs)
         rec = adjusted.rec
         observed = [k for k, p in enumerate(rec.image(VIEWS).points2D) if p.has_point3D()]
         for k in observed[35:]:
             rec.delete_observation(VIEWS, k)
         frame = rec.frame(rec.image(VIEWS).frame_id)
-        turn = axis_angle_to_rotation_matrix(torch.tensor([[0.0, math.radians(10.0), 0.0]]))[0].numpy()
-        frame.rig_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(turn), np.zeros(3)) * frame.rig_from_world
+        rotation = axis_angle_to_rotation_matrix(torch.tensor([[0.0, math.radians(turn), 0.0]]))[0].numpy()
+        frame.rig_from_world = (
+            pycolmap.Rigid3d(pycolmap.Rotation3d(rotation), np.zeros(3)) * frame.rig_from_world
+        )
+        kept_models.append(pycolmap.Reconstruction(rec))
         return adjusted, entry
 
-    monkeypatch.setattr(pipeline_reconstruct, "_readjust", bent_readjustment)
+    monkeypatch.setattr(pipeline_reconstruct, "_readjust", thinned_readjustment)
     options = PipelineOptions()
     options.bundle.recheck_min_shared_points = recheck
     gt = scene_data["views"].cam_from_world.double()
+    name = f"view_{VIEWS - 1:02d}.png"
 
     def run():
+        kept_models.clear()
         result = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), options=options)
         rre, _ = relative_pose_errors(_poses(result.reconstruction, result.image_names), gt)
         return result, float(rre.max())
 
+    def unchanged(result) -> bool:  # the readjusted model, as the readjustment left it
+        [before] = kept_models
+        return (
+            all(
+                np.array_equal(before.image(i).cam_from_world().matrix(), image.cam_from_world().matrix())
+                for i, image in result.reconstruction.images.items()
+                if image.has_pose
+            )
+            and result.reconstruction.num_points3D() == before.num_points3D()
+        )
+
     result, worst = run()
+    entry = result.report["recheck"]
     assert result.reconstruction.num_reg_images() == VIEWS
     if not recheck:
-        assert result.report["recheck"] == {"views": []} and worst > 5.0
-        assert "re-check" not in result.report["timings_s"]
+        assert entry == {"views": []} and unchanged(result) and "re-check" not in result.report["timings_s"]
+        assert (worst > 5.0) == (turn > 0)
         return
-    entry = result.report["recheck"]
-    assert entry["views"] == [f"view_{VIEWS - 1:02d}.png"] and entry["kept"]
-    assert [view["how"] for view in entry["rounds"][0]["views"]] == ["sift"]  # not PnP on its own matches
-    assert worst < 1.0
-    assert result.reconstruction.image(VIEWS).num_points3D > 35
-    summary = pipeline_cli.summary_text(result)
-    line = f"  views on few shared points posed again by SIFT: view_{VIEWS - 1:02d}.png"
-    assert line in summary.splitlines() and result.report["timings_s"]["re-check"] > 0
+    assert entry["views"] == [name] and result.report["timings_s"]["re-check"] > 0
+    if turn == 0.0:  # SIFT agrees: nothing adjusted again
+        assert entry["turned_deg"][name] < 1.0 and not entry["kept"] and unchanged(result)
+        assert worst < 0.5
+        return
+    assert entry["turned_deg"][name] == pytest.approx(turn, abs=1.5) and entry["kept"]
+    assert worst < 1.0 and result.reconstruction.image(VIEWS).num_points3D > 35
+    line = f"  views on few shared points posed again by SIFT: {name} ({entry['turned_deg'][name]:.1f} deg)"
+    assert line in pipeline_cli.summary_text(result).splitlines()
 
     monkeypatch.setattr(pipeline_rescue, "sift_pose", lambda *args, **kwargs: None)
     result, worst = run()
-    entry = result.report["recheck"]
-    assert entry["views"] == [f"view_{VIEWS - 1:02d}.png"] and not entry["kept"]
-    assert result.reconstruction.num_reg_images() == VIEWS and worst > 5.0
-    assert result.reconstruction.image(VIEWS).num_points3D == 35
+    assert result.report["recheck"] == {"views": [name], "kept": False, "turned_deg": {}}
+    assert unchanged(result) and worst > 5.0
+
+
+def test_the_recheck_needs_bundle_adjustment(scene_data):
+    """Without bundle adjustment nothing is re-checked, even views on no shared point at all."""
+    options = PipelineOptions()
+    options.bundle.recheck_min_shared_points = 10**6
+    result = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), options=options, ba=False)
+    assert result.report["recheck"] == {"views": []}
+    assert torch.allclose(
+        _poses(result.reconstruction, result.image_names), result.feedforward_cam_from_world
+    )
 
 
 @pytest.mark.parametrize("ba", [True, False])

@@ -276,9 +276,10 @@ def summary_text(result: PipelineResult) -> str:
         )
     recheck = r.get("recheck", {})
     if recheck.get("kept"):
+        turned = [f"{name} ({angle:.1f} deg)" for name, angle in recheck["turned_deg"].items()]
         lines.append(
-            f"  views on few shared points posed again by SIFT: {', '.join(recheck['views'][:3])}"
-            + (f" and {len(recheck['views']) - 3} more" if len(recheck["views"]) > 3 else "")
+            f"  views on few shared points posed again by SIFT: {', '.join(turned[:3])}"
+            + (f" and {len(turned) - 3} more" if len(turned) > 3 else "")
         )
     fixed = r.get("fixed_camera_pass", {})
     if fixed.get("kept"):
