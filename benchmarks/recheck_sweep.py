@@ -105,7 +105,9 @@ def main() -> None:
                             "median": round(harness.finite_median(rre), 3),
                             "over5": round(harness.share_over(rre, 5.0), 3),
                             "wall": round(wall, 2),
-                            "recheck": {k: v for k, v in recheck.items() if k in ("views", "kept", "turned_deg")},
+                            "recheck": {
+                                k: v for k, v in recheck.items() if k in ("views", "kept", "turned_deg")
+                            },
                             **meta,
                         }
                         harness.record(row, args.out)
