@@ -866,8 +866,9 @@ def _recheck_weak_views(
     """The ``suspects`` (image ids of registered views linked by few shared points, ``BundleOptions.
     recheck_min_shared_points``) posed again by SIFT alone: their own matches were found around their
     feed-forward pose and may agree with a wrong one. Where a SIFT pose turns a view by more than
-    :data:`RECHECK_MIN_TURN_DEG` from its adjusted pose, the suspects are matched and adjusted again from
-    those poses (``adjust``), kept if as many views register; else ``adjusted`` stays as it is."""
+    :data:`RECHECK_MIN_TURN_DEG` from its adjusted pose, every view is matched again from those poses
+    (without the suspects' earlier matches) and adjusted (``adjust``), kept if as many views register; else
+    ``adjusted`` stays as it is."""
     rec = pycolmap.Reconstruction(adjusted.rec)
     manager = pycolmap.ObservationManager(rec)
     for image_id in suspects:
@@ -890,7 +891,7 @@ def _recheck_weak_views(
         return adjusted, entry  # SIFT agrees with the adjusted poses
     again = adjust(
         posed,
-        carried=(adjusted.matches, suspects),
+        carried=None,
         feedforward=(posed.cam_from_world.clone(), tree_edges),
     )
     entry["kept"] = again.rec.num_reg_images() >= adjusted.rec.num_reg_images()
