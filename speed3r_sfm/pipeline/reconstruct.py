@@ -889,11 +889,7 @@ def _recheck_weak_views(
             entry["turned_deg"][view["name"]] = round(float(turn), 2)
     if max(entry["turned_deg"].values(), default=0.0) <= RECHECK_MIN_TURN_DEG:
         return adjusted, entry  # SIFT agrees with the adjusted poses
-    again = adjust(
-        posed,
-        carried=None,
-        feedforward=(posed.cam_from_world.clone(), tree_edges),
-    )
+    again = adjust(posed, feedforward=(posed.cam_from_world.clone(), tree_edges))
     entry["kept"] = again.rec.num_reg_images() >= adjusted.rec.num_reg_images()
     entry["contradicted_links"] = [[i - 1, j - 1] for i, j in again.distrusted] if entry["kept"] else []
     return (again if entry["kept"] else adjusted), entry
