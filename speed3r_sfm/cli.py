@@ -24,7 +24,7 @@ import typing
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable, Iterator
 
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,6 +86,8 @@ def _run_command(args: list[str]) -> None:
                 as_positional=True,
                 description=__doc__,
                 formatter_class=HelpFormatter,
+                parser_class=WholeNamesParser,
+                prog="speed3r-sfm",
             )
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
@@ -149,6 +151,38 @@ def sigterm_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class WholeNamesParser(ArgumentParser):
+    """jsonargparse's parser without argparse's abbreviations (``--options.bundle.loss_scal 2`` is an
+    error, not ``loss_scale`` set silently: a typo could set another option), and with short errors: no
+    usage block (the tip names ``--help``), and a refused ``--options.*`` value says only what the options
+    dataclass refused, not every type of the ``PipelineOptions | None`` union."""
+
+    def __init__(self, *args: typing.Any, **kwargs: typing.Any) -> None:
+        super().__init__(*args, **{**kwargs, "allow_abbrev": False})
+
+    def print_usage(self, file: typing.IO[str] | None = None) -> None:
+        """Nothing: the usage of reconstruct is two dozen lines; ``--help`` shows it."""
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        super().error(options_error(message), ex)
+
+
+def options_error(message: str) -> str:
+    """jsonargparse's message for a value the ``options`` union refused, cut to what the dataclass said
+    (``Parser key "options": Parser key "bundle.max_reproj_error": Expected a <class 'float'>. Got value:
+    abc``); any other message as it is."""
+    lines = message.splitlines()
+    start = next((i for i, line in enumerate(lines) if "Problem with given class_path" in line), None)
+    if start is None:
+        return message
+    nested = []
+    for line in lines[start + 1 :]:
+        if line.strip().startswith("- "):
+            break
+        nested.append(line.strip())
+    return " ".join([lines[0].strip(), *nested])
 
 
 class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):

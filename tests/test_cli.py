@@ -180,6 +180,37 @@ def test_readme_reconstruct_examples_parse(reconstruct_calls):
     assert any(call["undistort"] is True for call in reconstruct_calls)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--options.bundle.loss_scal", "2"],
+            'Parser key "options": unrecognized arguments: --bundle.loss_scal=2',
+        ),
+        (["--max_key", "100"], "unrecognized arguments: --max_key 100"),
+        (
+            ["--options.bundle.max_reproj_error", "abc"],
+            'Parser key "options": Parser key "bundle.max_reproj_error": Expected a <class \'float\'>. '
+            "Got value: abc",
+        ),
+    ],
+)
+def test_option_names_are_whole_and_a_wrong_one_is_a_short_error(reconstruct_calls, capsys, argv, message):
+    """argparse would take ``--options.bundle.loss_scal`` for ``loss_scale`` (a typo setting another
+    option); the error is one line and the tip, not the two-dozen-line usage."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", "images", "-o", "out", *argv])
+    assert exit_info.value.code == 2 and reconstruct_calls == []
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "tip: For details of accepted options run: speed3r-sfm reconstruct --help",
+        f"error: {message}",
+    ]
+    main(["reconstruct", "images", "-o", "out", "--options.bundle.loss_scale", "2", "--max_keypoints", "100"])
+    [call] = reconstruct_calls
+    assert call["options"].bundle.loss_scale == 2.0 and call["max_keypoints"] == 100
+
+
 def test_yes_no_options_given_without_a_value_mean_true(reconstruct_calls):
     main(
         [

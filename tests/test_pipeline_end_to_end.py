@@ -1460,24 +1460,35 @@ def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch
     """A quarter of the views or more left unregistered: the run says that views of another scene degrade
     the model's predictions for the rest (a scene kept from two mixed in one folder was 5 deg off, 0.8 deg
     alone) and what to do; the project lists the unregistered views in unregistered_images.txt, an
-    ``image_list`` that a run of their own takes. The loss of the views is simulated."""
+    ``image_list`` that a run of their own takes. The log and the summary name the first five, then count
+    the rest. The loss of the views is simulated."""
     real = pipeline_reconstruct._adjust_rescue_readjust
+    dropped = list(range(3, VIEWS + 1))  # six views
 
     def lose_views(adjust, **kwargs):
         result = real(adjust, **kwargs)
-        for image_id in (VIEWS - 1, VIEWS):
+        for image_id in dropped:
             result.adjusted.rec.deregister_frame(result.adjusted.rec.image(image_id).frame_id)
-        result.adjusted.dropped = [VIEWS - 1, VIEWS]
+        result.adjusted.dropped = dropped
         return result
 
     monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
     with caplog.at_level(logging.WARNING):
         result = run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data))
     assert (
-        f"2 of {VIEWS} views registered in no model. If they show another scene, reconstruct each"
+        f"6 of {VIEWS} views registered in no model. If they show another scene, reconstruct each"
         in caplog.text
     )
-    lost = result.image_names[VIEWS - 2 :]
+    lost = result.image_names[2:]
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not registered:")]
+    assert [m.split(":")[1].strip() for m in named[:5]] == lost[:5]
+    assert named[5:] == ["not registered: 1 more (report.json unregistered_images)"]
+    summary = pipeline_cli.summary_text(result).splitlines()
+    assert [line for line in summary if line.startswith("  not registered: ")] == [
+        f"  not registered: {name} ({entry['why']})"
+        for name, entry in zip(lost[:5], result.report["unregistered_images"], strict=False)
+    ]
+    assert f"  1 more not registered; all listed in {tmp_path / 'out' / 'unregistered_images.txt'}" in summary
     listed = tmp_path / "out" / "unregistered_images.txt"
     assert [line for line in listed.read_text().splitlines() if not line.startswith("#")] == lost
     selected = select_images(scene_data["folder"], image_list=listed)
@@ -1574,7 +1585,9 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     assert summary.startswith(
         f"reconstructed {VIEWS - lost}/{VIEWS} images; {VIEWS - 1}/{VIEWS} in 2 models\n"
     )
-    assert f"further model sparse/1: {lost - 1} of the images sparse/0 did not register" in summary
+    assert f"further model sparse/1: {lost - 1} images (views sparse/0 did not register)" in summary
+    assert "  sparse/0: " in summary  # the counts of the first model
+    assert f"  all listed in {tmp_path / 'out' / 'unregistered_images.txt'}" in summary.splitlines()
     assert f"not registered: {names[-1]}" in summary and f"not registered: {names[0]}" not in summary
     assert "PINHOLE cameras in" in summary and "(images/, sparse/0/, sparse/1/)" in summary
 

@@ -22,7 +22,7 @@ from speed3r_sfm.models.checkpoint import CheckpointError
 from .backbone import ModelNotAvailableError, resolve_device
 from .chunked import ChunkFileError
 from .colmap_model import parse_camera_params
-from .export import OutputExistsError, OutputPathError
+from .export import UNREGISTERED_LIST, OutputExistsError, OutputPathError
 from .inputs import InputError
 from .reconstruct import (
     PipelineOptions,
@@ -34,6 +34,7 @@ from .reconstruct import (
 
 # what a user can fix (bad input, an existing output, a missing or unreadable model, a chunk file of
 # another run, images that give no reconstruction): one line, no traceback
+SHOWN_UNREGISTERED = 5  # views in no model the summary names one by one (report.json has them all)
 USER_ERRORS = (
     InputError,
     OutputExistsError,
@@ -247,8 +248,8 @@ def summary_text(result: PipelineResult) -> str:
         + (f", poses from {r['poses']['source']}" if "poses" in r else ""),
         f"  {counts['keypoints']} keypoints, {counts['refined_matches']} matches, {counts['tracks']} tracks"
         + _track_check_text(counts.get("track_verification")),
-        f"  {counts['points3D']} points, {counts['observations']} observations, "
-        f"mean track length {counts['observations'] / max(counts['points3D'], 1):.2f}",
+        f"  {'sparse/0: ' if further else ''}{counts['points3D']} points, {counts['observations']} "
+        f"observations, mean track length {counts['observations'] / max(counts['points3D'], 1):.2f}",
     ]
     chunking = r.get("chunking")
     if chunking:
@@ -292,13 +293,18 @@ def summary_text(result: PipelineResult) -> str:
     for entry in further:
         error = entry["reprojection_error_px"]
         lines.append(
-            f"  further model {entry['path']}: {entry['registered_images']} of the images sparse/0 did not"
-            f" register, {entry['points3D']} points" + (f", {error:.2f} px" if error is not None else "")
+            f"  further model {entry['path']}: {entry['registered_images']} images (views sparse/0 did not "
+            f"register), {entry['points3D']} points" + (f", {error:.2f} px" if error is not None else "")
         )
     in_no_model = set(r.get("registered_in_no_model", [e["name"] for e in r.get("unregistered_images", [])]))
-    for entry in r.get("unregistered_images", []):
-        if entry["name"] in in_no_model:
-            lines.append(f"  not registered: {entry['name']} ({entry['why']})")
+    lost = [entry for entry in r.get("unregistered_images", []) if entry["name"] in in_no_model]
+    for entry in lost[:SHOWN_UNREGISTERED]:
+        lines.append(f"  not registered: {entry['name']} ({entry['why']})")
+    tail = [f"{len(lost) - SHOWN_UNREGISTERED} more not registered"] if len(lost) > SHOWN_UNREGISTERED else []
+    if lost and result.output_dir is not None:
+        tail.append(f"all listed in {result.output_dir / UNREGISTERED_LIST}")
+    if tail:
+        lines.append("  " + "; ".join(tail))
     if result.output_dir is not None:
         lines.append(f"  written to {result.output_dir}")
     undistorted = r.get("undistorted")

@@ -256,6 +256,7 @@ def reconstruct(
 # adjusted pose: the SIFT poses were within 0.4-1.1 deg of the truth on the hard orbit, and a new adjustment
 # of right views moves the others a little (hinge_and_robustness_experiments.md)
 RECHECK_MIN_TURN_DEG = 3.0
+LOGGED_UNREGISTERED = 5  # views left unregistered that are logged one by one
 MANY_UNREGISTERED = 0.25  # share of the views left unregistered from which the run warns (below)
 UNRELATED_VIEWS_HINT = (
     "%d of %d views registered in no model. If they show another scene, reconstruct each scene on its own (a "
@@ -578,11 +579,15 @@ def _in_ids_of(first: pycolmap.Reconstruction, result: PipelineResult) -> Pipeli
 
 
 def _log_unregistered(entries: list[dict], further: bool) -> None:
-    """One line per view left unregistered: a warning, or INFO in a further model's run (the run that
-    made it tells of the views in no model)."""
+    """One line per view left unregistered, the first :data:`LOGGED_UNREGISTERED` (then one line for the
+    rest; report.json lists them all): a warning, or INFO in a further model's run (the run that made it
+    tells of the views in no model)."""
     level = logging.INFO if further else logging.WARNING
-    for entry in entries:
+    for entry in entries[:LOGGED_UNREGISTERED]:
         logger.log(level, "not registered: %s: %s", entry["name"], entry["why"])
+    if len(entries) > LOGGED_UNREGISTERED:
+        rest = len(entries) - LOGGED_UNREGISTERED
+        logger.log(level, "not registered: %d more (report.json unregistered_images)", rest)
 
 
 def further_models(
@@ -595,7 +600,7 @@ def further_models(
     models: list[PipelineResult] = []
     left = list(unregistered)
     while len(models) + 1 < options.max_models and len(left) >= options.min_model_views:
-        logger.info("reconstructing the %d views that did not register on their own", len(left))
+        logger.info("reconstructing the %d views that did not register as a model of their own", len(left))
         try:
             result = run(left)
         except ReconstructionError as error:
