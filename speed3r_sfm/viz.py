@@ -55,6 +55,29 @@ def load_reconstruction(project: str | os.PathLike | pycolmap.Reconstruction) ->
     )
 
 
+def other_models_note(project: str | os.PathLike | pycolmap.Reconstruction) -> str | None:
+    """For a project folder with further models (sparse/1, ...): which model a command reads and how to
+    read another; None otherwise."""
+    if isinstance(project, pycolmap.Reconstruction):
+        return None
+    path = Path(project)
+    if model_folder(path) != path / "sparse" / "0":
+        return None
+    others = sorted(
+        (
+            p
+            for p in (path / "sparse").iterdir()
+            if p.name.isdigit() and p.name != "0" and model_folder(p) == p
+        ),
+        key=lambda p: int(p.name),
+    )
+    if not others:
+        return None
+    names = ", ".join(f"sparse/{p.name}" for p in others)
+    example = path / "sparse" / others[0].name
+    return f"{path} holds further models ({names}); this is sparse/0 (pass e.g. {example} for another)"
+
+
 def model_folder(path: Path) -> Path | None:
     """The folder of a COLMAP model in or at ``path`` (a project, its sparse/ or sparse/0), or None."""
     for candidate in (path / "sparse" / "0", path / "sparse", path / "0", path):
@@ -357,6 +380,8 @@ def export_command(
             what = "the PLY holds no point" if kind == "ply" else "only the cameras are exported"
             print(f"warning: {project} has no 3D points; {what}", file=sys.stderr)
         written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)
+        if note := other_models_note(project):
+            print(f"note: {note}", file=sys.stderr)
     except (FileNotFoundError, MissingDependencyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -447,6 +472,8 @@ def view_command(project: str, host: str = "127.0.0.1", port: int = 8080, max_po
     previous = signal.signal(signal.SIGTERM, stop)  # replaces the crash handler pycolmap's glog installs
     moved = f" (port {port} was taken)" if served != port else ""
     print(f"viewer of {project} at http://{host}:{served}{moved} (Ctrl-C to stop)")
+    if note := other_models_note(project):
+        print(f"note: {note}", file=sys.stderr)
     try:
         while True:
             time.sleep(1.0)

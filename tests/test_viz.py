@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -79,6 +80,19 @@ def test_export_ply_and_glb(project, tmp_path):
     clouds = [g for g in scene.geometry.values() if isinstance(g, trimesh.PointCloud)]
     assert len(clouds) == 1 and len(clouds[0].vertices) == 200
     assert len(scene.geometry) == 5  # the points and 4 camera frusta
+
+
+def test_export_of_a_project_with_further_models_says_which_it_read(project, tmp_path, capsys):
+    main(["export", str(project), "-o", str(tmp_path / "a.ply")])
+    assert "further models" not in capsys.readouterr().err
+    for index in (1, 10, 2):
+        shutil.copytree(project / "sparse" / "0", project / "sparse" / str(index))
+    (project / "sparse" / "3").mkdir()  # not a model
+    main(["export", str(project), "-o", str(tmp_path / "b.ply")])
+    note = f"note: {project} holds further models (sparse/1, sparse/2, sparse/10); this is sparse/0"
+    assert note in capsys.readouterr().err
+    main(["export", str(project / "sparse" / "1"), "-o", str(tmp_path / "c.ply")])
+    assert "further models" not in capsys.readouterr().err
 
 
 def test_export_refuses_a_suffix_it_cannot_read_as_a_format(project, tmp_path, capsys):
