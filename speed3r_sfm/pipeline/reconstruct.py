@@ -871,9 +871,8 @@ def _recheck_weak_views(
     """The ``suspects`` (image ids of registered views linked by few shared points, ``BundleOptions.
     recheck_min_shared_points``) posed again by SIFT alone: their own matches were found around their
     feed-forward pose and may agree with a wrong one. Where a SIFT pose turns a view by more than
-    :data:`RECHECK_MIN_TURN_DEG` from its adjusted pose, every view is matched again from those poses
-    (without the suspects' earlier matches) and adjusted (``adjust``), kept if as many views register; else
-    ``adjusted`` stays as it is."""
+    :data:`RECHECK_MIN_TURN_DEG` from its adjusted pose, every view is matched again from those poses and
+    adjusted (``adjust``), kept if as many views register; else ``adjusted`` stays as it is."""
     rec = pycolmap.Reconstruction(adjusted.rec)
     manager = pycolmap.ObservationManager(rec)
     for image_id in suspects:
@@ -894,7 +893,11 @@ def _recheck_weak_views(
             entry["turned_deg"][view["name"]] = round(float(turn), 2)
     if max(entry["turned_deg"].values(), default=0.0) <= RECHECK_MIN_TURN_DEG:
         return adjusted, entry  # SIFT agrees with the adjusted poses
-    again = adjust(posed, feedforward=(posed.cam_from_world.clone(), tree_edges))
+    # the suspects' earlier matches are carried: without them view 23 of the hard orbit did not register
+    # again (a new matching from its SIFT pose alone finds too few); the adjustment filters the wrong ones
+    again = adjust(
+        posed, carried=(adjusted.matches, suspects), feedforward=(posed.cam_from_world.clone(), tree_edges)
+    )
     entry["kept"] = again.rec.num_reg_images() >= adjusted.rec.num_reg_images()
     entry["contradicted_links"] = [[i - 1, j - 1] for i, j in again.distrusted] if entry["kept"] else []
     return (again if entry["kept"] else adjusted), entry
