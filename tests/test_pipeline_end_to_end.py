@@ -1515,6 +1515,23 @@ class _OraclesByViewCount:
         return self.oracles[images.shape[-4]](images)
 
 
+def _oracles_with_the_last_views(scene_data, lost: int) -> _OraclesByViewCount:
+    """The scene's oracle for a run of all views, and one for a run of its last ``lost`` views alone."""
+    views = scene_data["views"]
+    tail = slice(VIEWS - lost, VIEWS)
+    subset = SceneOracle(
+        views.intrinsics[tail],
+        views.cam_from_world[tail],
+        [(WIDTH, HEIGHT)] * lost,
+        Preprocessing("crop", WIDTH),
+        depth=list(views.depth[tail]),
+        rotation_noise_deg=NOISE_DEG,
+        translation_noise=0.03,
+        seed=3,
+    )
+    return _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
+
+
 def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkeypatch, tmp_path, caplog):
     """The views a run did not register (simulated: the last four) are reconstructed on their own when at
     least ``min_model_views`` are left: written as sparse/1, listed in report.json and the CLI summary; the
@@ -1536,19 +1553,7 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
         return result
 
     monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
-    views = scene_data["views"]
-    tail = slice(VIEWS - lost, VIEWS)
-    subset = SceneOracle(
-        views.intrinsics[tail],
-        views.cam_from_world[tail],
-        [(WIDTH, HEIGHT)] * lost,
-        Preprocessing("crop", WIDTH),
-        depth=list(views.depth[tail]),
-        rotation_noise_deg=NOISE_DEG,
-        translation_noise=0.03,
-        seed=3,
-    )
-    model = _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
+    model = _oracles_with_the_last_views(scene_data, lost)
     options = PipelineOptions(min_model_views=lost - 1)
     with caplog.at_level(logging.INFO):
         result = run_pipeline(
@@ -1629,19 +1634,7 @@ def test_further_models_share_the_database_ids_as_colmaps_models_do(scene_data, 
         return result
 
     monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
-    views = scene_data["views"]
-    tail = slice(VIEWS - lost, VIEWS)
-    subset = SceneOracle(
-        views.intrinsics[tail],
-        views.cam_from_world[tail],
-        [(WIDTH, HEIGHT)] * lost,
-        Preprocessing("crop", WIDTH),
-        depth=list(views.depth[tail]),
-        rotation_noise_deg=NOISE_DEG,
-        translation_noise=0.03,
-        seed=3,
-    )
-    model = _OraclesByViewCount({VIEWS: _oracle(scene_data), lost: subset})
+    model = _oracles_with_the_last_views(scene_data, lost)
     out = tmp_path / "out"
     result = run_pipeline(
         scene_data["folder"], out, model=model, options=PipelineOptions(min_model_views=lost)
