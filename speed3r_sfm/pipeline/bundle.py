@@ -138,10 +138,11 @@ class BundleOptions:
     # 23/23/19 views instead of 24/23/14 (it varies from run to run; hinge_and_robustness_experiments.md)
     readjust_rounds: int = 1
     # after the readjustment, registered views linked to the main group by fewer shared points than this
-    # (a stricter min_shared_points) are posed again by SIFT (the rescue's) and adjusted with the rest;
-    # kept if as many views register. A view hanging on ~30 matches found around a wrong feed-forward pose
-    # agrees with that pose, and nothing else checks it (hard orbit 1000001: view 23 11.7 deg off on 35
-    # observations; hinge_and_robustness_experiments.md). 0: no re-check
+    # (a stricter min_shared_points) are posed again by SIFT (the rescue's); where that turns one by more
+    # than 3 deg (reconstruct.RECHECK_MIN_TURN_DEG) every view is matched again and adjusted, kept if as
+    # many views register. A view hanging on ~30 matches found around a wrong feed-forward pose agrees with
+    # that pose, and nothing else checks it (hard orbit 1000001: view 23 11.7 deg off on 35 observations;
+    # hinge_and_robustness_experiments.md). 0: no re-check
     recheck_min_shared_points: int = 40
     # after the last round's filtering, solve once more (that round's loss and intrinsics) and filter again.
     # A solve stops at ``function_tolerance`` while a slow, low-gradient correction is still under way: on

@@ -32,9 +32,9 @@ from .reconstruct import (
     run_pipeline,
 )
 
+SHOWN_UNREGISTERED = 5  # views in no model the summary names one by one (report.json has them all)
 # what a user can fix (bad input, an existing output, a missing or unreadable model, a chunk file of
 # another run, images that give no reconstruction): one line, no traceback
-SHOWN_UNREGISTERED = 5  # views in no model the summary names one by one (report.json has them all)
 USER_ERRORS = (
     InputError,
     OutputExistsError,

@@ -84,12 +84,13 @@ def write_database(
         "verified_pairs": 0,
         "inliers": 0,
     }
+    users: dict[int, set[int]] = {}  # per camera, the models that register its images (0: rec or none)
+    for image_id, image in rec.images.items():
+        users.setdefault(image.camera_id, set()).add(owner.get(image_id, 0))
     with pycolmap.Database.open(path) as db:
         for camera_id in sorted(rec.cameras):
-            users = {
-                owner.get(image.image_id, 0) for image in rec.images.values() if image.camera_id == camera_id
-            }
-            source = models[users.pop()][0] if len(users) == 1 else rec
+            only = users.get(camera_id, {0})
+            source = models[next(iter(only))][0] if len(only) == 1 else rec
             db.write_camera(source.cameras[camera_id], use_camera_id=True)
         for rig_id in sorted(rec.rigs):
             db.write_rig(rec.rigs[rig_id], use_rig_id=True)

@@ -791,9 +791,7 @@ class _Pass:
     adjusted: _Adjusted
     rescue: dict[str, Any]
     readjustment: dict[str, Any]
-    recheck: dict[
-        str, Any
-    ]  # views on few shared points posed again (BundleOptions.recheck_min_shared_points)
+    recheck: dict[str, Any]  # views on few shared points posed again (bundle.recheck_min_shared_points)
     contradicted: set[tuple[int, int]]  # view pairs whose link contradicted the feed-forward poses, any pass
     hinged: set[int]  # image ids de-registered beyond a hinge in any pass (bundle.hinged_links)
     first_matches: Matches  # the matches of its first adjustment
