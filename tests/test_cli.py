@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
 import shlex
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import docstring_parser
 import pycolmap
 import pytest
 
@@ -294,6 +297,71 @@ def test_top_level_help_lists_every_command(capsys):
     assert exit_info.value.code == 0
     assert "{reconstruct,synthetic,demo,fit,view,export}" in out  # fit was missing
     assert "Train, fine-tune or distil with LightningCLI" in out
+
+
+def _option_classes() -> list[type]:
+    """``PipelineOptions`` and every options dataclass nested in it (``matching.refine`` included)."""
+    found = [pipeline_cli.PipelineOptions]
+    for cls in found:
+        for hint in typing.get_type_hints(cls).values():
+            if dataclasses.is_dataclass(hint) and hint not in found:
+                found.append(hint)
+    return found
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """``cls``'s fields as its docstring's ``Attributes:`` section describes them (jsonargparse's help)."""
+    return {param.arg_name: param.description or "" for param in docstring_parser.parse(cls.__doc__).params}
+
+
+def test_every_option_field_has_a_short_description_in_its_class_docstring():
+    """A field added without an ``Attributes:`` entry (or an entry left behind by a renamed field) fails:
+    ``--options.help`` would show it with no description."""
+    classes = {cls.__name__: cls for cls in _option_classes()}
+    assert set(classes) == {
+        "PipelineOptions",
+        "KeypointOptions",
+        "MatchOptions",
+        "RefineOptions",
+        "BundleOptions",
+        "TokenPoseOptions",
+        "LoopOptions",
+        "RescueOptions",
+    }
+    for name, cls in classes.items():
+        docs = _field_docs(cls)
+        fields = [field.name for field in dataclasses.fields(cls)]
+        missing = [f for f in fields if not docs.get(f, "").strip()]
+        assert missing == [], f"{name}: fields without a description"
+        assert set(docs) <= set(fields), f"{name}: descriptions of no field"
+        for field, text in docs.items():  # user-facing text: no benchmark records
+            assert not re.search(r"\.(md|jsonl)\b", text), f"{name}.{field}: {text}"
+
+
+def test_options_help_describes_the_fields_of_every_stage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reconstruct", "--options.help", "PipelineOptions"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    flat = re.sub(r"\s+", "", out)  # the help is wrapped to the terminal (at hyphens too)
+    classes = {cls.__name__: cls for cls in _option_classes()}
+    for flag, cls in (
+        ("max_image_size", "PipelineOptions"),
+        ("keypoints.max_keypoints", "KeypointOptions"),
+        ("matching.refine.min_ncc", "RefineOptions"),
+        ("bundle.max_reproj_error", "BundleOptions"),
+        ("loops.window", "LoopOptions"),
+        ("rescue.sift", "RescueOptions"),
+    ):
+        described = _field_docs(classes[cls])[flag.rsplit(".", 1)[-1]]
+        assert re.sub(r"\s+", "", f"--options.{flag} ") in flat
+        assert re.sub(r"\s+", "", f"{described} (type:") in flat, flag
+    assert re.sub(r"\s+", "", "keypoints per view; more gives more matches") in flat
+    # each stage's fields under a heading: the description of its PipelineOptions field, on one line
+    stages = _field_docs(pipeline_cli.PipelineOptions)
+    for stage in ("keypoints", "matching", "bundle", "token_poses", "loops", "rescue"):
+        assert f"\n{stages[stage].rstrip('.')}:\n  --options.{stage}." in out, stage
+    assert "\nKeypoint detection settings (distances in model pixels unless stated):\n" in out
 
 
 def test_synthetic_fills_an_empty_folder_and_replaces_a_scene_only_when_asked(tmp_path, capsys):

@@ -61,8 +61,49 @@ LOSSES = {
 
 @dataclass
 class BundleOptions:
-    """Bundle adjustment settings; pixel values are for images whose work copy is full resolution and are
-    scaled by (original size / work size) otherwise."""
+    """Bundle adjustment settings (loss scales in work pixels, error thresholds in original pixels).
+
+    Attributes:
+        rounds: rounds of adjustment, filtering and re-triangulation; the first of several keeps the
+            intrinsics fixed.
+        refine_focal_length: refine the focal length (from the second round on).
+        refine_principal_point: refine the principal point (from the second round on).
+        refine_extra_params: refine the camera model's distortion parameters (from the second round on).
+        loss: robust loss: "trivial" (plain least squares), "soft_l1", "cauchy" or "huber".
+        loss_scale: scale (work pixels) of the robust loss after the first round; residuals well above it
+            weigh less.
+        initial_loss_scale: scale (work pixels) of the robust loss in the first round, which starts from
+            the feed-forward poses; larger values let weakly linked groups settle at a wrong angle more often.
+        initial_outlier_factor: before the first round, drop observations whose reprojection error exceeds
+            this many times the median (and max_reproj_error).
+        max_iterations: most solver iterations per adjustment.
+        function_tolerance: a solve stops when an iteration lowers the cost by less than this fraction;
+            lower is more precise and slower.
+        tolerance_views: function_tolerance holds up to this many adjusted images; larger problems use a
+            proportionally smaller tolerance.
+        min_adjusted_link: only the largest group of images linked by pairs sharing at least this many 3D
+            points is adjusted, the others keep their poses (0: adjust every registered image).
+        max_reproj_error: reprojection error (original pixels) above which an observation is filtered out
+            and not triangulated.
+        min_tri_angle: smallest triangulation angle (degrees) of a 3D point, in filtering and triangulation.
+        min_shared_points: after the adjustment, views not linked to the main group by pairs sharing at
+            least this many 3D points are de-registered; higher is stricter.
+        max_link_disagreement: a feed-forward pose-tree pair whose adjusted relative rotation differs from
+            its feed-forward one by more than this (degrees) does not count as a link.
+        drop_hinged: where other pairs keep such a contradicted link's two sides joined (a "hinge"),
+            de-register the smaller side for the rescue to re-pose.
+        fixed_camera_pass: with one shared camera of predicted intrinsics and views left unregistered,
+            adjust once more with the adjusted camera held fixed; kept if it registers more views.
+        num_threads: solver (Ceres) threads; -1: all cores; 1: a run repeats bit for bit on the same
+            machine, a little slower.
+        readjust: after the adjustment, rebuild every observation at the adjusted poses and adjust once
+            more (undoes wrong joins; about one more adjustment of time).
+        readjust_rounds: rounds of that readjustment, all at loss_scale with the intrinsics refined.
+        recheck_min_shared_points: after the readjustment, views linked to the main group by fewer shared
+            points than this are posed again by SIFT, and everything re-matched where one turns (0: off).
+        polish: after the last round's filtering, solve once more and filter again (finishes corrections a
+            solve stopped early).
+    """
 
     rounds: int = 2
     refine_focal_length: bool = True

@@ -27,7 +27,23 @@ from .records import AttentionSummary
 
 @dataclass
 class KeypointOptions:
-    """Keypoint detection settings (distances in model pixels unless stated)."""
+    """Keypoint detection settings (distances in model pixels unless stated).
+
+    Attributes:
+        max_keypoints: keypoints per view; more gives more matches and 3D points, and takes longer to
+            match.
+        nms_radius: radius (model pixels) of the non-maximum suppression of corners; larger spreads the
+            keypoints further apart.
+        block_fraction: with GSA records, share (0-1) of each view's token blocks, most attended first,
+            that get keypoints.
+        grid_cells: without GSA records (dense attention), cells per image side that share the keypoints
+            equally.
+        confidence_quantile: keypoints and matches use only pixels whose predicted depth confidence is
+            above this quantile (0-1) of their view; higher is stricter.
+        border: margin (work pixels) at the image border kept free of keypoints.
+        min_response: smallest corner (Shi-Tomasi) response of a keypoint, for gray values in 0-1; weaker
+            corners are not used.
+    """
 
     max_keypoints: int = 1024  # per view
     nms_radius: float = 3.0

@@ -65,13 +65,27 @@ ALIGN_MAX_POINTS = 20000
 
 @dataclass
 class LoopOptions:
-    """``enabled``: close loops of ordered chunks (three chunks or more). ``max_loops``: loop chunks run
-    at most (None: as many as there are chunks). ``window``: views per place in a loop chunk (None: a
-    quarter of the chunk size, at least 2). ``reference_distance``: detection threshold, the median
-    descriptor similarity of views this far apart in the sequence (None: half the chunk overlap, at least
-    1). ``min_inlier_fraction``, ``min_support``, ``max_correction_deg``, ``revisit_links``: verification
-    (module docstring). ``loop_weight``: weight of a loop against a consecutive pair of chunks in the pose
-    graph."""
+    """Loop closure of ordered chunks: find the places a long sequence returns to, verify and correct drift.
+
+    Attributes:
+        enabled: close loops of ordered chunks (three chunks or more).
+        max_loops: most loop chunks run, one model pass of two windows each (null: as many as there are
+            chunks).
+        window: views per place in a loop chunk (null: a quarter of the chunk size, at least 2).
+        reference_distance: detection threshold: two views are a loop candidate when their descriptors are
+            at least as similar as those of views this far apart in the sequence (median); larger finds more
+            candidates (null: half the chunk overlap, at least 1).
+        min_inlier_fraction: least share (0-1) of inliers when each window of a loop chunk is aligned to
+            the composed chunks; a loop below it is rejected.
+        min_support: token-posed models: least inlier matches of a loop chunk's pose-tree pair for it to
+            link the two places.
+        max_correction_deg: largest drift correction (degrees of rotation) a loop may ask for, unless it is
+            a place seen twice (revisit_links).
+        revisit_links: a loop whose loop chunk links the two places by at least this many pairs is kept
+            whatever its correction.
+        loop_weight: weight of a loop against a consecutive pair of chunks in the pose graph; higher trusts
+            loops more.
+    """
 
     enabled: bool = True
     max_loops: int | None = None

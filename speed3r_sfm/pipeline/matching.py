@@ -59,7 +59,33 @@ REFINE_WORKSPACE_BYTES = 1 << 30
 
 @dataclass
 class MatchOptions:
-    """Matching settings (distances in model pixels unless stated)."""
+    """Matching settings (distances in model pixels unless stated).
+
+    Attributes:
+        max_views: candidate views searched per keypoint; more finds more matches, at more time.
+        min_affinity: with GSA records, least share (0-1) of a query block's attention a view needs to be
+            a candidate.
+        min_covisibility: without GSA records, least share (0-1) of a view's keypoints that another view
+            must see, by the predicted geometry, to be a candidate.
+        search_radius: radius (model pixels) of the photometric search around the corrected predicted
+            location.
+        correction_samples: strongest keypoints per view pair searched widely (correction_radius) to
+            correct the pair's predicted locations.
+        correction_radius: radius (model pixels) of that wide search; also the search radius of a pair
+            whose correction fails.
+        correction_min_inliers: inliers the correction's robust affine fit needs to be used.
+        depth_tolerance: largest relative difference between a projected point's depth and the other
+            view's predicted depth there; larger keeps more, less reliable candidates.
+        affine_step: finite-difference step (model pixels) of the local affine map of the predicted warp.
+        time_limit: seconds for the photometric refinement; view pairs left when it runs out are skipped
+            (null: no limit).
+        track_verification: with a model that has a track head (VGGT-1B), keep only the matches its tracks
+            agree with.
+        track_tolerance: largest distance (model pixels) between the track head's location and the refined
+            match.
+        min_track_visibility: least visibility (0-1) the track head must give the point in the other view.
+        refine: Photometric refinement settings (pixels of the work images unless stated).
+    """
 
     max_views: int = 6  # candidate views per keypoint
     min_affinity: float = 0.02  # GSA: minimum share of a query block's selection mass for a candidate view

@@ -105,7 +105,28 @@ SPECIAL_TOKENS = 5  # camera / register tokens per view of VGGT and π³ (for th
 
 @dataclass
 class PipelineOptions:
-    """Settings of every stage (defaults are the documented ones)."""
+    """Settings of every stage (defaults are the documented ones).
+
+    Attributes:
+        keypoints: Keypoint detection settings (distances in model pixels unless stated).
+        matching: Matching settings (distances in model pixels unless stated).
+        bundle: Bundle adjustment settings (loss scales in work pixels, error thresholds in original pixels).
+        token_poses: Token poses: camera poses from the model's own patch descriptors and depth.
+        loops: Loop closure of ordered chunks (sequences that return to a place seen chunks before).
+        rescue: Second chance for views that bundle adjustment de-registered as weakly linked.
+        merge_radius: a match location this close (work pixels) to a keypoint of its view reuses that
+            keypoint instead of adding a 2D point; 0: no merging.
+        max_image_size: long side (pixels) of the work copies used for keypoints and matching; larger is
+            more precise on big photos, and slower.
+        min_work_scale: the work copies keep at least this fraction of the original resolution, whatever
+            max_image_size says (0: max_image_size only).
+        no_ba_max_reproj_error: without bundle adjustment (ba false), 3D points with a larger reprojection
+            error (work pixels) are filtered out.
+        max_models: most models written (sparse/0, sparse/1, ...): views left unregistered are
+            reconstructed on their own as further models; 1: the first model only.
+        min_model_views: a further model is tried only while at least this many views are unregistered,
+            and kept only if it registers that many.
+    """
 
     keypoints: KeypointOptions = field(default_factory=KeypointOptions)
     matching: MatchOptions = field(default_factory=MatchOptions)

@@ -29,7 +29,26 @@ from .checks import require_at_least, require_between
 
 @dataclass
 class RefineOptions:
-    """Photometric refinement settings (pixels of the work images unless stated)."""
+    """Photometric refinement settings (pixels of the work images unless stated).
+
+    Attributes:
+        patch_size: side (pixels, odd) of the compared patches, at every pyramid level.
+        level_radius: search radius (pixels) on the coarsest pyramid level; it sets how many levels a
+            search radius needs.
+        fine_radius: search radius (pixels) at level 0 (full resolution) around the offset found on the
+            level above.
+        middle_radius: search radius (pixels) on the levels between the coarsest and level 0; larger copes
+            better with smooth (upscaled, or very large) images, at more time.
+        recentre: on the finer levels, times a peak found on the search border is searched again around
+            itself (0: never).
+        min_ncc: least normalised cross-correlation (-1 to 1) of a match at level 0; higher keeps fewer,
+            surer matches.
+        min_margin: on the coarsest level, least gap between the best correlation and the second-highest
+            local maximum (drops ambiguous peaks; 0: off).
+        min_texture: least standard deviation of the source patch (gray values 0-1); flatter patches are
+            not matched.
+        chunk: matches refined per batch; more takes fewer, larger batches and more memory.
+    """
 
     patch_size: int = 11  # odd, at every pyramid level
     level_radius: int = 6  # integer search radius on the coarsest level

@@ -42,19 +42,35 @@ from .tracks import connected_components
 
 @dataclass
 class RescueOptions:
-    """``enabled``: match again when views were de-registered as weakly linked, up to ``max_rounds`` times
-    while that registers more views; ``min_inliers``: PnP inliers a view needs to be re-posed;
-    ``max_error``: PnP RANSAC threshold (work pixels, as the matching measures them; the view's
-    observations then pass the bundle adjustment's filter in original pixels);
-    ``move_weak_group``: also move the views of a weak group that PnP cannot pose along with the group's
-    best re-posed view (registers more views, but on one held-out orbit with one camera per image it
-    sometimes registered views 6-20 degrees off; off by default, later rounds pose them by PnP instead);
-    ``sift``: the classical fallback of ``sift_rescue.py`` for views without enough correspondences."""
+    """Second chance for views that bundle adjustment de-registered as weakly linked (module docstring).
+
+    Attributes:
+        enabled: re-pose de-registered views by PnP and match again, while that registers more views.
+        max_rounds: most rounds of re-posing and matching again (0: none).
+        min_inliers: PnP inliers a view needs to be re-posed.
+        max_error: PnP RANSAC threshold (work pixels); the view's observations must then still pass bundle
+            adjustment's filter in original pixels.
+        move_weak_group: also move the views of a weak group that PnP cannot pose along with the group's
+            best re-posed view (registers more views, but may register some of them at a wrong pose).
+        sift: views PnP cannot re-pose (too few correspondences) are posed from SIFT matches to their nearest
+            registered views (a classical fallback).
+        sift_image_size: long side (pixels) of the copies SIFT runs on.
+        sift_neighbours: nearest registered views a view is SIFT-matched to.
+        sift_ratio: Lowe's ratio test of the SIFT matches (with mutual nearest neighbours); lower is
+            stricter.
+        sift_min_inliers: PnP inliers a view needs to be posed by SIFT.
+        sift_max_error: reprojection threshold (pixels of the SIFT copies) of triangulation and PnP.
+        sift_min_angle: smallest triangulation angle (degrees) of the SIFT points.
+        estimate_focal: a view with a camera of its own (one camera per image): PnP estimates its focal
+            length too, and the next pass starts from it.
+    """
 
     enabled: bool = True
     max_rounds: int = 3
     min_inliers: int = 6
     max_error: float = 4.0
+    # off by default: on one held-out orbit with one camera per image it sometimes registered views 6-20
+    # degrees off; later rounds pose them by PnP instead
     move_weak_group: bool = False
     # views PnP cannot re-pose (too few correspondences): SIFT matches to their ``sift_neighbours`` nearest
     # registered views, triangulated there, and PnP on those (``sift_rescue.py``)

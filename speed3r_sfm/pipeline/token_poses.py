@@ -47,17 +47,24 @@ DUPLICATE_AFFINITY = 0.999
 
 @dataclass
 class TokenPoseOptions:
-    """``enabled``: use token poses when the model exports descriptors (otherwise the camera head's).
-    ``rotation_from``: "essential": a pair's rotation and translation direction come from the essential
-    matrix of the matched patch centres (unaffected by depth errors), its depth-scale ratio and baseline
-    length from the depths of the inliers; "pnp": view j's points in view i's pixels; "sim3": the robust
-    Sim(3) of the two point sets; "best": all three, keeping the lowest median symmetric reprojection error.
-    ``max_error``: RANSAC threshold (pixels) of PnP and the essential matrix; ``inlier_error``: reprojection
-    error (pixels) under which a match counts towards a pair's support; ``hypotheses``: Sim(3) hypotheses.
-    ``neighbours``: partner views per view, the most similar by mean descriptor (all pairs when fewer
-    views); doubled, for the pairs not tried yet, while some view is not connected. ``min_matches``:
-    mutual matches below which a pair is not used. ``min_confidence_quantile``:
-    patches whose predicted depth confidence is below this quantile of their view are not matched."""
+    """Token poses: camera poses from the model's own patch descriptors and depth.
+
+    Attributes:
+        enabled: use token poses when the model exports descriptors (otherwise the camera head's poses).
+        rotation_from: solver of a pair's relative pose: "essential" (essential matrix of the matched patch
+            centres, unaffected by depth errors; scale and baseline from the depths), "pnp" (one view's
+            points in the other's pixels), "sim3" (robust Sim(3) of the two point sets) or "best" (all
+            three, keeping the lowest median symmetric reprojection error).
+        max_error: RANSAC threshold (model pixels) of PnP and the essential matrix.
+        inlier_error: reprojection error (model pixels) under which a match counts towards a pair's support.
+        neighbours: partner views per view, the most similar by mean descriptor (all pairs when fewer
+            views); doubled, for the pairs not tried yet, while some view is not connected.
+        min_matches: mutual descriptor matches below which a pair is not used.
+        min_confidence_quantile: patches whose predicted depth confidence is below this quantile (0-1) of
+            their view are not matched.
+        hypotheses: random 3-point hypotheses the robust Sim(3) fit starts from; more is more robust and
+            slower.
+    """
 
     enabled: bool = True
     rotation_from: str = "best"
