@@ -107,7 +107,7 @@ def main() -> None:
             base, _, _ = run_backbone_once(folder, args.model)
             for noise_seed in range(args.seeds):
                 prediction = perturbed(base, args.sigma, noise_seed)
-                with mock.patch.object(reconstruct, "_run_backbone", returning(prediction)):
+                with mock.patch.object(reconstruct, "run_backbone", returning(prediction)):
                     for name, options, with_known in settings:
                         row = evaluate(folder, views, options, known if with_known else None, args.model)
                         row.update(scene=label, noise_seed=noise_seed, setting=name)
@@ -125,7 +125,7 @@ def run_backbone_once(folder: str, model: str = "default"):
         kept["out"] = run_backbone(*a, **k)
         return kept["out"]
 
-    with mock.patch.object(reconstruct, "_run_backbone", keep):
+    with mock.patch.object(reconstruct, "run_backbone", keep):
         reconstruct.run_pipeline(folder, None, model=model, device="cpu", shared_camera=True)
     return kept["out"]
 

@@ -80,7 +80,7 @@ def main() -> None:
             base, _, _ = sweep.run_backbone_once(folder)
             for noise_seed in range(args.seeds):
                 prediction = sweep.perturbed(base, 5e-4, noise_seed)
-                with mock.patch.object(reconstruct, "_run_backbone", sweep.returning(prediction)):
+                with mock.patch.object(reconstruct, "run_backbone", sweep.returning(prediction)):
                     for setting in args.settings:
                         bundle = BundleOptions(
                             num_threads=args.threads, recheck_min_shared_points=SETTINGS[setting]

@@ -33,6 +33,7 @@ from speed3r_sfm.pipeline.records import merge_chunk_summaries, summarize_record
 from speed3r_sfm.pipeline.rescue import RescueOptions
 from speed3r_sfm.pipeline.view_features import thumbnail_descriptors, token_descriptors
 
+pipeline_inference = importlib.import_module("speed3r_sfm.pipeline.inference")
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
 pipeline_bundle = importlib.import_module("speed3r_sfm.pipeline.bundle")
 
@@ -327,14 +328,14 @@ def test_the_chunk_file_folder_is_created(scene, tmp_path):
 def test_automatic_chunk_size_uses_free_gpu_memory(monkeypatch):
     images = torch.zeros(20, 3, 28, 42)
     cpu = Backbone(lambda x: None, Preprocessing(), "m", torch.device("cpu"))
-    assert pipeline_reconstruct._chunk_size(None, cpu, images) is None  # CPU: one pass
-    assert pipeline_reconstruct._chunk_size(7, cpu, images) == 7
+    assert pipeline_inference.resolve_chunk_size(None, cpu, images) is None  # CPU: one pass
+    assert pipeline_inference.resolve_chunk_size(7, cpu, images) == 7
     seen = []
     monkeypatch.setattr(
-        pipeline_reconstruct, "default_chunk_size", lambda device, tokens: seen.append(tokens) or 16
+        pipeline_inference, "default_chunk_size", lambda device, tokens: seen.append(tokens) or 16
     )
     cuda = Backbone(lambda x: None, Preprocessing(), "m", torch.device("cuda"))
-    assert pipeline_reconstruct._chunk_size(None, cuda, images) == 16
+    assert pipeline_inference.resolve_chunk_size(None, cuda, images) == 16
     assert seen == [2 * 3 + 5]  # patch tokens of a 28 x 42 input plus the special tokens
 
 

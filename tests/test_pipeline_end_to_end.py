@@ -52,6 +52,8 @@ from speed3r_sfm.pipeline.reconstruct import (
 # the module, not the function of the same name that speed3r_sfm.pipeline exports
 pipeline_reconstruct = importlib.import_module("speed3r_sfm.pipeline.reconstruct")
 pipeline_rescue = importlib.import_module("speed3r_sfm.pipeline.rescue")
+pipeline_passes = importlib.import_module("speed3r_sfm.pipeline.passes")
+pipeline_stages = importlib.import_module("speed3r_sfm.pipeline.stages")
 
 SEED, VIEWS, HEIGHT, WIDTH = 11, 8, 168, 224
 NOISE_DEG = 1.5
@@ -1023,7 +1025,7 @@ def test_links_cut_in_any_pass_are_reported(scene_data, monkeypatch):
         calls.append(len(calls))
         return [(6, 7)] if len(calls) == 1 else []
 
-    monkeypatch.setattr(pipeline_reconstruct, "contradicted_pairs", first_pass_contradicts)
+    monkeypatch.setattr(pipeline_passes, "contradicted_pairs", first_pass_contradicts)
     model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 30.0)
     options = PipelineOptions()
     options.bundle.readjust = True
@@ -1046,8 +1048,8 @@ def test_rescue_passes_check_links_against_the_poses_they_start_from(scene_data,
         references.append(poses.clone())
         return original(rec, poses, [(4, 5)], max_disagreement)
 
-    original = pipeline_reconstruct.contradicted_pairs
-    monkeypatch.setattr(pipeline_reconstruct, "contradicted_pairs", check_the_turned_link)
+    original = pipeline_passes.contradicted_pairs
+    monkeypatch.setattr(pipeline_passes, "contradicted_pairs", check_the_turned_link)
     gt = scene_data["views"].cam_from_world.double()
     model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 30.0)
     result = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
@@ -1146,7 +1148,7 @@ def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, mon
     """The first pass ends with views 4-7 turned 8 degrees against the rest and the observations that
     disagree filtered out. Adjusting again from those poses with every observation of the same matches
     back restores the truth; without it the join stays wrong."""
-    real = pipeline_reconstruct._match_and_adjust
+    real = pipeline_reconstruct.match_and_adjust
     matched = []
 
     def bent_first_pass(geometry, **kwargs):
@@ -1156,7 +1158,7 @@ def test_readjustment_undoes_a_wrong_join_left_by_the_first_pass(scene_data, mon
             _bend(adjusted.rec, [5, 6, 7, 8], 8.0)
         return adjusted
 
-    monkeypatch.setattr(pipeline_reconstruct, "_match_and_adjust", bent_first_pass)
+    monkeypatch.setattr(pipeline_reconstruct, "match_and_adjust", bent_first_pass)
     options = PipelineOptions()
     options.bundle.readjust = readjust
     options.bundle.recheck_min_shared_points = 0  # its own test
@@ -1186,7 +1188,7 @@ def test_a_view_on_few_points_is_posed_again_by_sift(scene_data, monkeypatch, re
     (``recheck_min_shared_points``) poses it again by SIFT: turned, it is matched and adjusted again and
     joins right; not turned, SIFT agrees with its pose and the model stays as it was. Without the re-check
     a turned view stays off; if SIFT cannot pose it (simulated), the model stays as it was."""
-    real = pipeline_reconstruct._readjust
+    real = pipeline_passes.readjust
     kept_models = []
 
     def thinned_readjustment(*args, **kwargs):
@@ -1203,7 +1205,7 @@ def test_a_view_on_few_points_is_posed_again_by_sift(scene_data, monkeypatch, re
         kept_models.append(pycolmap.Reconstruction(rec))
         return adjusted, entry
 
-    monkeypatch.setattr(pipeline_reconstruct, "_readjust", thinned_readjustment)
+    monkeypatch.setattr(pipeline_passes, "readjust", thinned_readjustment)
     options = PipelineOptions()
     options.bundle.recheck_min_shared_points = recheck
     gt = scene_data["views"].cam_from_world.double()
@@ -1244,7 +1246,7 @@ def test_a_view_on_few_points_is_posed_again_by_sift(scene_data, monkeypatch, re
     assert line in pipeline_cli.summary_text(result).splitlines()
 
     # a new adjustment that registers fewer views is not kept (simulated: it loses the first view)
-    real_adjust = pipeline_reconstruct._match_and_adjust
+    real_adjust = pipeline_reconstruct.match_and_adjust
     calls = []
 
     def losing_one_in_the_recheck(geometry, **kwargs):
@@ -1254,12 +1256,12 @@ def test_a_view_on_few_points_is_posed_again_by_sift(scene_data, monkeypatch, re
             adjusted.rec.deregister_frame(adjusted.rec.image(1).frame_id)
         return adjusted
 
-    monkeypatch.setattr(pipeline_reconstruct, "_match_and_adjust", losing_one_in_the_recheck)
+    monkeypatch.setattr(pipeline_reconstruct, "match_and_adjust", losing_one_in_the_recheck)
     result, worst = run()
     assert calls == [True, False, True]
     assert not result.report["recheck"]["kept"] and result.report["recheck"]["turned_deg"][name] > 3.0
     assert unchanged(result) and worst > 3.0 and result.reconstruction.num_reg_images() == VIEWS
-    monkeypatch.setattr(pipeline_reconstruct, "_match_and_adjust", real_adjust)
+    monkeypatch.setattr(pipeline_reconstruct, "match_and_adjust", real_adjust)
 
     monkeypatch.setattr(pipeline_rescue, "sift_pose", lambda *args, **kwargs: None)
     result, worst = run()
@@ -1283,13 +1285,13 @@ def test_progress_bar_total_is_known_from_the_start(scene_data, tmp_path, monkey
     """The bar's total counts every stage that will run (the readjustment too), so it never grows."""
     bars = []
 
-    class RecordingBar(pipeline_reconstruct.tqdm):
+    class RecordingBar(pipeline_stages.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.first_total = self.total
             bars.append(self)
 
-    monkeypatch.setattr(pipeline_reconstruct, "tqdm", RecordingBar)
+    monkeypatch.setattr(pipeline_stages, "tqdm", RecordingBar)
     oracle = _oracle(scene_data)
     run_pipeline(scene_data["folder"], tmp_path / "o", model=oracle, attention="dense", ba=ba, progress=True)
     (bar,) = bars
@@ -1341,17 +1343,17 @@ def test_known_intrinsics_leave_the_model_stages_on_the_predicted_ones(scene_dat
     predicted[:, :2, :2] *= 1.15
     seen = {}
 
-    def spy(name: str, geometry_arg: int):
-        real = getattr(pipeline_reconstruct, name)
+    def spy(module, name: str, geometry_arg: int):
+        real = getattr(module, name)
 
         def wrapper(*args, **kwargs):
             seen[name] = args[geometry_arg].intrinsics.clone()
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(pipeline_reconstruct, name, wrapper)
+        monkeypatch.setattr(module, name, wrapper)
 
-    spy("apply_token_poses", 0)  # apply_token_poses(geometry, prediction, options)
-    spy("match_views", 3)  # match_views(views, grays, keypoints, geometry, ...)
+    spy(pipeline_reconstruct, "apply_token_poses", 0)  # apply_token_poses(geometry, prediction, options)
+    spy(pipeline_passes, "match_views", 3)  # match_views(views, grays, keypoints, geometry, ...)
     result = run_pipeline(
         scene_data["folder"],
         None,
@@ -1432,7 +1434,7 @@ def test_sparse_model_holds_registered_images_only_and_the_database_all(scene_da
     """sparse/0 is written as COLMAP's mapper writes it (no camera or rig of an unregistered image: they
     had been left behind); database.db keeps every image. A project with the points.glb that `export`
     writes by default is still replaced with overwrite. The loss of a view is simulated."""
-    real = pipeline_reconstruct._adjust_rescue_readjust
+    real = pipeline_reconstruct.adjust_rescue_readjust
 
     def lose_the_last_view(adjust, **kwargs):
         result = real(adjust, **kwargs)
@@ -1441,7 +1443,7 @@ def test_sparse_model_holds_registered_images_only_and_the_database_all(scene_da
         result.adjusted.dropped = [VIEWS]
         return result
 
-    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_the_last_view)
+    monkeypatch.setattr(pipeline_reconstruct, "adjust_rescue_readjust", lose_the_last_view)
     out = tmp_path / "out"
     result = run_pipeline(scene_data["folder"], out, model=_oracle(scene_data))
     model = pycolmap.Reconstruction(out / "sparse" / "0")
@@ -1462,7 +1464,7 @@ def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch
     alone) and what to do; the project lists the unregistered views in unregistered_images.txt, an
     ``image_list`` that a run of their own takes. The log and the summary name the first five, then count
     the rest. The loss of the views is simulated."""
-    real = pipeline_reconstruct._adjust_rescue_readjust
+    real = pipeline_reconstruct.adjust_rescue_readjust
     dropped = list(range(3, VIEWS + 1))  # six views
 
     def lose_views(adjust, **kwargs):
@@ -1472,7 +1474,7 @@ def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch
         result.adjusted.dropped = dropped
         return result
 
-    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
+    monkeypatch.setattr(pipeline_reconstruct, "adjust_rescue_readjust", lose_views)
     with caplog.at_level(logging.WARNING):
         result = run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data))
     assert (
@@ -1494,7 +1496,7 @@ def test_many_unregistered_views_warn_of_unrelated_views(scene_data, monkeypatch
     selected = select_images(scene_data["folder"], image_list=listed)
     assert [path.relative_to(scene_data["folder"]).as_posix() for path in selected] == lost
 
-    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", real)
+    monkeypatch.setattr(pipeline_reconstruct, "adjust_rescue_readjust", real)
     run_pipeline(scene_data["folder"], tmp_path / "out", model=_oracle(scene_data), overwrite=True)
     assert not listed.exists()  # every view registered: no list
 
@@ -1538,7 +1540,7 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     one view that further run also loses (simulated) is registered in no model, warned of once and listed in
     unregistered_images.txt. With fewer left, or ``max_models=1``, nothing more runs; overwrite replaces such
     a project, not one with a sparse/N its report does not list."""
-    real = pipeline_reconstruct._adjust_rescue_readjust
+    real = pipeline_reconstruct.adjust_rescue_readjust
     lost = 4
 
     def lose_views(adjust, **kwargs):
@@ -1552,7 +1554,7 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
         result.adjusted.dropped = list(dropped)
         return result
 
-    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
+    monkeypatch.setattr(pipeline_reconstruct, "adjust_rescue_readjust", lose_views)
     model = _oracles_with_the_last_views(scene_data, lost)
     options = PipelineOptions(min_model_views=lost - 1)
     with caplog.at_level(logging.INFO):
@@ -1622,7 +1624,7 @@ def test_further_models_share_the_database_ids_as_colmaps_models_do(scene_data, 
     its views have in database.db, whose keypoints of those views are that model's 2D points, matched and
     verified among them (not against sparse/0's keypoints): COLMAP's point triangulator reads sparse/1 with
     the database. The returned further reconstruction is the one written."""
-    real = pipeline_reconstruct._adjust_rescue_readjust
+    real = pipeline_reconstruct.adjust_rescue_readjust
     lost = 4
 
     def lose_views(adjust, **kwargs):
@@ -1633,7 +1635,7 @@ def test_further_models_share_the_database_ids_as_colmaps_models_do(scene_data, 
             result.adjusted.dropped = list(range(VIEWS - lost + 1, VIEWS + 1))
         return result
 
-    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", lose_views)
+    monkeypatch.setattr(pipeline_reconstruct, "adjust_rescue_readjust", lose_views)
     model = _oracles_with_the_last_views(scene_data, lost)
     out = tmp_path / "out"
     result = run_pipeline(
@@ -1773,7 +1775,7 @@ def test_views_left_unregistered_get_a_pass_with_the_adjusted_camera_held_fixed(
     readjustment run again from the feed-forward poses with the first pass's matches and its adjusted camera
     held fixed (``fixed_camera_pass``); kept only if it registers more views. The first pass's loss of a
     view is simulated."""
-    real = pipeline_reconstruct._adjust_rescue_readjust
+    real = pipeline_reconstruct.adjust_rescue_readjust
     calls = []
 
     def spy(adjust, **kwargs):
@@ -1785,7 +1787,7 @@ def test_views_left_unregistered_get_a_pass_with_the_adjusted_camera_held_fixed(
             result.adjusted.dropped = [VIEWS]
         return result
 
-    monkeypatch.setattr(pipeline_reconstruct, "_adjust_rescue_readjust", spy)
+    monkeypatch.setattr(pipeline_reconstruct, "adjust_rescue_readjust", spy)
     result = run_pipeline(scene_data["folder"], None, model=_oracle(scene_data), shared_camera=True)
     assert len(calls) == 2
     (_, _, first), (adjust, kwargs, second) = calls

@@ -167,7 +167,7 @@ class BundleOptions:
     # run (the hard orbit 1000001 registered 21-24 of 24 views); with 1 a run repeats bit for bit on the
     # same machine, for 0.16 s more at 24 views (CLI: --deterministic; reproducibility.md)
     num_threads: int = -1
-    # after every pass, rebuild all observations at the adjusted poses and adjust once more (reconstruct.py).
+    # after every pass, rebuild all observations at the adjusted poses and adjust once more (passes.py).
     # With GSA it joined the two halves of the hinge on forward 1000001 at 2072x1568 in 6 of 7 runs
     # (0.15 deg) and cut the pairs off by > 5 deg at 96 views from 45 % to 12 %; dense runs hinge the same
     # way on that scene when the depth changes by 0.05 % (bf16 heads: 14 % and 49 % of pairs off at 518x392
@@ -180,7 +180,7 @@ class BundleOptions:
     readjust_rounds: int = 1
     # after the readjustment, registered views linked to the main group by fewer shared points than this
     # (a stricter min_shared_points) are posed again by SIFT (the rescue's); where that turns one by more
-    # than 3 deg (reconstruct.RECHECK_MIN_TURN_DEG) every view is matched again and adjusted, kept if as
+    # than 3 deg (passes.RECHECK_MIN_TURN_DEG) every view is matched again and adjusted, kept if as
     # many views register. A view hanging on ~30 matches found around a wrong feed-forward pose agrees with
     # that pose, and nothing else checks it (hard orbit 1000001: view 23 11.7 deg off on 35 observations;
     # hinge_and_robustness_experiments.md). 0: no re-check
