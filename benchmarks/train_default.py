@@ -138,6 +138,7 @@ def stage_config(stage: str, args: argparse.Namespace) -> tuple[dict, Path, floa
                     "init_args": {
                         "dirpath": str(stage_dir / "checkpoints"),
                         "save_last": True,
+                        "enable_version_counter": False,
                         "save_top_k": 0,
                         "every_n_train_steps": 250,
                     },

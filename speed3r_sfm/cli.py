@@ -23,6 +23,7 @@ import types
 import typing
 from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from jsonargparse import ArgumentParser, DefaultHelpFormatter
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
         from .training.cli import fit_main
         from .training.data import DataConfigError
 
+        if problem := missing_config(args[1:]):
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(1)
         try:
             fit_main(args[1:])
         except (FileNotFoundError, CheckpointError, ColmapDatasetError, DataConfigError) as error:
@@ -43,6 +47,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     with sigterm_deferred():
         _run_command(args)
+
+
+def missing_config(args: list[str]) -> str | None:
+    """Why ``fit``'s ``--config`` file cannot be read (None if it can): the shipped configs live in the
+    source tree's ``pipelines/``, so a relative path given from another folder names that folder too."""
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag != "--config" or Path(value).is_file():
+            continue
+        shipped = Path(__file__).resolve().parents[1] / "pipelines" / Path(value).name
+        where = f"; the shipped one is {shipped}" if shipped.is_file() else ""
+        return f"config file {value} does not exist (relative to {Path.cwd()}){where}"
+    return None
 
 
 def _run_command(args: list[str]) -> None:

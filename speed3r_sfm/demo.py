@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -175,7 +176,7 @@ def demo_command(
         device=device,
         shared_camera=shared_camera,
         overwrite=overwrite,
-        progress=True,
+        progress=sys.stderr.isatty(),  # a log file would get every redraw of the bar
     )
     order = {name: i for i, name in enumerate(sorted(p.name for p in (scene / "images").iterdir()))}
     gt_poses = gt.cam_from_world[[order[name] for name in result.image_names]]

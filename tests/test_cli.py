@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import json
+import os
+import pty
 import re
 import shlex
+import struct
 import subprocess
 import sys
+import termios
 import typing
 from pathlib import Path
 
@@ -117,8 +122,9 @@ def test_demo_reconstructs_and_scores_a_scene_with_the_default_model(tmp_path):
     assert (tmp_path / "demo" / "reconstruction" / "sparse" / "0" / "images.bin").is_file()
 
 
-def test_reconstruct_logs_a_skipped_file_on_its_own_line_above_the_progress_bar(tmp_path):
-    """The skip warning goes through tqdm (``logging_redirect_tqdm``), not into the middle of the bar."""
+def test_reconstruct_logs_a_skipped_file_on_its_own_line_and_draws_the_bar_on_a_terminal_only(tmp_path):
+    """The skip warning goes through tqdm (``logging_redirect_tqdm``), not into the middle of the bar; the
+    bar draws on a terminal, and a log file gets the warnings and the summary without its redraws."""
     scene = tmp_path / "scene"
     main(["synthetic", str(scene), "--views", "3", "--height", "112", "--width", "154"])
     (scene / "images" / "notes.jpg").write_text("not an image")
@@ -127,6 +133,29 @@ def test_reconstruct_logs_a_skipped_file_on_its_own_line_above_the_progress_bar(
     lines = re.split(r"[\r\n]", run.stderr)
     warning = [line for line in lines if "notes.jpg" in line]
     assert warning and all(line.startswith("WARNING: skipped") for line in warning), run.stderr
+    assert "\r" not in run.stderr and "stage/s" not in run.stderr  # no bar in a file
+    assert run.stdout.startswith("reconstructed ")  # the summary
+
+    leader, follower = pty.openpty()  # stderr a terminal of 100 columns, as in an interactive shell
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    tty_run = [*command, str(tmp_path / "out_tty")]
+    with subprocess.Popen(tty_run, stdout=subprocess.PIPE, stderr=follower) as proc:
+        os.close(follower)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed: the process has exited
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        proc.wait(timeout=300)
+    os.close(leader)
+    text = drawn.decode(errors="replace")
+    assert proc.returncode == 0
+    assert "\rreconstruct:" in text and "stage/s" in text, text  # the bar, redrawn in place
+    assert "WARNING: skipped" in text
 
 
 def test_reconstruct_takes_known_intrinsics_as_colmap_does(tmp_path, capsys):

@@ -298,7 +298,7 @@ def test_output_that_holds_the_images_is_refused_even_with_overwrite(scene_data,
     assert oracle.calls == 0 and sorted(p.name for p in folder.iterdir()) == before
 
 
-def test_images_in_subfolders_keep_their_relative_names(scene_data, tmp_path, capsys):
+def test_images_in_subfolders_keep_their_relative_names(scene_data, tmp_path, capsys, caplog):
     """``recursive`` and ``image_list`` (the CLI's text file): COLMAP names are paths relative to the
     folder, in the undistorted copy too; an output inside a folder read recursively is refused."""
     folder = tmp_path / "images"
@@ -328,6 +328,13 @@ def test_images_in_subfolders_keep_their_relative_names(scene_data, tmp_path, ca
     cameras = {image.name: image.camera_id for image in per_folder.images.values()}
     assert per_folder.num_cameras() == 2 and per_folder.num_reg_images() == VIEWS
     assert {cameras[n] for n in names[:4]} == {1} and {cameras[n] for n in names[4:]} == {2}
+    # per folder without subfolders: one camera, and the run says how to get one per subfolder
+    with caplog.at_level(logging.WARNING, logger="speed3r_sfm"):
+        flat = run_pipeline(
+            scene_data["folder"], None, model=oracle, attention="dense", shared_camera="per_folder"
+        )
+    assert flat.reconstruction.num_cameras() == 1
+    assert "per_folder' with every image in one folder" in caplog.text and "recursive=True" in caplog.text
     # a text file naming the views of cam1 only, as the CLI takes it
     listing = tmp_path / "cam1.txt"
     listing.write_text("\n".join(names[4:]) + "\n")
@@ -1839,3 +1846,12 @@ def test_api_arguments_of_the_wrong_kind_say_what_to_pass(scene_data):
         reconstruct(scene_data["folder"], model=_oracle(scene_data), options={"keypoints": {}})
     with pytest.raises(TypeError, match="preprocessing must be a Preprocessing, got str"):
         reconstruct(scene_data["folder"], model=_oracle(scene_data), preprocessing="pad")
+    # a near miss of a known model name is named; CAMERA_MODELS, which the docstring points to, is public
+    with pytest.raises(ModelNotAvailableError, match=r"defualt does not exist \(did you mean 'default'\?\)"):
+        reconstruct(scene_data["folder"], model="defualt")
+    with pytest.raises(ModelNotAvailableError) as unknown:
+        reconstruct(scene_data["folder"], model="weights/run3.pt")
+    assert "did you mean" not in str(unknown.value)
+    from speed3r_sfm.pipeline import CAMERA_MODELS
+
+    assert "SIMPLE_RADIAL" in CAMERA_MODELS and "PINHOLE" in CAMERA_MODELS

@@ -234,3 +234,47 @@ def test_fit_reports_data_and_weight_mistakes_in_one_line(tmp_path, capsys, monk
             main([*config, "--data.cache_path", str(tmp_path / "frames.h5"), *extra])
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and message in err and "Traceback" not in err, err[-2000:]
+    # the README's relative config path, from another folder: the shipped config's full path is named
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "pipelines/finetune_colmap.yaml"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert f"the shipped one is {REPO / 'pipelines' / 'finetune_colmap.yaml'}" in err
+
+
+def test_a_new_fit_replaces_last_ckpt_says_where_it_exported_and_warns_of_a_short_warm_up(tmp_path, caplog):
+    """The shipped configs turn the checkpoint's version counter off, so that the README's last.ckpt is the
+    last run's (Lightning would write last-v1.ckpt beside a previous run's); the export's path is logged; a
+    warm-up longer than the run (the learning rate never reaching ``lr``) is warned of."""
+    for config in sorted((REPO / "pipelines").glob("*.yaml")):
+        for callback in yaml.safe_load(config.read_text()).get("trainer", {}).get("callbacks", []):
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                assert callback["init_args"]["enable_version_counter"] is False, config.name
+    config = tiny_config(tmp_path)
+    config["trainer"]["callbacks"][0]["init_args"]["enable_version_counter"] = False
+    config["model"]["optim"]["warmup_steps"] = 5
+    config_path = write_config(tmp_path / "tiny.yaml", config)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with (
+        caplog.at_level("INFO"),
+        pytest.warns(UserWarning, match=r"warmup_steps \(5\) >= trainer.max_steps \(2\)"),
+    ):
+        fit_main(["fit", "--config", str(config_path)])
+    assert f"exported the backbone to {tmp_path / 'weights.safetensors'}" in caplog.text
+    first = last.stat().st_mtime_ns
+    fit_main(["fit", "--config", str(config_path), "--trainer.max_steps", "1"])
+    assert sorted(p.name for p in last.parent.glob("last*.ckpt")) == ["last.ckpt"]
+    assert last.stat().st_mtime_ns > first
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 1
+
+
+def test_the_lightning_classes_import_from_the_training_package():
+    import speed3r_sfm.training as training
+    from speed3r_sfm.training.data import ReconstructionDataModule
+    from speed3r_sfm.training.module import ReconstructionModule
+
+    assert training.ReconstructionModule is ReconstructionModule
+    assert training.ReconstructionDataModule is ReconstructionDataModule
+    assert training.fit_main is fit_main
+    with pytest.raises(AttributeError, match="no attribute 'Module'"):
+        training.Module  # noqa: B018

@@ -4,6 +4,7 @@ the command-line entry point is :func:`speed3r_sfm.pipeline.cli.reconstruct_comm
 
 from .backbone import Backbone, ModelNotAvailableError, load_backbone
 from .bundle import BundleOptions
+from .colmap_model import CAMERA_MODELS
 from .database import mapper_options
 from .export import OutputExistsError, OutputPathError
 from .inputs import InputError, Preprocessing
@@ -16,6 +17,7 @@ from .rescue import RescueOptions
 from .token_poses import TokenPoseOptions
 
 __all__ = [
+    "CAMERA_MODELS",
     "Backbone",
     "BundleOptions",
     "InputError",

@@ -20,6 +20,7 @@ and can be overridden by the caller.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import logging
@@ -137,8 +138,10 @@ def check_model_spec(model: ModelSpec) -> None:
     from speed3r_sfm.models.checkpoint import looks_like_hub_id
 
     if not Path(text).expanduser().exists() and not looks_like_hub_id(text):
+        known = difflib.get_close_matches(text, ["default", *KNOWN_HUB_IDS], n=1, cutoff=0.75)
+        guess = f" (did you mean {known[0]!r}?)" if known else ""
         raise ModelNotAvailableError(
-            f"checkpoint file {text} does not exist; pass 'default', a Hub id or an existing "
+            f"checkpoint file {text} does not exist{guess}; pass 'default', a Hub id or an existing "
             ".pt/.safetensors file"
         )
 

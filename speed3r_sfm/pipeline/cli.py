@@ -134,7 +134,8 @@ def reconstruct_command(
         recursive: read the images of IMAGE_DIR's subfolders too (names "sub/img.jpg"); OUT must then lie
             outside IMAGE_DIR.
         options: every stage's settings (``--options.STAGE.NAME``; the defaults are the documented ones).
-        quiet: errors only: no progress bar, warnings (skipped inputs, unregistered views) or summary.
+        quiet: errors only: no progress bar, warnings (skipped inputs, unregistered views) or summary. The
+            progress bar shows only on a terminal (not in a log file).
     """
     if output is None:
         print("error: give the output project folder with -o OUT", file=sys.stderr)
@@ -175,7 +176,7 @@ def reconstruct_command(
                 camera_params=camera_params,
                 overwrite=overwrite,
                 options=options,
-                progress=not quiet,
+                progress=not quiet and _on_terminal(),
                 chunk_size=chunk_size,
                 chunk_overlap=chunk_overlap,
                 ordered=ordered,
@@ -190,6 +191,11 @@ def reconstruct_command(
     if not quiet:
         print(summary_text(result))
     return 0
+
+
+def _on_terminal() -> bool:
+    """Whether stderr, where the progress bar draws, is a terminal (a log file would get every redraw)."""
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
 # where each shortcut argument of reconstruct_command lives in PipelineOptions

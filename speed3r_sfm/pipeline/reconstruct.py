@@ -76,7 +76,22 @@ class ReconstructionError(RuntimeError):
 
 @dataclass
 class PipelineResult:
-    """What :func:`run_pipeline` produced."""
+    """What :func:`run_pipeline` produced.
+
+    Attributes:
+        reconstruction: the pycolmap Reconstruction (every input image; the unregistered without a pose).
+        report: what report.json holds (counts, timings, reprojection errors, settings, warnings).
+        output_dir: the project folder written, or None.
+        image_names: the images' names, in the order of the poses below (image id - 1).
+        feedforward_cam_from_world: (N, 3, 4) float64, the poses bundle adjustment started from, in the
+            model's frame.
+        head_cam_from_world: (N, 3, 4) float64, the camera head's poses (the same as above unless token
+            poses replaced them: ``report["poses"]``).
+        further_models: the views this run did not register, reconstructed on their own
+            (``PipelineOptions.max_models``), with this run's image and camera ids.
+        pair_matches: per pair of image ids less one, ``(i, j)``, the (M, 2) indices of the 2D points of
+            image i + 1 and image j + 1 matched between them (as database.db holds them).
+    """
 
     reconstruction: pycolmap.Reconstruction
     report: dict
@@ -118,35 +133,57 @@ def reconstruct(
 ) -> pycolmap.Reconstruction:
     """Reconstruct the images of ``image_dir``; writes a COLMAP project to ``output_dir`` if given.
 
-    ``model``: "default" (the shipped weights), a Hub id, a checkpoint path, a built backbone module or a
-    callable returning a ``Prediction``; ``attention``: "gsa" (keypoints and matches from GSA records,
-    unless the model declares its selection unfit to guide: ``Backbone.guided``), "dense" (texture
-    keypoints, view pairs from the predicted geometry) or "auto" (the model's own choice: GSA for official
-    checkpoints (dense below 256 views per pass on CUDA); the shipped default, whose selection is untrained
-    and does not guide, dense below 64 views per pass on the CPU and 128 on CUDA, GSA from there);
-    ``ba``: bundle-adjust; ``camera_model``: one of ``CAMERA_MODELS`` (distortion starts at zero and is
-    refined in BA); ``shared_camera``: one camera for all images (they must have one size), or
-    ``"per_folder"``: one camera per folder of the image names (``recursive`` or ``image_list``; a rig, or
-    several phones), as COLMAP's ``CameraMode.PER_FOLDER``;
-    ``camera_params``: known intrinsics of every image, in ``camera_model``'s COLMAP parameter order and
-    original pixels (a list or ``"f,cx,cy,k"``, as COLMAP's ``--ImageReader.camera_params``; the images
-    must have one size): the COLMAP cameras carry them and bundle adjustment holds them fixed; token poses
-    and matching keep the predicted intrinsics, which the predicted depth is consistent with. Long
-    sequences: ``chunk_size`` views per backbone pass (None: one pass on CPU, on CUDA as many as fit in
-    free memory), consecutive chunks sharing ``chunk_overlap`` views (None: a quarter of the chunk);
-    ``ordered=False`` groups an unordered collection into chunks by the similarity of the backbone's own
-    tokens; ``chunk_h5`` stores each chunk's output so that an interrupted run
-    resumes. ``undistort``: also write ``output_dir/undistorted`` (undistorted images and PINHOLE cameras
-    in ``images/`` and ``sparse/0/``, what Gaussian-splatting and NeRF tools read). The images: every
-    image file of ``image_dir`` (``recursive``: and of its subfolders), or ``image_list``, names relative to
-    ``image_dir`` in the order given (a list, or a text file with one name per line as COLMAP's
-    ``image_list_path``); COLMAP names the images by those relative paths. See
-    :func:`run_pipeline` for the rest; returns the pycolmap Reconstruction. It holds every input image,
-    those left unregistered without a pose (``has_pose`` False: loop over ``rec.reg_image_ids()``);
-    ``output_dir/sparse/0`` holds the registered ones, as COLMAP's mapper writes them. Views it did not
-    register go on to further models (``PipelineOptions.max_models``), written to ``sparse/1``, ... and
-    returned by :func:`run_pipeline` (``PipelineResult.further_models``). Errors the caller can fix are
-    exported at the top level (``speed3r_sfm.InputError``, ``ReconstructionError``, ...).
+    Args:
+        image_dir: folder of images (jpg, png, tif, bmp, webp); unreadable files and duplicates are skipped
+            with a logged warning. COLMAP names the images by their paths relative to it.
+        output_dir: project folder to create (``sparse/0``, ``database.db``, ``points.ply``, ``report.json``),
+            written to a temporary folder and moved into place; None: nothing is written.
+        model: "default" (the shipped weights), a Hugging Face Hub id (``facebook/VGGT-1B``,
+            ``yyfz233/Pi3``), a checkpoint path (.pt, .safetensors, a Lightning .ckpt), a built backbone
+            module, or a callable returning a ``Prediction``.
+        attention: "gsa" (keypoints and matches from GSA records, unless the model declares its selection
+            unfit to guide: ``Backbone.guided``), "dense" (texture keypoints, view pairs from the predicted
+            geometry) or "auto" (the model's own choice: GSA for official checkpoints, dense below 256 views
+            per pass on CUDA; the shipped default dense below 64 views per pass on the CPU and 128 on CUDA).
+        device: "auto", "cpu", "cuda", "cuda:1", ...
+        ba: bundle-adjust (without it the poses are the feed-forward ones, degrees off).
+        camera_model: one of :data:`~speed3r_sfm.pipeline.CAMERA_MODELS`; distortion starts at zero and is
+            refined by bundle adjustment.
+        shared_camera: True: one camera for all images (they must have one size); ``"per_folder"``: one
+            camera per folder of the image names (with ``recursive`` or ``image_list``; a rig, several
+            phones), as COLMAP's ``CameraMode.PER_FOLDER``; False: one camera per image.
+        camera_params: known intrinsics of every image in ``camera_model``'s COLMAP parameter order and
+            original pixels (a list or ``"f,cx,cy,k"``, as COLMAP's ``--ImageReader.camera_params``; images
+            of one size); the COLMAP cameras carry them and bundle adjustment holds them fixed.
+        overwrite: replace an existing project at ``output_dir``.
+        preprocessing: how images are resized for the model (default: the model's own).
+        options: every stage's settings (:class:`~speed3r_sfm.pipeline.PipelineOptions`).
+        progress: show a progress bar of the stages.
+        chunk_size: views per model pass for long sequences (None: one pass on the CPU, on CUDA as many as
+            fit in free memory); chunks are composed into one frame by robust Sim(3).
+        chunk_overlap: views shared by consecutive chunks (None: a quarter of the chunk).
+        ordered: the images are a sequence in name order (video); False: an unordered collection, grouped
+            into chunks by the similarity of the model's own tokens.
+        chunk_h5: HDF5 file keeping each chunk's output, so that an interrupted run resumes.
+        undistort: also write ``output_dir/undistorted`` (undistorted images and PINHOLE cameras in
+            ``images/`` and ``sparse/0/``, what Gaussian-splatting and NeRF tools read).
+        image_list: the images to use, names relative to ``image_dir`` in the order given (a list, or a text
+            file with one name per line, as COLMAP's ``image_list_path``).
+        recursive: also read the images of ``image_dir``'s subfolders.
+
+    Returns:
+        The pycolmap Reconstruction. It holds every input image, those left unregistered without a pose
+        (``has_pose`` False: loop over ``rec.reg_image_ids()``); ``output_dir/sparse/0`` holds the
+        registered ones, as COLMAP's mapper writes them. Views it did not register go on to further models
+        (``PipelineOptions.max_models``), written to ``sparse/1``, ...; :func:`run_pipeline` returns them
+        too, with the report and the feed-forward poses (:class:`PipelineResult`).
+
+    Raises:
+        InputError: unusable input (an empty folder, one image, a bad image list, ...).
+        OutputExistsError: ``output_dir`` holds a project and ``overwrite`` is False.
+        ReconstructionError: the images gave no reconstruction (its ``report`` says what the run found).
+        ModelNotAvailableError, DeviceNotAvailableError: the model or the device cannot be loaded.
+        ValueError, TypeError: an argument of the wrong kind (e.g. an unknown ``camera_model``).
     """
     return run_pipeline(
         image_dir,
@@ -264,6 +301,11 @@ def run_pipeline(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
         input_warnings = _input_warnings(backbone, views)
+        if shared_camera == "per_folder" and all("/" not in v.name for v in views):
+            logger.warning(
+                "shared_camera='per_folder' with every image in one folder: one camera for all; pass "
+                "recursive=True (or an image_list naming subfolders) for a camera per subfolder"
+            )
         calibration = None if known_params is None else known_camera(camera_model, known_params, views)
         grays = [v.gray() for v in views]
         # original pixels per work pixel: losses are in work pixels, COLMAP's thresholds in original ones

@@ -8,5 +8,25 @@
 - :mod:`.backbone`: building, loading and exporting backbones.
 - :mod:`.cli`: ``fit_main`` (LightningCLI); :mod:`.runner`: the same configs without jsonargparse.
 
-Submodules import Lightning; import them directly (``from speed3r_sfm.training.module import ...``).
+``from speed3r_sfm.training import ReconstructionModule, ReconstructionDataModule`` imports Lightning on
+first use (``import speed3r_sfm.training`` alone does not).
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY = {"ReconstructionModule": ".module", "ReconstructionDataModule": ".data", "fit_main": ".cli"}
+__all__ = ["ReconstructionDataModule", "ReconstructionModule", "fit_main"]
+
+if TYPE_CHECKING:
+    from .cli import fit_main
+    from .data import ReconstructionDataModule
+    from .module import ReconstructionModule
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'speed3r_sfm.training' has no attribute {name!r}")

@@ -369,6 +369,13 @@ class ReconstructionModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.float32_matmul_precision and self.device.type == "cuda":
             torch.set_float32_matmul_precision(self.float32_matmul_precision)
+        warmup, max_steps = self.optim_config.warmup_steps, self.trainer.max_steps
+        if 0 < max_steps <= warmup:
+            pl.utilities.rank_zero_warn(
+                f"model.optim.warmup_steps ({warmup}) >= trainer.max_steps ({max_steps}): the learning rate "
+                f"stays in its warm-up and ends at {max_steps / warmup:.1%} of model.optim.lr; lower "
+                "model.optim.warmup_steps for a short run"
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=1)
@@ -426,4 +433,8 @@ class ReconstructionModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         if self.export_path and self.trainer.is_global_zero:
-            self.export_weights(self.export_path)
+            written = self.export_weights(self.export_path)
+            pl.utilities.rank_zero_info(
+                f"exported the backbone to {written} (and its .json); use it with "
+                f"speed3r-sfm reconstruct IMAGES -o OUT --model {written}"
+            )
