@@ -261,6 +261,7 @@ def test_a_new_fit_replaces_last_ckpt_says_where_it_exported_and_warns_of_a_shor
     ):
         fit_main(["fit", "--config", str(config_path)])
     assert f"exported the backbone to {tmp_path / 'weights.safetensors'}" in caplog.text
+    assert "litlogger" not in caplog.text  # Lightning's advertisement is dropped
     first = last.stat().st_mtime_ns
     fit_main(["fit", "--config", str(config_path), "--trainer.max_steps", "1"])
     assert sorted(p.name for p in last.parent.glob("last*.ckpt")) == ["last.ckpt"]
