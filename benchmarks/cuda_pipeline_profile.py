@@ -125,7 +125,7 @@ def pipeline(args: argparse.Namespace) -> dict:
 
         return wrapper
 
-    reconstruct._run_backbone = timed("backbone", reconstruct._run_backbone)
+    reconstruct.run_backbone = timed("backbone", reconstruct.run_backbone)
     reconstruct.apply_token_poses = timed("token poses", reconstruct.apply_token_poses)
 
     runs = []

@@ -119,7 +119,7 @@ def main() -> None:
 def run_backbone_once(folder: str, model: str = "default"):
     """The model's output for the images in ``folder`` (one pipeline run, the backbone call kept)."""
     kept = {}
-    run_backbone = reconstruct._run_backbone
+    run_backbone = reconstruct.run_backbone
 
     def keep(*a, **k):
         kept["out"] = run_backbone(*a, **k)

@@ -50,10 +50,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def missing_config(args: list[str]) -> str | None:
-    """Why ``fit``'s ``--config`` file cannot be read (None if it can): the shipped configs live in the
-    source tree's ``pipelines/``, so a relative path given from another folder names that folder too."""
-    for flag, value in zip(args, args[1:], strict=False):
-        if flag != "--config" or Path(value).is_file():
+    """Why ``fit``'s config file cannot be read (None if it can, or if the value is inline YAML, which
+    jsonargparse also takes): the shipped configs live in the source tree's ``pipelines/``, so a relative
+    path given from another folder names that folder too."""
+    values = [b for a, b in zip(args, args[1:], strict=False) if a in ("--config", "-c")]
+    values += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for value in values:
+        inline = "\n" in value or Path(value).suffix.lower() not in (".yaml", ".yml", ".json")
+        if inline or Path(value).is_file():
             continue
         shipped = Path(__file__).resolve().parents[1] / "pipelines" / Path(value).name
         where = f"; the shipped one is {shipped}" if shipped.is_file() else ""

@@ -176,7 +176,7 @@ def demo_command(
         device=device,
         shared_camera=shared_camera,
         overwrite=overwrite,
-        progress=sys.stderr.isatty(),  # a log file would get every redraw of the bar
+        progress=sys.stderr is not None and sys.stderr.isatty(),  # a log file would get every redraw
     )
     order = {name: i for i, name in enumerate(sorted(p.name for p in (scene / "images").iterdir()))}
     gt_poses = gt.cam_from_world[[order[name] for name in result.image_names]]

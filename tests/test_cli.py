@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import json
 import os
-import pty
 import re
 import shlex
 import struct
 import subprocess
 import sys
-import termios
 import typing
 from pathlib import Path
 
@@ -135,6 +132,10 @@ def test_reconstruct_logs_a_skipped_file_on_its_own_line_and_draws_the_bar_on_a_
     assert warning and all(line.startswith("WARNING: skipped") for line in warning), run.stderr
     assert "\r" not in run.stderr and "stage/s" not in run.stderr  # no bar in a file
     assert run.stdout.startswith("reconstructed ")  # the summary
+
+    import fcntl  # POSIX terminals
+    import pty
+    import termios
 
     leader, follower = pty.openpty()  # stderr a terminal of 100 columns, as in an interactive shell
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
@@ -465,3 +466,17 @@ def test_an_option_value_its_stage_refuses_is_a_one_line_error(pipeline_calls, t
         assert stopped.value.code == 1
     errors = capsys.readouterr().err.splitlines()
     assert errors == ["error: min_work_scale must lie in [0, 1], got 2.0"] * 2
+
+
+def test_fit_config_check_names_missing_files_only(tmp_path):
+    """``--config``/``-c``/``--config=`` naming a missing .yaml is refused with the shipped config's path;
+    inline YAML (which jsonargparse takes as a config) and existing files pass."""
+    from speed3r_sfm.cli import missing_config
+
+    shipped = Path(__file__).resolve().parents[1] / "pipelines" / "finetune_colmap.yaml"
+    for args in (["--config", "nope/finetune_colmap.yaml"], ["-c", "x/finetune_colmap.yaml"]):
+        assert f"the shipped one is {shipped}" in missing_config(args)
+    assert "does not exist" in missing_config([f"--config={tmp_path / 'gone.yml'}"])
+    assert missing_config(["--config", '{"trainer": {"max_steps": 1}}']) is None
+    assert missing_config(["--config", "trainer:\n  max_steps: 1"]) is None
+    assert missing_config(["--config", str(shipped), "--trainer.max_steps", "1"]) is None

@@ -1852,6 +1852,8 @@ def test_api_arguments_of_the_wrong_kind_say_what_to_pass(scene_data):
     with pytest.raises(ModelNotAvailableError) as unknown:
         reconstruct(scene_data["folder"], model="weights/run3.pt")
     assert "did you mean" not in str(unknown.value)
+    with pytest.raises(ModelNotAvailableError, match=r"\(did you mean 'facebook/VGGT-1B'\?\)"):
+        reconstruct(scene_data["folder"], model="facebook_VGGT-1b")
     from speed3r_sfm.pipeline import CAMERA_MODELS
 
     assert "SIMPLE_RADIAL" in CAMERA_MODELS and "PINHOLE" in CAMERA_MODELS

@@ -257,7 +257,7 @@ def test_a_new_fit_replaces_last_ckpt_says_where_it_exported_and_warns_of_a_shor
     last = tmp_path / "checkpoints" / "last.ckpt"
     with (
         caplog.at_level("INFO"),
-        pytest.warns(UserWarning, match=r"warmup_steps \(5\) >= trainer.max_steps \(2\)"),
+        pytest.warns(UserWarning, match=r"warmup_steps \(5\) > trainer.max_steps \(2\)"),
     ):
         fit_main(["fit", "--config", str(config_path)])
     assert f"exported the backbone to {tmp_path / 'weights.safetensors'}" in caplog.text
@@ -270,6 +270,11 @@ def test_a_new_fit_replaces_last_ckpt_says_where_it_exported_and_warns_of_a_shor
 
 
 def test_the_lightning_classes_import_from_the_training_package():
+    """Lazily: ``import speed3r_sfm.training`` alone does not import Lightning."""
+    probe = "import sys, speed3r_sfm.training as t; "
+    probe += "print(set(t.__all__) <= set(dir(t)), 'lightning' in sys.modules)"
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert shown.split() == ["True", "False"]  # listed by dir() (tab completion), Lightning not imported
     import speed3r_sfm.training as training
     from speed3r_sfm.training.data import ReconstructionDataModule
     from speed3r_sfm.training.module import ReconstructionModule

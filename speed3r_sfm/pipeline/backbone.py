@@ -138,8 +138,9 @@ def check_model_spec(model: ModelSpec) -> None:
     from speed3r_sfm.models.checkpoint import looks_like_hub_id
 
     if not Path(text).expanduser().exists() and not looks_like_hub_id(text):
-        known = difflib.get_close_matches(text, ["default", *KNOWN_HUB_IDS], n=1, cutoff=0.75)
-        guess = f" (did you mean {known[0]!r}?)" if known else ""
+        names = {name.lower(): name for name in ["default", *KNOWN_HUB_IDS]}
+        known = difflib.get_close_matches(text.lower(), names, n=1, cutoff=0.75)
+        guess = f" (did you mean {names[known[0]]!r}?)" if known else ""
         raise ModelNotAvailableError(
             f"checkpoint file {text} does not exist{guess}; pass 'default', a Hub id or an existing "
             ".pt/.safetensors file"

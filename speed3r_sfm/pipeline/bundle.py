@@ -98,7 +98,8 @@ class BundleOptions:
             machine, a little slower.
         readjust: after the adjustment, rebuild every observation at the adjusted poses and adjust once
             more (undoes wrong joins; about one more adjustment of time).
-        readjust_rounds: rounds of that readjustment, all at loss_scale with the intrinsics refined.
+        readjust_rounds: rounds of that readjustment, all at loss_scale; the intrinsics are refined from the
+            first round when it is 1, from the second when more (as in ``rounds``).
         recheck_min_shared_points: after the readjustment, views linked to the main group by fewer shared
             points than this are posed again by SIFT, and everything re-matched where one turns (0: off).
         polish: after the last round's filtering, solve once more and filter again (finishes corrections a

@@ -23,14 +23,10 @@ from .backbone import ModelNotAvailableError, resolve_device
 from .chunked import ChunkFileError
 from .colmap_model import parse_camera_params
 from .export import UNREGISTERED_LIST, OutputExistsError, OutputPathError
+from .inference import check_chunk_arguments
 from .inputs import InputError
-from .reconstruct import (
-    PipelineOptions,
-    PipelineResult,
-    ReconstructionError,
-    check_chunk_arguments,
-    run_pipeline,
-)
+from .options import PipelineOptions
+from .reconstruct import PipelineResult, ReconstructionError, run_pipeline
 
 SHOWN_UNREGISTERED = 5  # views in no model the summary names one by one (report.json has them all)
 # what a user can fix (bad input, an existing output, a missing or unreadable model, a chunk file of

@@ -42,7 +42,7 @@ class KeypointOptions:
             above this quantile (0-1) of their view; higher is stricter.
         border: margin (work pixels) at the image border kept free of keypoints.
         min_response: smallest corner (Shi-Tomasi) response of a keypoint, for gray values in 0-1; weaker
-            corners are not used.
+            corners are not used (nor those below 1e-3 of the view's strongest, which usually decides).
     """
 
     max_keypoints: int = 1024  # per view

@@ -92,15 +92,15 @@ def match_and_adjust(
     pyramids: dict[str, PyramidStack] | None = None,
     device: torch.device | None = None,
 ) -> Adjusted:
-    """Steps 4-6 of :func:`run_pipeline` on ``geometry`` (``stages``: time them, or None); ``feedforward``:
-    the view pairs of the feed-forward pose tree and the cam_from_world they are checked against (the
-    feed-forward poses; the rescue's for the views it re-posed); ``carried``: earlier matches kept
-    where they touch the given views (image ids); ``matches``: use these instead of matching (step 4);
-    ``from_adjusted``: an adjusted reconstruction whose registered images' cameras are kept, and the 3D
-    points are triangulated at ``geometry``'s poses where that is well conditioned (else from depth, as
+    """Steps 4-6 of :func:`~.reconstruct.run_pipeline` on ``geometry`` (``stages``: time them, or None);
+    ``feedforward``: the view pairs of the feed-forward pose tree and the cam_from_world they are checked
+    against (the feed-forward poses; the rescue's for the views it re-posed); ``carried``: earlier matches
+    kept where they touch the given views (image ids); ``matches``: use these instead of matching (step
+    4); ``from_adjusted``: an adjusted reconstruction whose registered images' cameras are kept, and the
+    3D points are triangulated at ``geometry``'s poses where that is well conditioned (else from depth, as
     without it); ``pyramids``: a cache for the refinement's image pyramids, kept between passes;
-    ``device``: where the photometric refinement runs if its image pyramids fit (:func:`refinement_device`;
-    the CPU if None)."""
+    ``device``: where the photometric refinement runs if its image pyramids fit
+    (:func:`refinement_device`; the CPU if None)."""
     start = stages.start if stages else (lambda name: None)
     done = stages.done if stages else (lambda name: None)
     if matches is None:

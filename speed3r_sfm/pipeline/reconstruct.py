@@ -82,7 +82,8 @@ class PipelineResult:
         reconstruction: the pycolmap Reconstruction (every input image; the unregistered without a pose).
         report: what report.json holds (counts, timings, reprojection errors, settings, warnings).
         output_dir: the project folder written, or None.
-        image_names: the images' names, in the order of the poses below (image id - 1).
+        image_names: the images' names, in the order of the poses below (image id - 1; for a further model,
+            in its own run's order, as are its poses and report).
         feedforward_cam_from_world: (N, 3, 4) float64, the poses bundle adjustment started from, in the
             model's frame.
         head_cam_from_world: (N, 3, 4) float64, the camera head's poses (the same as above unless token
@@ -90,7 +91,8 @@ class PipelineResult:
         further_models: the views this run did not register, reconstructed on their own
             (``PipelineOptions.max_models``), with this run's image and camera ids.
         pair_matches: per pair of image ids less one, ``(i, j)``, the (M, 2) indices of the 2D points of
-            image i + 1 and image j + 1 matched between them (as database.db holds them).
+            image i + 1 and image j + 1 matched between them (as database.db holds them, but for the views a
+            further model registers: that model's).
     """
 
     reconstruction: pycolmap.Reconstruction
@@ -162,8 +164,8 @@ def reconstruct(
         chunk_size: views per model pass for long sequences (None: one pass on the CPU, on CUDA as many as
             fit in free memory); chunks are composed into one frame by robust Sim(3).
         chunk_overlap: views shared by consecutive chunks (None: a quarter of the chunk).
-        ordered: the images are a sequence in name order (video); False: an unordered collection, grouped
-            into chunks by the similarity of the model's own tokens.
+        ordered: the images are a sequence in name order, or ``image_list``'s (video); False: an unordered
+            collection, grouped into chunks by the similarity of the model's own tokens.
         chunk_h5: HDF5 file keeping each chunk's output, so that an interrupted run resumes.
         undistort: also write ``output_dir/undistorted`` (undistorted images and PINHOLE cameras in
             ``images/`` and ``sparse/0/``, what Gaussian-splatting and NeRF tools read).
@@ -180,10 +182,17 @@ def reconstruct(
 
     Raises:
         InputError: unusable input (an empty folder, one image, a bad image list, ...).
-        OutputExistsError: ``output_dir`` holds a project and ``overwrite`` is False.
+        OutputExistsError: ``output_dir`` cannot take the project: it holds one and ``overwrite`` is False,
+            or it is a file, holds the input images or holds folders a project would not have.
+        OutputPathError: ``output_dir`` cannot be written (e.g. a symbolic link).
         ReconstructionError: the images gave no reconstruction (its ``report`` says what the run found).
         ModelNotAvailableError, DeviceNotAvailableError: the model or the device cannot be loaded.
+        CheckpointError: the weights do not fit the model they declare.
+        ChunkFileError: ``chunk_h5`` holds another run's chunks.
         ValueError, TypeError: an argument of the wrong kind (e.g. an unknown ``camera_model``).
+
+        All but the last are exported at the top level (``speed3r_sfm.InputError``, ...) except
+        ``ChunkFileError`` (``speed3r_sfm.pipeline.chunked``).
     """
     return run_pipeline(
         image_dir,
@@ -301,7 +310,7 @@ def run_pipeline(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
         input_warnings = _input_warnings(backbone, views)
-        if shared_camera == "per_folder" and all("/" not in v.name for v in views):
+        if shared_camera == "per_folder" and not _further and all("/" not in v.name for v in views):
             logger.warning(
                 "shared_camera='per_folder' with every image in one folder: one camera for all; pass "
                 "recursive=True (or an image_list naming subfolders) for a camera per subfolder"

@@ -370,9 +370,9 @@ class ReconstructionModule(pl.LightningModule):
         if self.float32_matmul_precision and self.device.type == "cuda":
             torch.set_float32_matmul_precision(self.float32_matmul_precision)
         warmup, max_steps = self.optim_config.warmup_steps, self.trainer.max_steps
-        if 0 < max_steps <= warmup:
+        if 0 < max_steps < warmup:
             pl.utilities.rank_zero_warn(
-                f"model.optim.warmup_steps ({warmup}) >= trainer.max_steps ({max_steps}): the learning rate "
+                f"model.optim.warmup_steps ({warmup}) > trainer.max_steps ({max_steps}): the learning rate "
                 f"stays in its warm-up and ends at {max_steps / warmup:.1%} of model.optim.lr; lower "
                 "model.optim.warmup_steps for a short run"
             )
