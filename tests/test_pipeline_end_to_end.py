@@ -982,7 +982,10 @@ def test_views_too_far_off_for_any_match_are_posed_by_sift(scene_data, sift_imag
     options.rescue.sift = False
     without = run_pipeline(scene_data["folder"], None, model=model, attention="dense", options=options)
     assert without.reconstruction.num_reg_images() == VIEWS - 3
-    assert without.report["rescue"] == {"rounds": []}  # nothing to re-pose them by
+    tried = ["view_05.png", "view_06.png", "view_07.png"]
+    assert without.report["rescue"] == {"rounds": [], "tried": tried}  # nothing to re-pose them by
+    for entry in without.report["unregistered_images"]:  # the reason says the rescue was tried
+        assert entry["why"].endswith("; the rescue (PnP on the points it sees) could not re-pose it")
 
     options = PipelineOptions()
     options.rescue.sift_image_size = sift_image_size

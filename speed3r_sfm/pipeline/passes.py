@@ -219,9 +219,11 @@ def adjust_rescue_readjust(
     if adjusted.dropped and options.rescue.enabled:
         if stages:
             stages.add_stage("rescuing weakly linked views")
+        tried = [views[image_id - 1].name for image_id in adjusted.dropped]
         adjusted, rescue, reference = rescue_weak_views(
             adjusted, geometry, adjust, views, options.rescue, pixel_scale, tree_edges, reference
         )
+        rescue["tried"] = tried  # also when no round could re-pose any of them
         if stages:
             stages.done("rescue")
         contradicted.update(tuple(pair) for r in rescue["rounds"] for pair in r["contradicted_links"])

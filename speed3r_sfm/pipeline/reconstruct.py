@@ -419,10 +419,14 @@ def run_pipeline(
             "bundle adjustment joined it to the rest at an angle that its own matches contradict (a hinge), "
             "and the rescue could not re-pose it"
         )
-        unregistered = [
-            {"name": views[image_id - 1].name, "why": hinge if image_id in hinged else weak}
-            for image_id in sorted(dropped)  # in file order (a further model's image_list)
-        ]
+        tried = set(rescue.get("tried", []))
+        by = "PnP on the points it sees, then SIFT" if options.rescue.sift else "PnP on the points it sees"
+        not_rescued = f"; the rescue ({by}) could not re-pose it"
+        unregistered = []
+        for image_id in sorted(dropped):  # in file order (a further model's image_list)
+            name = views[image_id - 1].name
+            why = hinge if image_id in hinged else weak + (not_rescued if name in tried else "")
+            unregistered.append({"name": name, "why": why})
         stages.timings["total"] = stages.elapsed()
 
         report = build_report(
