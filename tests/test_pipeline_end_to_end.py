@@ -999,6 +999,39 @@ def test_views_too_far_off_for_any_match_are_posed_by_sift(scene_data, sift_imag
     assert _median_rre(_poses(result.reconstruction, result.image_names), gt) < 0.5
 
 
+def test_sift_rescue_falls_back_to_the_image_order_when_the_pose_tree_hangs_a_view_far_away(
+    scene_data, monkeypatch
+):
+    """A wrong pose-tree link is why a group hangs on few points, and the tree then names the far end of the
+    sequence as its nearest views: SIFT to those finds too little, so the rescue tries the views nearest in
+    the image order (16-view JPEG orbit of a usability test: 13/16 registered before, 16/16 after)."""
+    real = pipeline_reconstruct.apply_token_poses
+
+    def hung_on_view_0(geometry, prediction, options):  # the turned group 5-7 linked to view 0 only
+        entry = real(geometry, prediction, options)
+        entry["tree_edges"] = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 7), (7, 6), (6, 5)]
+        return entry
+
+    real_sift = pipeline_rescue.sift_pose
+    tried = []
+
+    def no_overlap_with_view_0(rec, features, view, camera, near, *args):  # as the far side of an orbit
+        tried.append((view, list(near)))
+        return None if 0 in near else real_sift(rec, features, view, camera, near, *args)
+
+    monkeypatch.setattr(pipeline_reconstruct, "apply_token_poses", hung_on_view_0)
+    monkeypatch.setattr(pipeline_rescue, "sift_pose", no_overlap_with_view_0)
+    gt = scene_data["views"].cam_from_world.double()
+    model = _GroupTurned(_oracle(scene_data), [5, 6, 7], 60.0)
+    result = run_pipeline(scene_data["folder"], None, model=model, attention="dense")
+    assert tried[:2] == [(5, [0, 1, 2]), (5, [4, 3, 2])]  # the tree's nearest, then the order's
+    assert result.reconstruction.num_reg_images() == VIEWS and result.report["unregistered_images"] == []
+    placed = result.report["rescue"]["rounds"][0]["views"]
+    assert [entry["how"] for entry in placed] == ["sift"] * 3
+    assert placed[0]["matched_to"] == ["view_04.png", "view_03.png", "view_02.png"]
+    assert _median_rre(_poses(result.reconstruction, result.image_names), gt) < 0.5
+
+
 @pytest.mark.parametrize("shared_camera", [False, True])
 def test_sift_rescue_estimates_the_focal_length_of_a_view_with_its_own_camera(scene_data, shared_camera):
     """Three views turned 60 degrees whose predicted focal length is also 30 % too long: with one camera per

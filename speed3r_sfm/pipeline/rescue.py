@@ -55,7 +55,8 @@ class RescueOptions:
         sift: views PnP cannot re-pose (too few correspondences) are posed from SIFT matches to their nearest
             registered views (a classical fallback).
         sift_image_size: long side (pixels) of the copies SIFT runs on.
-        sift_neighbours: nearest registered views a view is SIFT-matched to.
+        sift_neighbours: nearest registered views a view is SIFT-matched to: nearest in the feed-forward
+            pose tree, then, if those give too few matches, nearest in the image order.
         sift_ratio: Lowe's ratio test of the SIFT matches (with mutual nearest neighbours); lower is
             stricter.
         sift_min_inliers: PnP inliers a view needs to be posed by SIFT.
@@ -73,7 +74,8 @@ class RescueOptions:
     # degrees off; later rounds pose them by PnP instead
     move_weak_group: bool = False
     # views PnP cannot re-pose (too few correspondences): SIFT matches to their ``sift_neighbours`` nearest
-    # registered views, triangulated there, and PnP on those (``sift_rescue.py``)
+    # registered views (by the pose tree, else by image order), triangulated there, and PnP on those
+    # (``sift_rescue.py``)
     sift: bool = True
     sift_image_size: int = 640  # long side of the copies SIFT runs on
     sift_neighbours: int = 3
@@ -185,10 +187,16 @@ def rescued_geometry(
         for view, entry in placed.items():
             if entry["how"] != "not re-posed":
                 continue
-            near = nearest_registered(view, registered, len(views), tree_edges, options.sift_neighbours)
             max_error = options.sift_max_error * features.scale(view)
             camera, focal = pnp_camera(rec, views, geometry, view), estimates_focal(view)
-            found = sift_pose(rec, features, view, camera, near, max_error, options.sift_min_angle, focal)
+            # the views the pose tree puts nearest, else those nearest in the image order: a wrong tree link
+            # (the reason a view hangs on few points) can put the other side of an orbit "nearest"
+            by_tree = nearest_registered(view, registered, len(views), tree_edges, options.sift_neighbours)
+            by_order = nearest_registered(view, registered, len(views), (), options.sift_neighbours)
+            for near in (by_tree, by_order) if by_order != by_tree else (by_tree,):
+                found = sift_pose(rec, features, view, camera, near, max_error, options.sift_min_angle, focal)
+                if found is not None and len(found[1]) >= options.sift_min_inliers:
+                    break
             if found is not None and len(found[1]) >= options.sift_min_inliers:
                 pose, xy, xyz, camera = found
                 seen[view] = xy, xyz
