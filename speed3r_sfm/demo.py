@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -151,7 +150,7 @@ def demo_command(
         overwrite: replace earlier demo outputs.
     """
     from .pipeline.backbone import check_model_spec, resolve_device
-    from .pipeline.cli import summary_text
+    from .pipeline.cli import stderr_is_terminal, summary_text
     from .pipeline.export import check_output
     from .pipeline.reconstruct import run_pipeline
 
@@ -176,7 +175,7 @@ def demo_command(
         device=device,
         shared_camera=shared_camera,
         overwrite=overwrite,
-        progress=sys.stderr is not None and sys.stderr.isatty(),  # a log file would get every redraw
+        progress=stderr_is_terminal(),
     )
     order = {name: i for i, name in enumerate(sorted(p.name for p in (scene / "images").iterdir()))}
     gt_poses = gt.cam_from_world[[order[name] for name in result.image_names]]

@@ -172,7 +172,7 @@ def reconstruct_command(
                 camera_params=camera_params,
                 overwrite=overwrite,
                 options=options,
-                progress=not quiet and _on_terminal(),
+                progress=not quiet and stderr_is_terminal(),
                 chunk_size=chunk_size,
                 chunk_overlap=chunk_overlap,
                 ordered=ordered,
@@ -189,7 +189,7 @@ def reconstruct_command(
     return 0
 
 
-def _on_terminal() -> bool:
+def stderr_is_terminal() -> bool:
     """Whether stderr, where the progress bar draws, is a terminal (a log file would get every redraw)."""
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 

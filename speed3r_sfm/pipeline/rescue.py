@@ -193,15 +193,14 @@ def rescued_geometry(
             # (the reason a view hangs on few points) can put the other side of an orbit "nearest"
             by_tree = nearest_registered(view, registered, len(views), tree_edges, options.sift_neighbours)
             by_order = nearest_registered(view, registered, len(views), (), options.sift_neighbours)
-            for near in (by_tree, by_order) if by_order != by_tree else (by_tree,):
+            for near in [by_tree] + ([by_order] if by_order != by_tree else []):
                 found = sift_pose(rec, features, view, camera, near, max_error, options.sift_min_angle, focal)
                 if found is not None and len(found[1]) >= options.sift_min_inliers:
+                    pose, xy, xyz, camera = found
+                    seen[view] = xy, xyz
+                    place(view, pose, camera, "sift", len(xy))
+                    entry["matched_to"] = [views[n].name for n in near]
                     break
-            if found is not None and len(found[1]) >= options.sift_min_inliers:
-                pose, xy, xyz, camera = found
-                seen[view] = xy, xyz
-                place(view, pose, camera, "sift", len(xy))
-                entry["matched_to"] = [views[n].name for n in near]
     if all(entry["how"] == "not re-posed" for entry in placed.values()):
         return None
     if options.move_weak_group:
