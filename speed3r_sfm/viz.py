@@ -335,6 +335,21 @@ def _model_files(project: str | os.PathLike) -> list[Path]:
     return [path.resolve() for path in files if path.is_file()]
 
 
+def default_export_path(project: Path) -> Path:
+    """Where ``export`` writes without ``-o``: the project folder's points.glb (points_N.glb for the
+    further model sparse/N), beside a bare model folder; never into a model folder, whose files COLMAP
+    tools read as the model."""
+    folder = model_folder(project)
+    if folder is None:
+        return project / "points.glb"
+    folder = folder.resolve()
+    if folder.parent.name == "sparse":  # OUT/sparse/N, given as OUT, OUT/sparse or OUT/sparse/N
+        return folder.parent.parent / ("points.glb" if folder.name == "0" else f"points_{folder.name}.glb")
+    if folder.name == "sparse" or folder != project.resolve():  # OUT/sparse or OUT/0
+        return folder.parent / "points.glb"
+    return folder.parent / f"{folder.name}_points.glb"
+
+
 def export_command(
     project: str,
     output: str | None = None,
@@ -345,12 +360,13 @@ def export_command(
 
     Args:
         project: project folder (OUT of ``speed3r-sfm reconstruct``) or a COLMAP model folder.
-        output: file to write (.ply or .glb); -o for short. Default: PROJECT/points.glb.
+        output: file to write (.ply or .glb); -o for short. Default: PROJECT/points.glb; for a model
+            folder, beside it, never inside it (OUT/sparse/1: OUT/points_1.glb; MODEL: MODEL_points.glb).
         format: "ply", "glb" or "auto" (from the output suffix: .ply or .glb); a .ply or .glb suffix must
             agree with it.
         overwrite: replace an existing output file (never a file of the model itself).
     """
-    output_path = Path(output) if output else Path(project) / "points.glb"
+    output_path = Path(output) if output else default_export_path(Path(project))
     suffix = output_path.suffix.lower()
     kind = format
     problem = None

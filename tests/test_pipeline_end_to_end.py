@@ -5,6 +5,7 @@ pose noise) as the backbone, the tiny VGGT with GSA, the output project, the CLI
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import math
@@ -1660,6 +1661,9 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
         assert all(f"not registered: {name}" in caplog.text for name in names)
     assert model.calls == [VIEWS, VIEWS]
     assert sorted(p.name for p in (tmp_path / "out" / "sparse").iterdir()) == ["0"]
+    # the further run's quieter logging is not an argument of the public function, and does not outlive it
+    assert not [name for name in inspect.signature(run_pipeline).parameters if name.startswith("_")]
+    assert pipeline_reconstruct._MAKING_FURTHER_MODEL.get() is False
 
 
 def test_further_models_share_the_database_ids_as_colmaps_models_do(scene_data, monkeypatch, tmp_path):

@@ -95,6 +95,29 @@ def test_export_of_a_project_with_further_models_says_which_it_read(project, tmp
     assert "further models" not in capsys.readouterr().err
 
 
+def test_export_without_output_writes_beside_a_model_folder_not_into_it(project, tmp_path):
+    pytest.importorskip("trimesh")
+    shutil.copytree(project / "sparse" / "0", project / "sparse" / "1")
+    bare = tmp_path / "model"
+    shutil.copytree(project / "sparse" / "0", bare)
+    cases = {
+        project: project / "points.glb",
+        project / "sparse": project / "points.glb",
+        project / "sparse" / "0": project / "points.glb",
+        project / "sparse" / "1": project / "points_1.glb",
+        bare: tmp_path / "model_points.glb",
+    }
+    for given, expected in cases.items():
+        assert viz.default_export_path(given) == expected.resolve()
+    folders = (bare, *project.glob("sparse/*"))
+    models = {folder: sorted(p.name for p in folder.iterdir()) for folder in folders}
+    for given in (project / "sparse" / "1", bare):
+        main(["export", str(given)])
+    assert (project / "points_1.glb").read_bytes().startswith(b"glTF")
+    assert (tmp_path / "model_points.glb").read_bytes().startswith(b"glTF")
+    assert {folder: sorted(p.name for p in folder.iterdir()) for folder in models} == models
+
+
 def test_export_refuses_a_suffix_it_cannot_read_as_a_format(project, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(project), "-o", str(tmp_path / "points.xyz")])

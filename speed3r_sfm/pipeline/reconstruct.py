@@ -30,6 +30,7 @@ Settings: :class:`~.options.PipelineOptions`; stage timings and the progress bar
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -228,6 +229,18 @@ UNRELATED_VIEWS_HINT = (
 )
 
 
+_MAKING_FURTHER_MODEL = contextvars.ContextVar("making_further_model", default=False)
+
+
+def _further_model(image_dir: str | os.PathLike, names: list[str], **arguments: Any) -> PipelineResult:
+    """A further model of the views ``names`` of another run (not written; that run tells of its views)."""
+    token = _MAKING_FURTHER_MODEL.set(True)
+    try:
+        return run_pipeline(image_dir, None, image_list=names, **arguments)
+    finally:
+        _MAKING_FURTHER_MODEL.reset(token)
+
+
 def _flag(name: str, value: object) -> bool:
     """A yes/no argument as a bool (numpy's too); TypeError for anything else: "false" from a config file
     is truthy (overwrite="false" had replaced a project)."""
@@ -257,11 +270,9 @@ def run_pipeline(
     undistort: bool = False,
     image_list: ImageList | None = None,
     recursive: bool = False,
-    *,
-    _further: bool = False,
 ) -> PipelineResult:
-    """:func:`reconstruct` with everything it computed (report, feed-forward poses, further models).
-    ``_further``: this run makes a further model of another run (which gives the hints)."""
+    """:func:`reconstruct` with everything it computed (report, feed-forward poses, further models)."""
+    in_further = _MAKING_FURTHER_MODEL.get()  # the run this one makes a further model of gives the hints
     ba, overwrite, progress = _flag("ba", ba), _flag("overwrite", overwrite), _flag("progress", progress)
     ordered, undistort = _flag("ordered", ordered), _flag("undistort", undistort)
     recursive = _flag("recursive", recursive)
@@ -310,7 +321,7 @@ def run_pipeline(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
         input_warnings = _input_warnings(backbone, views)
-        if shared_camera == "per_folder" and not _further and all("/" not in v.name for v in views):
+        if shared_camera == "per_folder" and not in_further and all("/" not in v.name for v in views):
             logger.warning(
                 "shared_camera='per_folder' with every image in one folder: one camera for all; pass "
                 "recursive=True (or an image_list naming subfolders) for a camera per subfolder"
@@ -461,7 +472,7 @@ def run_pipeline(
         )
 
         if rec.num_points3D() == 0 or rec.num_reg_images() < 2:
-            _log_unregistered(unregistered, _further)
+            _log_unregistered(unregistered, in_further)
             # many matches and still no point: rays that do not cross (no baseline)
             why = (
                 "the camera may not have moved between the views (a still camera, or a pure rotation): "
@@ -484,11 +495,9 @@ def run_pipeline(
         further, left = further_models(
             lambda names: _in_ids_of(
                 rec,
-                run_pipeline(
+                _further_model(
                     image_dir,
-                    None,
-                    image_list=names,
-                    _further=True,
+                    names,
                     model=model,
                     attention=requested_attention,
                     device=device,
@@ -509,8 +518,8 @@ def run_pipeline(
         report["further_models"] = [_model_entry(k + 1, result) for k, result in enumerate(further)]
         report["registered_in_no_model"] = left
         # a further run's views in no model: the run that made it tells of them
-        _log_unregistered([entry for entry in unregistered if entry["name"] in left], _further)
-        if len(left) >= max(2, MANY_UNREGISTERED * len(views)) and not _further:
+        _log_unregistered([entry for entry in unregistered if entry["name"] in left], in_further)
+        if len(left) >= max(2, MANY_UNREGISTERED * len(views)) and not in_further:
             logger.warning(UNRELATED_VIEWS_HINT, len(left), len(views))
         if further:
             stages.timings["further models"] = sum(r.report["timings_s"]["total"] for r in further)
