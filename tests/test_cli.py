@@ -123,7 +123,7 @@ def test_reconstruct_logs_a_skipped_file_on_its_own_line_and_draws_the_bar_on_a_
     """The skip warning goes through tqdm (``logging_redirect_tqdm``), not into the middle of the bar; the
     bar draws on a terminal, and a log file gets the warnings and the summary without its redraws."""
     scene = tmp_path / "scene"
-    main(["synthetic", str(scene), "--views", "3", "--height", "112", "--width", "154"])
+    main(["synthetic", str(scene), "--views", "8", "--height", "147", "--width", "196"])  # reconstructs 8/8
     (scene / "images" / "notes.jpg").write_text("not an image")
     command = [sys.executable, "-m", "speed3r_sfm.cli", "reconstruct", str(scene / "images"), "-o"]
     run = subprocess.run([*command, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
