@@ -6,6 +6,7 @@
     speed3r-sfm fit --config pipelines/<name>.yaml           # LightningCLI training / distillation
     speed3r-sfm view OUT [--port 8080]                       # viser viewer of a project (extra "viz")
     speed3r-sfm export OUT [-o points.glb|points.ply]        # points and cameras as GLB, or points as PLY
+    speed3r-sfm export OUT --format tum [-o trajectory.txt]  # the camera trajectory (TUM RGB-D, for evo)
 
 Argument parsing is jsonargparse's (as LightningCLI): every option of the called function is a flag; a
 yes/no option given without a value (``--shared_camera``) means ``true``.

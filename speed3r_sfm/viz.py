@@ -1,10 +1,10 @@
-"""Looking at a COLMAP project: matplotlib figures, PLY/GLB export and a viser viewer.
+"""Looking at a COLMAP project: matplotlib figures, PLY/GLB (and trajectory) export and a viser viewer.
 
     fig = plot_reconstruction("outputs/demo/reconstruction")      # cameras (frusta) and coloured points
     fig = plot_depth_maps(images, depths)                           # images above their depth maps
     export_glb(rec, "scene.glb"); export_ply(rec, "scene.ply")      # GLB needs trimesh
     speed3r-sfm view OUT                                            # viser viewer (needs viser)
-    speed3r-sfm export OUT scene.glb                                # or .ply
+    speed3r-sfm export OUT -o scene.glb                             # or .ply; --format tum: the trajectory
 
 matplotlib, trimesh and viser are optional (``pip install "speed3r-sfm[viz]"``); each is imported only by
 the function that needs it, and a missing one raises :class:`MissingDependencyError` saying what to install.
@@ -12,7 +12,6 @@ the function that needs it, and a missing one raises :class:`MissingDependencyEr
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
@@ -22,6 +21,9 @@ from typing import Any, Literal
 
 import numpy as np
 import pycolmap
+
+from .fileio import written_atomically
+from .trajectory import write_tum
 
 INSTALL_HINT = 'pip install "speed3r-sfm[viz]"'
 
@@ -273,7 +275,7 @@ def plot_depth_maps(
 def export_ply(project: str | os.PathLike | pycolmap.Reconstruction, path: str | os.PathLike) -> Path:
     """The 3D points as a PLY file (pycolmap's writer), written to a temporary file and moved into place."""
     rec = load_reconstruction(project)
-    with _written_atomically(path) as tmp:
+    with written_atomically(path) as tmp:
         rec.export_PLY(str(tmp))
     return Path(path)
 
@@ -307,22 +309,9 @@ def export_glb(
     if not scene.geometry:
         raise ValueError("the reconstruction has no points and no cameras to export")
     data = scene.export(file_type="glb")
-    with _written_atomically(path) as tmp:
+    with written_atomically(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
-
-
-@contextlib.contextmanager
-def _written_atomically(path: str | os.PathLike):
-    """A temporary file next to ``path`` that becomes ``path`` when the block succeeds (removed if not)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _model_files(project: str | os.PathLike) -> list[Path]:
@@ -335,52 +324,64 @@ def _model_files(project: str | os.PathLike) -> list[Path]:
     return [path.resolve() for path in files if path.is_file()]
 
 
-def default_export_path(project: Path) -> Path:
-    """Where ``export`` writes without ``-o``: the project folder's points.glb (points_N.glb for the
-    further model sparse/N), beside a bare model folder; never into a model folder, whose files COLMAP
-    tools read as the model."""
+def default_export_path(project: Path, filename: str = "points.glb") -> Path:
+    """Where ``export`` writes without ``-o``: PROJECT/``filename`` (``points_N.glb`` for the further model
+    sparse/N), beside a bare model folder (``MODEL_points.glb``); never into a model folder, whose files
+    COLMAP tools read as the model."""
     folder = model_folder(project)
     if folder is None:
-        return project / "points.glb"
+        return project / filename
     folder = folder.resolve()
     if folder.parent.name == "sparse":  # OUT/sparse/N, given as OUT, OUT/sparse or OUT/sparse/N
-        return folder.parent.parent / ("points.glb" if folder.name == "0" else f"points_{folder.name}.glb")
+        name = Path(filename)
+        further = f"{name.stem}_{folder.name}{name.suffix}"
+        return folder.parent.parent / (filename if folder.name == "0" else further)
     if folder.name == "sparse" or folder != project.resolve():  # OUT/sparse or OUT/0
-        return folder.parent / "points.glb"
-    return folder.parent / f"{folder.name}_points.glb"
+        return folder.parent / filename
+    return folder.parent / f"{folder.name}_{filename}"
+
+
+EXPORT_FILENAMES = {"glb": "points.glb", "ply": "points.ply", "tum": "trajectory.txt"}
 
 
 def export_command(
     project: str,
     output: str | None = None,
-    format: Literal["auto", "ply", "glb"] = "auto",
+    format: Literal["auto", "ply", "glb", "tum"] = "auto",
+    images: str = "",
     overwrite: bool = False,
 ) -> int:
-    """Export the points (and, in GLB, the camera frusta) of the COLMAP project PROJECT.
+    """Export the points (and, in GLB, the camera frusta) or the camera trajectory of the COLMAP project
+    PROJECT.
 
     Args:
         project: project folder (OUT of ``speed3r-sfm reconstruct``) or a COLMAP model folder.
-        output: file to write (.ply or .glb); -o for short. Default: PROJECT/points.glb; for a model
-            folder, beside it, never inside it (OUT/sparse/1: OUT/points_1.glb; MODEL: MODEL_points.glb).
-        format: "ply", "glb" or "auto" (from the output suffix: .ply or .glb); a .ply or .glb suffix must
-            agree with it.
+        output: file to write; -o for short. Default: PROJECT/points.glb (trajectory.txt with --format tum);
+            for a model folder, beside it, never inside it (OUT/sparse/1: OUT/points_1.glb; MODEL:
+            MODEL_points.glb).
+        format: "ply" (points), "glb" (points and cameras), "tum" (the camera trajectory as TUM RGB-D text,
+            for evo: timestamp tx ty tz qx qy qz qw; speed3r_sfm.trajectory) or "auto" (from the output
+            suffix: .ply or .glb); a .ply or .glb suffix must agree with it.
+        images: --format tum: only the images whose name starts with this (one camera of a rig, e.g. cam0/).
         overwrite: replace an existing output file (never a file of the model itself).
     """
-    output_path = Path(output) if output else default_export_path(Path(project))
+    kind = "glb" if format == "auto" and not output else format
+    output_path = Path(output) if output else default_export_path(Path(project), EXPORT_FILENAMES[kind])
     suffix = output_path.suffix.lower()
-    kind = format
     problem = None
-    if format == "auto" and suffix not in (".ply", ".glb"):
+    if kind == "auto" and suffix not in (".ply", ".glb"):
         problem = (
             f"cannot tell the format of {output_path} from its suffix: name it .ply or .glb, or pass "
-            "--format ply|glb"
+            "--format ply|glb|tum"
         )
-    elif format == "auto":
+    elif kind == "auto":
         kind = suffix[1:]
-    elif suffix in (".ply", ".glb") and suffix[1:] != format:
-        problem = f"--format {format} would write {format.upper()} data into {output_path}; name it .{format}"
+    elif suffix in (".ply", ".glb") and suffix[1:] != kind:
+        problem = f"--format {kind} would write {kind.upper()} data into {output_path}; name it .{kind}"
+    if problem is None and images and kind != "tum":
+        problem = "--images selects the images of a trajectory: it goes with --format tum"
     if problem is None and output_path.is_dir():
-        example = output_path / f"points.{kind}"
+        example = output_path / EXPORT_FILENAMES[kind]
         problem = f"output {output_path} is a folder; give a file path, e.g. {example}"
     elif problem is None and output_path.exists():
         if output_path.resolve() in _model_files(project):
@@ -392,10 +393,13 @@ def export_command(
         return 1
     try:
         rec = load_reconstruction(project)
-        if rec.num_points3D() == 0:
+        if rec.num_points3D() == 0 and kind != "tum":
             what = "the PLY holds no point" if kind == "ply" else "only the cameras are exported"
             print(f"warning: {project} has no 3D points; {what}", file=sys.stderr)
-        written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)
+        if kind == "tum":
+            written = write_tum(rec, output_path, images)
+        else:
+            written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)
         if note := other_models_note(project):
             print(f"note: {note}", file=sys.stderr)
     except (FileNotFoundError, MissingDependencyError, ValueError) as error:

@@ -1,0 +1,116 @@
+"""speed3r_sfm.trajectory: camera trajectories as TUM RGB-D text, and ``speed3r-sfm export --format tum``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from speed3r_sfm import trajectory
+from speed3r_sfm.cli import main
+from speed3r_sfm.data.colmap_dataset import build_reconstruction
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def _model(names: list[str], seed: int = 0):
+    rng = np.random.default_rng(seed)
+    poses = torch.tensor(
+        np.array([np.concatenate([_random_rotation(rng), rng.normal(size=(3, 1))], 1) for _ in names])
+    )
+    k = torch.tensor([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]]).expand(len(names), 3, 3)
+    return build_reconstruction(k, poses, (48, 64), names), poses.numpy()
+
+
+def _matrix_from_quaternion(x: float, y: float, z: float, w: float) -> np.ndarray:
+    """The textbook Hamilton formula (reference for pycolmap's quaternions)."""
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def _read(path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines() if not line.startswith("#")]
+
+
+def test_a_line_is_the_cameras_centre_and_world_from_camera_rotation(tmp_path):
+    names = [f"frame_{i:04d}.png" for i in (3, 0, 2, 1)]
+    rec, cam_from_world = _model(names)
+    path = trajectory.write_tum(rec, tmp_path / "trajectory.txt")
+    assert path.read_text().splitlines()[0] == trajectory.TUM_HEADER
+    rows = _read(path)
+    assert [row[0] for row in rows] == ["0", "1", "2", "3"]  # index in name order, in time order
+    for row in rows:
+        index = names.index(f"frame_{int(row[0]):04d}.png")
+        rotation, translation = cam_from_world[index, :, :3], cam_from_world[index, :, 3]
+        tx, ty, tz, qx, qy, qz, qw = map(float, row[1:])
+        np.testing.assert_allclose([tx, ty, tz], -rotation.T @ translation, atol=1e-7)
+        assert qx * qx + qy * qy + qz * qz + qw * qw == pytest.approx(1.0, abs=1e-7)
+        np.testing.assert_allclose(_matrix_from_quaternion(qx, qy, qz, qw), rotation.T, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("names", "stamps"),
+    [
+        (["1305031102.211214.png", "1305031102.175304.png"], ["1305031102.175304", "1305031102.211214"]),
+        (  # EuRoC: nanoseconds, in seconds without a digit lost
+            ["1403636579763555584.png", "1403636579813555456.png"],
+            ["1403636579.763555584", "1403636579.813555456"],
+        ),
+        (["00010.jpg", "00002.jpg"], ["2", "10"]),  # frame numbers, in time (not name) order
+        (["b.png", "a.png", "c.png"], ["0", "1", "2"]),  # a.png, b.png, c.png
+        (["7.png", "left.png"], ["0", "1"]),  # not every stem a number: name order
+    ],
+)
+def test_timestamps_come_from_numeric_stems_else_the_name_order(tmp_path, names, stamps):
+    rec, _ = _model(names)
+    rows = _read(trajectory.write_tum(rec, tmp_path / "t.txt"))
+    assert [row[0] for row in rows] == stamps
+
+
+def test_unregistered_images_are_left_out_and_keep_their_place(tmp_path):
+    names = [f"{i:03d}.png" for i in range(5)]
+    rec, _ = _model(names)
+    rec.deregister_frame(rec.image(3).frame_id)  # 002.png
+    rows = _read(trajectory.write_tum(rec, tmp_path / "t.txt"))
+    assert [row[0] for row in rows] == ["0", "1", "3", "4"]
+
+
+def test_a_rig_needs_one_cameras_images(tmp_path):
+    names = ["cam0/100.png", "cam1/100.png", "cam0/101.png", "cam1/101.png"]
+    rec, _ = _model(names)
+    clash = r"cam0/100.png and cam1/100.png have the same timestamp 100.*--images"
+    with pytest.raises(ValueError, match=clash):
+        trajectory.tum_lines(rec)
+    assert [line.split()[0] for line in trajectory.tum_lines(rec, "cam1/")] == ["100", "101"]
+    with pytest.raises(ValueError, match="no image name starts with 'cam2/'"):
+        trajectory.tum_lines(rec, "cam2/")
+
+
+def test_export_command_writes_the_trajectory(tmp_path, capsys):
+    rec, _ = _model(["cam0/0.png", "cam0/1.png", "cam1/0.png"])
+    project = tmp_path / "out"
+    (project / "sparse" / "0").mkdir(parents=True)
+    rec.write(project / "sparse" / "0")
+    main(["export", str(project), "--format", "tum", "--images", "cam0/"])
+    assert [row[0] for row in _read(project / "trajectory.txt")] == ["0", "1"]
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["export", str(project), *args])
+        assert exit_info.value.code == 1
+        return capsys.readouterr().err
+
+    assert "have the same timestamp" in error("--format", "tum", "-o", str(tmp_path / "all.txt"))
+    assert not (tmp_path / "all.txt").exists()
+    assert "goes with --format tum" in error("--images", "cam0/", "-o", str(tmp_path / "p.ply"))
+    assert "would write TUM data into" in error("--format", "tum", "-o", str(tmp_path / "t.ply"))
+    assert "exists" in error("--format", "tum", "--images", "cam0/")
