@@ -342,6 +342,7 @@ def default_export_path(project: Path, filename: str = "points.glb") -> Path:
 
 
 EXPORT_FILENAMES = {"glb": "points.glb", "ply": "points.ply", "tum": "trajectory.txt"}
+EXPORT_SUFFIXES = {".glb": "glb", ".ply": "ply", ".txt": "tum"}
 
 
 def export_command(
@@ -361,23 +362,30 @@ def export_command(
             MODEL_points.glb).
         format: "ply" (points), "glb" (points and cameras), "tum" (the camera trajectory as TUM RGB-D text,
             for evo: timestamp tx ty tz qx qy qz qw; speed3r_sfm.trajectory) or "auto" (from the output
-            suffix: .ply or .glb); a .ply or .glb suffix must agree with it.
-        images: --format tum: only the images whose name starts with this (one camera of a rig, e.g. cam0/).
+            suffix: .ply, .glb or .txt for tum); a .ply or .glb suffix must agree with it.
+        images: --format tum: only the images whose name starts with this (one camera of a rig: cam0/, with
+            its slash, or cam0 also takes cam01/).
         overwrite: replace an existing output file (never a file of the model itself).
     """
     kind = "glb" if format == "auto" and not output else format
     output_path = Path(output) if output else default_export_path(Path(project), EXPORT_FILENAMES[kind])
     suffix = output_path.suffix.lower()
     problem = None
-    if kind == "auto" and suffix not in (".ply", ".glb"):
+    if model_folder(Path(project)) is None:
+        try:
+            load_reconstruction(project)  # says why
+        except FileNotFoundError as error:
+            problem = str(error)
+    elif kind == "auto" and suffix not in EXPORT_SUFFIXES:
         problem = (
-            f"cannot tell the format of {output_path} from its suffix: name it .ply or .glb, or pass "
-            "--format ply|glb|tum"
+            f"cannot tell the format of {output_path} from its suffix: name it .ply, .glb or .txt (a TUM "
+            "trajectory), or pass --format ply|glb|tum"
         )
     elif kind == "auto":
-        kind = suffix[1:]
+        kind = EXPORT_SUFFIXES[suffix]
     elif suffix in (".ply", ".glb") and suffix[1:] != kind:
-        problem = f"--format {kind} would write {kind.upper()} data into {output_path}; name it .{kind}"
+        right = Path(EXPORT_FILENAMES[kind]).suffix
+        problem = f"--format {kind} would write {kind.upper()} data into {output_path}; name it {right}"
     if problem is None and images and kind != "tum":
         problem = "--images selects the images of a trajectory: it goes with --format tum"
     if problem is None and output_path.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pycolmap
 import pytest
 import torch
 
@@ -77,11 +78,37 @@ def test_timestamps_come_from_numeric_stems_else_the_name_order(tmp_path, names,
 
 
 def test_unregistered_images_are_left_out_and_keep_their_place(tmp_path):
-    names = [f"{i:03d}.png" for i in range(5)]
+    names = [f"frame_{i}.png" for i in (8, 9, 10, 11, 12)]  # natural order: frame_9 before frame_10
     rec, _ = _model(names)
-    rec.deregister_frame(rec.image(3).frame_id)  # 002.png
+    rec.deregister_frame(rec.image(3).frame_id)  # frame_10.png
     rows = _read(trajectory.write_tum(rec, tmp_path / "t.txt"))
     assert [row[0] for row in rows] == ["0", "1", "3", "4"]
+    for image_id in (1, 2, 4, 5):
+        rec.deregister_frame(rec.image(image_id).frame_id)
+    with pytest.raises(ValueError, match="no image is registered"):
+        trajectory.write_tum(rec, tmp_path / "none.txt")
+    assert not (tmp_path / "none.txt").exists()
+
+
+def test_numerically_equal_timestamps_clash(tmp_path):
+    rec, _ = _model(["1.png", "1.0.png", "2.png"])
+    with pytest.raises(ValueError, match="the same timestamp"):
+        trajectory.tum_lines(rec)
+    # an Arabic-Indic digit is not a timestamp evo reads: name order
+    assert trajectory.tum_timestamps(["\u0661.png", "2.png"]) == {"2.png": "0", "\u0661.png": "1"}
+
+
+def test_coordinates_keep_every_digit(tmp_path):
+    rec, _ = _model(["0.png"])
+    image = rec.image(1)
+    centre = np.array([4512345.678901, -1.0e-12, 3.0])
+    rotation = image.cam_from_world().rotation
+    image.frame.rig_from_world = pycolmap.Rigid3d(rotation, -(rotation.matrix() @ centre))
+    [line] = trajectory.tum_lines(rec)
+    written = [float(v) for v in line.split()[1:]]
+    pose = image.cam_from_world().inverse()
+    assert written == [*pose.translation, *pose.rotation.quat]  # the doubles themselves, no digit lost
+    np.testing.assert_allclose(written[:3], centre, rtol=1e-12, atol=1e-8)
 
 
 def test_a_rig_needs_one_cameras_images(tmp_path):
@@ -114,3 +141,17 @@ def test_export_command_writes_the_trajectory(tmp_path, capsys):
     assert "goes with --format tum" in error("--images", "cam0/", "-o", str(tmp_path / "p.ply"))
     assert "would write TUM data into" in error("--format", "tum", "-o", str(tmp_path / "t.ply"))
     assert "exists" in error("--format", "tum", "--images", "cam0/")
+    assert "name it .txt" in error("--format", "tum", "-o", str(tmp_path / "t.glb"))
+    main(["export", str(project), "-o", str(tmp_path / "auto.txt"), "--images", "cam1/"])  # .txt: TUM
+    assert [row[0] for row in _read(tmp_path / "auto.txt")] == ["0"]
+    (project / "sparse" / "0").rename(project / "sparse" / "1")  # a further model: beside, not inside
+    (project / "sparse" / "0").mkdir()
+    main(["export", str(project / "sparse" / "1"), "--format", "tum", "--images", "cam0/"])
+    assert (project / "trajectory_1.txt").is_file() and not (
+        project / "sparse" / "1" / "trajectory.txt"
+    ).exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "trajectory.txt").write_text("")
+    with pytest.raises(SystemExit):  # no model is said before the existing output
+        main(["export", str(tmp_path / "empty"), "--format", "tum"])
+    assert "no COLMAP model in" in capsys.readouterr().err

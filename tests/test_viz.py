@@ -121,7 +121,7 @@ def test_export_without_output_writes_beside_a_model_folder_not_into_it(project,
 def test_export_refuses_a_suffix_it_cannot_read_as_a_format(project, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(project), "-o", str(tmp_path / "points.xyz")])
-    assert exit_info.value.code == 1 and "name it .ply or .glb" in capsys.readouterr().err
+    assert exit_info.value.code == 1 and "name it .ply, .glb or .txt" in capsys.readouterr().err
     assert not (tmp_path / "points.xyz").exists()
     main(["export", str(project), "-o", str(tmp_path / "points.xyz"), "--format", "ply"])
     assert (tmp_path / "points.xyz").read_bytes().startswith(b"ply")
