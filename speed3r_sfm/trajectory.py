@@ -6,10 +6,13 @@ world-from-camera rotation (Hamilton quaternion, w last) in the reconstruction's
     speed3r-sfm export OUT -o trajectory.txt --format tum
     evo_ape tum groundtruth.txt trajectory.txt --align --correct_scale
 
-Timestamps come from the image names when every file stem is a number, as in the TUM RGB-D datasets
-(``1305031102.175304.png``: seconds) and EuRoC (``1403636579763555584.png``: nanoseconds, a stem of 19
-digits, written in seconds); otherwise an image's timestamp is its index in natural name order
-(frame_9 before frame_10), counting the images the reconstruction did not register.
+Timestamps come from the image names (:func:`timestamp_rule`):
+
+- every file stem a number, as in the TUM RGB-D datasets (``1305031102.175304.png``: seconds) and EuRoC
+  (``1403636579763555584.png``: nanoseconds, a stem of 19 digits, written in seconds): that number;
+- else every stem holding a number, its last one distinct per image (``frame_00012.png``): that number;
+- else the image's index in natural name order (frame_9 before frame_10) among all the images of the run,
+  ``all_names`` (a project's database.db lists them; a written model holds only the registered ones).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pycolmap
@@ -28,14 +32,34 @@ from .fileio import written_atomically
 TUM_HEADER = "# timestamp tx ty tz qx qy qz qw"
 NANOSECOND_DIGITS = 19  # EuRoC's stems: nanoseconds since the epoch
 _NUMBER = re.compile(r"\d+(\.\d+)?", re.ASCII)
+_DIGITS = re.compile(r"\d+", re.ASCII)
 
 
-def tum_timestamps(names: Sequence[str]) -> dict[str, str]:
-    """The timestamp of each image name, as text (no digit lost to floating point)."""
-    stems = {name: Path(name).stem for name in names}
-    if names and all(_NUMBER.fullmatch(stem) for stem in stems.values()):
-        return {name: _seconds(stem) for name, stem in stems.items()}
-    return {name: str(index) for index, name in enumerate(sorted(names, key=natural_order))}
+TimestampRule = Literal["stem", "number in name", "index"]
+
+
+def timestamp_rule(names: Sequence[str]) -> TimestampRule:
+    """Which rule of this module's docstring gives the images ``names`` their timestamps."""
+    stems = [Path(name).stem for name in names]
+    if stems and all(_NUMBER.fullmatch(stem) for stem in stems):
+        return "stem"
+    numbers = [_DIGITS.findall(stem) for stem in stems]
+    if stems and all(numbers) and len({int(found[-1]) for found in numbers}) == len(stems):
+        return "number in name"
+    return "index"
+
+
+def tum_timestamps(names: Sequence[str], all_names: Sequence[str] | None = None) -> dict[str, str]:
+    """The timestamp of each image name, as text (no digit lost to floating point). ``all_names``: every
+    image of the run, ``names`` among them (for the "index" rule; default ``names``)."""
+    rule = timestamp_rule(names)
+    if rule == "stem":
+        return {name: _seconds(Path(name).stem) for name in names}
+    if rule == "number in name":
+        return {name: str(int(_DIGITS.findall(Path(name).stem)[-1])) for name in names}
+    every = sorted(set(all_names or ()) | set(names), key=natural_order)
+    index = {name: k for k, name in enumerate(every)}
+    return {name: str(index[name]) for name in names}
 
 
 def natural_order(name: str) -> list[tuple[int, int | str]]:
@@ -51,13 +75,17 @@ def _seconds(stem: str) -> str:
     return str(int(stem)) if stem.isdigit() else stem  # frame numbers: 00012 -> 12
 
 
-def tum_lines(rec: pycolmap.Reconstruction, prefix: str = "") -> list[str]:
+def tum_lines(
+    rec: pycolmap.Reconstruction, prefix: str = "", all_names: Sequence[str] | None = None
+) -> list[str]:
     """The registered images whose name starts with ``prefix`` (one camera of a rig: ``"cam0/"``) as TUM
-    lines, in time order. Raises ValueError if two images would get one timestamp or none is left."""
+    lines, in time order; ``all_names``: every image of the run (:func:`tum_timestamps`). Raises
+    ValueError if two images would get one timestamp or none is left."""
     images = [image for image in rec.images.values() if image.name.startswith(prefix)]
     if not images:
         raise ValueError(f"no image name starts with {prefix!r}" if prefix else "the model has no image")
-    timestamps = tum_timestamps([image.name for image in images])
+    others = [name for name in all_names or () if name.startswith(prefix)]
+    timestamps = tum_timestamps([image.name for image in images], others)
     seen: dict[Decimal, str] = {}
     for name, stamp in sorted(timestamps.items()):
         if Decimal(stamp) in seen:
@@ -79,9 +107,14 @@ def tum_lines(rec: pycolmap.Reconstruction, prefix: str = "") -> list[str]:
     return lines
 
 
-def write_tum(rec: pycolmap.Reconstruction, path: str | os.PathLike, prefix: str = "") -> Path:
+def write_tum(
+    rec: pycolmap.Reconstruction,
+    path: str | os.PathLike,
+    prefix: str = "",
+    all_names: Sequence[str] | None = None,
+) -> Path:
     """Write :func:`tum_lines` (after a ``#`` header) to ``path``, through a temporary file."""
-    lines = tum_lines(rec, prefix)
+    lines = tum_lines(rec, prefix, all_names)
     with written_atomically(path) as tmp:
         tmp.write_text("\n".join([TUM_HEADER, *lines]) + "\n")
     return Path(path)

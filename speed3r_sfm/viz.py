@@ -23,7 +23,7 @@ import numpy as np
 import pycolmap
 
 from .fileio import written_atomically
-from .trajectory import write_tum
+from .trajectory import timestamp_rule, write_tum
 
 INSTALL_HINT = 'pip install "speed3r-sfm[viz]"'
 
@@ -341,6 +341,21 @@ def default_export_path(project: Path, filename: str = "points.glb") -> Path:
     return folder.parent / f"{folder.name}_{filename}"
 
 
+def project_image_names(project: Path) -> list[str] | None:
+    """Every image a ``reconstruct`` run read (registered or not), from the database.db of the project
+    PROJECT is or holds; None without one."""
+    folder = model_folder(project)
+    if folder is None:
+        return None
+    folder = folder.resolve()
+    root = folder.parent.parent if folder.parent.name == "sparse" else folder.parent
+    database = root / "database.db"
+    if not database.is_file():
+        return None
+    with pycolmap.Database.open(database) as db:
+        return [image.name for image in db.read_all_images()]
+
+
 EXPORT_FILENAMES = {"glb": "points.glb", "ply": "points.ply", "tum": "trajectory.txt"}
 EXPORT_SUFFIXES = {".glb": "glb", ".ply": "ply", ".txt": "tum"}
 
@@ -405,7 +420,17 @@ def export_command(
             what = "the PLY holds no point" if kind == "ply" else "only the cameras are exported"
             print(f"warning: {project} has no 3D points; {what}", file=sys.stderr)
         if kind == "tum":
-            written = write_tum(rec, output_path, images)
+            every = project_image_names(Path(project))
+            written = write_tum(rec, output_path, images, every)
+            names = [image.name for image in rec.images.values() if image.name.startswith(images)]
+            if timestamp_rule(names) == "index" and every is None:
+                print(
+                    f"warning: the timestamps are the images' indices in name order among the {len(names)} "
+                    "of the model, which holds the registered images only: one not registered shifts the "
+                    "later ones. Export from the project folder (its database.db lists every image) or name "
+                    "the frames with numbers",
+                    file=sys.stderr,
+                )
         else:
             written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)
         if note := other_models_note(project):

@@ -67,8 +67,11 @@ def test_a_line_is_the_cameras_centre_and_world_from_camera_rotation(tmp_path):
             ["1403636579.763555584", "1403636579.813555456"],
         ),
         (["00010.jpg", "00002.jpg"], ["2", "10"]),  # frame numbers, in time (not name) order
-        (["b.png", "a.png", "c.png"], ["0", "1", "2"]),  # a.png, b.png, c.png
-        (["7.png", "left.png"], ["0", "1"]),  # not every stem a number: name order
+        (["frame_10.png", "frame_9.png", "frame_011.png"], ["9", "10", "11"]),  # the number in the name
+        (["c1_f3.png", "c1_f2.png"], ["2", "3"]),  # its last number
+        (["b.png", "a.png", "c.png"], ["0", "1", "2"]),  # no number: a.png, b.png, c.png
+        (["7.png", "left.png"], ["0", "1"]),  # not every name a number
+        (["a1.png", "b1.png", "a2.png"], ["0", "1", "2"]),  # numbers not distinct: natural order
     ],
 )
 def test_timestamps_come_from_numeric_stems_else_the_name_order(tmp_path, names, stamps):
@@ -78,16 +81,27 @@ def test_timestamps_come_from_numeric_stems_else_the_name_order(tmp_path, names,
 
 
 def test_unregistered_images_are_left_out_and_keep_their_place(tmp_path):
-    names = [f"frame_{i}.png" for i in (8, 9, 10, 11, 12)]  # natural order: frame_9 before frame_10
-    rec, _ = _model(names)
+    rec, _ = _model([f"frame_{i}.png" for i in (8, 9, 10, 11, 12)])
     rec.deregister_frame(rec.image(3).frame_id)  # frame_10.png
     rows = _read(trajectory.write_tum(rec, tmp_path / "t.txt"))
-    assert [row[0] for row in rows] == ["0", "1", "3", "4"]
+    assert [row[0] for row in rows] == ["8", "9", "11", "12"]  # the frame numbers of the names
     for image_id in (1, 2, 4, 5):
         rec.deregister_frame(rec.image(image_id).frame_id)
     with pytest.raises(ValueError, match="no image is registered"):
         trajectory.write_tum(rec, tmp_path / "none.txt")
     assert not (tmp_path / "none.txt").exists()
+
+
+def test_indices_count_the_images_a_written_model_no_longer_holds(tmp_path):
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    rec, _ = _model(names)
+    rec.deregister_frame(rec.image(2).frame_id)
+    (tmp_path / "model").mkdir()
+    rec.write(tmp_path / "model")
+    written = pycolmap.Reconstruction(tmp_path / "model")
+    assert written.num_images() == 3  # pycolmap writes the registered images only
+    assert [line.split()[0] for line in trajectory.tum_lines(written, all_names=names)] == ["0", "2", "3"]
+    assert [line.split()[0] for line in trajectory.tum_lines(written)] == ["0", "1", "2"]  # shifted
 
 
 def test_numerically_equal_timestamps_clash(tmp_path):
@@ -155,3 +169,24 @@ def test_export_command_writes_the_trajectory(tmp_path, capsys):
     with pytest.raises(SystemExit):  # no model is said before the existing output
         main(["export", str(tmp_path / "empty"), "--format", "tum"])
     assert "no COLMAP model in" in capsys.readouterr().err
+
+
+def test_export_counts_the_projects_unregistered_images_from_its_database(tmp_path, capsys):
+    names = ["left.png", "middle.png", "right.png"]  # no numbers: timestamps are indices
+    rec, _ = _model(names)
+    rec.deregister_frame(rec.image(2).frame_id)  # middle.png
+    project = tmp_path / "out"
+    (project / "sparse" / "0").mkdir(parents=True)
+    rec.write(project / "sparse" / "0")
+    main(["export", str(project / "sparse" / "0"), "--format", "tum", "-o", str(tmp_path / "bare.txt")])
+    assert "warning: the timestamps are the images' indices" in capsys.readouterr().err
+    assert [row[0] for row in _read(tmp_path / "bare.txt")] == ["0", "1"]  # right.png shifted to 1
+    with pycolmap.Database.open(project / "database.db") as db:  # as reconstruct writes it: every image
+        camera_id = db.write_camera(
+            pycolmap.Camera(model="PINHOLE", width=64, height=48, params=[50, 50, 32, 24])
+        )
+        for name in names:
+            db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
+    main(["export", str(project), "--format", "tum"])
+    assert "warning" not in capsys.readouterr().err
+    assert [row[0] for row in _read(project / "trajectory.txt")] == ["0", "2"]
