@@ -691,6 +691,15 @@ def test_auto_attention_counts_the_views_of_a_pass(scene_data, tmp_path):
             scene_data["folder"], None, model=model, attention="auto", chunk_size=chunk_size
         )
         assert result.report["attention"] == expected
+    # a skipped file (here a duplicate) does not count: VIEWS + 1 files, VIEWS views, dense
+    folder = tmp_path / "with_duplicate"
+    shutil.copytree(scene_data["folder"], folder)
+    first = sorted(p for p in folder.iterdir() if p.suffix == ".png")[0]
+    shutil.copy(first, folder / f"copy_of_{first.name}")
+    meta["gsa_from_views"] = VIEWS + 1
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    result = run_pipeline(folder, None, model=model, attention="auto")
+    assert result.report["attention"] == "dense" and len(result.image_names) == VIEWS
 
 
 def test_missing_default_weights_is_a_clear_error(scene_data, monkeypatch, tmp_path):

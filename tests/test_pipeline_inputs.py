@@ -135,6 +135,14 @@ def test_corrupt_and_duplicate_files_are_skipped_with_a_warning(tmp_path, caplog
     assert any("f.png" in s and "too small (2000x31 pixels" in s for s in skipped)
     assert any("g.png" in s and "cannot read the file" in s for s in skipped)
     assert "d.jpg" in caplog.text and "c.png" in caplog.text
+    for k in range(4):  # past LOGGED_SKIPS, one line for the rest; the returned list keeps them all
+        shutil.copy(tmp_path / "b.png", tmp_path / f"h{k}.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _, _, skipped = load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 56))
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 9 and lines[:5] == skipped[:5]
+    assert lines[5:] == ["skipped 4 more files (report.json lists every skipped file)"]
 
 
 def test_only_bad_files_left_is_an_error_listing_them(tmp_path):

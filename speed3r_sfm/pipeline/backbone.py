@@ -318,10 +318,7 @@ def _load_exported_model(
         meta = json.loads(side.read_text())
         stored = meta["config"].get("attention", {})
         if attention == "auto":
-            attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
-            threshold = gsa_threshold(meta, device)
-            if threshold is not None and num_views is not None and num_views >= threshold:
-                attention = "gsa"
+            attention = _exported_auto_attention(meta, num_views, device)
         wanted = AttentionConfig(kind="dense") if attention == "dense" else None
         if attention == "gsa" and stored.get("kind") != "gsa":
             wanted = AttentionConfig(kind="gsa")
@@ -338,6 +335,36 @@ def _load_exported_model(
     module.gsa_guidance = bool(meta.get("gsa_guidance", True))
     name = "Speed3R default" if path == DEFAULT_WEIGHTS else f"exported ({path})"
     return module, name, attention
+
+
+def _exported_auto_attention(
+    meta: dict, num_views: int | None, device: torch.device
+) -> Literal["gsa", "dense"]:
+    """``"auto"`` for an exported model with sidecar ``meta`` (see :func:`_load_exported_model`)."""
+    stored = meta["config"].get("attention", {})
+    attention = meta.get("pipeline_attention") or ("gsa" if stored.get("kind") == "gsa" else "dense")
+    threshold = gsa_threshold(meta, device)
+    if threshold is not None and num_views is not None and num_views >= threshold:
+        attention = "gsa"
+    return attention
+
+
+def auto_attention(model: ModelSpec, num_views: int, device: torch.device) -> Literal["gsa", "dense"] | None:
+    """What ``attention="auto"`` runs a model named by a string or path with for ``num_views`` views per
+    pass on ``device``, read without loading its weights; None where the view count does not decide it
+    (modules, callables, training checkpoints) or the sidecar cannot be read (loading says why)."""
+    if not isinstance(model, str | os.PathLike):
+        return None
+    text = os.fspath(model)
+    if text == "default" or _is_exported(text):
+        side = (DEFAULT_WEIGHTS if text == "default" else Path(text)).with_suffix(".json")
+        try:
+            return _exported_auto_attention(json.loads(side.read_text()), num_views, device)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    if Path(text).suffix == ".ckpt":
+        return None
+    return official_attention(num_views, device)
 
 
 def _checked_preprocessing(entry: dict) -> Preprocessing:

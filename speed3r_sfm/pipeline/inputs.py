@@ -48,6 +48,7 @@ GRAY_COLOUR_SHARE = 0.005  # a grayscale image may have this share of coloured p
 # orbit in 2 of 5 runs (grayscale_input.md); its held-out renders score 11-22, real photographs 2.3-28
 LOW_COLOUR_SCORE = 4.5
 MIN_IMAGE_SIDE = 32  # pixels: smaller images are skipped (a handful of 14-pixel patches, no keypoints)
+LOGGED_SKIPS = 5  # skipped files logged one by one (then one line for the rest)
 
 
 class InputError(ValueError):
@@ -315,8 +316,12 @@ def load_views(
                 continue
             seen[digest] = name
             loaded.append((name, path, *read))
-    for message in skipped:
+    for message in skipped[:LOGGED_SKIPS]:
         logger.warning(message)
+    if len(skipped) > LOGGED_SKIPS:
+        logger.warning(
+            "skipped %d more files (report.json lists every skipped file)", len(skipped) - LOGGED_SKIPS
+        )
     if len(loaded) < 2:
         found = f"{len(loaded)} usable image" + ("" if len(loaded) == 1 else "s")
         detail = f" ({len(skipped)} skipped: " + "; ".join(skipped) + ")" if skipped else ""

@@ -43,7 +43,7 @@ import numpy as np
 import pycolmap
 import torch
 
-from .backbone import AttentionKind, Backbone, ModelSpec, load_backbone
+from .backbone import AttentionKind, Backbone, ModelSpec, auto_attention, load_backbone
 from .colmap_model import (
     CAMERA_MODELS,
     CameraSharing,
@@ -320,6 +320,13 @@ def run_pipeline(
         views, model_images, skipped = load_views(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
+        read_per_pass = len(views) if chunk_size is None else min(len(views), chunk_size)
+        if requested_attention == "auto" and read_per_pass != per_pass:  # files skipped: choose again
+            again = auto_attention(model, read_per_pass, backbone.device)
+            if again is not None and again != attention:
+                backbone = None  # one model in memory at a time
+                backbone = load_backbone(model, again, device, preprocessing, num_views=read_per_pass)
+                attention = backbone.attention
         input_warnings = _input_warnings(backbone, views)
         if shared_camera == "per_folder" and not in_further and all("/" not in v.name for v in views):
             logger.warning(
