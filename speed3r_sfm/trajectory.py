@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Sequence
 from decimal import Decimal
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
@@ -84,8 +84,16 @@ def tum_lines(
     images = [image for image in rec.images.values() if image.name.startswith(prefix)]
     if not images:
         raise ValueError(f"no image name starts with {prefix!r}" if prefix else "the model has no image")
+    names = [image.name for image in images]
+    folders = sorted({str(PurePosixPath(name).parent) for name in names})
+    if len(folders) > 1 and timestamp_rule(names) == "index":  # indices would interleave the cameras
+        listed = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+        raise ValueError(
+            f"the images lie in {len(folders)} folders ({listed}) and their names hold no frame numbers: a "
+            f"trajectory is one camera's; pass one camera's prefix (e.g. --images {folders[0]}/)"
+        )
     others = [name for name in all_names or () if name.startswith(prefix)]
-    timestamps = tum_timestamps([image.name for image in images], others)
+    timestamps = tum_timestamps(names, others)
     seen: dict[Decimal, str] = {}
     for name, stamp in sorted(timestamps.items()):
         if Decimal(stamp) in seen:

@@ -134,6 +134,10 @@ def test_a_rig_needs_one_cameras_images(tmp_path):
     assert [line.split()[0] for line in trajectory.tum_lines(rec, "cam1/")] == ["100", "101"]
     with pytest.raises(ValueError, match="no image name starts with 'cam2/'"):
         trajectory.tum_lines(rec, "cam2/")
+    rec, _ = _model(["left/a.png", "right/a.png", "left/b.png"])  # no numbers: indices would interleave
+    with pytest.raises(ValueError, match=r"in 2 folders \(left, right\) .*--images left/"):
+        trajectory.tum_lines(rec)
+    assert [line.split()[0] for line in trajectory.tum_lines(rec, "right/")] == ["0"]
 
 
 def test_export_command_writes_the_trajectory(tmp_path, capsys):
