@@ -10,7 +10,8 @@ Timestamps come from the image names (:func:`timestamp_rule`):
 
 - every file stem a number, as in the TUM RGB-D datasets (``1305031102.175304.png``: seconds) and EuRoC
   (``1403636579763555584.png``: nanoseconds, a stem of 19 digits, written in seconds): that number;
-- else every stem holding a number, its last one distinct per image (``frame_00012.png``): that number;
+- else every stem holding a number, its last one growing with the name order (``frame_00012.png``,
+  ``rgb_1305031102.175304.png``): that number (in seconds as above);
 - else the image's index in natural name order (frame_9 before frame_10) among all the images of the run,
   ``all_names`` (a project's database.db lists them; a written model holds only the registered ones).
 """
@@ -39,25 +40,34 @@ TimestampRule = Literal["stem", "number in name", "index"]
 
 
 def timestamp_rule(names: Sequence[str]) -> TimestampRule:
-    """Which rule of this module's docstring gives the images ``names`` their timestamps."""
+    """Which rule of this module's docstring gives the images ``names`` (all of a run's, for one camera)
+    their timestamps. A number in the names counts only if it grows with the name order."""
     stems = [Path(name).stem for name in names]
     if stems and all(_NUMBER.fullmatch(stem) for stem in stems):
         return "stem"
-    numbers = [_DIGITS.findall(stem) for stem in stems]
-    if stems and all(numbers) and len({int(found[-1]) for found in numbers}) == len(stems):
-        return "number in name"
+    numbers = {name: _last_number(name) for name in names}
+    if names and None not in numbers.values():
+        ordered = sorted(names, key=natural_order)
+        values = [Decimal(_seconds(numbers[name])) for name in ordered]
+        if all(a < b for a, b in zip(values, values[1:], strict=False)):
+            return "number in name"
     return "index"
+
+
+def _last_number(name: str) -> str | None:
+    found = [match.group(0) for match in _NUMBER.finditer(Path(name).stem)]
+    return found[-1] if found else None
 
 
 def tum_timestamps(names: Sequence[str], all_names: Sequence[str] | None = None) -> dict[str, str]:
     """The timestamp of each image name, as text (no digit lost to floating point). ``all_names``: every
-    image of the run, ``names`` among them (for the "index" rule; default ``names``)."""
-    rule = timestamp_rule(names)
+    image of the run (one camera's), ``names`` among them; default ``names``."""
+    every = sorted(set(all_names or ()) | set(names), key=natural_order)
+    rule = timestamp_rule(every)
     if rule == "stem":
         return {name: _seconds(Path(name).stem) for name in names}
     if rule == "number in name":
-        return {name: str(int(_DIGITS.findall(Path(name).stem)[-1])) for name in names}
-    every = sorted(set(all_names or ()) | set(names), key=natural_order)
+        return {name: _seconds(_last_number(name)) for name in names}
     index = {name: k for k, name in enumerate(every)}
     return {name: str(index[name]) for name in names}
 
@@ -85,15 +95,16 @@ def tum_lines(
     if not images:
         raise ValueError(f"no image name starts with {prefix!r}" if prefix else "the model has no image")
     names = [image.name for image in images]
-    folders = sorted({str(PurePosixPath(name).parent) for name in names})
-    if len(folders) > 1 and timestamp_rule(names) == "index":  # indices would interleave the cameras
+    every = sorted({*names, *(name for name in all_names or () if name.startswith(prefix))})
+    folders = sorted({str(PurePosixPath(name).parent) for name in every})
+    if len(folders) > 1 and timestamp_rule(every) == "index":  # indices would interleave the cameras
         listed = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
         raise ValueError(
-            f"the images lie in {len(folders)} folders ({listed}) and their names hold no frame numbers: a "
-            f"trajectory is one camera's; pass one camera's prefix (e.g. --images {folders[0]}/)"
+            f"the images lie in {len(folders)} folders ({listed}) and their names hold no frame number that "
+            f"differs per image: a trajectory is one camera's; pass one camera's prefix (e.g. --images "
+            f"{folders[0]}/)"
         )
-    others = [name for name in all_names or () if name.startswith(prefix)]
-    timestamps = tum_timestamps(names, others)
+    timestamps = tum_timestamps(names, every)
     seen: dict[Decimal, str] = {}
     for name, stamp in sorted(timestamps.items()):
         if Decimal(stamp) in seen:

@@ -12,8 +12,10 @@ the function that needs it, and a missing one raises :class:`MissingDependencyEr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,19 +343,20 @@ def default_export_path(project: Path, filename: str = "points.glb") -> Path:
     return folder.parent / f"{folder.name}_{filename}"
 
 
-def project_image_names(project: Path) -> list[str] | None:
-    """Every image a ``reconstruct`` run read (registered or not), from the database.db of the project
-    PROJECT is or holds; None without one."""
-    folder = model_folder(project)
-    if folder is None:
+def project_database(project: Path) -> Path:
+    """The database.db of the project PROJECT is or holds (it may not exist)."""
+    folder = (model_folder(project) or project).resolve()
+    return (folder.parent.parent if folder.parent.name == "sparse" else folder.parent) / "database.db"
+
+
+def database_image_names(database: Path) -> list[str] | None:
+    """Every image name of a COLMAP database (a ``reconstruct`` run's: registered or not), read without
+    writing to it; None if it is missing or not one."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            return [name for (name,) in db.execute("SELECT name FROM images")]
+    except (sqlite3.Error, ValueError):
         return None
-    folder = folder.resolve()
-    root = folder.parent.parent if folder.parent.name == "sparse" else folder.parent
-    database = root / "database.db"
-    if not database.is_file():
-        return None
-    with pycolmap.Database.open(database) as db:
-        return [image.name for image in db.read_all_images()]
 
 
 EXPORT_FILENAMES = {"glb": "points.glb", "ply": "points.ply", "tum": "trajectory.txt"}
@@ -420,17 +423,19 @@ def export_command(
             what = "the PLY holds no point" if kind == "ply" else "only the cameras are exported"
             print(f"warning: {project} has no 3D points; {what}", file=sys.stderr)
         if kind == "tum":
-            every = project_image_names(Path(project))
-            written = write_tum(rec, output_path, images, every)
             names = [image.name for image in rec.images.values() if image.name.startswith(images)]
-            if timestamp_rule(names) == "index" and every is None:
-                print(
-                    f"warning: the timestamps are the images' indices in name order among the {len(names)} "
-                    "of the model, which holds the registered images only: one not registered shifts the "
-                    "later ones. Export from the project folder (its database.db lists every image) or name "
-                    "the frames with numbers",
-                    file=sys.stderr,
-                )
+            every = None
+            if timestamp_rule(names) == "index":  # indices count the images the model does not hold
+                every = database_image_names(project_database(Path(project)))
+                if every is None:
+                    print(
+                        f"warning: the timestamps are the images' indices in name order among the "
+                        f"{len(names)} of the model, which holds the registered images only: one not "
+                        f"registered shifts the later ones, and no database.db at "
+                        f"{project_database(Path(project))} lists them; name the frames with numbers",
+                        file=sys.stderr,
+                    )
+            written = write_tum(rec, output_path, images, every)
         else:
             written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)
         if note := other_models_note(project):

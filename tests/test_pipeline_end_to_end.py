@@ -700,6 +700,8 @@ def test_auto_attention_counts_the_views_of_a_pass(scene_data, tmp_path):
     (tmp_path / "m.json").write_text(json.dumps(meta))
     result = run_pipeline(folder, None, model=model, attention="auto")
     assert result.report["attention"] == "dense" and len(result.image_names) == VIEWS
+    backbone = load_backbone(model, "auto", "cpu", num_views=VIEWS)  # the rule it chose by
+    assert backbone.attention_for_views(VIEWS + 1) == "gsa" and backbone.attention_for_views(VIEWS) == "dense"
 
 
 def test_missing_default_weights_is_a_clear_error(scene_data, monkeypatch, tmp_path):

@@ -142,7 +142,7 @@ def test_corrupt_and_duplicate_files_are_skipped_with_a_warning(tmp_path, caplog
         _, _, skipped = load_views(find_images(tmp_path), tmp_path, Preprocessing("crop", 56))
     lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 9 and lines[:5] == skipped[:5]
-    assert lines[5:] == ["skipped 4 more files (report.json lists every skipped file)"]
+    assert lines[5:] == ["skipped 4 more files (the run's report lists every skipped file)"]
 
 
 def test_only_bad_files_left_is_an_error_listing_them(tmp_path):

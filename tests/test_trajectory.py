@@ -72,6 +72,15 @@ def test_a_line_is_the_cameras_centre_and_world_from_camera_rotation(tmp_path):
         (["b.png", "a.png", "c.png"], ["0", "1", "2"]),  # no number: a.png, b.png, c.png
         (["7.png", "left.png"], ["0", "1"]),  # not every name a number
         (["a1.png", "b1.png", "a2.png"], ["0", "1", "2"]),  # numbers not distinct: natural order
+        (
+            ["rgb_1305031102.211214.png", "rgb_1305031102.175304.png"],
+            ["1305031102.175304", "1305031102.211214"],
+        ),
+        (
+            ["cam_1403636579763555584.png", "cam_1403636579813555456.png"],
+            ["1403636579.763555584", "1403636579.813555456"],
+        ),
+        (["at 12.30.15.png", "at 12.31.02.png"], ["0", "1"]),  # numbers against the name order: indices
     ],
 )
 def test_timestamps_come_from_numeric_stems_else_the_name_order(tmp_path, names, stamps):
@@ -134,6 +143,13 @@ def test_a_rig_needs_one_cameras_images(tmp_path):
     assert [line.split()[0] for line in trajectory.tum_lines(rec, "cam1/")] == ["100", "101"]
     with pytest.raises(ValueError, match="no image name starts with 'cam2/'"):
         trajectory.tum_lines(rec, "cam2/")
+    rec, _ = _model(["cam0/frame_1.png", "cam1/frame_1.png"])  # a rig: frame numbers repeat
+    with pytest.raises(ValueError, match="no frame number that differs per image.*--images cam0/"):
+        trajectory.tum_lines(rec)
+    rec, _ = _model(["cam0/frame_1.png", "cam1/frame_2.png"])  # registered: distinct; the run's: not
+    everything = ["cam0/frame_1.png", "cam0/frame_2.png", "cam1/frame_1.png", "cam1/frame_2.png"]
+    with pytest.raises(ValueError, match="in 2 folders"):
+        trajectory.tum_lines(rec, all_names=everything)
     rec, _ = _model(["left/a.png", "right/a.png", "left/b.png"])  # no numbers: indices would interleave
     with pytest.raises(ValueError, match=r"in 2 folders \(left, right\) .*--images left/"):
         trajectory.tum_lines(rec)
@@ -185,12 +201,18 @@ def test_export_counts_the_projects_unregistered_images_from_its_database(tmp_pa
     main(["export", str(project / "sparse" / "0"), "--format", "tum", "-o", str(tmp_path / "bare.txt")])
     assert "warning: the timestamps are the images' indices" in capsys.readouterr().err
     assert [row[0] for row in _read(tmp_path / "bare.txt")] == ["0", "1"]  # right.png shifted to 1
+    (project / "database.db").write_text("not a database")
+    main(["export", str(project), "--format", "tum", "-o", str(tmp_path / "garbage.txt")])
+    assert "no database.db at" in capsys.readouterr().err  # a warning, not a traceback
+    (project / "database.db").unlink()
     with pycolmap.Database.open(project / "database.db") as db:  # as reconstruct writes it: every image
         camera_id = db.write_camera(
             pycolmap.Camera(model="PINHOLE", width=64, height=48, params=[50, 50, 32, 24])
         )
         for name in names:
             db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
+    before = (project / "database.db").read_bytes()
     main(["export", str(project), "--format", "tum"])
     assert "warning" not in capsys.readouterr().err
     assert [row[0] for row in _read(project / "trajectory.txt")] == ["0", "2"]
+    assert (project / "database.db").read_bytes() == before  # read only

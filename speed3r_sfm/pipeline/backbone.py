@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,9 @@ class Backbone:
     # what the model's makers measured it to do badly on, by kind of input ("low_colour", "grayscale"),
     # logged when a run's images are of that kind (an exported model's sidecar ``input_warnings``)
     input_warnings: dict[str, str] = field(default_factory=dict)
+    # what attention="auto" runs for a number of views per pass (a model loaded by name or path; None: the
+    # count does not decide), to choose again when fewer views than files were read
+    attention_for_views: Callable[[int], Literal["gsa", "dense"]] | None = None
 
     @property
     def guided(self) -> bool:
@@ -191,6 +195,7 @@ def load_backbone(
             gsa_guidance=guidance,
             predict_with_tracker=with_tracker,
             input_warnings=declared,
+            attention_for_views=getattr(model, "attention_for_views", None),
         )
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
@@ -272,10 +277,12 @@ def _load_checkpoint_model(
             from speed3r_sfm.models.vggt import VGGT
 
             module = VGGT.from_pretrained(text, attention=attention_config, allow_missing=is_gsa_parameter)
-            return module, f"VGGT ({text})", attention
-        from speed3r_sfm.models.pi3 import Pi3
+        else:
+            from speed3r_sfm.models.pi3 import Pi3
 
-        return Pi3.from_pretrained(text, attention=attention_config), f"Pi3 ({text})", attention
+            module = Pi3.from_pretrained(text, attention=attention_config)
+        module.attention_for_views = partial(official_attention, device=device)
+        return module, f"{'VGGT' if family == 'vggt' else 'Pi3'} ({text})", attention
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(
             f"{error}\nA checkpoint path or Hub id loads into the official "
@@ -333,6 +340,7 @@ def _load_exported_model(
             "`fit` exported with these weights"
         ) from error
     module.gsa_guidance = bool(meta.get("gsa_guidance", True))
+    module.attention_for_views = partial(_exported_auto_attention, meta, device=device)
     name = "Speed3R default" if path == DEFAULT_WEIGHTS else f"exported ({path})"
     return module, name, attention
 
@@ -347,24 +355,6 @@ def _exported_auto_attention(
     if threshold is not None and num_views is not None and num_views >= threshold:
         attention = "gsa"
     return attention
-
-
-def auto_attention(model: ModelSpec, num_views: int, device: torch.device) -> Literal["gsa", "dense"] | None:
-    """What ``attention="auto"`` runs a model named by a string or path with for ``num_views`` views per
-    pass on ``device``, read without loading its weights; None where the view count does not decide it
-    (modules, callables, training checkpoints) or the sidecar cannot be read (loading says why)."""
-    if not isinstance(model, str | os.PathLike):
-        return None
-    text = os.fspath(model)
-    if text == "default" or _is_exported(text):
-        side = (DEFAULT_WEIGHTS if text == "default" else Path(text)).with_suffix(".json")
-        try:
-            return _exported_auto_attention(json.loads(side.read_text()), num_views, device)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-    if Path(text).suffix == ".ckpt":
-        return None
-    return official_attention(num_views, device)
 
 
 def _checked_preprocessing(entry: dict) -> Preprocessing:

@@ -126,7 +126,7 @@ def run_backbone(
         if unused:
             why = "no chunk_size on this device" if size is None else f"{len(names)} views fit in one pass"
             # a chunk size above a short sequence's length (a video config) is as asked; no chunk file is not
-            level = logging.WARNING if size is None or chunk.h5 is not None else logging.INFO
+            level = logging.WARNING if chunk.size is None or chunk.h5 is not None else logging.INFO
             logger.log(level, "%s not used: one pass over all views (%s)", ", ".join(unused), why)
         predict = (with_tracker and backbone.predict_with_tracker) or backbone.predict
         prediction = predict(model_images[None].to(backbone.device))

@@ -320,7 +320,7 @@ def load_views(
         logger.warning(message)
     if len(skipped) > LOGGED_SKIPS:
         logger.warning(
-            "skipped %d more files (report.json lists every skipped file)", len(skipped) - LOGGED_SKIPS
+            "skipped %d more files (the run's report lists every skipped file)", len(skipped) - LOGGED_SKIPS
         )
     if len(loaded) < 2:
         found = f"{len(loaded)} usable image" + ("" if len(loaded) == 1 else "s")

@@ -43,7 +43,7 @@ import numpy as np
 import pycolmap
 import torch
 
-from .backbone import AttentionKind, Backbone, ModelSpec, auto_attention, load_backbone
+from .backbone import AttentionKind, Backbone, ModelSpec, load_backbone
 from .colmap_model import (
     CAMERA_MODELS,
     CameraSharing,
@@ -321,12 +321,11 @@ def run_pipeline(
             paths, image_dir, backbone.preprocessing, options.max_image_size, options.min_work_scale
         )
         read_per_pass = len(views) if chunk_size is None else min(len(views), chunk_size)
-        if requested_attention == "auto" and read_per_pass != per_pass:  # files skipped: choose again
-            again = auto_attention(model, read_per_pass, backbone.device)
-            if again is not None and again != attention:
-                backbone = None  # one model in memory at a time
-                backbone = load_backbone(model, again, device, preprocessing, num_views=read_per_pass)
-                attention = backbone.attention
+        choose = backbone.attention_for_views if requested_attention == "auto" else None
+        if choose is not None and read_per_pass != per_pass and choose(read_per_pass) != attention:
+            spec, backbone = backbone.preprocessing, None  # files skipped; one model in memory at a time
+            backbone = load_backbone(model, choose(read_per_pass), device, spec, num_views=read_per_pass)
+            attention = backbone.attention
         input_warnings = _input_warnings(backbone, views)
         if shared_camera == "per_folder" and not in_further and all("/" not in v.name for v in views):
             logger.warning(
