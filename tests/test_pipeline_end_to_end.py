@@ -723,6 +723,8 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
     assert code == 0 and "reconstructed 8/8 images" in out and "reprojection error" in out
     assert str(tmp_path / "out") in out and (tmp_path / "out" / "database.db").exists()
     assert "track head kept" in out
+    width, height = Image.open(next(p for p in scene_data["folder"].iterdir() if p.suffix == ".png")).size
+    assert f"  8 SIMPLE_RADIAL cameras (one per image); all images are {width}x{height}: if one camera" in out
     first = json.loads((tmp_path / "out" / "report.json").read_text())
     assert first["readjustment"]["ran"]  # on by default
     code = pipeline_cli.reconstruct_command(
@@ -733,9 +735,11 @@ def test_cli_command_prints_a_summary_and_reports_errors(scene_data, tmp_path, m
         readjust=False,
         deterministic=True,
         undistort=True,
+        shared_camera=True,
     )
     out = capsys.readouterr().out
     assert code == 0 and "track head kept" not in out
+    assert "  1 SIMPLE_RADIAL camera (shared)\n" in out  # no hint
     assert f"undistorted: 8 images, PINHOLE cameras in {tmp_path / 'no_check' / 'undistorted'}" in out
     assert "undistorted" not in first
     report = json.loads((tmp_path / "no_check" / "report.json").read_text())

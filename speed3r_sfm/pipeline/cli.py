@@ -234,6 +234,27 @@ def _errors_only() -> Iterator[None]:
         package.setLevel(previous)
 
 
+SHARED_CAMERA_HINT_VIEWS = (
+    8  # from this many images of one size, a run with a camera per image hints at sharing
+)
+
+
+def _camera_text(result: PipelineResult) -> str:
+    """The cameras of the first model, and for a camera per image of one size a hint to share one."""
+    r = result.report
+    count = result.reconstruction.num_cameras()
+    how = {True: "shared", False: "one per image", "per_folder": "one per folder"}[r["shared_camera"]]
+    text = f"  {count} {r['camera_model']} camera{'s' if count != 1 else ''} ({how})"
+    sizes = {tuple(size) for size in r["images"]["sizes"]}
+    if r["shared_camera"] is False and len(sizes) == 1 and count >= SHARED_CAMERA_HINT_VIEWS:
+        width, height = sizes.pop()
+        text += (
+            f"; all images are {width}x{height}: if one camera took them (a video), --shared_camera true or "
+            "--config pipelines/reconstruct_video.yaml fits one camera to all"
+        )
+    return text
+
+
 def summary_text(result: PipelineResult) -> str:
     """A few lines describing a finished reconstruction."""
     r = result.report
@@ -253,6 +274,7 @@ def summary_text(result: PipelineResult) -> str:
         f"  {'sparse/0: ' if further else ''}{counts['points3D']} points, {counts['observations']} "
         f"observations, mean track length {counts['observations'] / max(counts['points3D'], 1):.2f}",
     ]
+    lines.append(_camera_text(result))
     chunking = r.get("chunking")
     if chunking:
         lines.append(
