@@ -131,6 +131,7 @@ def test_reconstruct_logs_a_skipped_file_on_its_own_line_and_draws_the_bar_on_a_
     warning = [line for line in lines if "notes.jpg" in line]
     assert warning and all(line.startswith("WARNING: skipped") for line in warning), run.stderr
     assert "\r" not in run.stderr and "stage/s" not in run.stderr  # no bar in a file
+    assert "INFO: model: " in run.stderr and "INFO: write: " in run.stderr  # a line per stage instead
     assert run.stdout.startswith("reconstructed ")  # the summary
 
     import fcntl  # POSIX terminals
@@ -156,6 +157,7 @@ def test_reconstruct_logs_a_skipped_file_on_its_own_line_and_draws_the_bar_on_a_
     text = drawn.decode(errors="replace")
     assert proc.returncode == 0
     assert "\rreconstruct:" in text and "stage/s" in text, text  # the bar, redrawn in place
+    assert "INFO: model: " not in text
     assert "WARNING: skipped" in text
 
 

@@ -131,7 +131,7 @@ def reconstruct_command(
             outside IMAGE_DIR.
         options: every stage's settings (``--options.STAGE.NAME``; the defaults are the documented ones).
         quiet: errors only: no progress bar, warnings (skipped inputs, unregistered views) or summary. The
-            progress bar shows only on a terminal (not in a log file).
+            progress bar shows only on a terminal; a log file gets one line per finished stage instead.
     """
     if output is None:
         print("error: give the output project folder with -o OUT", file=sys.stderr)

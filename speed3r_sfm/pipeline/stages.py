@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("read images", "model", "keypoints", "matching", "tracks", "bundle adjustment", "write")
 
 
 class Stages:
-    """Stage timings and the tqdm progress bar."""
+    """Stage timings and the tqdm progress bar; without the bar, one INFO line per finished stage (a log
+    file of a long run shows where it is)."""
 
     def __init__(self, total: int, progress: bool) -> None:
         self.timings: dict[str, float] = {}
@@ -33,6 +37,8 @@ class Stages:
         self.bar.update(1)
         if self.progress:
             self.bar.set_postfix_str(f"{name} {self.timings[name]:.1f}s")
+        else:
+            logger.info("%s: %.1f s (%.1f s in all)", name, self.timings[name], self.elapsed())
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.begin
