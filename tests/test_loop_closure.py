@@ -362,8 +362,10 @@ def test_a_returning_sequence_is_matched_across_its_loop(returning, attention):
     assert any(i < 4 and j >= 12 for i, j in (loop["views"] for loop in kept))  # the return to the start
     assert oracle.calls[: len(plan)] == plan and len(oracle.calls) == len(plan) + len(closure["loops"])
     assert oracle.calls[len(plan) :] == [loop["loop_chunk"] for loop in closure["loops"]]
-    assert f"loop closure: {len(kept)} of {closure['candidates']} candidate loop(s) closed" in summary_text(
-        result
+    moved = max(closure["chunk_correction_deg"])
+    assert (
+        f"loop closure: {len(kept)} of {closure['candidates']} candidate loop(s) closed, chunks moved by "
+        f"up to {moved:.1f} deg" in summary_text(result)
     )
     assert all(loop["correction_deg"] < 5.0 for loop in kept)  # the oracle (0.5 deg pose noise) hardly drifts
     rec = result.reconstruction

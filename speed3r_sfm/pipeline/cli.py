@@ -285,7 +285,11 @@ def summary_text(result: PipelineResult) -> str:
         closure = chunking.get("loop_closure") or {}
         if closure.get("loops"):
             kept = sum(loop["kept"] for loop in closure["loops"])
-            lines.append(f"  loop closure: {kept} of {closure['candidates']} candidate loop(s) closed")
+            moved = max(closure.get("chunk_correction_deg") or [0.0])
+            lines.append(
+                f"  loop closure: {kept} of {closure['candidates']} candidate loop(s) closed"
+                + (f", chunks moved by up to {moved:.1f} deg (the drift the loops took out)" if kept else "")
+            )
     if errors["final"] is not None:
         initial = errors["initial"]
         before = f"{initial:.2f} px before BA, " if initial is not None and r["bundle_adjustment"] else ""
