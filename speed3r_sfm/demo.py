@@ -77,7 +77,9 @@ def synthetic_command(
         views: number of views along the trajectory.
         height: image height in pixels.
         width: image width in pixels.
-        trajectory: camera path.
+        trajectory: camera path: "orbit" (half a turn to one turn around the objects, looking at them),
+            "forward" (a walking video along the ring, looking ahead and inwards, 0.12-0.3 m a frame: long
+            sequences circle the room again and again) or "random" (unordered views).
         overwrite: replace an existing folder.
     """
     output = _scene_output(output, overwrite)  # before rendering
@@ -142,7 +144,9 @@ def demo_command(
         views: number of views.
         height: image height.
         width: image width.
-        trajectory: camera path.
+        trajectory: camera path: "orbit" (half a turn to one turn around the objects, looking at them),
+            "forward" (a walking video along the ring, looking ahead and inwards, 0.12-0.3 m a frame: long
+            sequences circle the room again and again) or "random" (unordered views).
         model: "default", a Hub id or a checkpoint path.
         attention: "auto" (the model's own choice), "gsa" or "dense".
         device: "auto", "cpu" or "cuda".
