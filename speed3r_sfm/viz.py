@@ -423,18 +423,16 @@ def export_command(
             what = "the PLY holds no point" if kind == "ply" else "only the cameras are exported"
             print(f"warning: {project} has no 3D points; {what}", file=sys.stderr)
         if kind == "tum":
+            database = project_database(Path(project))
+            every = database_image_names(database)  # the run's images; the model holds the registered ones
             names = [image.name for image in rec.images.values() if image.name.startswith(images)]
-            every = None
-            if timestamp_rule(names) == "index":  # indices count the images the model does not hold
-                every = database_image_names(project_database(Path(project)))
-                if every is None:
-                    print(
-                        f"warning: the timestamps are the images' indices in name order among the "
-                        f"{len(names)} of the model, which holds the registered images only: one not "
-                        f"registered shifts the later ones, and no database.db at "
-                        f"{project_database(Path(project))} lists them; name the frames with numbers",
-                        file=sys.stderr,
-                    )
+            if every is None and timestamp_rule(names) == "index":
+                print(
+                    f"warning: the timestamps are the images' indices in name order among the {len(names)} "
+                    "of the model, which holds the registered images only: one not registered shifts the "
+                    f"later ones, and no database.db at {database} lists them; name the frames with numbers",
+                    file=sys.stderr,
+                )
             written = write_tum(rec, output_path, images, every)
         else:
             written = export_ply(rec, output_path) if kind == "ply" else export_glb(rec, output_path)

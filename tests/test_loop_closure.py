@@ -364,7 +364,7 @@ def test_a_returning_sequence_is_matched_across_its_loop(returning, attention):
     assert oracle.calls[len(plan) :] == [loop["loop_chunk"] for loop in closure["loops"]]
     moved = max(closure["chunk_correction_deg"])
     assert (
-        f"loop closure: {len(kept)} of {closure['candidates']} candidate loop(s) closed, chunks moved by "
+        f"loop closure: {len(kept)} of {closure['candidates']} candidate loop(s) closed, chunks turned by "
         f"up to {moved:.1f} deg" in summary_text(result)
     )
     assert all(loop["correction_deg"] < 5.0 for loop in kept)  # the oracle (0.5 deg pose noise) hardly drifts

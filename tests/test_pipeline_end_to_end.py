@@ -702,6 +702,7 @@ def test_auto_attention_counts_the_views_of_a_pass(scene_data, tmp_path):
     assert result.report["attention"] == "dense" and len(result.image_names) == VIEWS
     backbone = load_backbone(model, "auto", "cpu", num_views=VIEWS)  # the rule it chose by
     assert backbone.attention_for_views(VIEWS + 1) == "gsa" and backbone.attention_for_views(VIEWS) == "dense"
+    assert load_backbone(backbone.module, "auto", "cpu").attention_for_views is None  # a module runs as built
 
 
 def test_missing_default_weights_is_a_clear_error(scene_data, monkeypatch, tmp_path):
@@ -1646,6 +1647,10 @@ def test_views_a_run_left_unregistered_become_a_further_model(scene_data, monkey
     assert [line for line in listed if not line.startswith("#")] == names[-1:]
     lines = [(r.levelno, r.getMessage()) for r in caplog.records if "not registered:" in r.getMessage()]
     assert [level for level, message in lines if names[-1] in message] == [logging.INFO, logging.WARNING]
+    stage_lines = [r for r in caplog.records if r.name.endswith(".stages")]
+    assert [r.getMessage().split(":")[0] for r in stage_lines].count(
+        "read images"
+    ) == 1  # not the further run's
     assert not any(level == logging.WARNING for level, message in lines if names[-1] not in message)
     summary = pipeline_cli.summary_text(result)
     assert summary.startswith(

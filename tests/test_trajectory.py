@@ -216,3 +216,22 @@ def test_export_counts_the_projects_unregistered_images_from_its_database(tmp_pa
     assert "warning" not in capsys.readouterr().err
     assert [row[0] for row in _read(project / "trajectory.txt")] == ["0", "2"]
     assert (project / "database.db").read_bytes() == before  # read only
+
+
+def test_export_sees_the_rig_the_database_lists(tmp_path, capsys):
+    """Registered cam0/frame_1 and cam1/frame_2 look like one camera; the database lists two cameras."""
+    rec, _ = _model(["cam0/frame_1.png", "cam1/frame_2.png"])
+    project = tmp_path / "out"
+    (project / "sparse" / "0").mkdir(parents=True)
+    rec.write(project / "sparse" / "0")
+    with pycolmap.Database.open(project / "database.db") as db:
+        camera_id = db.write_camera(
+            pycolmap.Camera(model="PINHOLE", width=64, height=48, params=[50, 50, 32, 24])
+        )
+        for name in ["cam0/frame_1.png", "cam0/frame_2.png", "cam1/frame_1.png", "cam1/frame_2.png"]:
+            db.write_image(pycolmap.Image(name=name, camera_id=camera_id))
+    with pytest.raises(SystemExit):
+        main(["export", str(project), "--format", "tum"])
+    assert "in 2 folders" in capsys.readouterr().err and not (project / "trajectory.txt").exists()
+    main(["export", str(project), "--format", "tum", "--images", "cam1/"])
+    assert [row[0] for row in _read(project / "trajectory.txt")] == ["2"]

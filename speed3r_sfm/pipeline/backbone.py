@@ -163,6 +163,7 @@ def load_backbone(
     if attention not in ("auto", "gsa", "dense"):
         raise ValueError(f"attention must be 'auto', 'gsa' or 'dense', got {attention!r}")
     dev = resolve_device(device)
+    loaded = isinstance(model, str | os.PathLike) or _is_training_module(model)  # its "auto" rule is known
     if isinstance(model, str | os.PathLike):
         module, name, attention = _load_checkpoint_model(model, attention, num_views, dev)
         model = module
@@ -195,7 +196,7 @@ def load_backbone(
             gsa_guidance=guidance,
             predict_with_tracker=with_tracker,
             input_warnings=declared,
-            attention_for_views=getattr(model, "attention_for_views", None),
+            attention_for_views=getattr(model, "attention_for_views", None) if loaded else None,
         )
     if callable(model):
         spec = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()

@@ -244,14 +244,13 @@ def _camera_text(result: PipelineResult) -> str:
     r = result.report
     count = result.reconstruction.num_cameras()
     how = {True: "shared", False: "one per image", "per_folder": "one per folder"}[r["shared_camera"]]
-    text = f"  {count} {r['camera_model']} camera{'s' if count != 1 else ''} ({how})"
+    first = "sparse/0: " if r.get("further_models") else ""
+    text = f"  {first}{count} {r['camera_model']} camera{'s' if count != 1 else ''} ({how})"
     sizes = {tuple(size) for size in r["images"]["sizes"]}
-    if r["shared_camera"] is False and len(sizes) == 1 and count >= SHARED_CAMERA_HINT_VIEWS:
+    one_size = len(sizes) == 1 and r.get("camera_params") is None
+    if r["shared_camera"] is False and one_size and count >= SHARED_CAMERA_HINT_VIEWS:
         width, height = sizes.pop()
-        text += (
-            f"; all images are {width}x{height}: if one camera took them (a video), --shared_camera true or "
-            "--config pipelines/reconstruct_video.yaml fits one camera to all"
-        )
+        text += f"; all images are {width}x{height}: if one camera took them, --shared_camera true fits one"
     return text
 
 
@@ -288,7 +287,7 @@ def summary_text(result: PipelineResult) -> str:
             moved = max(closure.get("chunk_correction_deg") or [0.0])
             lines.append(
                 f"  loop closure: {kept} of {closure['candidates']} candidate loop(s) closed"
-                + (f", chunks moved by up to {moved:.1f} deg (the drift the loops took out)" if kept else "")
+                + (f", chunks turned by up to {moved:.1f} deg (the drift the loops took out)" if kept else "")
             )
     if errors["final"] is not None:
         initial = errors["initial"]

@@ -310,7 +310,7 @@ def run_pipeline(
     if output_dir is not None:
         output_dir = check_output(output_dir, overwrite, image_dir, recursive, inputs=paths)
     readjusting = ba and options.bundle.readjust  # a stage known in advance (the rescue is not)
-    stages = Stages(len(STAGES) - (output_dir is None) + readjusting, progress)
+    stages = Stages(len(STAGES) - (output_dir is None) + readjusting, progress, log=not in_further)
     try:
         # 1. images
         stages.start("reading images")

@@ -16,10 +16,11 @@ class Stages:
     """Stage timings and the tqdm progress bar; without the bar, one INFO line per finished stage (a log
     file of a long run shows where it is)."""
 
-    def __init__(self, total: int, progress: bool) -> None:
+    def __init__(self, total: int, progress: bool, log: bool = True) -> None:
         self.timings: dict[str, float] = {}
         self.bar = tqdm(total=total, desc="reconstruct", unit="stage", disable=not progress, leave=False)
         self.progress = progress
+        self.log = log and not progress
         self.begin = self.last = time.perf_counter()
 
     def start(self, description: str) -> None:
@@ -37,7 +38,7 @@ class Stages:
         self.bar.update(1)
         if self.progress:
             self.bar.set_postfix_str(f"{name} {self.timings[name]:.1f}s")
-        else:
+        elif self.log:
             logger.info("%s: %.1f s (%.1f s in all)", name, self.timings[name], self.elapsed())
 
     def elapsed(self) -> float:
