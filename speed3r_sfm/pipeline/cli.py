@@ -234,9 +234,8 @@ def _errors_only() -> Iterator[None]:
         package.setLevel(previous)
 
 
-SHARED_CAMERA_HINT_VIEWS = (
-    8  # from this many images of one size, a run with a camera per image hints at sharing
-)
+# from this many images of one size, a run with a camera per image hints at sharing one
+SHARED_CAMERA_HINT_VIEWS = 8
 
 
 def _camera_text(result: PipelineResult) -> str:
@@ -284,10 +283,14 @@ def summary_text(result: PipelineResult) -> str:
         closure = chunking.get("loop_closure") or {}
         if closure.get("loops"):
             kept = sum(loop["kept"] for loop in closure["loops"])
-            moved = max(closure.get("chunk_correction_deg") or [0.0])
+            turned = max(closure.get("chunk_correction_deg") or [0.0])
             lines.append(
                 f"  loop closure: {kept} of {closure['candidates']} candidate loop(s) closed"
-                + (f", chunks turned by up to {moved:.1f} deg (the drift the loops took out)" if kept else "")
+                + (
+                    f", chunks turned by up to {turned:.1f} deg (the drift the loops took out)"
+                    if kept
+                    else ""
+                )
             )
     if errors["final"] is not None:
         initial = errors["initial"]

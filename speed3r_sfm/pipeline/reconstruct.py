@@ -322,9 +322,10 @@ def run_pipeline(
         )
         read_per_pass = len(views) if chunk_size is None else min(len(views), chunk_size)
         choose = backbone.attention_for_views if requested_attention == "auto" else None
-        if choose is not None and read_per_pass != per_pass and choose(read_per_pass) != attention:
-            spec, backbone = backbone.preprocessing, None  # files skipped; one model in memory at a time
-            backbone = load_backbone(model, choose(read_per_pass), device, spec, num_views=read_per_pass)
+        again = choose(read_per_pass) if choose is not None and read_per_pass != per_pass else attention
+        if again != attention:  # files were skipped: "auto" for the views read
+            spec, backbone = backbone.preprocessing, None  # one model in memory at a time
+            backbone = load_backbone(model, again, device, spec, num_views=read_per_pass)
             attention = backbone.attention
         input_warnings = _input_warnings(backbone, views)
         if shared_camera == "per_folder" and not in_further and all("/" not in v.name for v in views):
