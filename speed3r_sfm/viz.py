@@ -337,16 +337,20 @@ def default_export_path(project: Path, filename: str = "points.glb") -> Path:
     if folder.parent.name == "sparse":  # OUT/sparse/N, given as OUT, OUT/sparse or OUT/sparse/N
         name = Path(filename)
         further = f"{name.stem}_{folder.name}{name.suffix}"
-        return folder.parent.parent / (filename if folder.name == "0" else further)
+        return _project_root(folder) / (filename if folder.name == "0" else further)
     if folder.name == "sparse" or folder != project.resolve():  # OUT/sparse or OUT/0
-        return folder.parent / filename
-    return folder.parent / f"{folder.name}_{filename}"
+        return _project_root(folder) / filename
+    return _project_root(folder) / f"{folder.name}_{filename}"
+
+
+def _project_root(folder: Path) -> Path:
+    """The folder holding the model folder ``folder`` (resolved): OUT for OUT/sparse/N, OUT/sparse, OUT/0."""
+    return folder.parent.parent if folder.parent.name == "sparse" else folder.parent
 
 
 def project_database(project: Path) -> Path:
     """The database.db of the project PROJECT is or holds (it may not exist)."""
-    folder = (model_folder(project) or project).resolve()
-    return (folder.parent.parent if folder.parent.name == "sparse" else folder.parent) / "database.db"
+    return _project_root((model_folder(project) or project).resolve()) / "database.db"
 
 
 def database_image_names(database: Path) -> list[str] | None:
